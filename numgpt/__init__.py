@@ -1,0 +1,18 @@
+"""numgpt: a GPT-2-style language model in NumPy (and CuPy), every gradient derived by hand.
+
+    import numgpt
+    model = numgpt.GPT(numgpt.GPTConfig(vocab_size=50257, block_size=64, n_layer=4, n_head=4, n_embd=128))
+    logits, loss = model.forward(idx, targets)
+    grads = model.backward()
+    numgpt.AdamW(model.params, lr=1e-3).step(grads)
+"""
+
+from numgpt.config import GPTConfig
+from numgpt.errors import CheckpointError, ConfigError, DataError, NumGPTError
+from numgpt.model import GPT
+from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
+
+__version__ = "0.1.0"
+
+__all__ = ["GPT", "GPTConfig", "AdamW", "clip_grad_norm", "no_decay_names",
+           "NumGPTError", "ConfigError", "CheckpointError", "DataError", "__version__"]

@@ -1,0 +1,117 @@
+"""The array module: NumPy on the CPU, CuPy on the GPU, chosen in one place.
+
+Layer code never imports numpy or cupy. It asks `array_module(x)` for the module `xp` that owns
+its input and does all of its math through `xp`, so one implementation runs on both devices.
+This file is also where dtypes are named and where arrays cross between host and device.
+"""
+
+import math
+
+import numpy as np
+
+from numgpt.errors import ConfigError
+
+try:  # CuPy is an optional extra: `import numgpt` must work without it.
+    import cupy as _cupy
+except Exception:  # ImportError, or a CuPy wheel that cannot find its CUDA libraries
+    _cupy = None
+
+BACKENDS = ("numpy", "cupy", "auto")
+DTYPES = ("float32", "float64")
+
+
+def cupy_available():
+    """True when CuPy imports and sees at least one GPU."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no driver, no device
+        return False
+
+
+def get_xp(backend="numpy"):
+    """The array module for `backend`: "numpy", "cupy", or "auto" (CuPy when a GPU is usable)."""
+    if backend == "numpy":
+        return np
+    if backend == "cupy":
+        if not cupy_available():
+            raise ConfigError("backend 'cupy' needs CuPy and a GPU: install numgpt[gpu] on a CUDA "
+                              "machine (pip install cupy-cuda12x), or use --backend numpy")
+        return _cupy
+    if backend == "auto":
+        return _cupy if cupy_available() else np
+    raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def backend_name(xp):
+    """"numpy" or "cupy" for an array module."""
+    return "cupy" if xp is _cupy and xp is not None else "numpy"
+
+
+def resolve_dtype(dtype="float32"):
+    """A NumPy dtype from "float32" / "float64" (or the dtype itself); anything else is an error."""
+    name = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else str(dtype)
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype {dtype!r}: choose float32 (training) or float64 (checks)")
+    return np.dtype(name)
+
+
+def array_module(x):
+    """The module (numpy or cupy) that owns array `x`."""
+    if _cupy is not None:
+        return _cupy.get_array_module(x)
+    return np
+
+
+def to_device(x, xp, dtype=None):
+    """Array `x` (NumPy, CuPy or a list) as an `xp` array, cast to `dtype` when given."""
+    if xp is np and _cupy is not None and isinstance(x, _cupy.ndarray):
+        x = x.get()
+    return xp.asarray(x, dtype=dtype)
+
+
+def to_numpy(x):
+    """Array `x` as a NumPy array on the host (a no-op for NumPy input)."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return x.get()
+    return np.asarray(x)
+
+
+def scatter_add(target, index, values):
+    """target[index[i]] += values[i] for every row i, correct when `index` repeats.
+
+    target (V, C), index (N,) integers, values (N, C). A fancy-index `target[index] += values`
+    would keep only the last write for a repeated id. NumPy >= 1.25 gives `np.add.at` a fast path
+    for this pattern; CuPy's `cupyx.scatter_add` uses atomic adds on the GPU.
+    """
+    if array_module(target) is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+
+
+def erf(x):
+    """The error function, elementwise, in x's dtype (only the exact-GELU option needs it)."""
+    xp = array_module(x)
+    if xp is not np:
+        import cupyx.scipy.special
+        return cupyx.scipy.special.erf(x)
+    try:
+        from scipy.special import erf as scipy_erf
+    except ImportError:  # scipy is not a dependency: fall back to the (slower) standard library
+        return np.vectorize(math.erf, otypes=[x.dtype])(x)
+    return scipy_erf(x).astype(x.dtype, copy=False)
+
+
+def device_rng(xp, host_rng):
+    """A random Generator of module `xp` driven by the host Generator `host_rng`.
+
+    On NumPy it is `host_rng` itself. On CuPy a fresh device generator is seeded from one draw of
+    `host_rng`, so the host generator's state alone makes every later draw reproducible (that
+    state is what a checkpoint saves for an exact resume).
+    """
+    if xp is np:
+        return host_rng
+    return xp.random.default_rng(int(host_rng.integers(2**63)))

@@ -1,0 +1,189 @@
+"""HuggingFace GPT-2 checkpoints: a directory with config.json and model.safetensors.
+
+Reads both key styles found in the wild, "transformer.h.0.attn.c_attn.weight" (what transformers
+saves) and "h.0.attn.c_attn.weight" (OpenAI's GPT-2 on the hub), skips the causal-mask buffers
+that older files carry, and ties lm_head to wte when it is absent. Writes what transformers writes.
+Every file is written atomically, so a crash mid-save leaves the previous file intact.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from numgpt.config import GPTConfig, param_shapes
+from numgpt.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PREFIX = "transformer."
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks, not parameters
+
+# our activation name <-> transformers' activation_function
+HF_ACTIVATION = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+FROM_HF_ACTIVATION = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
+
+
+def atomic_write(path, data):
+    """Write bytes to `path` so that a reader sees the old file or the new one, never a torn one:
+    write a temporary file beside it, fsync it, rename it over `path`, fsync the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def config_to_hf(config):
+    """A transformers GPT2Config dictionary for `config`."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": HF_ACTIVATION[config.activation],
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": config.tie_weights,
+        # GPT-2's <|endoftext|> starts and ends text, where the vocabulary has it
+        "bos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "eos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "numgpt": {"bias": config.bias},   # transformers keeps unknown keys and ignores them
+    }
+
+
+def config_from_hf(hf):
+    """A GPTConfig from a transformers GPT2Config dictionary, or CheckpointError if we cannot run it."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"config.json describes a {hf.get('model_type')!r} model; numgpt loads GPT-2 models")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in FROM_HF_ACTIVATION:
+        raise CheckpointError(f"activation_function {activation!r} is not supported "
+                              f"(supported: {', '.join(FROM_HF_ACTIVATION)})")
+    n_embd = hf.get("n_embd", 768)
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise CheckpointError(f"n_inner = {hf['n_inner']} is not supported: numgpt's MLP is 4 * n_embd wide")
+    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise CheckpointError(f"layer_norm_epsilon = {hf['layer_norm_epsilon']} is not supported (GPT-2 uses 1e-5)")
+    for flag, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                          ("reorder_and_upcast_attn", False)):
+        if hf.get(flag, default) != default:
+            raise CheckpointError(f"{flag} = {hf[flag]} is not supported (GPT-2 uses {default})")
+    try:
+        return GPTConfig(
+            vocab_size=hf.get("vocab_size", 50257),
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            n_embd=n_embd,
+            dropout=float(hf.get("resid_pdrop", 0.0)),
+            bias=hf.get("numgpt", {}).get("bias", True),
+            tie_weights=hf.get("tie_word_embeddings", True),
+            activation=FROM_HF_ACTIVATION[activation],
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"config.json is not a valid GPT-2 configuration: {e}") from None
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}. Is the checkpoint complete?") from None
+
+
+def _read_safetensors(path):
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except Exception as e:   # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt or not safetensors; "
+                              f"re-save the checkpoint") from None
+
+
+def load_pretrained(path):
+    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    for needed in (config_path, weights_path):
+        if not os.path.isfile(needed):
+            hint = (" (a pytorch_model.bin is there: re-save it with transformers' "
+                    "save_pretrained(..., safe_serialization=True))"
+                    if os.path.exists(os.path.join(path, "pytorch_model.bin")) else "")
+            raise CheckpointError(f"{path!r} has no {os.path.basename(needed)}: a GPT-2 checkpoint "
+                                  f"needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
+    hf = _read_json(config_path)
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path} does not hold a JSON object")
+    config = config_from_hf(hf)
+    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in _read_safetensors(weights_path).items()}
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(MASK_BUFFERS)}
+    if config.tie_weights:
+        tensors.pop("lm_head.weight", None)   # transformers ties it to wte on load, and so do we
+    if not config.bias:
+        config, tensors = _drop_zero_biases(config, tensors)
+
+    expected = param_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path} does not match its config.json: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    params = {}
+    for name, shape in expected.items():
+        value = tensors[name]
+        if tuple(value.shape) != shape:
+            raise CheckpointError(f"{name} has shape {tuple(value.shape)} in {weights_path}, expected {shape}")
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{name} has dtype {value.dtype}; expected floating point weights")
+        params[name] = value
+    return config, params
+
+
+def _drop_zero_biases(config, tensors):
+    """A bias-free model is saved with zero biases so transformers can load it; drop them again.
+    Biases that are no longer zero (the model was fine-tuned elsewhere) are kept, with bias=True."""
+    biases = {k: v for k, v in tensors.items() if k.endswith(".bias")}
+    if any(np.any(v) for v in biases.values()):
+        return GPTConfig(**{**config.to_dict(), "bias": True}), tensors
+    return config, {k: v for k, v in tensors.items() if k not in biases}
+
+
+def save_pretrained(path, config, params):
+    """Write config.json and model.safetensors for `config` and host arrays `params` into `path`."""
+    from safetensors.numpy import save
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {PREFIX + name: np.ascontiguousarray(value) for name, value in params.items()}
+    if not config.bias:   # transformers' GPT-2 always has biases: zeros make it compute the same function
+        for name, shape in param_shapes(GPTConfig(**{**config.to_dict(), "bias": True})).items():
+            if name.endswith(".bias"):
+                tensors[PREFIX + name] = np.zeros(shape, dtype=params["wte.weight"].dtype)
+    if "lm_head.weight" in params:
+        tensors["lm_head.weight"] = tensors.pop(PREFIX + "lm_head.weight")
+    atomic_write(os.path.join(path, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, CONFIG_FILE), (json.dumps(config_to_hf(config), indent=2) + "\n").encode())

@@ -1,0 +1,66 @@
+"""Pointwise activations of the MLP, each a forward/backward pair that caches only its input.
+
+gelu        GPT-2's tanh approximation ("gelu_new" in transformers), the default.
+gelu_exact  x * Phi(x) with the normal CDF Phi (torch's nn.GELU()).
+relu        max(x, 0), the classic TinyStories tutorial's choice.
+"""
+
+import math
+
+from numgpt.backend import array_module, erf
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)  # a Python float: NumPy scalars would promote float32 to float64
+GELU_CUBIC = 0.044715
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).   x (...) -> y (...)."""
+    xp = array_module(x)
+    t = xp.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
+    return 0.5 * x * (1.0 + t), x
+
+
+def gelu_backward(dy, x):
+    """dy * [0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)].
+
+    sech^2 is written 1 - tanh^2: cosh overflows for large |x| (llm.c saw NaNs from it).
+    """
+    xp = array_module(x)
+    x2 = x * x
+    t = xp.tanh(GELU_SCALE * x * (1.0 + GELU_CUBIC * x2))
+    local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x2))
+    return dy * local
+
+
+def gelu_exact_forward(x):
+    """y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).   x (...) -> y (...)."""
+    return 0.5 * x * (1.0 + erf(x * INV_SQRT2)), x
+
+
+def gelu_exact_backward(dy, x):
+    """dy * [Phi(x) + x phi(x)], phi the standard normal density."""
+    xp = array_module(x)
+    cdf = 0.5 * (1.0 + erf(x * INV_SQRT2))
+    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return dy * (cdf + x * pdf)
+
+
+def relu_forward(x):
+    """y = max(x, 0).   x (...) -> y (...)."""
+    xp = array_module(x)
+    return xp.maximum(x, 0), x
+
+
+def relu_backward(dy, x):
+    """dy where x > 0, else 0."""
+    return dy * (x > 0)
+
+
+# name -> (forward, backward); the names are GPTConfig.activation's choices.
+ACTIVATIONS = {
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_exact": (gelu_exact_forward, gelu_exact_backward),
+    "relu": (relu_forward, relu_backward),
+}

@@ -1,0 +1,85 @@
+"""Causal multi-head self-attention (Vaswani et al. 2017) with GPT-2's fused qkv projection.
+
+    q, k, v = split(x @ Wqkv + bqkv)                 each (B,nh,T,hs), hs = C / nh
+    att     = softmax(q k^T / sqrt(hs) + causal)     (B,nh,T,T), row t sees positions <= t
+    y       = dropout(att) v                         (B,nh,T,hs), heads merged back to (B,T,C)
+    out     = dropout(y @ Wproj + bproj)             (B,T,C)
+
+`params` holds GPT-2's names: c_attn.weight (C,3C), c_attn.bias (3C,), c_proj.weight (C,C),
+c_proj.bias (C,); the biases are absent in a bias-free model.
+"""
+
+import math
+
+from numgpt.backend import array_module
+from numgpt.layers.dropout import dropout_backward, dropout_forward
+from numgpt.layers.linear import linear_backward, linear_forward, named_grads
+
+
+def split_heads(x, n_head):
+    """(B,T,C) -> (B,nh,T,hs)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B,nh,T,hs) -> (B,T,C), contiguous."""
+    B, nh, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+def causal_softmax(scores):
+    """Row-wise softmax of (..., T, T) scores where row t may only attend to columns <= t.
+
+    The masked scores become -inf, so their probabilities are exactly 0; the row max is
+    subtracted first so exp never overflows (the diagonal is always kept, so no row is all -inf).
+    """
+    xp = array_module(scores)
+    T = scores.shape[-1]
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)         # (T,T): True above the diagonal
+    scores = xp.where(future, -xp.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = xp.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def softmax_backward(dprobs, probs):
+    """ds = p * (dp - sum(dp * p)) along the last axis: the softmax Jacobian-vector product."""
+    return probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+
+
+def attention_forward(x, params, n_head, dropout=0.0, rng=None):
+    """Causal self-attention.   x (B,T,C) -> out (B,T,C), cache. Dropout is active when rng is given."""
+    B, T, C = x.shape
+    hs = C // n_head
+    qkv, qkv_cache = linear_forward(x, params["c_attn.weight"], params.get("c_attn.bias"))  # (B,T,3C)
+    q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
+    scale = 1.0 / math.sqrt(hs)
+    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)       # (B,nh,T,T)
+    att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
+    y = merge_heads(att_drop @ v)                                       # (B,T,C)
+    out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
+    out, out_drop_cache = dropout_forward(out, dropout, rng)
+    cache = (qkv_cache, q, k, v, att, att_drop, att_drop_cache, proj_cache, out_drop_cache, n_head, scale)
+    return out, cache
+
+
+def attention_backward(dout, cache):
+    """Gradients of attention_forward.   dout (B,T,C) -> dx (B,T,C), grads {name: array}."""
+    qkv_cache, q, k, v, att, att_drop, att_drop_cache, proj_cache, out_drop_cache, n_head, scale = cache
+    xp = array_module(dout)
+    dout = dropout_backward(dout, out_drop_cache)
+    dy, dw_proj, db_proj = linear_backward(dout, proj_cache)            # dy (B,T,C)
+    dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
+    datt_drop = dy @ v.transpose(0, 1, 3, 2)                            # (B,nh,T,T)
+    dv = att_drop.transpose(0, 1, 3, 2) @ dy                            # (B,nh,T,hs)
+    datt = dropout_backward(datt_drop, att_drop_cache)
+    dscores = softmax_backward(datt, att)                               # masked entries: p = 0 -> 0
+    dscores *= scale
+    dq = dscores @ k                                                    # (B,nh,T,hs)
+    dk = dscores.transpose(0, 1, 3, 2) @ q                              # (B,nh,T,hs)
+    dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)
+    dx, dw_attn, db_attn = linear_backward(dqkv, qkv_cache)
+    grads = {**named_grads("c_attn", dw_attn, db_attn), **named_grads("c_proj", dw_proj, db_proj)}
+    return dx, grads

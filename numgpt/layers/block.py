@@ -1,0 +1,46 @@
+"""One transformer block, GPT-2's pre-norm layout:
+
+    x = x + attn(ln_1(x))
+    x = x + mlp(ln_2(x))
+
+`params` holds the block's entries without their "h.<i>." prefix: ln_1.weight, attn.c_attn.weight, ...
+"""
+
+from numgpt.layers.attention import attention_backward, attention_forward
+from numgpt.layers.linear import named_grads
+from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
+from numgpt.layers.mlp import mlp_backward, mlp_forward
+from numgpt.layers.residual import residual_backward, residual_forward
+
+
+def sub_params(params, prefix):
+    """The entries of `params` under `prefix` ("attn."), with the prefix stripped."""
+    n = len(prefix)
+    return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
+
+
+def block_forward(x, params, n_head, activation="gelu", dropout=0.0, rng=None):
+    """x (B,T,C) -> y (B,T,C), cache."""
+    h, ln_1_cache = layernorm_forward(x, params["ln_1.weight"], params.get("ln_1.bias"))
+    h, attn_cache = attention_forward(h, sub_params(params, "attn."), n_head, dropout, rng)
+    x = residual_forward(x, h)
+    h, ln_2_cache = layernorm_forward(x, params["ln_2.weight"], params.get("ln_2.bias"))
+    h, mlp_cache = mlp_forward(h, sub_params(params, "mlp."), activation, dropout, rng)
+    y = residual_forward(x, h)
+    return y, (ln_1_cache, attn_cache, ln_2_cache, mlp_cache)
+
+
+def block_backward(dy, cache):
+    """dy (B,T,C) -> dx (B,T,C), grads {name without the block prefix: array}."""
+    ln_1_cache, attn_cache, ln_2_cache, mlp_cache = cache
+    dx, dh = residual_backward(dy)
+    dh, mlp_grads = mlp_backward(dh, mlp_cache)
+    dh, dw, db = layernorm_backward(dh, ln_2_cache)
+    dx = dx + dh                                         # the residual joins the normalised path
+    grads = {**named_grads("ln_2", dw, db), **{f"mlp.{k}": g for k, g in mlp_grads.items()}}
+    dx, dh = residual_backward(dx)
+    dh, attn_grads = attention_backward(dh, attn_cache)
+    dh, dw, db = layernorm_backward(dh, ln_1_cache)
+    dx = dx + dh
+    grads.update({**named_grads("ln_1", dw, db), **{f"attn.{k}": g for k, g in attn_grads.items()}})
+    return dx, grads

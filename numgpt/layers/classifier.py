@@ -1,0 +1,52 @@
+"""The language-model head fused with the loss: logits = x @ wte^T, loss = cross_entropy(logits, y).
+
+With a 50257-token vocabulary the (N,V) logits dominate a small model's memory (411 MB in float32
+for 2048 positions), so the rows are processed in chunks: each chunk's logits are made, turned into
+its share of the loss and, when a backward will follow, straight into its share of the gradients,
+then dropped. The whole (N,V) array exists only when the caller asks for the logits.
+"""
+
+from numgpt.backend import array_module
+from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32, small enough to stay cache-friendly
+
+
+def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_logits=True,
+                       requires_grad=True):
+    """x (N,C), w (V,C), targets (N,) or None -> loss (0-d array, or None), logits (N,V) or None, cache.
+
+    Without targets there is no loss and the logits are always returned. With targets and
+    `requires_grad`, the gradients of the mean loss are computed chunk by chunk here, because the
+    chunk's probabilities are at hand now and would cost a second x @ w^T to rebuild later.
+    """
+    xp = array_module(x)
+    if targets is None:
+        return None, x @ w.T, None
+    N, V = x.shape[0], w.shape[0]
+    n_valid = int((targets != ignore_index).sum())
+    logits = xp.empty((N, V), dtype=x.dtype) if return_logits else None
+    dx = xp.empty_like(x) if requires_grad else None              # (N,C)
+    dw = xp.zeros_like(w) if requires_grad else None              # (V,C)
+    loss = 0.0
+    chunk = max(1, CHUNK_ELEMENTS // V)
+    for start in range(0, N, chunk):
+        rows = slice(start, min(start + chunk, N))
+        chunk_logits = x[rows] @ w.T                                          # (n,V)
+        if return_logits:
+            logits[rows] = chunk_logits
+        chunk_loss, ce_cache = cross_entropy_forward(chunk_logits, targets[rows], ignore_index, n_valid)
+        loss = loss + chunk_loss
+        if requires_grad:
+            dlogits = cross_entropy_backward(1.0, ce_cache)                    # (n,V)
+            dx[rows] = dlogits @ w
+            dw += dlogits.T @ x[rows]
+    return loss, logits, (dx, dw) if requires_grad else None
+
+
+def classifier_backward(dloss, cache):
+    """dx (N,C), dw (V,C) of the loss scaled by dloss: the chunked forward already did the work."""
+    if cache is None:
+        raise ValueError("classifier_backward needs a forward with targets and requires_grad=True")
+    dx, dw = cache
+    return dx * dloss, dw * dloss

@@ -1,0 +1,203 @@
+"""The GPT: GPT-2's decoder-only transformer, composed from the layers' forward/backward pairs.
+
+    x      = dropout(wte[idx] + wpe[:T])                 (B,T,C)
+    x      = block_i(x)  for i in 0..n_layer-1           (B,T,C)
+    logits = layernorm_f(x) @ wte^T                      (B,T,V)  (lm_head.weight when untied)
+    loss   = cross_entropy(logits, targets)
+
+`forward` keeps every layer's cache; `backward` walks them in reverse and returns the gradient of
+the mean loss for every parameter, named as in a GPT-2 checkpoint.
+"""
+
+import math
+
+import numpy as np
+
+from numgpt import checkpoint
+from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
+from numgpt.config import GPTConfig, param_shapes
+from numgpt.errors import ConfigError
+from numgpt.layers.block import block_backward, block_forward, sub_params
+from numgpt.layers.classifier import classifier_backward, classifier_forward
+from numgpt.layers.cross_entropy import IGNORE_INDEX
+from numgpt.layers.dropout import dropout_backward, dropout_forward
+from numgpt.layers.embedding import embedding_backward, embedding_forward
+from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
+from numgpt.layers.linear import named_grads
+from numgpt.sampling import check_sampling_args, sample_next
+
+INIT_STD = 0.02
+
+
+def init_params(config, seed=0):
+    """GPT-2's initialisation as float64 NumPy arrays: weights ~ N(0, 0.02), the residual
+    projections (c_proj) ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual stream's variance does not
+    grow with depth, biases 0, layernorm gains 1."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".bias"):
+            params[name] = np.zeros(shape)
+        elif ".ln_" in name or name.startswith("ln_f"):
+            params[name] = np.ones(shape)
+        else:
+            std = INIT_STD / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else INIT_STD
+            params[name] = rng.normal(0.0, std, size=shape)
+    return params
+
+
+class GPT:
+    """A GPT-2-style language model with explicit forward and backward passes.
+
+    model = GPT(config, backend="numpy", dtype="float32", seed=0)
+    logits, loss = model.forward(idx, targets)     # idx, targets (B,T) ints
+    grads = model.backward()                       # {name: gradient of the mean loss}
+    """
+
+    def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None):
+        if not isinstance(config, GPTConfig):
+            raise ConfigError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.xp = get_xp(backend)
+        self.dtype = resolve_dtype(dtype)
+        host_params = init_params(config, seed) if params is None else params
+        # copies: the model owns its parameters and updates them in place
+        self.params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
+        self.dropout_rng = np.random.default_rng([seed, 1])   # host generator behind every dropout mask
+        self.training = True
+        self._cache = None
+
+    # ---------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, backend="numpy", dtype="float32"):
+        """Load a HuggingFace GPT-2 directory (config.json + model.safetensors)."""
+        config, params = checkpoint.load_pretrained(path)
+        return cls(config, backend=backend, dtype=dtype, params=params)
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors, loadable by from_pretrained and by transformers."""
+        checkpoint.save_pretrained(path, self.config, {name: to_numpy(p) for name, p in self.params.items()})
+
+    # ---------------------------------------------------------------- modes
+
+    def train(self):
+        """Training mode: dropout is active."""
+        self.training = True
+        return self
+
+    def eval(self):
+        """Evaluation mode: dropout is off, so forward is deterministic."""
+        self.training = False
+        return self
+
+    def num_params(self):
+        """Number of parameters (a tied output layer counts once)."""
+        return sum(int(p.size) for p in self.params.values())
+
+    # ---------------------------------------------------------------- forward / backward
+
+    def _as_ids(self, ids, name, xp=None, allow_ignore=False, any_length=False):
+        """`ids` as a (B,T) int64 array of module `xp` (the model's by default), or a ConfigError
+        that says what is wrong. T must be 1..block_size unless `any_length`."""
+        ids = to_device(ids, self.xp if xp is None else xp)
+        if ids.ndim != 2:
+            raise ConfigError(f"{name} must be a (batch, time) array of token ids, got shape {ids.shape}")
+        if ids.dtype.kind not in "iu":
+            raise ConfigError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.shape[1] == 0 or (ids.shape[1] > self.config.block_size and not any_length):
+            raise ConfigError(f"{name} has {ids.shape[1]} positions; this model takes 1 to "
+                              f"block_size = {self.config.block_size}")
+        ids = ids.astype(np.int64, copy=False)
+        checked = ids[ids != IGNORE_INDEX] if allow_ignore else ids   # the loss skips ignored targets
+        if checked.size and (int(checked.min()) < 0 or int(checked.max()) >= self.config.vocab_size):
+            raise ConfigError(f"{name} holds ids outside [0, vocab_size = {self.config.vocab_size})")
+        return ids
+
+    def _head_weight(self):
+        """The output layer's (V,C) weight: the token embedding itself when the weights are tied."""
+        return self.params["wte.weight" if self.config.tie_weights else "lm_head.weight"]
+
+    def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True):
+        """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (float or None).
+
+        Targets equal to -100 are ignored by the loss. With `return_logits=False` the full logits
+        are never built (training needs only the loss). With `requires_grad=False` nothing is kept
+        for backward, which saves memory and, with targets, the output layer's gradient work.
+        """
+        cfg, p = self.config, self.params
+        idx = self._as_ids(idx, "idx")
+        B, T = idx.shape
+        if targets is not None:
+            targets = self._as_ids(targets, "targets", allow_ignore=True)
+            if targets.shape != idx.shape:
+                raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
+        rng = device_rng(self.xp, self.dropout_rng) if self.training and cfg.dropout > 0 else None
+
+        x, emb_cache = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])      # (B,T,C)
+        x, drop_cache = dropout_forward(x, cfg.dropout, rng)
+        block_caches = []
+        for i in range(cfg.n_layer):
+            x, cache = block_forward(x, sub_params(p, f"h.{i}."), cfg.n_head, cfg.activation, cfg.dropout, rng)
+            block_caches.append(cache)
+        x, ln_f_cache = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"))    # (B,T,C)
+        loss, logits, head_cache = classifier_forward(
+            x.reshape(B * T, cfg.n_embd), self._head_weight(),
+            None if targets is None else targets.reshape(-1),
+            return_logits=return_logits, requires_grad=requires_grad)
+
+        keep = requires_grad and targets is not None
+        self._cache = (emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T)) if keep else None
+        logits = None if logits is None else logits.reshape(B, T, cfg.vocab_size)
+        return logits, (None if loss is None else float(loss))
+
+    def backward(self):
+        """Gradients of the last forward's mean loss: {name: array} with the keys and shapes of params.
+
+        The returned arrays are valid until the next forward/backward, which may reuse them.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() needs a preceding forward(idx, targets) with requires_grad=True")
+        cfg = self.config
+        emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T) = self._cache
+        self._cache = None   # the caches are spent: free their memory now
+        dx, dhead = classifier_backward(1.0, head_cache)                             # (B*T,C), (V,C)
+        dx, dw, db = layernorm_backward(dx.reshape(B, T, cfg.n_embd), ln_f_cache)
+        grads = named_grads("ln_f", dw, db)
+        for i in reversed(range(cfg.n_layer)):
+            dx, block_grads = block_backward(dx, block_caches[i])
+            grads.update({f"h.{i}.{name}": g for name, g in block_grads.items()})
+        dx = dropout_backward(dx, drop_cache)
+        dwte, grads["wpe.weight"] = embedding_backward(dx, emb_cache)
+        if cfg.tie_weights:
+            dwte += dhead               # wte is used twice: by the embedding and by the output layer
+        else:
+            grads["lm_head.weight"] = dhead
+        grads["wte.weight"] = dwte
+        return {name: grads[name] for name in self.params}
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """idx (B,T) ints -> (B, T + max_new_tokens): idx followed by sampled tokens.
+
+        temperature 0 is greedy; top_k / top_p restrict the draw to the most likely tokens; `seed`
+        makes the draws repeatable. The context is cropped to the last block_size tokens. Returns
+        an array of idx's array module (NumPy for lists).
+        """
+        check_sampling_args(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        out_xp = array_module(idx) if hasattr(idx, "shape") else np
+        tokens = self._as_ids(idx, "idx", xp=np, any_length=True)   # (B,T) on the host: tiny
+        rng = np.random.default_rng(seed)
+        was_training, self.training = self.training, False
+        try:
+            for _ in range(max_new_tokens):
+                context = tokens[:, -self.config.block_size:]
+                logits, _ = self.forward(context, requires_grad=False)
+                next_ids = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, top_p, rng)
+                tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
+        finally:
+            self.training = was_training
+        return to_device(tokens, out_xp)

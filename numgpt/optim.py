@@ -1,0 +1,88 @@
+"""AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's exact arithmetic, and gradient clipping.
+
+    p <- p (1 - lr wd)                                  decoupled weight decay
+    m <- b1 m + (1 - b1) g                              first moment
+    v <- b2 v + (1 - b2) g^2                            second moment
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+"""
+
+import math
+
+from numgpt.backend import array_module
+from numgpt.errors import ConfigError
+
+
+def no_decay_names(params):
+    """Names that nanoGPT-style training exempts from weight decay: biases, layernorm gains and
+    the embeddings. Decay pulls weights toward 0; for a gain (ideal near 1), a bias or a lookup
+    table that is not a scale-free weight matrix, that pull only hurts."""
+    return {name for name in params
+            if name.endswith(".bias") or ".ln_" in name or name.startswith(("ln_f.", "wte.", "wpe."))}
+
+
+class AdamW:
+    """opt = AdamW(model.params, lr); opt.step(grads) updates every parameter in place.
+
+    `exclude_from_decay` names parameters that get no weight decay (e.g. no_decay_names(params));
+    `lr` may be changed between steps (a schedule sets opt.lr).
+    """
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, exclude_from_decay=()):
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ConfigError(f"learning rate must be > 0, got {lr!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"betas must be in [0, 1), got {betas!r}")
+        if not eps > 0 or not weight_decay >= 0:
+            raise ConfigError(f"eps must be > 0 and weight_decay >= 0, got {eps!r}, {weight_decay!r}")
+        unknown = set(exclude_from_decay) - set(params)
+        if unknown:
+            raise ConfigError(f"exclude_from_decay names unknown parameters: {sorted(unknown)[:5]}")
+        self.params = params
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.decay = {name: name not in set(exclude_from_decay) for name in params}
+        self.step_count = 0
+        self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+        self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+
+    def step(self, grads):
+        """One update of every parameter from `grads` ({name: array} with params' shapes)."""
+        self.step_count += 1
+        b1, b2 = self.betas
+        step_size = self.lr / (1.0 - b1 ** self.step_count)
+        bias_correction2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        for name, p in self.params.items():
+            g, m, v = grads[name], self.m[name], self.v[name]
+            xp = array_module(p)
+            if self.decay[name] and self.weight_decay:
+                p *= 1.0 - self.lr * self.weight_decay
+            m += (1.0 - b1) * (g - m)                  # torch's lerp(m, g, 1 - b1)
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            denom = xp.sqrt(v)
+            denom /= bias_correction2_sqrt
+            denom += self.eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self):
+        """Everything needed to continue exactly: step count and both moments (arrays are not copied)."""
+        return {"step": self.step_count, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state):
+        """Restore a state_dict() in place (arrays are copied into this optimizer's buffers)."""
+        if set(state["m"]) != set(self.m) or set(state["v"]) != set(self.v):
+            raise ConfigError("optimizer state does not match the model's parameters")
+        self.step_count = int(state["step"])
+        for name in self.m:
+            self.m[name][...] = state["m"][name]
+            self.v[name][...] = state["v"][name]
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global L2 norm is at most max_norm; return the norm
+    before clipping (as torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6))."""
+    total = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads.values():
+            g *= coef
+    return total

@@ -1,0 +1,64 @@
+"""Choosing the next token from the model's logits: greedy, temperature, top-k and top-p.
+
+Sampling runs on the host in float64 with a NumPy Generator, so a seed repeats the same draws on
+either backend given the same logits.
+"""
+
+import numpy as np
+
+from numgpt.errors import ConfigError
+
+
+def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
+    """Raise ConfigError for a temperature < 0, a top_k < 1 or a top_p outside (0, 1]."""
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution sampling draws from.   logits (B,V) -> probs (B,V), float64, rows sum to 1.
+
+    Temperature divides the logits (lower is sharper); top-k keeps the k most likely tokens;
+    top-p keeps the smallest set of most likely tokens whose mass reaches p. Temperature 0 puts
+    all mass on the argmax.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    B, V = logits.shape
+    if temperature == 0:
+        probs = np.zeros_like(logits)
+        probs[np.arange(B), logits.argmax(axis=-1)] = 1.0
+        return probs
+    logits = logits / temperature
+    if top_k is not None and top_k < V:
+        kth = np.partition(logits, V - top_k, axis=-1)[:, V - top_k, None]   # (B,1) k-th largest
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")                   # most likely first
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs          # mass of the tokens ranked above
+        drop_sorted = mass_before >= top_p                                     # the nucleus already reached p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, rng=None):
+    """One token per row.   logits (B,V) -> ids (B,) int64."""
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    if temperature == 0:
+        return probs.argmax(axis=-1)
+    rng = np.random.default_rng() if rng is None else rng
+    # inverse-CDF sampling: the first token whose running mass exceeds a uniform draw; a token of
+    # probability 0 adds no mass, so it can never be that first token
+    cdf = np.cumsum(probs, axis=-1)                                            # (B,V)
+    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]                           # (B,1)
+    ids = (cdf <= u).sum(axis=-1)
+    return np.minimum(ids, probs.shape[1] - 1).astype(np.int64)

@@ -1,0 +1,57 @@
+"""Finite-difference gradient checking in float64.
+
+The analytic gradient of a scalar L(arrays) is compared with central differences
+(L(a + eps) - L(a - eps)) / (2 eps) at a random sample of coordinates of every array. An entry
+passes when |analytic - numeric| <= ATOL + RTOL * scale, where scale is the largest |analytic|
+in that array: normalising by the tensor's scale, not by the entry, keeps gradients that are
+exactly zero by symmetry (the K part of the qkv bias) from failing on round-off.
+"""
+
+import numpy as np
+
+from numgpt.backend import to_numpy
+
+EPS = 1e-6
+RTOL = 1e-6
+ATOL = 1e-9
+
+
+def numeric_grad(loss_fn, array, coords, eps=EPS):
+    """Central differences of loss_fn() with respect to array[c] for each flat index c in coords.
+    `array` is perturbed in place and restored; loss_fn must read it."""
+    flat = array.reshape(-1)   # a view: writes reach the array loss_fn reads
+    grads = []
+    for c in coords:
+        c = int(c)
+        original = flat[c].copy()
+        flat[c] = original + eps
+        plus = loss_fn()
+        flat[c] = original - eps
+        minus = loss_fn()
+        flat[c] = original
+        grads.append((plus - minus) / (2 * eps))
+    return np.array(grads)
+
+
+def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
+    """Names whose analytic gradient disagrees with finite differences (empty when all agree).
+
+    arrays: {name: float64 array read by loss_fn}; analytic: {name: dL/d(array)}.
+    """
+    bad = {}
+    for name, array in arrays.items():
+        assert analytic[name].shape == array.shape, f"{name}: gradient shape {analytic[name].shape} != {array.shape}"
+        n = array.size
+        coords = rng.choice(n, size=min(n, max_coords), replace=False)
+        num = numeric_grad(loss_fn, array, coords)
+        ana = to_numpy(analytic[name]).reshape(-1)[coords]
+        scale = float(np.abs(to_numpy(analytic[name])).max())
+        err = np.abs(ana - num)
+        if np.any(err > ATOL + RTOL * scale):
+            bad[name] = float(err.max() / max(scale, 1e-30))
+    return bad
+
+
+def dot_loss(out, dout):
+    """L = sum(out * dout): its gradient with respect to out is the drawn upstream gradient dout."""
+    return float((out * dout).sum())

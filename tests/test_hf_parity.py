@@ -1,0 +1,131 @@
+"""Parity with HuggingFace transformers' GPT2LMHeadModel and torch.optim.AdamW, in float64.
+
+Skipped where torch or transformers is not installed (they are never needed at run time).
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (optional reference)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional reference)")
+
+from safetensors.numpy import save_file  # noqa: E402
+
+from numgpt import GPT, AdamW, GPTConfig  # noqa: E402
+from numgpt.backend import to_numpy  # noqa: E402
+
+V, T = 97, 16
+
+
+def rel_err(a, b):
+    """Tensor-scale relative error max|a - b| / max|b|."""
+    a, b = np.asarray(to_numpy(a), dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def tiny_hf_model(seed=0, **overrides):
+    """A random float64 GPT-2 with every parameter perturbed away from its init (so layernorm gains,
+    biases and positions all carry signal)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=24, n_layer=2, n_head=3,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_openai_style(hf, path):
+    """Write hf's weights as OpenAI's GPT-2 on the hub has them: no "transformer." prefix, no
+    lm_head, and the causal-mask buffers attn.bias / attn.masked_bias."""
+    tensors = {k[len("transformer."):]: v.detach().numpy() for k, v in hf.state_dict().items()
+               if k.startswith("transformer.")}
+    for i in range(hf.config.n_layer):
+        tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((T, T)))[None, None]
+        tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4)
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf.config.to_json_file(str(path / "config.json"))
+
+
+@pytest.fixture(params=["transformers", "openai"])
+def checkpoint_pair(request, tmp_path):
+    """(transformers model, path of the same weights saved in one key style)."""
+    hf = tiny_hf_model()
+    path = tmp_path / request.param
+    if request.param == "transformers":
+        hf.save_pretrained(str(path))
+    else:
+        save_openai_style(hf, path)
+    return hf, path
+
+
+def hf_loss_and_grads(hf, idx, targets):
+    """Logits, mean loss and {our name: grad} from transformers (targets already shifted, as ours)."""
+    hf.zero_grad()
+    logits = hf(torch.tensor(idx)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.tensor(targets).reshape(-1))
+    loss.backward()
+    grads = {name.removeprefix("transformer."): p.grad.numpy().copy() for name, p in hf.named_parameters()}
+    return logits.detach().numpy(), loss.item(), grads
+
+
+def test_logits_loss_and_gradients_match(checkpoint_pair, backend):
+    hf, path = checkpoint_pair
+    model = GPT.from_pretrained(path, backend=backend, dtype="float64").eval()
+    rng = np.random.default_rng(0)
+    idx, targets = rng.integers(0, V, size=(3, T)), rng.integers(0, V, size=(3, T))
+    logits, loss = model.forward(idx, targets)
+    grads = model.backward()
+    ref_logits, ref_loss, ref_grads = hf_loss_and_grads(hf, idx, targets)
+    assert rel_err(logits, ref_logits) < 1e-8
+    assert abs(loss - ref_loss) / ref_loss < 1e-8
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 1e-8, name
+
+
+def test_twenty_adamw_steps_track_torch(checkpoint_pair, backend):
+    hf, path = checkpoint_pair
+    model = GPT.from_pretrained(path, backend=backend, dtype="float64").train()
+    opt = AdamW(model.params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(hf.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        idx, targets = rng.integers(0, V, size=(2, T)), rng.integers(0, V, size=(2, T))
+        model.forward(idx, targets, return_logits=False)
+        opt.step(model.backward())
+        hf_loss_and_grads(hf, idx, targets)
+        ref_opt.step()
+    for name, p in hf.named_parameters():
+        assert rel_err(model.params[name.removeprefix("transformer.")], p.detach().numpy()) < 1e-6, name
+
+
+def test_greedy_generation_matches(checkpoint_pair, backend):
+    hf, path = checkpoint_pair
+    model = GPT.from_pretrained(path, backend=backend, dtype="float64")
+    prompt = np.random.default_rng(2).integers(0, V, size=(2, 5))
+    ours = to_numpy(model.generate(prompt, 20, temperature=0))   # 25 > T = 16: the window slides
+    ref = hf.generate(torch.tensor(prompt), max_new_tokens=11, do_sample=False, pad_token_id=0,
+                      attention_mask=torch.ones(prompt.shape, dtype=torch.long))
+    np.testing.assert_array_equal(ours[:, :16], ref.numpy())
+
+
+@pytest.mark.parametrize("config", [
+    GPTConfig(vocab_size=V, block_size=T, n_layer=2, n_head=2, n_embd=8),
+    GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=4, n_embd=8, tie_weights=False, activation="relu"),
+    GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=1, n_embd=6, bias=False, activation="gelu_exact"),
+], ids=["gpt2", "untied-relu", "nobias-exactgelu"])
+def test_transformers_loads_what_we_save(config, tmp_path):
+    model = GPT(config, dtype="float64", seed=5)
+    for p in model.params.values():   # move off the init so every parameter matters
+        p += np.random.default_rng(0).normal(0.0, 0.1, size=p.shape)
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
+    idx = np.random.default_rng(3).integers(0, V, size=(2, T))
+    assert rel_err(model.eval().forward(idx)[0], hf(torch.tensor(idx)).logits.detach().numpy()) < 1e-10
+    again = GPT.from_pretrained(tmp_path, dtype="float64")
+    assert again.config == config
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(to_numpy(again.params[name]), to_numpy(p))

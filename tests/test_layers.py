@@ -1,0 +1,422 @@
+"""Finite-difference gradient checks of every layer, in float64, over shapes and inputs drawn by
+hypothesis, with an upstream gradient drawn independently of the inputs. Each check has a
+negative control: a deliberately wrong backward that the same check must catch."""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from gradcheck import dot_loss, gradient_mismatches
+from numgpt.backend import array_module, to_device, to_numpy
+from numgpt.layers import attention, classifier
+from numgpt.layers.activations import ACTIVATIONS, gelu_forward
+from numgpt.layers.attention import attention_backward, attention_forward, causal_softmax
+from numgpt.layers.classifier import classifier_backward, classifier_forward
+from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from numgpt.layers.dropout import dropout_backward, dropout_forward
+from numgpt.layers.embedding import embedding_backward, embedding_forward
+from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
+from numgpt.layers.linear import linear_backward, linear_forward
+from numgpt.layers.mlp import mlp_backward, mlp_forward
+from numgpt.layers.residual import residual_backward, residual_forward
+
+seeds = st.integers(0, 2**32 - 1)
+scales = st.sampled_from([0.02, 0.3, 1.0, 3.0])   # GPT-2's init scale, and larger values that rise above FD noise
+sizes = st.integers(1, 5)
+
+
+def draw(xp, rng, shape, scale=1.0):
+    """A float64 array of `shape` on xp's device, normal(0, scale)."""
+    return to_device(rng.normal(0.0, scale, size=shape), xp)
+
+
+def mismatches(run, backward, arrays, rng):
+    """Gradient-check one layer. run(arrays) -> (out, cache); backward(dout, cache) -> {name: grad}."""
+    out, cache = run(arrays)
+    dout = draw(array_module(out), rng, out.shape)          # the upstream gradient, drawn independently
+    analytic = backward(dout, cache)
+    return gradient_mismatches(lambda: dot_loss(run(arrays)[0], dout), arrays, analytic, rng)
+
+
+# ---------------------------------------------------------------- linear
+
+def linear_arrays(xp, rng, B, T, C_in, C_out, scale):
+    return {"x": draw(xp, rng, (B, T, C_in), scale), "w": draw(xp, rng, (C_in, C_out), scale),
+            "b": draw(xp, rng, (C_out,), scale)}
+
+
+def run_linear(a):
+    return linear_forward(a["x"], a["w"], a["b"])
+
+
+def linear_grads(dout, cache):
+    dx, dw, db = linear_backward(dout, cache)
+    return {"x": dx, "w": dw, "b": db}
+
+
+def linear_grads_first_row_only(dout, cache):
+    """Wrong: the bias gradient of the first row only, instead of the sum over rows."""
+    grads = linear_grads(dout, cache)
+    grads["b"] = dout.reshape(-1, dout.shape[-1])[0]
+    return grads
+
+
+@given(B=sizes, T=sizes, C_in=sizes, C_out=sizes, scale=scales, seed=seeds)
+def test_linear_gradients(xp, B, T, C_in, C_out, scale, seed):
+    rng = np.random.default_rng(seed)
+    assert not mismatches(run_linear, linear_grads, linear_arrays(xp, rng, B, T, C_in, C_out, scale), rng)
+
+
+@given(C_in=sizes, C_out=sizes, seed=seeds)
+def test_linear_check_catches_wrong_bias_gradient(xp, C_in, C_out, seed):
+    rng = np.random.default_rng(seed)
+    arrays = linear_arrays(xp, rng, 2, 3, C_in, C_out, 1.0)
+    assert "b" in mismatches(run_linear, linear_grads_first_row_only, arrays, rng)
+
+
+def test_linear_without_bias(xp):
+    rng = np.random.default_rng(0)
+    arrays = {"x": draw(xp, rng, (2, 3, 4)), "w": draw(xp, rng, (4, 5))}
+    run = lambda a: linear_forward(a["x"], a["w"])
+    grads = lambda dout, cache: dict(zip(("x", "w"), linear_backward(dout, cache)[:2]))
+    assert linear_backward(draw(xp, rng, (2, 3, 5)), run(arrays)[1])[2] is None
+    assert not mismatches(run, grads, arrays, rng)
+
+
+# ---------------------------------------------------------------- embedding
+
+def run_embedding(idx):
+    return lambda a: embedding_forward(idx, a["wte"], a["wpe"])
+
+
+def embedding_grads(dout, cache):
+    dwte, dwpe = embedding_backward(dout, cache)
+    return {"wte": dwte, "wpe": dwpe}
+
+
+def embedding_grads_fancy_index(dout, cache):
+    """The classic bug: `dwte[idx] += dx` keeps one write per repeated id."""
+    idx, wte_shape, _ = cache
+    grads = embedding_grads(dout, cache)
+    xp = array_module(dout)
+    dwte = xp.zeros(wte_shape)
+    dwte[idx.reshape(-1)] += dout.reshape(-1, dout.shape[-1])
+    grads["wte"] = dwte
+    return grads
+
+
+@st.composite
+def embedding_case(draw_, min_tokens=1):
+    V = draw_(st.integers(1, 7))
+    B, T = draw_(sizes), draw_(sizes)
+    block_size = T + draw_(st.integers(0, 3))
+    C = draw_(sizes)
+    ids = draw_(st.lists(st.integers(0, V - 1), min_size=B * T, max_size=B * T))
+    return V, B, T, block_size, C, np.array(ids).reshape(B, T)
+
+
+@given(case=embedding_case(), scale=scales, seed=seeds)
+def test_embedding_gradients(xp, case, scale, seed):
+    V, B, T, block_size, C, ids = case
+    rng = np.random.default_rng(seed)
+    arrays = {"wte": draw(xp, rng, (V, C), scale), "wpe": draw(xp, rng, (block_size, C), scale)}
+    assert not mismatches(run_embedding(to_device(ids, xp)), embedding_grads, arrays, rng)
+
+
+@given(case=embedding_case(), seed=seeds)
+def test_embedding_check_catches_fancy_index_bug(xp, case, seed):
+    V, B, T, block_size, C, ids = case
+    ids = np.concatenate([ids.reshape(-1), ids.reshape(-1)[:1]])    # one id surely repeats
+    ids = ids.reshape(1, -1)
+    rng = np.random.default_rng(seed)
+    arrays = {"wte": draw(xp, rng, (V, C)), "wpe": draw(xp, rng, (ids.shape[1], C))}
+    assert "wte" in mismatches(run_embedding(to_device(ids, xp)), embedding_grads_fancy_index, arrays, rng)
+
+
+# ---------------------------------------------------------------- layernorm
+
+def run_layernorm(a):
+    return layernorm_forward(a["x"], a["w"], a["b"])
+
+
+def layernorm_grads(dout, cache):
+    return dict(zip(("x", "w", "b"), layernorm_backward(dout, cache)))
+
+
+def layernorm_grads_missing_variance_path(dout, cache):
+    """Wrong: ignores how x moves the variance (drops the xhat * mean(g * xhat) term)."""
+    xhat, rstd, w, _ = cache
+    grads = layernorm_grads(dout, cache)
+    g = dout * w
+    grads["x"] = (g - g.mean(axis=-1, keepdims=True)) * rstd
+    return grads
+
+
+@given(B=sizes, T=sizes, C=st.integers(2, 9), scale=scales, shift=st.sampled_from([0.0, 5.0]), seed=seeds)
+def test_layernorm_gradients(xp, B, T, C, scale, shift, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": draw(xp, rng, (B, T, C), scale) + shift, "w": draw(xp, rng, (C,)), "b": draw(xp, rng, (C,))}
+    assert not mismatches(run_layernorm, layernorm_grads, arrays, rng)
+
+
+@given(B=sizes, T=sizes, C=st.integers(2, 9), seed=seeds)
+def test_layernorm_check_catches_missing_variance_path(xp, B, T, C, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": draw(xp, rng, (B, T, C)), "w": draw(xp, rng, (C,)), "b": draw(xp, rng, (C,))}
+    assert "x" in mismatches(run_layernorm, layernorm_grads_missing_variance_path, arrays, rng)
+
+
+# ---------------------------------------------------------------- attention
+
+def attention_arrays(xp, rng, B, T, n_head, head_size, scale):
+    C = n_head * head_size
+    return {"x": draw(xp, rng, (B, T, C), scale),
+            "c_attn.weight": draw(xp, rng, (C, 3 * C), scale), "c_attn.bias": draw(xp, rng, (3 * C,), scale),
+            "c_proj.weight": draw(xp, rng, (C, C), scale), "c_proj.bias": draw(xp, rng, (C,), scale)}
+
+
+def run_attention(n_head, dropout, mask_seed):
+    def run(a):
+        # the same seed every call: one fixed dropout mask, so the function is deterministic
+        rng = array_module(a["x"]).random.default_rng(mask_seed) if dropout else None
+        params = {k: v for k, v in a.items() if k != "x"}
+        return attention_forward(a["x"], params, n_head, dropout, rng)
+    return run
+
+
+def attention_grads(dout, cache):
+    dx, grads = attention_backward(dout, cache)
+    return {"x": dx, **grads}
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 6), n_head=st.integers(1, 3), head_size=st.integers(1, 4),
+       dropout=st.sampled_from([0.0, 0.3]), scale=scales, seed=seeds)
+def test_attention_gradients(xp, B, T, n_head, head_size, dropout, scale, seed):
+    rng = np.random.default_rng(seed)
+    arrays = attention_arrays(xp, rng, B, T, n_head, head_size, scale)
+    assert not mismatches(run_attention(n_head, dropout, seed), attention_grads, arrays, rng)
+
+
+@given(T=st.integers(1, 6), n_head=st.integers(1, 3), seed=seeds)
+def test_attention_check_catches_wrong_softmax_backward(xp, T, n_head, seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    arrays = attention_arrays(xp, rng, 2, T, n_head, 2, 1.0)
+    monkeypatch.setattr(attention, "softmax_backward", lambda dprobs, probs: probs * dprobs)
+    assert mismatches(run_attention(n_head, 0.0, seed), attention_grads, arrays, rng)
+
+
+def test_attention_rows_are_causal_distributions(xp):
+    rng = np.random.default_rng(0)
+    probs = to_numpy(causal_softmax(draw(xp, rng, (2, 3, 7, 7), 10.0)))
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    assert np.all(probs[..., np.triu_indices(7, k=1)[0], np.triu_indices(7, k=1)[1]] == 0.0)
+    assert np.all(probs[..., np.tril_indices(7)[0], np.tril_indices(7)[1]] > 0.0)
+
+
+def test_attention_is_causal(xp):
+    rng = np.random.default_rng(1)
+    arrays = attention_arrays(xp, rng, 1, 6, 2, 3, 1.0)
+    out, _ = run_attention(2, 0.0, 0)(arrays)
+    arrays["x"][:, 4:] += 1.0                                         # change only the future
+    changed, _ = run_attention(2, 0.0, 0)(arrays)
+    np.testing.assert_array_equal(to_numpy(out)[:, :4], to_numpy(changed)[:, :4])
+    assert not np.allclose(to_numpy(out)[:, 4:], to_numpy(changed)[:, 4:])
+
+
+# ---------------------------------------------------------------- MLP and activations
+
+def mlp_arrays(xp, rng, B, T, C, scale):
+    return {"x": draw(xp, rng, (B, T, C), scale),
+            "c_fc.weight": draw(xp, rng, (C, 4 * C), scale), "c_fc.bias": draw(xp, rng, (4 * C,), scale),
+            "c_proj.weight": draw(xp, rng, (4 * C, C), scale), "c_proj.bias": draw(xp, rng, (C,), scale)}
+
+
+def run_mlp(activation, dropout=0.0, mask_seed=0):
+    def run(a):
+        rng = array_module(a["x"]).random.default_rng(mask_seed) if dropout else None
+        return mlp_forward(a["x"], {k: v for k, v in a.items() if k != "x"}, activation, dropout, rng)
+    return run
+
+
+def mlp_grads(dout, cache):
+    dx, grads = mlp_backward(dout, cache)
+    return {"x": dx, **grads}
+
+
+def away_from_kinks(x):
+    """Move entries off ReLU's kink at 0, where finite differences straddle two slopes."""
+    return x + 0.01 * (abs(x) < 1e-3)
+
+
+@given(B=sizes, T=sizes, C=sizes, activation=st.sampled_from(sorted(ACTIVATIONS)),
+       dropout=st.sampled_from([0.0, 0.25]), scale=scales, seed=seeds)
+def test_mlp_gradients(xp, B, T, C, activation, dropout, scale, seed):
+    rng = np.random.default_rng(seed)
+    arrays = mlp_arrays(xp, rng, B, T, C, scale)
+    if activation == "relu":   # finite differences must not straddle ReLU's kink at 0
+        h = to_numpy(arrays["x"]).reshape(-1, C) @ to_numpy(arrays["c_fc.weight"]) + to_numpy(arrays["c_fc.bias"])
+        assume(np.abs(h).min() > 1e-4)
+    assert not mismatches(run_mlp(activation, dropout, seed), mlp_grads, arrays, rng)
+
+
+@given(B=sizes, T=sizes, C=sizes, seed=seeds)
+def test_mlp_check_catches_wrong_gelu_backward(xp, B, T, C, seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    arrays = mlp_arrays(xp, rng, B, T, C, 1.0)
+    # wrong: differentiates 0.5 x (1 + tanh(...)) as if the tanh did not depend on x
+    wrong = lambda dy, x: dy * 0.5 * (1.0 + array_module(x).tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
+    monkeypatch.setitem(ACTIVATIONS, "gelu", (gelu_forward, wrong))
+    assert mismatches(run_mlp("gelu"), mlp_grads, arrays, rng)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@given(n=st.integers(1, 30), scale=st.sampled_from([0.1, 1.0, 4.0]), seed=seeds)
+def test_activation_gradients(xp, name, n, scale, seed):
+    forward, backward = ACTIVATIONS[name]
+    rng = np.random.default_rng(seed)
+    arrays = {"x": away_from_kinks(draw(xp, rng, (n,), scale))}
+    assert not mismatches(lambda a: forward(a["x"]), lambda d, c: {"x": backward(d, c)}, arrays, rng)
+
+
+def test_gelu_backward_stays_finite_for_large_inputs(xp):
+    x = to_device(np.array([-1e4, -50.0, 50.0, 1e4], dtype=np.float32), xp)
+    dx = ACTIVATIONS["gelu"][1](xp.ones_like(x), x)
+    np.testing.assert_allclose(to_numpy(dx), [0.0, 0.0, 1.0, 1.0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- dropout and residual
+
+def run_dropout(p, mask_seed):
+    return lambda a: dropout_forward(a["x"], p, array_module(a["x"]).random.default_rng(mask_seed))
+
+
+@given(n=st.integers(1, 40), p=st.sampled_from([0.0, 0.1, 0.5, 0.9]), seed=seeds)
+def test_dropout_gradients(xp, n, p, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": draw(xp, rng, (n,))}
+    assert not mismatches(run_dropout(p, seed), lambda d, c: {"x": dropout_backward(d, c)}, arrays, rng)
+
+
+@given(seed=seeds)
+def test_dropout_check_catches_missing_rescale(xp, seed):
+    rng = np.random.default_rng(seed)
+    arrays = {"x": draw(xp, rng, (40,))}
+    wrong = lambda d, cache: {"x": d * cache[0]}       # forgot the 1 / (1 - p)
+    assert mismatches(run_dropout(0.5, seed), wrong, arrays, rng)
+
+
+def test_dropout_keeps_expectation_and_is_off_without_rng(xp):
+    x = xp.ones(200_000)
+    y, _ = dropout_forward(x, 0.3, xp.random.default_rng(0))
+    assert abs(float(y.mean()) - 1.0) < 0.01
+    assert abs(float((y == 0).mean()) - 0.3) < 0.01
+    assert dropout_forward(x, 0.3, None)[0] is x
+
+
+def test_residual_gradients(xp):
+    rng = np.random.default_rng(0)
+    arrays = {"x": draw(xp, rng, (2, 3, 4)), "fx": draw(xp, rng, (2, 3, 4))}
+    run = lambda a: (residual_forward(a["x"], a["fx"]), None)
+    grads = lambda d, _: dict(zip(("x", "fx"), residual_backward(d)))
+    assert not mismatches(run, grads, arrays, rng)
+    assert mismatches(run, lambda d, _: {"x": d, "fx": 0 * d}, arrays, rng)   # a branch that gets no gradient
+
+
+# ---------------------------------------------------------------- cross-entropy and the fused classifier
+
+@st.composite
+def targets_case(draw_, force_ignored=False):
+    # with one class the loss is constantly 0: a control needs V >= 2 to have a gradient to get wrong
+    N, V = draw_(st.integers(1, 8)), draw_(st.integers(2 if force_ignored else 1, 9))
+    targets = draw_(st.lists(st.integers(0, V - 1) | st.just(IGNORE_INDEX), min_size=N, max_size=N))
+    if force_ignored:   # at least two kept rows and one ignored row
+        targets = [0, 0] + targets + [IGNORE_INDEX]
+        N += 3
+    return N, V, np.array(targets)
+
+
+def run_cross_entropy(targets):
+    return lambda a: cross_entropy_forward(a["logits"], targets)
+
+
+@given(case=targets_case(), scale=scales, seed=seeds)
+def test_cross_entropy_gradients(xp, case, scale, seed):
+    N, V, targets = case
+    rng = np.random.default_rng(seed)
+    arrays = {"logits": draw(xp, rng, (N, V), scale)}
+    grads = lambda d, cache: {"logits": cross_entropy_backward(d, cache)}
+    if not np.any(targets != IGNORE_INDEX):   # nothing to learn from: nan loss, zero gradient
+        loss, cache = cross_entropy_forward(arrays["logits"], to_device(targets, xp))
+        assert np.isnan(float(loss)) and not np.any(to_numpy(cross_entropy_backward(1.0, cache)))
+        return
+    assert not mismatches(run_cross_entropy(to_device(targets, xp)), grads, arrays, rng)
+
+
+@given(case=targets_case(force_ignored=True), seed=seeds)
+def test_cross_entropy_check_catches_mean_over_ignored_rows(xp, case, seed):
+    N, V, targets = case
+    rng = np.random.default_rng(seed)
+    arrays = {"logits": draw(xp, rng, (N, V))}
+
+    def wrong(dloss, cache):   # divides by all rows instead of the kept ones
+        logits, lse, safe, valid, n_valid = cache
+        return cross_entropy_backward(dloss, cache) * (n_valid / logits.shape[0])
+
+    assert mismatches(run_cross_entropy(to_device(targets, xp)), lambda d, c: {"logits": wrong(d, c)}, arrays, rng)
+
+
+def test_cross_entropy_of_uniform_logits_is_log_vocab(xp):
+    for V in (2, 7, 50257):
+        loss, _ = cross_entropy_forward(xp.zeros((3, V)), to_device(np.array([0, 1, V - 1]), xp))
+        assert float(loss) == pytest.approx(np.log(V), rel=1e-12)
+
+
+def test_cross_entropy_is_stable_for_huge_logits(xp):
+    logits = to_device(np.array([[1e4, 0.0, -1e4]], dtype=np.float32), xp)
+    loss, cache = cross_entropy_forward(logits, to_device(np.array([1]), xp))
+    assert float(loss) == pytest.approx(1e4)
+    assert np.all(np.isfinite(to_numpy(cross_entropy_backward(1.0, cache))))
+
+
+def run_classifier(targets):
+    return lambda a: classifier_forward(a["x"], a["w"], targets, return_logits=False)[::2]
+
+
+@given(case=targets_case(), C=sizes, chunk_rows=st.integers(1, 4), scale=scales, seed=seeds)
+def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, scale, seed, monkeypatch):
+    N, V, targets = case
+    if not np.any(targets != IGNORE_INDEX):
+        return
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", chunk_rows * V)   # several chunks
+    rng = np.random.default_rng(seed)
+    arrays = {"x": draw(xp, rng, (N, C), scale), "w": draw(xp, rng, (V, C), scale)}
+    grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
+    assert not mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)
+
+
+def test_classifier_matches_unfused_loss_and_logits(xp, monkeypatch):
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", 3 * 11)
+    rng = np.random.default_rng(0)
+    x, w = draw(xp, rng, (10, 4)), draw(xp, rng, (11, 4))
+    targets = to_device(np.array([1, 2, 3, IGNORE_INDEX, 5, 6, 7, 8, 9, 10]), xp)
+    loss, logits, _ = classifier_forward(x, w, targets)
+    ref_loss, _ = cross_entropy_forward(x @ w.T, targets)
+    np.testing.assert_allclose(to_numpy(logits), to_numpy(x @ w.T), rtol=1e-14)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-13)
+
+
+@given(case=targets_case(force_ignored=True), C=sizes, seed=seeds)
+def test_classifier_check_catches_per_chunk_mean(xp, case, C, seed, monkeypatch):
+    N, V, targets = case
+    rng = np.random.default_rng(seed)
+    arrays = {"x": draw(xp, rng, (N, C)), "w": draw(xp, rng, (V, C))}
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", V)   # one row per chunk
+
+    def per_chunk_mean(dloss, cache):   # the chunking bug: each chunk normalised by its own kept rows
+        logits, lse, safe, valid, _ = cache
+        return cross_entropy_backward(dloss, (logits, lse, safe, valid, int(valid.sum())))
+
+    monkeypatch.setattr(classifier, "cross_entropy_backward", per_chunk_mean)
+    grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
+    assert mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)

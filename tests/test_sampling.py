@@ -1,0 +1,60 @@
+"""Next-token sampling: temperature, top-k and top-p draw only from their sets and follow the
+softmax; bad values are clear errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from numgpt import ConfigError
+from numgpt.sampling import check_sampling_args, next_token_probs, sample_next
+
+logits_rows = st.integers(2, 40).flatmap(lambda V: st.lists(
+    st.lists(st.floats(-10, 10), min_size=V, max_size=V), min_size=1, max_size=3))
+
+
+@given(rows=logits_rows, k=st.integers(1, 50), seed=st.integers(0, 2**32 - 1))
+def test_top_k_never_draws_outside_the_k_most_likely(rows, k, seed):
+    logits = np.array(rows)
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        ids = sample_next(logits, temperature=1.0, top_k=k, rng=rng)
+        for row, i in zip(logits, ids):
+            assert (row > row[i]).sum() < k     # fewer than k tokens beat the drawn one
+
+
+@given(rows=logits_rows, p=st.floats(0.01, 1.0), seed=st.integers(0, 2**32 - 1))
+def test_top_p_never_draws_outside_the_nucleus(rows, p, seed):
+    logits = np.array(rows)
+    full = next_token_probs(logits)
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        ids = sample_next(logits, temperature=1.0, top_p=p, rng=rng)
+        for probs, i in zip(full, ids):
+            mass_above = probs[probs > probs[i]].sum()
+            assert mass_above < p + 1e-12       # the tokens ranked above it had not yet reached p
+
+
+def test_temperature_one_follows_softmax():
+    logits = np.array([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    expected = np.exp(logits[0]) / np.exp(logits[0]).sum()
+    rng = np.random.default_rng(0)
+    n = 40_000
+    draws = np.concatenate([sample_next(np.repeat(logits, 1000, axis=0), rng=rng) for _ in range(n // 1000)])
+    freq = np.bincount(draws, minlength=5) / n
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) < 5 * sigma)
+
+
+def test_temperature_sharpens_and_zero_is_greedy():
+    logits = np.array([[1.0, 2.0, 0.5]])
+    cold, hot = next_token_probs(logits, temperature=0.5), next_token_probs(logits, temperature=2.0)
+    assert cold[0, 1] > next_token_probs(logits)[0, 1] > hot[0, 1]
+    assert sample_next(logits, temperature=0)[0] == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_k=0), dict(top_k=1.5), dict(top_p=0.0),
+                                    dict(top_p=1.01), dict(temperature="hot")])
+def test_bad_values_raise(kwargs):
+    with pytest.raises(ConfigError):
+        check_sampling_args(**kwargs)
