@@ -13,7 +13,7 @@ from numgpt.backend import to_numpy
 
 EPS = 1e-6
 RTOL = 1e-6
-ATOL = 1e-9
+ATOL = 1e-8   # the noise floor: round-off in L (~1e-16 |L|) divided by 2 eps, with room for |L| ~ 10
 
 
 def numeric_grad(loss_fn, array, coords, eps=EPS):

@@ -360,8 +360,8 @@ def test_cross_entropy_check_catches_mean_over_ignored_rows(xp, case, seed):
     arrays = {"logits": draw(xp, rng, (N, V))}
 
     def wrong(dloss, cache):   # divides by all rows instead of the kept ones
-        logits, lse, safe, valid, n_valid = cache
-        return cross_entropy_backward(dloss, cache) * (n_valid / logits.shape[0])
+        exps, sumexp, safe, valid, n_valid = cache
+        return cross_entropy_backward(dloss, cache) * (n_valid / exps.shape[0])
 
     assert mismatches(run_cross_entropy(to_device(targets, xp)), lambda d, c: {"logits": wrong(d, c)}, arrays, rng)
 
@@ -413,9 +413,9 @@ def test_classifier_check_catches_per_chunk_mean(xp, case, C, seed, monkeypatch)
     arrays = {"x": draw(xp, rng, (N, C)), "w": draw(xp, rng, (V, C))}
     monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", V)   # one row per chunk
 
-    def per_chunk_mean(dloss, cache):   # the chunking bug: each chunk normalised by its own kept rows
-        logits, lse, safe, valid, _ = cache
-        return cross_entropy_backward(dloss, (logits, lse, safe, valid, int(valid.sum())))
+    def per_chunk_mean(dloss, cache, overwrite=False):   # the chunking bug: each chunk normalised by its own rows
+        exps, sumexp, safe, valid, _ = cache
+        return cross_entropy_backward(dloss, (exps, sumexp, safe, valid, int(valid.sum())), overwrite)
 
     monkeypatch.setattr(classifier, "cross_entropy_backward", per_chunk_mean)
     grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))

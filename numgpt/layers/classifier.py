@@ -35,10 +35,12 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
         chunk_logits = x[rows] @ w.T                                          # (n,V)
         if return_logits:
             logits[rows] = chunk_logits
-        chunk_loss, ce_cache = cross_entropy_forward(chunk_logits, targets[rows], ignore_index, n_valid)
+        # the chunk's logits are not needed after this: the loss works in their memory
+        chunk_loss, ce_cache = cross_entropy_forward(chunk_logits, targets[rows], ignore_index, n_valid,
+                                                     overwrite=True)
         loss = loss + chunk_loss
         if requires_grad:
-            dlogits = cross_entropy_backward(1.0, ce_cache)                    # (n,V)
+            dlogits = cross_entropy_backward(1.0, ce_cache, overwrite=True)    # (n,V)
             dx[rows] = dlogits @ w
             dw += dlogits.T @ x[rows]
     return loss, logits, (dx, dw) if requires_grad else None

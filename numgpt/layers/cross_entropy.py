@@ -5,13 +5,16 @@ from numgpt.backend import array_module
 IGNORE_INDEX = -100  # the target value that drops a position, as in torch and transformers
 
 
-def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=None):
+def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=None, overwrite=False):
     """Mean negative log-likelihood.   logits (N,V), targets (N,) ints -> loss (0-d array), cache.
 
     loss = sum over kept rows of (logsumexp(logits_i) - logits_i[t_i]) / n_valid. Rows whose target
     is `ignore_index` count neither in the sum nor in n_valid. `n_valid` may be given when the rows
     are one chunk of a larger batch whose mean is wanted; by default it is this call's kept rows.
     With no kept row at all the mean is 0/0 = nan, as in torch.
+
+    The cache holds exp(logits - row max), from which the backward gets the softmax in one pass.
+    With `overwrite` that array is built in the logits' own memory: no second (N,V) array.
     """
     xp = array_module(logits)
     N = logits.shape[0]
@@ -19,23 +22,27 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     if n_valid is None:
         n_valid = int(valid.sum())
     safe_targets = xp.where(valid, targets, 0)                         # any in-range id for ignored rows
+    target_logit = logits[xp.arange(N), safe_targets]                  # (N,) gathered before any overwrite
     row_max = logits.max(axis=-1, keepdims=True)                       # (N,1): subtracted so exp never overflows
-    shifted = logits - row_max                                         # (N,V)
-    sumexp = xp.exp(shifted).sum(axis=-1, keepdims=True)               # (N,1)
-    lse = xp.log(sumexp) + row_max                                     # (N,1) logsumexp
-    target_logit = logits[xp.arange(N), safe_targets]                  # (N,)
-    nll = (lse[:, 0] - target_logit) * valid                           # (N,)
+    exps = xp.subtract(logits, row_max, out=logits if overwrite else None)
+    xp.exp(exps, out=exps)                                             # (N,V) unnormalised probabilities
+    sumexp = exps.sum(axis=-1, keepdims=True)                          # (N,1)
+    lse = xp.log(sumexp[:, 0]) + row_max[:, 0]                         # (N,) logsumexp
+    nll = (lse - target_logit) * valid                                 # (N,)
     loss = nll.sum() / n_valid if n_valid else xp.asarray(float("nan"), dtype=logits.dtype)
-    return loss, (logits, lse, safe_targets, valid, n_valid)
+    return loss, (exps, sumexp, safe_targets, valid, n_valid)
 
 
-def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss * (softmax(logits) - onehot(target)) / n_valid on kept rows, 0 on ignored ones."""
-    logits, lse, safe_targets, valid, n_valid = cache
-    xp = array_module(logits)
-    N = logits.shape[0]
-    dlogits = xp.exp(logits - lse)                                     # (N,V) softmax probabilities
-    dlogits[xp.arange(N), safe_targets] -= 1.0                         # minus the one-hot, in place
-    scale = (dloss / n_valid) if n_valid else 0.0
-    dlogits *= (valid * scale)[:, None].astype(logits.dtype)           # ignored rows get no gradient
+def cross_entropy_backward(dloss, cache, overwrite=False):
+    """dlogits = dloss * (softmax(logits) - onehot(target)) / n_valid on kept rows, 0 on ignored ones.
+
+    With `overwrite` the gradient is written into the cached array (the cache is then spent).
+    """
+    exps, sumexp, safe_targets, valid, n_valid = cache
+    xp = array_module(exps)
+    N = exps.shape[0]
+    row_scale = (valid * ((dloss / n_valid) if n_valid else 0.0)).astype(exps.dtype)   # (N,)
+    # softmax and the loss scale in one pass: exps * (row_scale / sumexp)
+    dlogits = xp.multiply(exps, (row_scale / sumexp[:, 0])[:, None], out=exps if overwrite else None)
+    dlogits[xp.arange(N), safe_targets] -= row_scale                   # minus the one-hot, in place
     return dlogits
