@@ -1,11 +1,16 @@
 """Shared fixtures: every test that takes `xp` runs on NumPy, and on CuPy where a GPU is present."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from numgpt.backend import cupy_available, get_xp
+
+# train.py and sample.py live at the repository root, beside the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # CI runs the default profile on 2 cores; `HYPOTHESIS_PROFILE=thorough` draws many more examples.
 settings.register_profile("default", max_examples=25, deadline=None,

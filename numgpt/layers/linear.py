@@ -1,6 +1,5 @@
 """Linear layer in GPT-2's Conv1D layout: the weight is stored (in, out), so y = x @ w + b."""
 
-from numgpt.backend import array_module
 
 
 def linear_forward(x, w, b=None):

@@ -1,0 +1,53 @@
+"""The training state: everything a run needs to continue exactly where it stopped.
+
+One file, `<out-dir>/train_state.safetensors`: the latest parameters and both AdamW moments as
+tensors, and in its metadata a JSON document with the step, every random generator's state, the
+model and training configuration and the best validation loss. One file can be replaced
+atomically, so a run killed at any moment leaves either the previous state or the new one.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from numgpt.backend import to_numpy
+from numgpt.checkpoint import atomic_write
+from numgpt.errors import CheckpointError
+
+STATE_FILE = "train_state.safetensors"
+STATE_KEY = "numgpt_train_state"
+GROUPS = ("param", "adam_m", "adam_v")
+
+
+def save_train_state(out_dir, model, optimizer, info):
+    """Write the model's parameters, the optimizer's moments and the JSON-able dict `info`."""
+    from safetensors.numpy import save
+
+    moments = optimizer.state_dict()
+    arrays = {"param": model.params, "adam_m": moments["m"], "adam_v": moments["v"]}
+    tensors = {f"{group}/{name}": np.ascontiguousarray(to_numpy(a))
+               for group in GROUPS for name, a in arrays[group].items()}
+    info = {**info, "adam_step": moments["step"]}
+    atomic_write(os.path.join(out_dir, STATE_FILE), save(tensors, metadata={STATE_KEY: json.dumps(info)}))
+
+
+def load_train_state(out_dir):
+    """({group: {name: array}}, info) from `out_dir`, or CheckpointError saying what is wrong."""
+    from safetensors import safe_open
+
+    path = os.path.join(out_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"cannot resume: {path} does not exist. Train without --resume first, "
+                              f"or point --out-dir at the run to continue")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            info = json.loads((f.metadata() or {})[STATE_KEY])
+            arrays = {group: {} for group in GROUPS}
+            for key in f.keys():
+                group, name = key.split("/", 1)
+                arrays[group][name] = f.get_tensor(key)
+    except Exception as e:   # truncated file, foreign file, missing metadata, bad JSON
+        raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
+                              f"Start a new run (without --resume) or restore the file") from None
+    return arrays, info

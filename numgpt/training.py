@@ -1,0 +1,358 @@
+"""The training loop behind train.py: data, model, AdamW, schedule, evaluation, checkpoints.
+
+    for step in range(start, max_iters):
+        lr = warmup_then_cosine(step)
+        grads = mean over grad_accum micro-batches of model.backward()
+        clip the global gradient norm, then AdamW
+        every eval_interval steps: estimate train/val loss, keep the best model, save the state
+
+Everything that decides the run lives in one TrainConfig; the out-dir holds the best model as a
+HuggingFace GPT-2 directory (config.json + model.safetensors), the latest training state
+(train_state.safetensors, for --resume), log.jsonl and, with matplotlib, loss.png.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from numgpt import checkpoint
+from numgpt.config import GPTConfig
+from numgpt.data import dataset
+from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.errors import ConfigError, DataError
+from numgpt.model import GPT
+from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
+from numgpt.train_state import load_train_state, save_train_state
+
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+SAMPLE_PROMPT = "Once upon a time"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are the bare `python train.py` run: a small
+    model on the embedded stories that finishes in a few CPU minutes."""
+
+    dataset: str = "auto"             # auto | tinystories | embedded (ignored when data is given)
+    data: list = field(default_factory=list)   # local text files
+    out_dir: str = "out"
+    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "numgpt")
+    init_from: str = "scratch"        # scratch, or a HuggingFace GPT-2 directory to fine-tune
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    activation: str = "gelu"
+    # optimisation
+    max_iters: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 50
+    beta2: float = 0.99               # nanoGPT's choice for small models; torch's default is 0.999
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # evaluation and samples
+    eval_interval: int = 100
+    eval_iters: int = 10
+    num_samples: int = 3
+    sample_tokens: int = 120
+    # machine
+    seed: int = 1337
+    backend: str = "numpy"
+    dtype: str = "float32"
+
+    def validate(self):
+        """Raise ConfigError naming the first setting that cannot work."""
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size", "grad_accum",
+                    "eval_interval", "eval_iters")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.beta2 < 1:
+            raise ConfigError(f"--beta2 must be in (0, 1), got {self.beta2}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr must be in [0, lr = {self.lr}], got {self.min_lr}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip", "num_samples", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.data and self.dataset not in ("auto", "files"):
+            raise ConfigError(f"--data and --dataset {self.dataset} are two data sources: give one of them")
+        if self.dataset not in ("auto", "tinystories", "embedded", "files"):
+            raise ConfigError(f"--dataset must be auto, tinystories or embedded, got {self.dataset!r}")
+
+
+# Named setups. "tinystories-tutorial" is the classic PyTorch TinyStories tutorial: a 4-layer,
+# 128-wide GPT with ReLU, batch 32 x 64 tokens, dropout 0.1, AdamW at a constant 1e-3, 2000 steps.
+PRESETS = {
+    "default": {},
+    "tinystories-tutorial": dict(dataset="tinystories", n_layer=4, n_head=4, n_embd=128, block_size=64,
+                                 dropout=0.1, activation="relu", max_iters=2000, batch_size=32, lr=1e-3,
+                                 min_lr=1e-3, warmup_iters=0, beta2=0.999, weight_decay=0.01, grad_clip=0.0,
+                                 eval_interval=200, eval_iters=50),
+}
+
+
+def learning_rate(step, cfg):
+    """Linear warmup over warmup_iters, then cosine decay from lr to min_lr at max_iters."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+# ---------------------------------------------------------------- data
+
+def choose_source(cfg, log):
+    """The data source to use ("files", "tinystories" or "embedded"), saying which and why."""
+    if cfg.data:
+        return "files"
+    if cfg.dataset != "auto":
+        return cfg.dataset
+    available, reason = dataset.tinystories_available()
+    if available:
+        log(f"data: TinyStories ({reason})")
+        return "tinystories"
+    log(f"data: the embedded stories, because TinyStories cannot be used: {reason}")
+    return "embedded"
+
+
+def load_data(cfg, source, log):
+    """(train tokens, val tokens) as uint16 arrays, each long enough for one block."""
+    splits = [dataset.load_split_tokens(source, split, cfg.cache_dir, cfg.data, log) for split in ("train", "val")]
+    for split, tokens in zip(("train", "val"), splits):
+        if len(tokens) <= cfg.block_size:
+            raise DataError(f"the {split} split has {len(tokens)} tokens but --block-size is {cfg.block_size}: "
+                            f"use a smaller --block-size or more data")
+    return splits
+
+
+# ---------------------------------------------------------------- model and optimizer
+
+def build_model(cfg):
+    """A fresh model, or one initialised from a HuggingFace GPT-2 directory (--init-from)."""
+    if cfg.init_from == "scratch":
+        config = GPTConfig(vocab_size=50257, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                           n_embd=cfg.n_embd, dropout=cfg.dropout, activation=cfg.activation)
+        return GPT(config, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
+    model = GPT.from_pretrained(cfg.init_from, backend=cfg.backend, dtype=cfg.dtype)
+    if cfg.block_size > model.config.block_size:
+        raise ConfigError(f"--block-size {cfg.block_size} exceeds the block size {model.config.block_size} "
+                          f"of {cfg.init_from}")
+    model.config = dataclasses.replace(model.config, dropout=cfg.dropout)
+    return model
+
+
+def build_optimizer(model, cfg):
+    """AdamW with nanoGPT's decay groups: biases, layernorms and embeddings are not decayed."""
+    return AdamW(model.params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,
+                 weight_decay=cfg.weight_decay, exclude_from_decay=no_decay_names(model.params))
+
+
+def estimate_loss(model, batches):
+    """Mean loss over fixed batches, in eval mode (no dropout), without backward work."""
+    model.eval()
+    losses = [model.forward(x, y, return_logits=False, requires_grad=False)[1] for x, y in batches]
+    model.train()
+    return float(np.mean(losses))
+
+
+def generate_samples(model, n, max_new_tokens, seed, prompt=SAMPLE_PROMPT):
+    """`n` stories continuing `prompt`, each cut at the first end-of-text token."""
+    enc = get_tokenizer()
+    prompt_ids = np.array([enc.encode_ordinary(prompt)] * n)
+    out = model.generate(prompt_ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed)
+    texts = []
+    for row in np.asarray(out)[:, prompt_ids.shape[1]:]:
+        row = list(row)
+        row = row[:row.index(EOT)] if EOT in row else row
+        texts.append(prompt + enc.decode([int(t) for t in row if t < enc.n_vocab]))
+    return texts
+
+
+# ---------------------------------------------------------------- the log
+
+def rewrite_log(path, last_step):
+    """Keep only the rows up to `last_step`: a resumed run rewrites what came after its checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    checkpoint.atomic_write(path, "".join(rows).encode())
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against step as a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    with open(log_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.7, label="train (per step)")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to stop after the current step (so the state saved is a
+    whole step, never a half-applied update); a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+# ---------------------------------------------------------------- the run
+
+class Trainer:
+    """One training run: `Trainer(cfg, log).run()`."""
+
+    def __init__(self, cfg, log=print, progress=True):
+        self.cfg, self.log, self.progress = cfg, log, progress
+
+    def setup(self, resume=False):
+        """Load the data and build the model and optimizer, fresh or from the out-dir's state."""
+        cfg = self.cfg
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        state = load_train_state(cfg.out_dir) if resume else None
+        self.source = choose_source(cfg, self.log)
+        self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
+        self.model = build_model(cfg) if state is None else self._model_from_state(*state)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.batcher = dataset.Batcher(self.train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
+        # fixed evaluation batches: every evaluation sees the same data, so the curve is comparable,
+        # and they come from their own generators, so evaluating never shifts the training batches
+        self.eval_batches = {
+            split: [dataset.get_batch(tokens, cfg.batch_size, cfg.block_size, np.random.default_rng([cfg.seed, i, k]))
+                    for k in range(cfg.eval_iters)]
+            for i, (split, tokens) in enumerate((("train", self.train_tokens), ("val", self.val_tokens)))}
+        self.step, self.best_val = 0, float("inf")
+        if state is not None:
+            self._restore(*state)
+
+    def _model_from_state(self, arrays, info):
+        config = GPTConfig(**info["model_config"])
+        return GPT(config, backend=self.cfg.backend, dtype=self.cfg.dtype, params=arrays["param"])
+
+    def _restore(self, arrays, info):
+        self.optimizer.load_state_dict({"step": info["adam_step"], "m": arrays["adam_m"], "v": arrays["adam_v"]})
+        self.batcher.set_state(info["data_rng"])
+        self.model.dropout_rng.bit_generator.state = info["dropout_rng"]
+        self.step, self.best_val = info["step"], info["best_val_loss"]
+        rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
+        self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
+
+    def save_state(self):
+        info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
+                "train_config": dataclasses.asdict(self.cfg), "source": self.source,
+                "data_rng": self.batcher.state(), "dropout_rng": self.model.dropout_rng.bit_generator.state}
+        save_train_state(self.cfg.out_dir, self.model, self.optimizer, info)
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        cfg, model = self.cfg, self.model
+        total_loss, grads = 0.0, None
+        for _ in range(cfg.grad_accum):
+            x, y = self.batcher.next_batch()
+            _, loss = model.forward(x, y, return_logits=False)
+            micro = model.backward()
+            total_loss += loss / cfg.grad_accum
+            if grads is None:
+                grads = {k: g / cfg.grad_accum for k, g in micro.items()} if cfg.grad_accum > 1 else micro
+            else:
+                for k, g in micro.items():
+                    grads[k] += g / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            clip_grad_norm(grads, cfg.grad_clip)
+        self.optimizer.lr = learning_rate(self.step, cfg)
+        self.optimizer.step(grads)
+        return total_loss
+
+    def evaluate(self, log_file):
+        losses = {split: estimate_loss(self.model, batches) for split, batches in self.eval_batches.items()}
+        improved = losses["val"] < self.best_val
+        if improved:
+            self.best_val = losses["val"]
+            self.model.save_pretrained(self.cfg.out_dir)
+        self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                 + (" (best: saved model)" if improved else ""))
+        log_file.write(json.dumps({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
+        log_file.flush()
+        self.save_state()
+
+    def run(self):
+        """Train from self.step to max_iters; returns "done" or "interrupted"."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+                 f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
+        log_path = os.path.join(cfg.out_dir, LOG_FILE)
+        outcome = "done"
+        with open(log_path, "a", encoding="utf-8") as log_file, StopRequest() as stop, \
+                tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
+                     dynamic_ncols=True) as bar:
+            self.log = bar.write if self.progress else self.log
+            if self.step == 0:
+                self.evaluate(log_file)
+            while self.step < cfg.max_iters:
+                started = time.perf_counter()
+                loss = self.train_step()
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                lr = learning_rate(self.step - 1, cfg)
+                log_file.write(json.dumps({"step": self.step, "loss": loss, "lr": lr,
+                                           "tokens_per_s": tokens_per_step / elapsed}) + "\n")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+                bar.update(1)
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                    self.evaluate(log_file)
+                if stop.requested:
+                    self.save_state()
+                    outcome = "interrupted"
+                    break
+        if plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
+            self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
+        return outcome

@@ -1,0 +1,194 @@
+"""train.py end to end on tiny models: logs and checkpoints, exact resume with dropout on, Ctrl-C,
+fine-tuning, and every kind of bad input getting a short message and a non-zero exit."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from numgpt import GPT
+from numgpt.training import TrainConfig, learning_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--num-samples", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One token cache for the whole session: the embedded corpus is tokenized once."""
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def run(out_dir, cache_dir, *flags):
+    """train.py on the embedded stories with TINY's model and `flags`."""
+    return train.main([*TINY, "--dataset", "embedded", "--out-dir", str(out_dir), "--cache-dir", cache_dir, *flags])
+
+
+def log_rows(out_dir):
+    with open(Path(out_dir) / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir):
+    return {r["step"]: r["loss"] for r in log_rows(out_dir) if "loss" in r}
+
+
+def test_a_run_writes_log_checkpoint_and_plot(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "4", "--eval-interval", "2", "--num-samples", "1",
+               "--sample-tokens", "8") == 0
+    rows = log_rows(tmp_path)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    model = GPT.from_pretrained(tmp_path)                     # the best model is a GPT-2 directory
+    assert model.config.n_embd == 16
+    assert (tmp_path / "train_state.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "Before training:" in out and "After training:" in out and "Once upon a time" in out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_resume_is_exact_with_dropout(tmp_path, cache_dir):
+    flags = ["--dropout", "0.1", "--grad-accum", "2", "--eval-interval", "3", "--seed", "7"]
+    assert run(tmp_path / "whole", cache_dir, *flags, "--max-iters", "6") == 0
+    assert run(tmp_path / "split", cache_dir, *flags, "--max-iters", "3") == 0
+    assert run(tmp_path / "split", cache_dir, "--resume", "--max-iters", "6") == 0
+    whole, split = step_losses(tmp_path / "whole"), step_losses(tmp_path / "split")
+    assert list(split) == [1, 2, 3, 4, 5, 6]
+    assert split == whole                                       # bit for bit, dropout and batches included
+    a, b = GPT.from_pretrained(tmp_path / "whole"), GPT.from_pretrained(tmp_path / "split")
+    for name, p in a.params.items():
+        np.testing.assert_array_equal(b.params[name], p)
+
+
+def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--n-embd", "32") == 2
+    assert "--n-embd" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir):
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
+           "--max-iters", "100000", "--eval-interval", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "log.jsonl").exists() or len(step_losses(tmp_path)) < 3:
+        time.sleep(0.2)
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    stopped_at = max(step_losses(tmp_path))
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", str(stopped_at + 2)) == 0
+    assert max(step_losses(tmp_path)) == stopped_at + 2
+
+
+def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):
+    assert run(tmp_path / "base", cache_dir, "--max-iters", "2") == 0
+    assert run(tmp_path / "tuned", cache_dir, "--init-from", str(tmp_path / "base"), "--max-iters", "2") == 0
+    assert GPT.from_pretrained(tmp_path / "tuned").config == GPT.from_pretrained(tmp_path / "base").config
+
+
+def test_local_text_files(tmp_path, cache_dir):
+    text = tmp_path / "stories.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and was happy." * 5
+                                              for i in range(40)))
+    assert train.main([*TINY, "--data", str(text), "--out-dir", str(tmp_path / "o"),
+                       "--cache-dir", cache_dir, "--max-iters", "2"]) == 0
+
+
+def test_non_utf8_data_is_decoded_with_a_note(tmp_path, cache_dir, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes(("Caf\xe9 au lait. " * 200).encode("latin-1"))
+    assert train.main([*TINY, "--data", str(text), "--out-dir", str(tmp_path / "o"), "--cache-dir", cache_dir,
+                       "--max-iters", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "UTF-8" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0"], "--lr"),
+    (["--lr=-1e-3"], "--lr"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--min-lr", "1"], "--min-lr"),
+    (["--dropout", "1.5"], "dropout"),
+    (["--block-size", "5000000"], "block"),
+])
+def test_bad_hyperparameters(tmp_path, cache_dir, capsys, flags, message):
+    assert run(tmp_path, cache_dir, "--max-iters", "1", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [None, b"", b"  \n<|endoftext|>\n  "], ids=["missing", "empty", "separators"])
+def test_bad_data_files(tmp_path, cache_dir, capsys, content):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert train.main([*TINY, "--data", str(path), "--out-dir", str(tmp_path / "o"), "--cache-dir", cache_dir]) == 2
+    assert "data.txt" in capsys.readouterr().err
+
+
+def test_data_shorter_than_a_block(tmp_path, cache_dir, capsys):
+    path = tmp_path / "short.txt"
+    path.write_text("Too short.\n<|endoftext|>\nAlso short.")
+    assert train.main([*TINY, "--data", str(path), "--out-dir", str(tmp_path / "o"), "--cache-dir", cache_dir]) == 2
+    assert "--block-size" in capsys.readouterr().err
+
+
+def test_resume_without_or_with_a_corrupt_state(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--resume") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    state = tmp_path / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:1000])
+    assert run(tmp_path, cache_dir, "--resume") == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_init_from_a_missing_or_corrupt_checkpoint(tmp_path, cache_dir, capsys):
+    assert run(tmp_path / "o", cache_dir, "--init-from", str(tmp_path / "nowhere")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    (tmp_path / "bad" / "model.safetensors").write_bytes(b"junk")
+    assert run(tmp_path / "o", cache_dir, "--init-from", str(tmp_path / "bad")) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """A crash in the middle of writing a checkpoint leaves the previous one loadable."""
+    import numgpt.checkpoint
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "1") == 0
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def crash(f, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(numgpt.checkpoint.os, "fsync", crash)
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "4") == 1
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    GPT.from_pretrained(tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    lrs = [learning_rate(s, cfg) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))

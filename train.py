@@ -1,0 +1,128 @@
+"""Train a GPT with numgpt.
+
+    python train.py                                  # small model, embedded stories, a few CPU minutes
+    python train.py --preset tinystories-tutorial    # the classic TinyStories tutorial setup
+    python train.py --data my_text.txt --max-iters 2000
+    python train.py --resume                         # continue the run in --out-dir exactly
+
+Settings come from the defaults, then --preset, then the flags you give; --resume takes the run's
+saved settings and lets you change only those that do not alter the run's past (e.g. --max-iters).
+"""
+
+import argparse
+import sys
+
+from numgpt.errors import NumGPTError
+
+# flags that --resume may change; anything else must match the saved run
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "out_dir",
+             "cache_dir", "dataset", "data"}
+
+
+def parse_args(argv=None):
+    from numgpt.training import PRESETS, TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="Train a GPT-2-style model with numgpt.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS)  # unset flags stay unset: presets fill them
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["auto", "tinystories", "embedded"], help=f"data source; auto uses "
+                   f"TinyStories when it can be reached or is cached, else the embedded stories (default {d.dataset})")
+    g.add_argument("--data", nargs="+", metavar="PATH", help="local text files instead of a dataset; lines that are "
+                   "exactly <|endoftext|> separate documents")
+    g.add_argument("--cache-dir", help=f"where tokenized data is cached (default {d.cache_dir})")
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a named setup; flags you give override it")
+    g.add_argument("--out-dir", help=f"checkpoint, log and plot directory (default {d.out_dir})")
+    g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
+    g.add_argument("--init-from", help="'scratch' or a HuggingFace GPT-2 directory to fine-tune (default scratch)")
+    g.add_argument("--seed", type=int, help=f"seed of init, batches and dropout (default {d.seed})")
+    g.add_argument("--backend", choices=["numpy", "cupy", "auto"], help=f"array backend (default {d.backend})")
+    g.add_argument("--dtype", choices=["float32", "float64"], help=f"working precision (default {d.dtype})")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, help=f"transformer blocks (default {d.n_layer})")
+    g.add_argument("--n-head", type=int, help=f"attention heads (default {d.n_head})")
+    g.add_argument("--n-embd", type=int, help=f"embedding width (default {d.n_embd})")
+    g.add_argument("--block-size", type=int, help=f"context length in tokens (default {d.block_size})")
+    g.add_argument("--dropout", type=float, help=f"dropout probability (default {d.dropout})")
+    g.add_argument("--activation", choices=["gelu", "gelu_exact", "relu"], help=f"MLP activation (default {d.activation})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-iters", type=int, help=f"optimizer steps (default {d.max_iters})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {d.grad_accum})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine decay (default {d.min_lr})")
+    g.add_argument("--warmup-iters", type=int, help=f"linear warmup steps (default {d.warmup_iters})")
+    g.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay (default {d.beta2})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay of weight matrices (default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=float, help=f"clip the global gradient norm; 0 = off (default {d.grad_clip})")
+    g = p.add_argument_group("evaluation and samples")
+    g.add_argument("--eval-interval", type=int, help=f"steps between evaluations (default {d.eval_interval})")
+    g.add_argument("--eval-iters", type=int, help=f"batches per evaluation (default {d.eval_iters})")
+    g.add_argument("--num-samples", type=int, help=f"stories generated at the end (default {d.num_samples})")
+    g.add_argument("--sample-tokens", type=int, help=f"tokens per generated story (default {d.sample_tokens})")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
+    from numgpt.train_state import load_train_state
+    from numgpt.training import PRESETS, TrainConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "no_progress")}
+    if getattr(args, "resume", False):
+        out_dir = given.get("out_dir", TrainConfig.out_dir)
+        _, info = load_train_state(out_dir)
+        saved = info["train_config"]
+        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
+        if changed:
+            raise NumGPTError(f"--resume continues the saved run, which used different "
+                              f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "
+                              f"or start a new run in another --out-dir")
+        cfg = TrainConfig(**{**saved, **given})
+    else:
+        preset = PRESETS[getattr(args, "preset", "default")]
+        cfg = TrainConfig(**{**preset, **given})
+    cfg.validate()
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        from numgpt.training import Trainer, generate_samples
+
+        cfg = resolve_config(args)
+        trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
+        trainer.setup(resume=getattr(args, "resume", False))
+        if trainer.step == 0 and cfg.num_samples:
+            print("\nBefore training:\n" + generate_samples(trainer.model, 1, cfg.sample_tokens // 2, cfg.seed)[0])
+        outcome = trainer.run()
+        if outcome == "interrupted":
+            print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}. Continue with: "
+                  f"python train.py --resume --out-dir {cfg.out_dir}", file=sys.stderr)
+            return 130
+        print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
+              f"model in {cfg.out_dir}/ (python sample.py --ckpt {cfg.out_dir})")
+        if cfg.num_samples:
+            from numgpt.model import GPT
+            best = GPT.from_pretrained(cfg.out_dir, backend=cfg.backend, dtype=cfg.dtype)
+            print("\nAfter training:")
+            for text in generate_samples(best, cfg.num_samples, cfg.sample_tokens, cfg.seed):
+                print("\n" + text)
+        return 0
+    except NumGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint is intact
+        print(f"error: {e}. The last checkpoint saved in the out-dir is intact", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
+        print("\nStopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
