@@ -4,6 +4,7 @@
     python train.py --preset tinystories-tutorial    # the classic TinyStories tutorial setup
     python train.py --data my_text.txt --max-iters 2000
     python train.py --resume                         # continue the run in --out-dir exactly
+    mpiexec -n 2 python train.py --ddp               # data-parallel over 2 processes (numgpt[mpi])
 
 Settings come from the defaults, then --preset, then the flags you give; --resume takes the run's
 saved settings and lets you change only those that do not alter the run's past (e.g. --max-iters).
@@ -11,6 +12,7 @@ saved settings and lets you change only those that do not alter the run's past (
 
 import argparse
 import sys
+import traceback
 
 from numgpt.errors import NumGPTError
 
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     g.add_argument("--preset", choices=sorted(PRESETS), help="a named setup; flags you give override it")
     g.add_argument("--out-dir", help=f"checkpoint, log and plot directory (default {d.out_dir})")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
+    g.add_argument("--ddp", action="store_true", help="data-parallel training over the processes that "
+                   "'mpiexec -n N' starts (NCCL between GPUs); --batch-size is then the global batch, split "
+                   "across them. Needs pip install \"numgpt[mpi]\"")
     g.add_argument("--init-from", help="'scratch' or a HuggingFace GPT-2 directory to fine-tune (default scratch)")
     g.add_argument("--seed", type=int, help=f"seed of init, batches and dropout (default {d.seed})")
     g.add_argument("--backend", choices=["numpy", "cupy", "auto"], help=f"array backend (default {d.backend})")
@@ -49,7 +54,8 @@ def parse_args(argv=None):
     g.add_argument("--activation", choices=["gelu", "gelu_exact", "relu"], help=f"MLP activation (default {d.activation})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-iters", type=int, help=f"optimizer steps (default {d.max_iters})")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default {d.batch_size})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, over all ranks with --ddp "
+                   f"(default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {d.grad_accum})")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine decay (default {d.min_lr})")
@@ -71,7 +77,7 @@ def resolve_config(args):
     from numgpt.train_state import load_train_state
     from numgpt.training import PRESETS, TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "no_progress")}
+    given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "ddp", "no_progress")}
     if getattr(args, "resume", False):
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         _, info = load_train_state(out_dir)
@@ -83,7 +89,9 @@ def resolve_config(args):
                               f"or start a new run in another --out-dir")
         cfg = TrainConfig(**{**saved, **given})
     else:
-        preset = PRESETS[getattr(args, "preset", "default")]
+        preset = dict(PRESETS[getattr(args, "preset", "default")])
+        if "data" in given:   # your files replace the preset's dataset
+            preset.pop("dataset", None)
         cfg = TrainConfig(**{**preset, **given})
     cfg.validate()
     return cfg
@@ -91,15 +99,23 @@ def resolve_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    from numgpt import distributed
+
+    world = distributed.Communicator()   # this process alone, unless --ddp finds others
     try:
         from numgpt.training import Trainer, generate_samples
 
+        if getattr(args, "ddp", False):
+            world = distributed.mpi_world()
         cfg = resolve_config(args)
-        trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False))
+        comm = distributed.device_communicator(world, cfg.backend)
+        trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False), comm=comm)
         trainer.setup(resume=getattr(args, "resume", False))
-        if trainer.step == 0 and cfg.num_samples:
-            print("\nBefore training:\n" + generate_samples(trainer.model, 1, cfg.sample_tokens // 2, cfg.seed)[0])
+        if trainer.step == 0 and cfg.num_samples and trainer.is_main:
+            print("\nBefore training:\n" + generate_samples(trainer.model, 1, 30, cfg.seed)[0])
         outcome = trainer.run()
+        if not trainer.is_main:   # rank 0 reports for the job
+            return 130 if outcome == "interrupted" else 0
         if outcome == "interrupted":
             print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}. Continue with: "
                   f"python train.py --resume --out-dir {cfg.out_dir}", file=sys.stderr)
@@ -113,15 +129,18 @@ def main(argv=None):
             for text in generate_samples(best, cfg.num_samples, cfg.sample_tokens, cfg.seed):
                 print("\n" + text)
         return 0
+    # With several ranks, world.fail ends the whole job: the other ranks would otherwise wait
+    # forever for this one. On its own, a process prints the message and exits with the code.
     except NumGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return world.fail(f"error: {e}", 2)
     except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint is intact
-        print(f"error: {e}. The last checkpoint saved in the out-dir is intact", file=sys.stderr)
-        return 1
+        return world.fail(f"error: {e}. The last checkpoint saved in the out-dir is intact", 1)
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
-        print("\nStopped.", file=sys.stderr)
-        return 130
+        return world.fail("\nStopped.", 130)
+    except Exception:   # a bug in numgpt: keep its traceback, and with several ranks, end the job
+        if world.size == 1:
+            raise
+        return world.fail(traceback.format_exc(), 1)
 
 
 if __name__ == "__main__":

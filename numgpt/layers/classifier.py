@@ -9,7 +9,10 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 from numgpt.backend import array_module
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32, small enough to stay cache-friendly
+# Logits per chunk, at most: 128 MiB in float32. Measured on a 2-core CPU at V = 50257, the
+# matmuls with one chunk run at ~20 GFLOP/s for 128 rows and ~95 for 512 (BLAS needs tall
+# operands), while a quarter of a 2048-row batch's logits is memory we can spare.
+CHUNK_ELEMENTS = 1 << 25
 
 
 def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_logits=True,
@@ -29,7 +32,8 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     dx = xp.empty_like(x) if requires_grad else None              # (N,C)
     dw = xp.zeros_like(w) if requires_grad else None              # (V,C)
     loss = 0.0
-    chunk = max(1, CHUNK_ELEMENTS // V)
+    n_chunks = -(-N * V // CHUNK_ELEMENTS)                       # ceil: as few chunks as fit the budget
+    chunk = -(-N // n_chunks)                                     # equal chunks: no thin, slow remainder
     for start in range(0, N, chunk):
         rows = slice(start, min(start + chunk, N))
         chunk_logits = x[rows] @ w.T                                          # (n,V)
@@ -51,4 +55,6 @@ def classifier_backward(dloss, cache):
     if cache is None:
         raise ValueError("classifier_backward needs a forward with targets and requires_grad=True")
     dx, dw = cache
+    if dloss == 1.0:   # the model's case: the mean loss itself
+        return dx, dw
     return dx * dloss, dw * dloss
