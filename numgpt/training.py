@@ -3,12 +3,17 @@
     for step in range(start, max_iters):
         lr = warmup_then_cosine(step)
         grads = mean over grad_accum micro-batches of model.backward()
+        grads = mean of grads over the ranks (data-parallel runs only)
         clip the global gradient norm, then AdamW
         every eval_interval steps: estimate train/val loss, keep the best model, save the state
 
 Everything that decides the run lives in one TrainConfig; the out-dir holds the best model as a
 HuggingFace GPT-2 directory (config.json + model.safetensors), the latest training state
 (train_state.safetensors, for --resume), log.jsonl and, with matplotlib, loss.png.
+
+With a `Communicator` of N ranks (numgpt.distributed) the same loop trains data-parallel: each rank
+takes its rows of every batch and rank 0 alone logs and writes files. Nothing saved depends on N,
+so a run can resume with another number of ranks.
 """
 
 import dataclasses
@@ -22,9 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from numgpt import checkpoint
+from numgpt.backend import to_numpy
 from numgpt.config import GPTConfig
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import ConfigError, DataError
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
@@ -246,25 +253,41 @@ class StopRequest:
 # ---------------------------------------------------------------- the run
 
 class Trainer:
-    """One training run: `Trainer(cfg, log).run()`."""
+    """One training run: `Trainer(cfg, log).run()`; with `comm` (numgpt.distributed), one rank of a
+    data-parallel run, in which cfg.batch_size is the global batch, split evenly across the ranks."""
 
-    def __init__(self, cfg, log=print, progress=True):
-        self.cfg, self.log, self.progress = cfg, log, progress
+    def __init__(self, cfg, log=print, progress=True, comm=None):
+        self.cfg, self.comm = cfg, comm or Communicator()
+        self.is_main = self.comm.rank == 0
+        self.log = log if self.is_main else (lambda message: None)
+        self.progress = progress and self.is_main
+        self.stop = StopRequest()
 
     def setup(self, resume=False):
         """Load the data and build the model and optimizer, fresh or from the out-dir's state."""
-        cfg = self.cfg
+        cfg, comm = self.cfg, self.comm
+        if cfg.batch_size % comm.size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch, split evenly across the "
+                              f"{comm.size} ranks: give a multiple of {comm.size}")
         os.makedirs(cfg.out_dir, exist_ok=True)
         state = load_train_state(cfg.out_dir) if resume else None
-        self.source = choose_source(cfg, self.log)
-        self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
+        # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
+        # cache; the other ranks then read the cache instead of tokenizing the same text again
+        self.source = comm.broadcast(choose_source(cfg, self.log) if self.is_main else None)
+        with main_first(comm):
+            self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
         self.model = build_model(cfg) if state is None else self._model_from_state(*state)
         self.optimizer = build_optimizer(self.model, cfg)
+        # every gradient lives in one flat buffer, with two more slots for the step's loss and
+        # stop flag: averaging all of it across the ranks is one allreduce per step
+        self.flat_grads, self.grads = flat_buffer(self.model.params, extra=2)
+        # every rank draws the same global batches from the same generator and keeps its rows
         self.batcher = dataset.Batcher(self.train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
         # fixed evaluation batches: every evaluation sees the same data, so the curve is comparable,
         # and they come from their own generators, so evaluating never shifts the training batches
         self.eval_batches = {
-            split: [dataset.get_batch(tokens, cfg.batch_size, cfg.block_size, np.random.default_rng([cfg.seed, i, k]))
+            split: [comm.shard(dataset.get_batch(tokens, cfg.batch_size, cfg.block_size,
+                                                 np.random.default_rng([cfg.seed, i, k])))
                     for k in range(cfg.eval_iters)]
             for i, (split, tokens) in enumerate((("train", self.train_tokens), ("val", self.val_tokens)))}
         self.step, self.best_val = 0, float("inf")
@@ -278,43 +301,57 @@ class Trainer:
     def _restore(self, arrays, info):
         self.optimizer.load_state_dict({"step": info["adam_step"], "m": arrays["adam_m"], "v": arrays["adam_v"]})
         self.batcher.set_state(info["data_rng"])
-        self.model.dropout_rng.bit_generator.state = info["dropout_rng"]
         self.step, self.best_val = info["step"], info["best_val_loss"]
-        rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
+        if self.is_main:
+            rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
 
     def save_state(self):
+        """Write the training state (rank 0 only: every rank holds the same one)."""
+        if not self.is_main:
+            return
         info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
-                "train_config": dataclasses.asdict(self.cfg), "source": self.source,
-                "data_rng": self.batcher.state(), "dropout_rng": self.model.dropout_rng.bit_generator.state}
+                "train_config": dataclasses.asdict(self.cfg), "source": self.source, "data_rng": self.batcher.state()}
         save_train_state(self.cfg.out_dir, self.model, self.optimizer, info)
 
     def train_step(self):
-        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
-        cfg, model = self.cfg, self.model
-        total_loss, grads = 0.0, None
-        for _ in range(cfg.grad_accum):
-            x, y = self.batcher.next_batch()
+        """One optimizer step over grad_accum micro-batches of this rank's rows, the gradients
+        averaged across the ranks. Returns (mean loss, whether any rank was asked to stop)."""
+        cfg, model, grads = self.cfg, self.model, self.grads
+        # the dropout masks of step s on rank r come from a generator seeded by (seed, s, r): a
+        # resume draws the same masks without saving any generator state, and every rank's rows
+        # get masks of their own (so with dropout, N ranks match N ranks, not 1 process)
+        model.dropout_rng = np.random.default_rng([cfg.seed, 1, self.step, self.comm.rank])
+        total_loss = 0.0
+        for micro_step in range(cfg.grad_accum):
+            x, y = self.comm.shard(self.batcher.next_batch())
             _, loss = model.forward(x, y, return_logits=False)
-            micro = model.backward()
             total_loss += loss / cfg.grad_accum
-            if grads is None:
-                grads = {k: g / cfg.grad_accum for k, g in micro.items()} if cfg.grad_accum > 1 else micro
-            else:
-                for k, g in micro.items():
-                    grads[k] += g / cfg.grad_accum
+            for name, g in model.backward().items():
+                if micro_step == 0:
+                    model.xp.divide(g, cfg.grad_accum, out=grads[name])
+                else:
+                    grads[name] += g / cfg.grad_accum
+        # the loss and a Ctrl-C travel with the gradients, so all ranks agree on when to stop
+        self.flat_grads[-2], self.flat_grads[-1] = total_loss, float(self.stop.requested)
+        self.comm.allreduce_mean(self.flat_grads)
         if cfg.grad_clip > 0:
             clip_grad_norm(grads, cfg.grad_clip)
         self.optimizer.lr = learning_rate(self.step, cfg)
         self.optimizer.step(grads)
-        return total_loss
+        return float(self.flat_grads[-2]), float(self.flat_grads[-1]) > 0
 
     def evaluate(self, log_file):
-        losses = {split: estimate_loss(self.model, batches) for split, batches in self.eval_batches.items()}
+        # each rank evaluates its rows of the fixed batches; with equal rows, the mean of the ranks'
+        # means is the mean over all rows
+        local = [estimate_loss(self.model, batches) for batches in self.eval_batches.values()]
+        mean = self.comm.allreduce_mean(self.model.xp.asarray(local, dtype=np.float64))
+        losses = dict(zip(self.eval_batches, to_numpy(mean).tolist()))
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]
-            self.model.save_pretrained(self.cfg.out_dir)
+            if self.is_main:
+                self.model.save_pretrained(self.cfg.out_dir)
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
         log_file.write(json.dumps({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
@@ -331,7 +368,7 @@ class Trainer:
                  f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
         outcome = "done"
-        with open(log_path, "a", encoding="utf-8") as log_file, StopRequest() as stop, \
+        with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, self.stop, \
                 tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
                      dynamic_ncols=True) as bar:
             self.log = bar.write if self.progress else self.log
@@ -339,20 +376,21 @@ class Trainer:
                 self.evaluate(log_file)
             while self.step < cfg.max_iters:
                 started = time.perf_counter()
-                loss = self.train_step()
+                loss, stop_requested = self.train_step()
                 elapsed = time.perf_counter() - started
                 self.step += 1
                 lr = learning_rate(self.step - 1, cfg)
                 log_file.write(json.dumps({"step": self.step, "loss": loss, "lr": lr,
                                            "tokens_per_s": tokens_per_step / elapsed}) + "\n")
+                log_file.flush()   # so `tail -f log.jsonl` follows the run
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
                 bar.update(1)
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                     self.evaluate(log_file)
-                if stop.requested:
+                if stop_requested:
                     self.save_state()
                     outcome = "interrupted"
                     break
-        if plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
+        if self.is_main and plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
             self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
         return outcome
