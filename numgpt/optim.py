@@ -43,6 +43,7 @@ class AdamW:
         self.step_count = 0
         self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
+        self._buffer = None
 
     def step(self, grads):
         """One update of every parameter from `grads` ({name: array} with params' shapes)."""
@@ -53,15 +54,29 @@ class AdamW:
         for name, p in self.params.items():
             g, m, v = grads[name], self.m[name], self.v[name]
             xp = array_module(p)
+            s = self._scratch(p)                       # one temporary, reused by every line below
             if self.decay[name] and self.weight_decay:
                 p *= 1.0 - self.lr * self.weight_decay
-            m += (1.0 - b1) * (g - m)                  # torch's lerp(m, g, 1 - b1)
+            xp.subtract(g, m, out=s)                   # m += (1 - b1)(g - m): torch's lerp(m, g, 1 - b1)
+            s *= 1.0 - b1
+            m += s
+            xp.multiply(g, g, out=s)                   # v = b2 v + (1 - b2) g^2
+            s *= 1.0 - b2
             v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = xp.sqrt(v)
-            denom /= bias_correction2_sqrt
-            denom += self.eps
-            p -= step_size * (m / denom)
+            v += s
+            xp.sqrt(v, out=s)                          # denom = sqrt(v) / sqrt(1 - b2^t) + eps
+            s /= bias_correction2_sqrt
+            s += self.eps
+            xp.divide(m, s, out=s)                     # p -= lr / (1 - b1^t) * m / denom
+            s *= step_size
+            p -= s
+
+    def _scratch(self, p):
+        """A scratch array of p's shape, a view of one buffer as large as the largest parameter."""
+        xp = array_module(p)
+        if self._buffer is None or self._buffer.size < p.size or self._buffer.dtype != p.dtype:
+            self._buffer = xp.empty(max(q.size for q in self.params.values()), dtype=p.dtype)
+        return self._buffer[:p.size].reshape(p.shape)
 
     def state_dict(self):
         """Everything needed to continue exactly: step count and both moments (arrays are not copied)."""
