@@ -6,7 +6,9 @@
     loss   = cross_entropy(logits, targets)
 
 `forward` keeps every layer's cache; `backward` walks them in reverse and returns the gradient of
-the mean loss for every parameter, named as in a GPT-2 checkpoint.
+the mean loss for every parameter, named as in a GPT-2 checkpoint. `generate` (and its step-by-step
+form `generate_stream`) runs `decode`, the same layers for inference: each new token alone, with
+the keys and values of the earlier positions kept in KV caches.
 """
 
 import math
@@ -17,7 +19,8 @@ from numgpt import checkpoint
 from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
 from numgpt.config import GPTConfig, param_shapes
 from numgpt.errors import ConfigError
-from numgpt.layers.block import block_backward, block_forward, sub_params
+from numgpt.layers.attention import KVCache
+from numgpt.layers.block import block_attention_probs, block_backward, block_forward, sub_params
 from numgpt.layers.classifier import classifier_backward, classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX
 from numgpt.layers.dropout import dropout_backward, dropout_forward
@@ -178,26 +181,97 @@ class GPT:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None):
-        """idx (B,T) ints -> (B, T + max_new_tokens): idx followed by sampled tokens.
+    def empty_kv_caches(self, batch):
+        """One empty KVCache per layer, each room for block_size positions of `batch` rows."""
+        cfg = self.config
+        shape = (batch, cfg.n_head, cfg.block_size, cfg.head_size)        # (B,nh,block_size,hs)
+        return [KVCache(self.xp, shape, self.dtype) for _ in range(cfg.n_layer)]
 
-        temperature 0 is greedy; top_k / top_p restrict the draw to the most likely tokens; `seed`
-        makes the draws repeatable. The context is cropped to the last block_size tokens. Returns
-        an array of idx's array module (NumPy for lists).
+    def decode(self, idx, kv_caches, *, return_attention=False):
+        """The inference forward: idx (B,T) are the tokens after the `length` positions the caches
+        hold -> logits (B,V) of the last position (and, with `return_attention`, a list with each
+        layer's attention probabilities (B,nh,T,length+T)).
+
+        Their keys and values join the caches. Only the last position goes through the output
+        layer, because only it predicts a new token. No dropout, nothing kept for backward.
+        """
+        cfg, p = self.config, self.params
+        idx = to_device(idx, self.xp)
+        x, _ = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], start=kv_caches[0].length)  # (B,T,C)
+        maps = []
+        for i, kv_cache in enumerate(kv_caches):
+            x, cache = block_forward(x, sub_params(p, f"h.{i}."), cfg.n_head, cfg.activation, kv_cache=kv_cache)
+            if return_attention:
+                maps.append(block_attention_probs(cache))
+        x, _ = layernorm_forward(x[:, -1], p["ln_f.weight"], p.get("ln_f.bias"))      # (B,C)
+        _, logits, _ = classifier_forward(x, self._head_weight())                       # (B,V)
+        return (logits, maps) if return_attention else logits
+
+    def attention_maps(self, idx):
+        """idx (B,T) ints -> [att (B,nh,T,T) for each layer]: how much each position attends to
+        each earlier one, in every head (as in evaluation: no dropout)."""
+        idx = self._as_ids(idx, "idx")
+        _, maps = self.decode(idx, self.empty_kv_caches(idx.shape[0]), return_attention=True)
+        return maps
+
+    def _last_logits(self, context):
+        """Logits (B,V) of the last position of `context` (B,T) by a full forward in eval mode."""
+        was_training, self.training = self.training, False
+        try:
+            logits, _ = self.forward(context, requires_grad=False)
+        finally:
+            self.training = was_training
+        return logits[:, -1]
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, *,
+                        use_cache=True, with_logits=False):
+        """Yield the new tokens one step at a time: ids (B,) int64 NumPy arrays, or (ids, logits)
+        pairs with `with_logits`, logits (B,V) the NumPy float array the step's draw came from.
+
+        Arguments as in generate. With `use_cache` the prompt runs through the model once (the
+        prefill) and every later step runs only the token just drawn, against the KV caches.
+        Once the context outgrows block_size the window slides: every token moves to another
+        position, so each step refills the caches from the last block_size tokens, as costly as
+        use_cache=False, which runs forward over the whole context every step (the reference).
         """
         check_sampling_args(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        tokens = self._as_ids(idx, "idx", xp=np, any_length=True)          # (B,T) on the host: tiny
+        # a plain method returning the generator, so that the checks above run now, not at the first step
+        return self._steps(tokens, max_new_tokens, (temperature, top_k, top_p), np.random.default_rng(seed),
+                           use_cache, with_logits)
+
+    def _steps(self, tokens, max_new_tokens, sampling, rng, use_cache, with_logits):
+        """generate_stream's loop, once its arguments are checked."""
+        block_size = self.config.block_size
+        window = tokens[:, -block_size:]               # (B,<=block_size): what the model sees
+        kv_caches = self.empty_kv_caches(len(tokens)) if use_cache else None
+        fresh = window                                 # the window's tokens the caches do not hold yet
+        for _ in range(max_new_tokens):
+            logits = self.decode(fresh, kv_caches) if use_cache else self._last_logits(window)
+            logits = to_numpy(logits)                                              # (B,V)
+            ids = sample_next(logits, *sampling, rng)                              # (B,)
+            yield (ids, logits) if with_logits else ids
+            if window.shape[1] < block_size:           # room left: the earlier positions stand
+                window = np.concatenate([window, ids[:, None]], axis=1)
+                fresh = ids[:, None]
+            else:                                      # the window slides: every position changes
+                window = np.concatenate([window[:, 1:], ids[:, None]], axis=1)
+                fresh = window
+                for kv_cache in kv_caches or ():
+                    kv_cache.length = 0                # refilled from the whole window next step
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, *,
+                 use_cache=True):
+        """idx (B,T) ints -> (B, T + max_new_tokens): idx followed by sampled tokens.
+
+        temperature 0 is greedy; top_k / top_p restrict the draw to the most likely tokens; `seed`
+        (an int, or a NumPy Generator to continue) makes the draws repeatable. The context is
+        cropped to the last block_size tokens. Returns an array of idx's array module (NumPy for
+        lists). `use_cache=False` recomputes the whole context every step (see generate_stream).
+        """
         out_xp = array_module(idx) if hasattr(idx, "shape") else np
-        tokens = self._as_ids(idx, "idx", xp=np, any_length=True)   # (B,T) on the host: tiny
-        rng = np.random.default_rng(seed)
-        was_training, self.training = self.training, False
-        try:
-            for _ in range(max_new_tokens):
-                context = tokens[:, -self.config.block_size:]
-                logits, _ = self.forward(context, requires_grad=False)
-                next_ids = sample_next(to_numpy(logits[:, -1, :]), temperature, top_k, top_p, rng)
-                tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
-        finally:
-            self.training = was_training
-        return to_device(tokens, out_xp)
+        tokens = self._as_ids(idx, "idx", xp=np, any_length=True)
+        steps = self.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, seed, use_cache=use_cache)
+        return to_device(np.concatenate([tokens, *(ids[:, None] for ids in steps)], axis=1), out_xp)

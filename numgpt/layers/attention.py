@@ -7,6 +7,10 @@
 
 `params` holds GPT-2's names: c_attn.weight (C,3C), c_attn.bias (3C,), c_proj.weight (C,C),
 c_proj.bias (C,); the biases are absent in a bias-free model.
+
+Generation adds one token at a time, and the keys and values of the earlier positions do not
+change when it does (row t only looks left). A KVCache keeps them, so each step computes q, k, v
+for the new position alone and attends over the cached ones: O(T) work per token instead of O(T^2).
 """
 
 import math
@@ -28,15 +32,39 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
 
 
+class KVCache:
+    """The keys and values of the positions one attention layer has seen, for generation.
+
+    k, v (B,nh,max_len,hs) are allocated once; positions 0..length-1 hold data. Setting length
+    back to 0 empties the cache without freeing it.
+    """
+
+    def __init__(self, xp, shape, dtype):
+        self.k = xp.empty(shape, dtype=dtype)           # (B,nh,max_len,hs)
+        self.v = xp.empty(shape, dtype=dtype)
+        self.length = 0
+
+    def append(self, k, v):
+        """Store k, v (B,nh,T,hs) after the cached positions -> keys, values (B,nh,length,hs) of all of them."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"the KV cache holds {self.k.shape[2]} positions: {start} + {k.shape[2]} do not fit")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]   # views: no copy
+
+
 def causal_softmax(scores):
-    """Row-wise softmax of (..., T, T) scores where row t may only attend to columns <= t.
+    """Row-wise softmax of (..., Tq, Tk) scores whose rows are the last Tq of Tk positions: row i is
+    position Tk - Tq + i and may only attend to columns <= that position (Tq == Tk: row t sees <= t).
 
     The masked scores become -inf, so their probabilities are exactly 0; the row max is
-    subtracted first so exp never overflows (the diagonal is always kept, so no row is all -inf).
+    subtracted first so exp never overflows (a row's own position is always kept, so no row is all -inf).
     """
     xp = array_module(scores)
-    T = scores.shape[-1]
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)         # (T,T): True above the diagonal
+    Tq, Tk = scores.shape[-2:]
+    future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)   # (Tq,Tk): True right of each row's position
     scores = xp.where(future, -xp.inf, scores)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
@@ -49,20 +77,32 @@ def softmax_backward(dprobs, probs):
     return probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
 
 
-def attention_forward(x, params, n_head, dropout=0.0, rng=None):
-    """Causal self-attention.   x (B,T,C) -> out (B,T,C), cache. Dropout is active when rng is given."""
+def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None):
+    """Causal self-attention.   x (B,T,C) -> out (B,T,C), cache. Dropout is active when rng is given.
+
+    With a `kv_cache` (generation), x holds the T positions that follow the cache's `length`:
+    their keys and values join the cache and their queries attend over all Tk = length + T
+    positions. The returned cache then serves attention_probs only, not a backward.
+    """
     B, T, C = x.shape
     hs = C // n_head
     qkv, qkv_cache = linear_forward(x, params["c_attn.weight"], params.get("c_attn.bias"))  # (B,T,3C)
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
+    if kv_cache is not None:
+        k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
     scale = 1.0 / math.sqrt(hs)
-    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)       # (B,nh,T,T)
+    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)       # (B,nh,T,Tk)
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
     y = merge_heads(att_drop @ v)                                       # (B,T,C)
     out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
     out, out_drop_cache = dropout_forward(out, dropout, rng)
     cache = (qkv_cache, q, k, v, att, att_drop, att_drop_cache, proj_cache, out_drop_cache, n_head, scale)
     return out, cache
+
+
+def attention_probs(cache):
+    """The attention probabilities (B,nh,T,Tk) that attention_forward computed, from its cache."""
+    return cache[4]
 
 
 def attention_backward(dout, cache):

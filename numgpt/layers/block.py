@@ -6,7 +6,7 @@
 `params` holds the block's entries without their "h.<i>." prefix: ln_1.weight, attn.c_attn.weight, ...
 """
 
-from numgpt.layers.attention import attention_backward, attention_forward
+from numgpt.layers.attention import attention_backward, attention_forward, attention_probs
 from numgpt.layers.linear import named_grads
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 from numgpt.layers.mlp import mlp_backward, mlp_forward
@@ -19,15 +19,21 @@ def sub_params(params, prefix):
     return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
 
 
-def block_forward(x, params, n_head, activation="gelu", dropout=0.0, rng=None):
-    """x (B,T,C) -> y (B,T,C), cache."""
+def block_forward(x, params, n_head, activation="gelu", dropout=0.0, rng=None, *, kv_cache=None):
+    """x (B,T,C) -> y (B,T,C), cache. With a `kv_cache`, x holds the positions after the cached ones
+    (see attention_forward) and the cache serves block_attention_probs only, not a backward."""
     h, ln_1_cache = layernorm_forward(x, params["ln_1.weight"], params.get("ln_1.bias"))
-    h, attn_cache = attention_forward(h, sub_params(params, "attn."), n_head, dropout, rng)
+    h, attn_cache = attention_forward(h, sub_params(params, "attn."), n_head, dropout, rng, kv_cache=kv_cache)
     x = residual_forward(x, h)
     h, ln_2_cache = layernorm_forward(x, params["ln_2.weight"], params.get("ln_2.bias"))
     h, mlp_cache = mlp_forward(h, sub_params(params, "mlp."), activation, dropout, rng)
     y = residual_forward(x, h)
     return y, (ln_1_cache, attn_cache, ln_2_cache, mlp_cache)
+
+
+def block_attention_probs(cache):
+    """The attention probabilities (B,nh,T,Tk) of the block's heads, from block_forward's cache."""
+    return attention_probs(cache[1])
 
 
 def block_backward(dy, cache):

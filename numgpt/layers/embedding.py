@@ -1,27 +1,30 @@
-"""Token + learned position embedding: x[b, t] = wte[idx[b, t]] + wpe[t]."""
+"""Token + learned position embedding: x[b, t] = wte[idx[b, t]] + wpe[start + t].
+
+`start` is the position of idx's first token: 0, except in generation with a KV cache, where idx
+holds only the tokens after the cached ones."""
 
 from numgpt.backend import array_module, scatter_add
 
 
-def embedding_forward(idx, wte, wpe):
-    """x = wte[idx] + wpe[:T].   idx (B,T) ints, wte (V,C), wpe (block_size,C) -> x (B,T,C)."""
+def embedding_forward(idx, wte, wpe, start=0):
+    """x = wte[idx] + wpe[start:start+T].   idx (B,T) ints, wte (V,C), wpe (block_size,C) -> x (B,T,C)."""
     T = idx.shape[1]
     x = wte[idx]                                       # (B,T,C): a gather, one row per token
-    x += wpe[:T]                                       # broadcast over the batch
-    return x, (idx, wte.shape, wpe.shape)
+    x += wpe[start:start + T]                          # broadcast over the batch
+    return x, (idx, wte.shape, wpe.shape, start)
 
 
 def embedding_backward(dx, cache):
-    """dwte[v] = sum of dx[b, t] over positions with idx[b, t] == v; dwpe[t] = sum over b of dx[b, t].
+    """dwte[v] = sum of dx[b, t] over positions with idx[b, t] == v; dwpe[start + t] = sum over b of dx[b, t].
 
     A token id that occurs twice must receive both gradients: `dwte[idx] += dx` would silently
     keep only one of them, so the rows are scatter-added.
     """
-    idx, wte_shape, wpe_shape = cache
+    idx, wte_shape, wpe_shape, start = cache
     xp = array_module(dx)
     B, T, C = dx.shape
     dwte = xp.zeros(wte_shape, dtype=dx.dtype)         # (V,C)
     scatter_add(dwte, idx.reshape(-1), dx.reshape(B * T, C))
-    dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)         # (block_size,C): rows >= T get no gradient
-    dwpe[:T] = dx.sum(axis=0)
+    dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)         # (block_size,C): unused positions get no gradient
+    dwpe[start:start + T] = dx.sum(axis=0)
     return dwte, dwpe

@@ -1,0 +1,146 @@
+"""Generation benchmark: numgpt's KV-cached greedy generate against transformers' generate, on the CPU.
+
+    python bench/bench_generate.py                      # GPT-2 124M shape, batch 1, 16-token prompt, 200 new tokens
+    python bench/bench_generate.py --new-tokens 50 --repeats 1 --no-save
+
+Both run the same random weights (the numgpt child saves them, the torch child loads them) in
+float32 with the same thread count, each in its own process so peak memory is its own. Reports
+tokens/s (new tokens over the whole generate call, prefill included; the median of --repeats
+calls), numgpt without its cache for scale, peak RSS while generating, and the ratio; checks that
+the two produce identical tokens; appends a row to bench/results.jsonl.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import append_result, peak_rss_mib, run_child, timed  # noqa: E402
+
+SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)   # GPT-2 124M
+
+
+def reset_peak_rss():
+    """Start peak-memory accounting afresh (Linux), so the peak is that of generating, not of
+    building or loading the model (numgpt initialises in float64 before casting)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def prompt_ids(prompt_len, seed=0):
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, SHAPE["vocab_size"], size=(1, prompt_len))
+
+
+def bench_numgpt(args):
+    """Time model.generate (and, for scale, a shorter uncached run); save the weights for torch."""
+    import numgpt
+    model = numgpt.GPT(numgpt.GPTConfig(**SHAPE), backend=args.backend, dtype="float32", seed=args.seed)
+    model.save_pretrained(args.weights)
+    prompt = prompt_ids(args.prompt_len)
+    reset_peak_rss()
+    model.generate(prompt, 8, temperature=0)                                        # warm-up
+    runs = [timed(lambda: model.generate(prompt, args.new_tokens, temperature=0)) for _ in range(args.repeats)]
+    result = {"tokens": runs[0][0][0, args.prompt_len:].tolist(), "seconds": [t for _, t in runs]}
+    if args.uncached_tokens:
+        out, t = timed(lambda: model.generate(prompt, args.uncached_tokens, temperature=0, use_cache=False))
+        assert out[0, args.prompt_len:].tolist() == result["tokens"][:args.uncached_tokens], "cache changed tokens"
+        result["uncached_tok_s"] = args.uncached_tokens / t
+    return result
+
+
+def bench_torch(args):
+    """Time transformers' GPT2LMHeadModel.generate on the saved weights (greedy, KV cache on)."""
+    import torch
+    import transformers
+    torch.set_num_threads(args.threads)
+    model = transformers.GPT2LMHeadModel.from_pretrained(args.weights, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None           # random weights: never stop early
+    prompt = torch.from_numpy(prompt_ids(args.prompt_len))
+    reset_peak_rss()
+
+    def generate(n):
+        with torch.inference_mode():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                  do_sample=False, use_cache=True, pad_token_id=0)
+
+    generate(8)                                                                      # warm-up
+    runs = [timed(lambda: generate(args.new_tokens)) for _ in range(args.repeats)]
+    return {"tokens": runs[0][0][0, args.prompt_len:].tolist(), "seconds": [t for _, t in runs]}
+
+
+def child(args):
+    result = bench_numgpt(args) if args.impl == "numgpt" else bench_torch(args)
+    result.update(tok_s=args.new_tokens / statistics.median(result.pop("seconds")), peak_rss_mib=peak_rss_mib())
+    print(json.dumps(result))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--new-tokens", type=int, default=200)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3, help="timed generate calls (the median is reported)")
+    p.add_argument("--uncached-tokens", type=int, default=16,
+                   help="also time numgpt without its KV cache for this many tokens (0: skip)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="BLAS threads for NumPy and torch.set_num_threads (default: this process's cores)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
+    p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
+    p.add_argument("--weights", help=argparse.SUPPRESS)                             # child mode
+    args = p.parse_args()
+    if args.impl:
+        return child(args)
+
+    # Read by OpenBLAS / MKL / OpenMP when the children import NumPy and torch.
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    common = ["--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats",
+              str(args.repeats), "--uncached-tokens", str(args.uncached_tokens), "--threads", str(args.threads),
+              "--backend", args.backend, "--seed", str(args.seed)]
+    load_before = os.getloadavg()[0]          # other processes competing for the cores skew the timings
+    with tempfile.TemporaryDirectory(prefix="numgpt-bench-") as weights:
+        ours = run_child(__file__, ["--impl", "numgpt", "--weights", weights, *common])
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+            ref = run_child(__file__, ["--impl", "torch", "--weights", weights, *common])
+        except ImportError:
+            ref = None
+            print("(torch/transformers not installed: no reference)")
+
+    print(f"greedy generation, GPT-2 124M shape (random weights), float32, batch 1, {args.prompt_len}-token "
+          f"prompt, {args.new_tokens} new tokens, {args.threads} threads, backend {args.backend} "
+          f"(load average before: {load_before:.2f})")
+    print(f"{'impl':<22} {'tok/s':>8} {'ms/token':>9} {'peak RSS MiB':>13}")
+    rows = [("numgpt (KV cache)", ours)] + ([("transformers generate", ref)] if ref else [])
+    for name, r in rows:
+        print(f"{name:<22} {r['tok_s']:>8.1f} {1000 / r['tok_s']:>9.1f} {r['peak_rss_mib']:>13.0f}")
+    if "uncached_tok_s" in ours:
+        print(f"{'numgpt (no cache)':<22} {ours['uncached_tok_s']:>8.1f} {1000 / ours['uncached_tok_s']:>9.1f}"
+              f"   (first {args.uncached_tokens} tokens only)")
+
+    row = {"backend": args.backend, "device": "cpu" if args.backend == "numpy" else "gpu", "bench": "generate",
+           "shape": {**SHAPE, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "dtype": "float32"},
+           "threads": args.threads, "tok_s": round(ours["tok_s"], 2), "peak_rss_mib": round(ours["peak_rss_mib"], 1),
+           "load_avg_1m": round(load_before, 2)}
+    if ref:
+        same = ours["tokens"] == ref["tokens"]
+        row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 2),
+                   tokens_identical=same)
+        print(f"numgpt / transformers = {row['ratio_vs_torch']:.2f}x tokens/s; tokens identical: {same}")
+    if not args.no_save:
+        append_result(row)
+    return 0 if ref is None or row["tokens_identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

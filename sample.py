@@ -1,0 +1,171 @@
+"""Generate text with a numgpt model (a train.py out-dir) or any HuggingFace GPT-2 checkpoint.
+
+    python sample.py --ckpt out --prompt "Once upon a time"
+    python sample.py --ckpt gpt2 --prompt-file story.txt --num-samples 3 --temperature 0.8 --top-k 50
+    python sample.py --prompt "The cat" --show-tokens --show-probs --max-new-tokens 10
+    python sample.py --prompt "The cat sat on the mat" --attention-png attention.png --max-new-tokens 0
+
+The text streams to the terminal as the tokens come. Generation stops at <|endoftext|> unless
+--no-stop-at-eot; an empty prompt starts from <|endoftext|>, as a new document would.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from numgpt.backend import backend_name, to_numpy
+from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.errors import ConfigError, DataError, NumGPTError
+from numgpt.inspection import (PROBS_HEADER, TextStream, check_matplotlib, plot_attention, probs_row, token_label,
+                               token_table)
+from numgpt.model import GPT
+from numgpt.sampling import check_sampling_args, next_token_probs
+
+SEPARATOR = "-" * 15
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a GPT-2-style model.")
+    p.add_argument("--ckpt", default="out", help="a train.py out-dir, or a directory with config.json and "
+                   "model.safetensors (any HuggingFace GPT-2); default %(default)s")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue; empty (the default) starts a new document")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE, as is ('-': stdin)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples to draw, one after the other; default %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens per sample; default %(default)s")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="< 1 sharper, > 1 flatter, 0 greedy; default %(default)s")
+    p.add_argument("--top-k", type=int, help="draw only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="draw only from the most likely tokens whose mass reaches p")
+    p.add_argument("--seed", type=int, help="seed of the draws, for repeatable samples (default: fresh ones)")
+    p.add_argument("--backend", choices=["numpy", "cupy", "auto"], default="numpy",
+                   help="array backend; auto uses the GPU when CuPy sees one; default %(default)s")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="default %(default)s")
+    p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
+                   help="go on past <|endoftext|> (and print it)")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="print each sample when it is complete, not token by token")
+    g = p.add_argument_group("looking inside")
+    g.add_argument("--show-tokens", action="store_true", help="print the prompt's BPE tokens and their ids")
+    g.add_argument("--show-probs", action="store_true", help="print, for every generated token, the most likely "
+                   "candidates and their probabilities after temperature / top-k / top-p (with temperature 0: "
+                   "the softmax, whose most likely token is the one taken)")
+    g.add_argument("--attention-png", metavar="FILE", help="write a heatmap of every layer's every head's "
+                   "attention over the prompt (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+def read_prompt(args):
+    """The prompt text: --prompt, or the whole of --prompt-file ('-' reads stdin)."""
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        if args.prompt_file == "-":
+            return sys.stdin.read()
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the prompt file {args.prompt_file!r}: {e}") from None
+
+
+def encode_prompt(enc, text, vocab_size):
+    """The prompt's token ids; "<|endoftext|>" in the text is the special token, as in training
+    data. An empty prompt is the lone <|endoftext|> that starts every document."""
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"}) or [EOT]
+    too_big = [i for i in ids if i >= vocab_size]
+    if too_big:
+        start = " (an empty prompt starts from <|endoftext|>)" if not text else ""
+        raise ConfigError(f"the prompt holds token {too_big[0]} = {token_label(enc, too_big[0])}{start}, but this "
+                          f"model's vocabulary has only {vocab_size} tokens: use a prompt within it")
+    return ids
+
+
+def write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def sample(model, enc, ids, prompt, rng, args):
+    """Draw one sample continuing `ids` and print it: streamed, or whole when done."""
+    stream_text = args.stream and not args.show_probs     # --show-probs streams its table instead
+    text, decoder = [prompt], TextStream(enc)
+    if stream_text:
+        write(prompt)
+    if args.show_probs:
+        print(PROBS_HEADER)
+    steps = model.generate_stream(np.array([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                  seed=rng, with_logits=True)
+    for step, (next_ids, logits) in enumerate(steps, start=1):
+        token = int(next_ids[0])
+        if args.show_probs:
+            # greedy draws from a one-hot; the softmax at temperature 1 shows how sure the model was
+            probs = next_token_probs(logits, args.temperature or 1.0, args.top_k, args.top_p)[0]
+            print(probs_row(enc, step, token, probs), flush=True)
+        if args.stop_at_eot and token == EOT:
+            break
+        text.append(decoder.push(token))
+        if stream_text:
+            write(text[-1])
+    text.append(decoder.flush())                          # an unfinished last character, if any
+    if stream_text:
+        write(text[-1])
+    else:
+        write("".join(text))
+    print(f"\n{SEPARATOR}", flush=True)
+
+
+def run(args):
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.attention_png:
+        check_matplotlib()                                 # before minutes of loading and generating
+    prompt = read_prompt(args)
+    enc = get_tokenizer()
+    model = GPT.from_pretrained(args.ckpt, backend=args.backend, dtype=args.dtype).eval()
+    cfg = model.config
+    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.n_layer} layers, {cfg.n_head} heads, "
+          f"context {cfg.block_size}, vocabulary {cfg.vocab_size}; {backend_name(model.xp)} {model.dtype}",
+          file=sys.stderr)
+    ids = encode_prompt(enc, prompt, cfg.vocab_size)
+    if len(ids) > cfg.block_size:
+        print(f"note: the prompt has {len(ids)} tokens; the model sees the last {cfg.block_size}", file=sys.stderr)
+    if args.show_tokens:
+        print(f"prompt: {len(ids)} tokens\n{token_table(enc, ids)}\n")
+    if args.attention_png:
+        window = ids[-cfg.block_size:]
+        maps = [to_numpy(att[0]) for att in model.attention_maps(np.array([window]))]   # (nh,T,T) per layer
+        plot_attention(maps, [token_label(enc, i) for i in window], args.attention_png)
+        print(f"wrote {args.attention_png}: attention of {cfg.n_layer} layers x {cfg.n_head} heads over "
+              f"{len(window)} prompt tokens", file=sys.stderr)
+    rng = np.random.default_rng(args.seed)                # one stream of draws across the samples
+    for _ in range(args.num_samples):
+        sample(model, enc, ids, prompt, rng, args)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except NumGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:          # the reader went away (python sample.py | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit's flush is quiet
+        return 0
+    except OSError as e:             # e.g. --attention-png into a missing directory
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nStopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""sample.py end to end on tiny random checkpoints: streaming, --no-stream, stopping at <|endoftext|>,
+the learner's views (--show-tokens, --show-probs, --attention-png), and every user mistake as a
+short message with a non-zero exit, never a traceback."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sample
+from numgpt import GPT, GPTConfig
+from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.inspection import TextStream, format_prob, token_label, top_candidates
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=8)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random GPT-2-vocabulary model, moved off its init so that its samples vary."""
+    model = GPT(GPTConfig(**TINY), seed=0)
+    rng = np.random.default_rng(0)
+    for p in model.params.values():
+        p += rng.normal(0.0, 0.5, size=p.shape).astype(np.float32)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def eot_ckpt(tmp_path_factory):
+    """A model that puts all its mass on <|endoftext|>: the final layernorm outputs a constant
+    (gain 0, bias e_0) and only EOT's output row points along e_0."""
+    model = GPT(GPTConfig(**TINY, tie_weights=False), seed=0)
+    model.params["ln_f.weight"][:] = 0.0
+    model.params["ln_f.bias"][:] = np.eye(TINY["n_embd"])[0]
+    model.params["lm_head.weight"][:] = 0.0
+    model.params["lm_head.weight"][EOT, 0] = 50.0
+    path = tmp_path_factory.mktemp("eot")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    """(exit code, stdout, stderr) of sample.main(argv)."""
+    code = sample.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class RecordingStdout(io.StringIO):
+    """A stdout that remembers each write, to see text arrive in pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+# ---------------------------------------------------------------- generating
+
+def test_streams_the_same_text_no_stream_prints_whole(ckpt, capsys, monkeypatch):
+    argv = ["--ckpt", ckpt, "--prompt", "Once upon a time", "--max-new-tokens", "12", "--seed", "3",
+            "--no-stop-at-eot"]
+    recorder = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    assert sample.main(argv) == 0
+    monkeypatch.undo()
+    streamed = recorder.getvalue()
+    pieces = [w for w in recorder.writes if w]
+    assert pieces[0] == "Once upon a time" and len(pieces) > 5          # the prompt, then token by token
+    code, whole, _ = run(capsys, *argv, "--no-stream")
+    assert code == 0 and whole == streamed
+    assert whole.startswith("Once upon a time") and whole.endswith(f"\n{sample.SEPARATOR}\n")
+
+
+def test_samples_follow_the_seed(ckpt, capsys):
+    argv = ["--ckpt", ckpt, "--prompt", "Hi", "--max-new-tokens", "8", "--num-samples", "2", "--no-stop-at-eot"]
+    _, a, _ = run(capsys, *argv, "--seed", "1")
+    _, b, _ = run(capsys, *argv, "--seed", "1")
+    _, c, _ = run(capsys, *argv, "--seed", "2")
+    assert a == b != c
+    first, second = a.split(f"\n{sample.SEPARATOR}\n")[:2]
+    assert first != second                          # the samples continue one stream of draws
+
+
+def test_the_printed_text_is_the_generated_tokens(ckpt, capsys):
+    enc = get_tokenizer()
+    model = GPT.from_pretrained(ckpt)
+    ids = model.generate([enc.encode("Hi")], 10, temperature=0)[0, 1:]
+    code, out, _ = run(capsys, "--ckpt", ckpt, "--prompt", "Hi", "--max-new-tokens", "10", "--temperature", "0",
+                       "--no-stop-at-eot")
+    assert code == 0 and out == "Hi" + enc.decode(ids.tolist()) + f"\n{sample.SEPARATOR}\n"
+
+
+def test_stops_at_end_of_text_unless_told(eot_ckpt, capsys):
+    code, out, _ = run(capsys, "--ckpt", eot_ckpt, "--prompt", "The end", "--max-new-tokens", "5")
+    assert code == 0 and out == f"The end\n{sample.SEPARATOR}\n"
+    code, out, _ = run(capsys, "--ckpt", eot_ckpt, "--prompt", "The end", "--max-new-tokens", "3",
+                       "--no-stop-at-eot", "--seed", "0")
+    assert code == 0 and out == "The end" + "<|endoftext|>" * 3 + f"\n{sample.SEPARATOR}\n"
+
+
+def test_empty_prompt_starts_from_end_of_text(ckpt, capsys):
+    code, out, _ = run(capsys, "--ckpt", ckpt, "--max-new-tokens", "4", "--show-tokens", "--seed", "0")
+    assert code == 0 and f"{EOT:>6}  '<|endoftext|>'" in out
+
+
+def test_prompt_from_a_file_and_from_stdin(ckpt, capsys, monkeypatch, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Der Bär 🐻", encoding="utf-8")
+    common = ["--ckpt", ckpt, "--max-new-tokens", "3", "--seed", "0", "--no-stop-at-eot"]
+    code, from_file, _ = run(capsys, *common, "--prompt-file", str(prompt))
+    assert code == 0 and from_file.startswith("Der Bär 🐻")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Der Bär 🐻"))
+    assert run(capsys, *common, "--prompt-file", "-")[1] == from_file
+
+
+def test_a_small_vocabulary_model_works_within_it(capsys, tmp_path):
+    GPT(GPTConfig(**{**TINY, "vocab_size": 300}), seed=0).save_pretrained(tmp_path)
+    code, out, _ = run(capsys, "--ckpt", str(tmp_path), "--prompt", "a b", "--max-new-tokens", "5", "--seed", "0")
+    assert code == 0 and out.startswith("a b")
+    code, _, err = run(capsys, "--ckpt", str(tmp_path), "--prompt", "Hello")       # "Hello" is token 15496
+    assert code == 2 and "15496" in err and "300 tokens" in err
+    code, _, err = run(capsys, "--ckpt", str(tmp_path))                            # empty: <|endoftext|> = 50256
+    assert code == 2 and "<|endoftext|>" in err
+
+
+# ---------------------------------------------------------------- looking inside
+
+def test_show_tokens_prints_the_bpe_pieces(ckpt, capsys):
+    code, out, _ = run(capsys, "--ckpt", ckpt, "--prompt", "Hello world", "--show-tokens", "--max-new-tokens", "0")
+    assert code == 0
+    assert "prompt: 2 tokens" in out and "15496  'Hello'" in out and "995  ' world'" in out
+
+
+def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys):
+    code, out, _ = run(capsys, "--ckpt", ckpt, "--prompt", "Hi", "--show-probs", "--top-k", "3",
+                       "--max-new-tokens", "4", "--seed", "0", "--no-stop-at-eot")
+    assert code == 0
+    lines = out.splitlines()
+    rows = lines[1:5]
+    assert lines[0].split()[:3] == ["step", "token", "p"] and [r.split()[0] for r in rows] == ["1", "2", "3", "4"]
+    for row in rows:
+        probs = [float(word) for word in row.split()[2:] if word[0].isdigit()]   # labels are quoted
+        assert 2 <= len(probs) <= 4 and abs(sum(probs[1:]) - 1.0) < 2e-3   # the drawn token's p, then <= 3
+    assert lines[5].startswith("Hi")                                     # then the text itself
+
+
+def test_attention_png(ckpt, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "attention.png"
+    code, _, err = run(capsys, "--ckpt", ckpt, "--prompt", "The cat sat", "--attention-png", str(png),
+                       "--max-new-tokens", "0")
+    assert code == 0 and "2 layers x 2 heads over 3 prompt tokens" in err
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_attention_png_without_matplotlib_is_a_clear_error(ckpt, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib now raises ImportError
+    code, _, err = run(capsys, "--ckpt", ckpt, "--attention-png", str(tmp_path / "a.png"))
+    assert code == 2 and "matplotlib" in err and not (tmp_path / "a.png").exists()
+
+
+# ---------------------------------------------------------------- user mistakes
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-k", "0"], "top_k"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["--prompt-file", "/no/such/prompt.txt"], "prompt file"),
+    (["--backend", "cupy"], None),                    # an error without a GPU, a run with one
+])
+def test_bad_values_exit_non_zero_with_a_message(ckpt, capsys, argv, message):
+    code, _, err = run(capsys, "--ckpt", ckpt, "--max-new-tokens", "2", *argv)
+    if message is None and code == 0:
+        return
+    assert code == 2 and err.startswith("error: ") and (message is None or message in err)
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
+    (tmp_path / "config.json").write_text(Path(ckpt, "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors at all")
+    code, _, err = run(capsys, "--ckpt", str(tmp_path))
+    assert code == 2 and "corrupt" in err
+
+
+def test_a_missing_checkpoint_exits_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "nothing")],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_runs_as_a_script(ckpt):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--prompt", "Hi",
+                             "--max-new-tokens", "3", "--seed", "0", "--no-stop-at-eot"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hi") and result.stdout.endswith(f"{sample.SEPARATOR}\n")
+
+
+# ---------------------------------------------------------------- the helpers
+
+def test_a_character_split_across_tokens_is_printed_once_whole():
+    enc = get_tokenizer()
+    ids = enc.encode("😀")
+    assert len(ids) == 2                                          # GPT-2 splits the emoji's 4 bytes
+    stream = TextStream(enc)
+    assert [stream.push(i) for i in ids] == ["", "😀"] and stream.flush() == ""
+    assert token_label(enc, ids[0]) == repr(enc.decode_single_token_bytes(ids[0]))   # bytes, not text
+
+
+SPLIT_IDS = get_tokenizer().encode("😀 🐻 中文 naïve")   # tokens that hold parts of characters
+
+
+@given(ids=st.lists(st.one_of(st.integers(0, EOT), st.sampled_from(SPLIT_IDS)), max_size=30))
+def test_streamed_text_is_the_decoded_text(ids):
+    enc = get_tokenizer()
+    stream = TextStream(enc)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == enc.decode(ids)
+
+
+def test_probabilities_stay_visible_when_small():
+    assert [format_prob(p) for p in (0.4123, 1.0, 0.0, 2.1e-5)] == ["0.412", "1.000", "0.000", "2.1e-05"]
+
+
+def test_top_candidates_are_sorted_and_skip_impossible_tokens():
+    probs = np.array([0.1, 0.0, 0.5, 0.4, 0.0])
+    assert top_candidates(probs, k=5) == [(2, 0.5), (3, 0.4), (0, 0.1)]
+    assert top_candidates(probs, k=2) == [(2, 0.5), (3, 0.4)]
