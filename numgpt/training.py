@@ -269,6 +269,8 @@ class Trainer:
         if cfg.batch_size % comm.size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch, split evenly across the "
                               f"{comm.size} ranks: give a multiple of {comm.size}")
+        if comm.size > 1:
+            self.log(f"data-parallel: {comm.size} ranks, {cfg.batch_size // comm.size} rows of each batch on each")
         os.makedirs(cfg.out_dir, exist_ok=True)
         state = load_train_state(cfg.out_dir) if resume else None
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the

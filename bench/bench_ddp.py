@@ -1,0 +1,118 @@
+"""Data-parallel throughput: train.py's training step (Trainer.train_step) on N MPI ranks against 1
+process, on the same global batch, each configuration under its own `mpiexec`.
+
+    python bench/bench_ddp.py                        # 1 rank x 2 threads, 1 x 1, 2 ranks x 1 thread
+    python bench/bench_ddp.py --config 2x1 --config 1x2 --steps 10
+
+A configuration RxT is R ranks with T BLAS threads each. Reports tokens/s of the global batch,
+milliseconds per step, the time of one gradient allreduce on its own, and the largest peak RSS
+of a rank; appends a row per configuration to bench/results.jsonl, with ratio_vs_1rank the
+tokens/s over those of the 1-rank configuration with the most threads.
+Needs mpi4py and mpiexec: pip install "numgpt[mpi]".
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import append_result, median_ms, peak_rss_mib  # noqa: E402
+
+# the TinyStories tutorial's model and global batch (vocab 50257, dropout 0.1, as train.py's preset)
+SHAPE = dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32)
+DROPOUT = 0.1
+DEFAULT_CONFIGS = ["1x2", "1x1", "2x1"]
+
+
+def child(args):
+    """One rank: time train_step on the embedded stories; rank 0 prints the results as JSON."""
+    from mpi4py import MPI
+
+    from numgpt.distributed import mpi_world
+    from numgpt.training import TrainConfig, Trainer
+
+    comm = mpi_world()
+    cfg = TrainConfig(dataset="embedded", cache_dir=args.cache_dir, out_dir=args.cache_dir, dropout=DROPOUT,
+                      num_samples=0, **SHAPE)
+    trainer = Trainer(cfg, log=lambda message: None, progress=False, comm=comm)
+    trainer.setup()
+    times = []
+    for step in range(args.warmup + args.steps):
+        comm.barrier()
+        started = time.perf_counter()
+        trainer.train_step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - started)
+    allreduce = []
+    for _ in range(5):   # the gradients are spent: average them again, for the clock alone
+        comm.barrier()
+        started = time.perf_counter()
+        comm.allreduce_mean(trainer.flat_grads)
+        allreduce.append(time.perf_counter() - started)
+    rss = comm.comm.allreduce(peak_rss_mib(), op=MPI.MAX)
+    if comm.rank == 0:
+        print(json.dumps({"step_ms": median_ms(times), "allreduce_ms": median_ms(allreduce), "peak_rss_mib": rss,
+                          "grad_mib": trainer.flat_grads.nbytes / 2**20}))
+
+
+def run_config(mpiexec, ranks, threads, args, cache_dir):
+    """Results of `ranks` ranks with `threads` BLAS threads each, from a fresh mpiexec."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
+    command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child",
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache-dir", cache_dir]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{ranks}x{threads} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", metavar="RxT", help=f"repeatable; default: {' '.join(DEFAULT_CONFIGS)}")
+    p.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cache-dir", help="token cache (default: a temporary directory)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None:
+        sys.exit('bench_ddp needs mpiexec and mpi4py: pip install "numgpt[mpi]"')
+    configs = [tuple(int(n) for n in c.split("x")) for c in args.config or DEFAULT_CONFIGS]
+    baseline = max((c for c in configs if c[0] == 1), key=lambda c: c[1], default=None)   # 1 rank, most threads
+    if baseline is None:
+        sys.exit("give a 1-rank configuration (1xT) too: it is the baseline")
+    tokens = SHAPE["batch_size"] * SHAPE["block_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = args.cache_dir or tmp
+        results = {config: run_config(mpiexec, *config, args, cache_dir) for config in configs}
+    for r in results.values():
+        r["tok_s"] = tokens / (r["step_ms"] / 1000)
+    print(f"tutorial shape {SHAPE}, global batch {SHAPE['batch_size']} x {SHAPE['block_size']} tokens, "
+          f"gradients {results[baseline]['grad_mib']:.1f} MiB")
+    versus = "vs " + "x".join(map(str, baseline))
+    print(f"{'ranks':>5} {'threads':>7} {'tok/s':>8} {'step ms':>8} {'allreduce ms':>12} {versus:>7} {'RSS MiB/rank':>12}")
+    for (ranks, threads), r in results.items():
+        ratio = r["tok_s"] / results[baseline]["tok_s"]
+        print(f"{ranks:>5} {threads:>7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['allreduce_ms']:>12.2f} "
+              f"{ratio:>7.2f} {r['peak_rss_mib']:>12.0f}")
+        if not args.no_save:
+            append_result({"backend": "numpy", "device": "cpu", "bench": "ddp",
+                           "shape": {**SHAPE, "vocab_size": 50257, "dropout": DROPOUT}, "ranks": ranks,
+                           "threads_per_rank": threads, "tok_s": round(r["tok_s"], 1),
+                           "ratio_vs_1rank": round(ratio, 3), "peak_rss_mib": round(r["peak_rss_mib"], 1),
+                           "step_ms": round(r["step_ms"], 2),
+                           "allreduce_ms": round(r["allreduce_ms"], 2)})
+
+
+if __name__ == "__main__":
+    main()

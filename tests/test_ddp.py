@@ -1,0 +1,198 @@
+"""Data-parallel training (train.py --ddp) with real MPI processes on this machine: N ranks with a
+global batch B train the parameters 1 process trains with batch B, a run resumes with another
+number of ranks, and every failure ends the whole job with a message instead of hanging.
+
+These tests start `mpiexec -n 2 python train.py --ddp ...` and skip, with the reason, where
+mpi4py or a working mpiexec is missing (pip install "numgpt[mpi]" provides both).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from numgpt.distributed import INSTALL_HINT, Communicator, flat_buffer
+from numgpt.train_state import load_train_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+        "--dropout", "0", "--dataset", "embedded", "--eval-iters", "2", "--eval-interval", "3",
+        "--num-samples", "0", "--no-progress"]
+STEPS = 5
+TIMEOUT_S = 120   # far longer than any run here needs: reaching it means a hang
+# one BLAS thread per process: two ranks on two cores, and the same arithmetic in every run
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+# rank 1 of the failing-rank test: train.py whose third backward pass raises
+CRASH_ON_THIRD_BACKWARD = """
+import sys
+import train
+from numgpt.model import GPT
+
+backward, calls = GPT.backward, []
+
+def crash_on_third(self):
+    calls.append(self)
+    if len(calls) == 3:
+        raise RuntimeError("injected failure")
+    return backward(self)
+
+GPT.backward = crash_on_third
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def mpiexec():
+    """The mpiexec that belongs to this Python's mpi4py, checked by starting 2 ranks; else skip."""
+    try:
+        import mpi4py  # noqa: F401   (the package only: MPI itself starts in the ranks)
+    except ImportError:
+        pytest.skip(f"mpi4py is not installed ({INSTALL_HINT})")
+    path = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if path is None:
+        pytest.skip(f"no mpiexec on PATH ({INSTALL_HINT} provides one)")
+    probe = [path, "-n", "2", sys.executable, "-c", "from mpi4py import MPI; assert MPI.COMM_WORLD.Get_size() == 2"]
+    try:
+        result = subprocess.run(probe, capture_output=True, text=True, timeout=60, env=ENV)
+    except subprocess.TimeoutExpired:
+        pytest.skip("mpiexec -n 2 did not start two mpi4py ranks within 60 s")
+    if result.returncode != 0:
+        pytest.skip(f"mpiexec -n 2 cannot start two mpi4py ranks: {result.stderr.strip()[-500:]}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
+def run(command):
+    """Run `command` in its own process group -> (exit status, stderr); a hang fails the test and
+    leaves no rank behind."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... hung for {TIMEOUT_S} s")
+    return proc.returncode, err
+
+
+def train_cmd(ranks, mpiexec, out_dir, cache_dir, *flags):
+    """train.py on the tiny model: as 1 plain process (ranks=None) or as `ranks` MPI ranks with --ddp."""
+    args = [str(ROOT / "train.py"), *TINY, "--cache-dir", cache_dir, "--out-dir", str(out_dir), *flags]
+    if ranks is None:
+        return [sys.executable, *args]
+    return [mpiexec, "-n", str(ranks), sys.executable, *args, "--ddp"]
+
+
+def train_ok(ranks, mpiexec, out_dir, cache_dir, *flags):
+    code, err = run(train_cmd(ranks, mpiexec, out_dir, cache_dir, *flags))
+    assert code == 0, err
+
+
+def assert_same_training(ref_dir, out_dir, exact=False):
+    """The latest parameters and both AdamW moments of two runs' training states are equal: to the
+    bit, or to float32 round-off (averaging the ranks' means adds in another order than one mean).
+
+    The moments matter: AdamW's update hardly changes when every gradient is scaled (a sum over
+    ranks instead of a mean, say), but the moments scale with the gradients. They are tiny (the
+    second moment is about g^2), so their absolute tolerance is relative to their largest value.
+    """
+    (ref, ref_info), (ours, info) = load_train_state(ref_dir), load_train_state(out_dir)
+    assert info["step"] == ref_info["step"] and info["data_rng"] == ref_info["data_rng"]
+    for group in ref:
+        assert ours[group].keys() == ref[group].keys()
+        for name, a in ref[group].items():
+            atol = 1e-6 if group == "param" else 1e-5 * float(np.abs(a).max())
+            np.testing.assert_allclose(ours[group][name], a, rtol=0 if exact else 1e-5, atol=0 if exact else atol,
+                                       err_msg=f"{group}/{name}")
+
+
+def step_losses(out_dir):
+    with open(Path(out_dir) / "log.jsonl") as f:
+        return [row["loss"] for row in map(json.loads, f) if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def one_process(mpiexec, cache_dir, tmp_path_factory):
+    """The reference: STEPS steps of 1 plain process with the global batch."""
+    out = tmp_path_factory.mktemp("one-process")
+    train_ok(None, mpiexec, out, cache_dir, "--max-iters", str(STEPS))
+    return out
+
+
+def test_two_ranks_train_what_one_process_trains(mpiexec, cache_dir, one_process, tmp_path):
+    train_ok(2, mpiexec, tmp_path, cache_dir, "--max-iters", str(STEPS))
+    assert_same_training(one_process, tmp_path)
+    assert step_losses(tmp_path) == pytest.approx(step_losses(one_process), rel=1e-6)
+    val_loss = [load_train_state(out)[1]["best_val_loss"] for out in (one_process, tmp_path)]
+    assert val_loss[1] == pytest.approx(val_loss[0], rel=1e-6)
+
+
+def test_ddp_without_mpiexec_is_the_plain_run(mpiexec, cache_dir, one_process, tmp_path):
+    code, err = run([*train_cmd(None, mpiexec, tmp_path, cache_dir, "--max-iters", str(STEPS)), "--ddp"])
+    assert code == 0, err
+    assert_same_training(one_process, tmp_path, exact=True)
+
+
+@pytest.mark.parametrize("first, then", [(2, None), (None, 2)], ids=["2-ranks-then-1", "1-then-2-ranks"])
+def test_resume_with_another_number_of_ranks(mpiexec, cache_dir, one_process, tmp_path, first, then):
+    train_ok(first, mpiexec, tmp_path, cache_dir, "--max-iters", "3")
+    train_ok(then, mpiexec, tmp_path, cache_dir, "--resume", "--max-iters", str(STEPS))
+    assert_same_training(one_process, tmp_path)
+
+
+def test_resume_with_dropout_is_exact_for_the_same_ranks(mpiexec, cache_dir, tmp_path):
+    """Each rank draws its dropout masks from (seed, step, rank): a resume draws them again."""
+    train_ok(2, mpiexec, tmp_path / "whole", cache_dir, "--dropout", "0.1", "--max-iters", "4")
+    train_ok(2, mpiexec, tmp_path / "split", cache_dir, "--dropout", "0.1", "--max-iters", "2")
+    train_ok(2, mpiexec, tmp_path / "split", cache_dir, "--dropout", "0.1", "--resume", "--max-iters", "4")
+    assert_same_training(tmp_path / "whole", tmp_path / "split", exact=True)
+
+
+def test_a_batch_that_does_not_split_evenly(mpiexec, cache_dir, tmp_path):
+    code, err = run(train_cmd(2, mpiexec, tmp_path, cache_dir, "--batch-size", "5"))
+    assert code == 2, err
+    assert "--batch-size 5" in err and "multiple of 2" in err and "Traceback" not in err
+
+
+def test_a_failing_rank_ends_the_job(mpiexec, cache_dir, tmp_path):
+    """Rank 1 raises in the middle of training while rank 0 waits for it in the allreduce."""
+    rank0 = train_cmd(1, mpiexec, tmp_path, cache_dir, "--max-iters", str(STEPS))
+    rank1 = [sys.executable, "-c", CRASH_ON_THIRD_BACKWARD, *rank0[5:]]   # the same flags
+    code, err = run([*rank0, ":", "-n", "1", *rank1])
+    assert code != 0
+    assert "rank 1: Traceback" in err and "injected failure" in err
+
+
+def test_flat_buffer_and_shards():
+    """The pieces, without MPI: gradients written into the views land in one buffer, and the
+    ranks' shards of a batch are its rows, each once, in order."""
+    arrays = {"w": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)}
+    flat, views = flat_buffer(arrays, extra=2)
+    views["w"][...], views["b"][...] = arrays["w"] * 2, arrays["b"] * 3
+    assert flat.dtype == np.float32 and flat.tolist() == [2.0] * 6 + [3.0] * 4 + [0.0, 0.0]
+    batch = (np.arange(12).reshape(6, 2), np.arange(6))
+    ranks = [Communicator() for _ in range(3)]
+    for rank, comm in enumerate(ranks):
+        comm.rank, comm.size = rank, 3
+    for i, rows in enumerate(batch):
+        np.testing.assert_array_equal(np.concatenate([comm.shard(batch)[i] for comm in ranks]), rows)
+
+
+def test_ddp_without_mpi4py_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)   # `from mpi4py import MPI` now fails
+    assert train.main([*TINY, "--ddp", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert INSTALL_HINT in err and "Traceback" not in err
