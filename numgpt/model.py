@@ -171,12 +171,13 @@ class GPT:
             dx, block_grads = block_backward(dx, block_caches[i])
             grads.update({f"h.{i}.{name}": g for name, g in block_grads.items()})
         dx = dropout_backward(dx, drop_cache)
-        dwte, grads["wpe.weight"] = embedding_backward(dx, emb_cache)
         if cfg.tie_weights:
-            dwte += dhead               # wte is used twice: by the embedding and by the output layer
+            # wte is used twice, by the output layer and by the embedding: its gradient is the sum,
+            # made by scatter-adding the embedding's rows into the output layer's
+            grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, emb_cache, dwte=dhead)
         else:
             grads["lm_head.weight"] = dhead
-        grads["wte.weight"] = dwte
+            grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, emb_cache)
         return {name: grads[name] for name in self.params}
 
     # ---------------------------------------------------------------- generation

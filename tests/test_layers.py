@@ -135,6 +135,19 @@ def test_embedding_check_catches_fancy_index_bug(xp, case, seed):
     assert "wte" in mismatches(run_embedding(to_device(ids, xp)), embedding_grads_fancy_index, arrays, rng)
 
 
+def test_embedding_backward_accumulates_into_a_given_gradient(xp):
+    """With tied weights the rows are added into the output layer's gradient: the sum of both."""
+    rng = np.random.default_rng(0)
+    ids = to_device(np.array([[0, 2, 2, 1]]), xp)
+    wte, wpe, dx = draw(xp, rng, (3, 5)), draw(xp, rng, (4, 5)), draw(xp, rng, (1, 4, 5))
+    cache = embedding_forward(ids, wte, wpe)[1]
+    head_grad = draw(xp, rng, (3, 5))
+    expected = head_grad + embedding_backward(dx, cache)[0]
+    dwte, _ = embedding_backward(dx, cache, dwte=head_grad)
+    assert dwte is head_grad
+    np.testing.assert_allclose(to_numpy(dwte), to_numpy(expected), rtol=1e-12)
+
+
 # ---------------------------------------------------------------- layernorm
 
 def run_layernorm(a):

@@ -88,9 +88,10 @@ def test_model_check_catches_fancy_index_embedding(backend, case, seed, monkeypa
     idx, targets = batch(config, 1, config.block_size, rng)
     idx[:] = 0                                  # every position uses token 0: ids repeat
 
-    def fancy_index_backward(dx, cache):        # `dwte[idx] += dx`: the last write wins
-        dwte, dwpe = embedding_backward(dx, cache)
-        dwte[...] = 0
+    def fancy_index_backward(dx, cache, dwte=None):   # `dwte[idx] += dx`: the last write wins
+        _, dwpe = embedding_backward(dx, cache)
+        if dwte is None:
+            dwte = model.xp.zeros(cache[1], dtype=dx.dtype)
         dwte[cache[0].reshape(-1)] += dx.reshape(-1, dx.shape[-1])
         return dwte, dwpe
 

@@ -30,13 +30,17 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     n_valid = int((targets != ignore_index).sum())
     logits = xp.empty((N, V), dtype=x.dtype) if return_logits else None
     dx = xp.empty_like(x) if requires_grad else None              # (N,C)
-    dw = xp.zeros_like(w) if requires_grad else None              # (V,C)
+    dw = xp.empty_like(w) if requires_grad else None              # (V,C)
     loss = 0.0
     n_chunks = -(-N * V // CHUNK_ELEMENTS)                       # ceil: as few chunks as fit the budget
     chunk = -(-N // n_chunks)                                     # equal chunks: no thin, slow remainder
-    for start in range(0, N, chunk):
+    # one buffer for every chunk's logits and one for its share of dw, reused: a fresh large array
+    # per chunk would cost the kernel a page fault for each of its pages, every step
+    chunk_buf = xp.empty((chunk, V), dtype=x.dtype)              # (chunk,V)
+    dw_part = xp.empty_like(w) if requires_grad and n_chunks > 1 else None
+    for i, start in enumerate(range(0, N, chunk)):
         rows = slice(start, min(start + chunk, N))
-        chunk_logits = x[rows] @ w.T                                          # (n,V)
+        chunk_logits = xp.matmul(x[rows], w.T, out=chunk_buf[:rows.stop - start])   # (n,V)
         if return_logits:
             logits[rows] = chunk_logits
         # the chunk's logits are not needed after this: the loss works in their memory
@@ -45,8 +49,11 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
         loss = loss + chunk_loss
         if requires_grad:
             dlogits = cross_entropy_backward(1.0, ce_cache, overwrite=True)    # (n,V)
-            dx[rows] = dlogits @ w
-            dw += dlogits.T @ x[rows]
+            xp.matmul(dlogits, w, out=dx[rows])
+            if i == 0:
+                xp.matmul(dlogits.T, x[rows], out=dw)                          # (V,C)
+            else:
+                dw += xp.matmul(dlogits.T, x[rows], out=dw_part)
     return loss, logits, (dx, dw) if requires_grad else None
 
 

@@ -14,16 +14,19 @@ def embedding_forward(idx, wte, wpe, start=0):
     return x, (idx, wte.shape, wpe.shape, start)
 
 
-def embedding_backward(dx, cache):
+def embedding_backward(dx, cache, dwte=None):
     """dwte[v] = sum of dx[b, t] over positions with idx[b, t] == v; dwpe[start + t] = sum over b of dx[b, t].
 
     A token id that occurs twice must receive both gradients: `dwte[idx] += dx` would silently
-    keep only one of them, so the rows are scatter-added.
+    keep only one of them, so the rows are scatter-added. Given `dwte` (V,C), the rows are added
+    into it in place: with tied weights that is the output layer's gradient of the same matrix,
+    which spares a fresh (V,C) array and a pass adding the two.
     """
     idx, wte_shape, wpe_shape, start = cache
     xp = array_module(dx)
     B, T, C = dx.shape
-    dwte = xp.zeros(wte_shape, dtype=dx.dtype)         # (V,C)
+    if dwte is None:
+        dwte = xp.zeros(wte_shape, dtype=dx.dtype)     # (V,C)
     scatter_add(dwte, idx.reshape(-1), dx.reshape(B * T, C))
     dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)         # (block_size,C): unused positions get no gradient
     dwpe[start:start + T] = dx.sum(axis=0)
