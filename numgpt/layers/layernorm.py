@@ -7,15 +7,17 @@ def layernorm_forward(x, w, b=None, eps=1e-5):
     """y = (x - mean) / sqrt(var + eps) * w + b, statistics over C.   x (B,T,C), w, b (C,) -> y.
 
     The variance is the mean squared deviation (not E[x^2] - E[x]^2, which cancels badly when
-    |mean| >> std). The cache keeps the normalised input and 1/std for the backward.
+    |mean| >> std). The cache keeps the normalised input and 1/std for the backward. Two new
+    (B,T,C) arrays, the rest in place: every extra temporary is one more pass through memory.
     """
     xp = array_module(x)
     mean = x.mean(axis=-1, keepdims=True)              # (B,T,1)
-    xc = x - mean                                      # (B,T,C)
-    var = (xc * xc).mean(axis=-1, keepdims=True)       # (B,T,1)
+    xhat = x - mean                                    # (B,T,C): x - mean, normalised below
+    y = xp.multiply(xhat, xhat)                        # (B,T,C): squares first, the output later
+    var = y.mean(axis=-1, keepdims=True)               # (B,T,1)
     rstd = 1.0 / xp.sqrt(var + eps)                    # (B,T,1)
-    xhat = xc * rstd                                   # (B,T,C)
-    y = xhat * w
+    xhat *= rstd
+    xp.multiply(xhat, w, out=y)
     if b is not None:
         y += b
     return y, (xhat, rstd, w, b is not None)
@@ -30,12 +32,17 @@ def layernorm_backward(dy, cache):
     two mean terms are those indirect paths.
     """
     xhat, rstd, w, has_bias = cache
+    xp = array_module(dy)
     C = xhat.shape[-1]
     rows = (-1, C)
-    dw = (dy * xhat).reshape(rows).sum(axis=0)         # (C,)
+    scratch = dy * xhat                                # (B,T,C)
+    dw = scratch.reshape(rows).sum(axis=0)             # (C,)
     db = dy.reshape(rows).sum(axis=0) if has_bias else None  # (C,)
-    g = dy * w                                         # (B,T,C)
-    g_mean = g.mean(axis=-1, keepdims=True)            # (B,T,1)
-    gx_mean = (g * xhat).mean(axis=-1, keepdims=True)  # (B,T,1)
-    dx = (g - g_mean - xhat * gx_mean) * rstd          # (B,T,C)
+    dx = dy * w                                        # (B,T,C): g, turned into dx in place
+    g_mean = dx.mean(axis=-1, keepdims=True)           # (B,T,1)
+    xp.multiply(dx, xhat, out=scratch)
+    gx_mean = scratch.mean(axis=-1, keepdims=True)     # (B,T,1)
+    dx -= g_mean
+    dx -= xp.multiply(xhat, gx_mean, out=scratch)
+    dx *= rstd
     return dx, dw, db
