@@ -61,11 +61,12 @@ def causal_softmax(scores):
 
     The masked scores become -inf, so their probabilities are exactly 0; the row max is
     subtracted first so exp never overflows (a row's own position is always kept, so no row is all -inf).
+    Works in the scores' memory, which it overwrites.
     """
     xp = array_module(scores)
     Tq, Tk = scores.shape[-2:]
     future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)   # (Tq,Tk): True right of each row's position
-    scores = xp.where(future, -xp.inf, scores)
+    xp.copyto(scores, -xp.inf, where=future)                          # in place: where() would copy (B,nh,Tq,Tk)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -74,7 +75,12 @@ def causal_softmax(scores):
 
 def softmax_backward(dprobs, probs):
     """ds = p * (dp - sum(dp * p)) along the last axis: the softmax Jacobian-vector product."""
-    return probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True))
+    xp = array_module(probs)
+    ds = dprobs * probs
+    dot = ds.sum(axis=-1, keepdims=True)                # (...,1)
+    xp.subtract(dprobs, dot, out=ds)
+    ds *= probs
+    return ds
 
 
 def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None):
@@ -91,7 +97,9 @@ def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
     scale = 1.0 / math.sqrt(hs)
-    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)       # (B,nh,T,Tk)
+    scores = q @ k.transpose(0, 1, 3, 2)                                # (B,nh,T,Tk)
+    scores *= scale
+    att = causal_softmax(scores)                                        # (B,nh,T,Tk), in scores' memory
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
     y = merge_heads(att_drop @ v)                                       # (B,T,C)
     out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
