@@ -4,7 +4,8 @@ The analytic gradient of a scalar L(arrays) is compared with central differences
 (L(a + eps) - L(a - eps)) / (2 eps) at a random sample of coordinates of every array. An entry
 passes when |analytic - numeric| <= ATOL + RTOL * scale, where scale is the largest |analytic|
 in that array: normalising by the tensor's scale, not by the entry, keeps gradients that are
-exactly zero by symmetry (the K part of the qkv bias) from failing on round-off.
+exactly zero by symmetry (the K part of the qkv bias) from failing on round-off. An entry that
+fails is measured again with a 10x smaller step (see gradient_mismatches).
 """
 
 import numpy as np
@@ -46,8 +47,17 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
         num = numeric_grad(loss_fn, array, coords)
         ana = to_numpy(analytic[name]).reshape(-1)[coords]
         scale = float(np.abs(to_numpy(analytic[name])).max())
+        tol = ATOL + RTOL * scale
         err = np.abs(ana - num)
-        if np.any(err > ATOL + RTOL * scale):
+        if np.any(err > tol):
+            # Central differences err by about eps^2 / 6 times the third derivative. Where the loss
+            # curves sharply (a layernorm over 2 channels whose variance is near its own eps) that
+            # passes the tolerance. A 10x smaller step cuts that error 100x but leaves a wrong
+            # gradient as wrong, so those entries are measured again before they count.
+            retry = err > tol
+            num[retry] = numeric_grad(loss_fn, array, coords[retry], eps=EPS / 10)
+            err = np.abs(ana - num)
+        if np.any(err > tol):
             bad[name] = float(err.max() / max(scale, 1e-30))
     return bad
 
