@@ -26,7 +26,9 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     row_max = logits.max(axis=-1, keepdims=True)                       # (N,1): subtracted so exp never overflows
     exps = xp.subtract(logits, row_max, out=logits if overwrite else None)
     xp.exp(exps, out=exps)                                             # (N,V) unnormalised probabilities
-    sumexp = exps.sum(axis=-1, keepdims=True)                          # (N,1)
+    # the row sums as a matrix-vector product, which BLAS runs on every core: at V = 50257 on 2
+    # cores, 3x faster than exps.sum(axis=-1), a single-threaded ufunc reduction
+    sumexp = exps @ xp.ones((exps.shape[1], 1), dtype=exps.dtype)     # (N,1)
     lse = xp.log(sumexp[:, 0]) + row_max[:, 0]                         # (N,) logsumexp
     nll = (lse - target_logit) * valid                                 # (N,)
     loss = nll.sum() / n_valid if n_valid else xp.asarray(float("nan"), dtype=logits.dtype)
