@@ -66,8 +66,8 @@ def batch(config, B, T, rng):
 
 
 @given(case=model_case(), scale=st.sampled_from([0.1, 0.5]), seed=seeds)
-# layernorms over 2 channels with a variance near their eps: finite differences at the default step
-# err by 3e-5 of the gradient here, so the checker must re-measure with a smaller step
+# layernorms over 2 channels with a variance near their eps: central differences at the default
+# step err by 3e-5 of the gradient here, so the checker must re-measure them to higher order
 @example(case=(GPTConfig(vocab_size=3, block_size=1, n_layer=2, n_head=1, n_embd=2, bias=False, tie_weights=False),
                2, 1), scale=0.1, seed=175)
 def test_model_gradients(backend, case, scale, seed):
