@@ -13,7 +13,7 @@ from numgpt.layers import attention, classifier
 from numgpt.layers.activations import ACTIVATIONS, gelu_forward
 from numgpt.layers.attention import attention_backward, attention_forward, causal_softmax
 from numgpt.layers.classifier import classifier_backward, classifier_forward
-from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from numgpt.layers.cross_entropy import EXP_SAFE_BOUND, IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.embedding import embedding_backward, embedding_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
@@ -350,21 +350,36 @@ def targets_case(draw_, force_ignored=False):
     return N, V, np.array(targets)
 
 
-def run_cross_entropy(targets):
-    return lambda a: cross_entropy_forward(a["logits"], targets)
+def run_cross_entropy(targets, logits_bound=None):
+    return lambda a: cross_entropy_forward(a["logits"], targets, logits_bound=logits_bound)
 
 
-@given(case=targets_case(), scale=scales, seed=seeds)
-def test_cross_entropy_gradients(xp, case, scale, seed):
+@given(case=targets_case(), scale=scales, seed=seeds, bounded=st.booleans())
+def test_cross_entropy_gradients(xp, case, scale, seed, bounded):
     N, V, targets = case
     rng = np.random.default_rng(seed)
     arrays = {"logits": draw(xp, rng, (N, V), scale)}
+    bound = EXP_SAFE_BOUND if bounded else None   # the drawn logits are far below it: no row max
     grads = lambda d, cache: {"logits": cross_entropy_backward(d, cache)}
     if not np.any(targets != IGNORE_INDEX):   # nothing to learn from: nan loss, zero gradient
-        loss, cache = cross_entropy_forward(arrays["logits"], to_device(targets, xp))
+        loss, cache = cross_entropy_forward(arrays["logits"], to_device(targets, xp), logits_bound=bound)
         assert np.isnan(float(loss)) and not np.any(to_numpy(cross_entropy_backward(1.0, cache)))
         return
-    assert not mismatches(run_cross_entropy(to_device(targets, xp)), grads, arrays, rng)
+    assert not mismatches(run_cross_entropy(to_device(targets, xp), bound), grads, arrays, rng)
+
+
+def test_cross_entropy_without_the_row_max_is_the_same_function(xp):
+    rng = np.random.default_rng(0)
+    logits = draw(xp, rng, (6, 50257), 10.0)                 # |logits| < 60
+    targets = to_device(np.array([0, 5, IGNORE_INDEX, 50256, 7, 7]), xp)
+    bound = float(abs(to_numpy(logits)).max())
+    losses, dlogits = [], []
+    for logits_bound in (None, bound):
+        loss, cache = cross_entropy_forward(logits, targets, logits_bound=logits_bound)
+        losses.append(float(loss))
+        dlogits.append(to_numpy(cross_entropy_backward(1.0, cache)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-14)
+    np.testing.assert_allclose(dlogits[0], dlogits[1], rtol=1e-12, atol=1e-20)
 
 
 @given(case=targets_case(force_ignored=True), seed=seeds)
@@ -418,6 +433,29 @@ def test_classifier_matches_unfused_loss_and_logits(xp, monkeypatch):
     ref_loss, _ = cross_entropy_forward(x @ w.T, targets)
     np.testing.assert_allclose(to_numpy(logits), to_numpy(x @ w.T), rtol=1e-14)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-13)
+
+
+def huge_logits_case(xp):
+    """x (4,8), w (5,8) whose logits pass +-1e3, and targets: unshifted, exp overflows even in float64."""
+    rng = np.random.default_rng(1)
+    return draw(xp, rng, (4, 8), 100.0), draw(xp, rng, (5, 8), 10.0), to_device(np.array([0, 1, 2, 4]), xp)
+
+
+def test_classifier_is_stable_for_huge_logits(xp):
+    x, w, targets = huge_logits_case(xp)
+    assert float(classifier.logits_bound(x, w)) > EXP_SAFE_BOUND
+    loss, _, (dx, dw) = classifier_forward(x, w, targets, return_logits=False)
+    ref_loss, _ = cross_entropy_forward(x @ w.T, targets)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-13)
+    assert np.all(np.isfinite(to_numpy(dx))) and np.all(np.isfinite(to_numpy(dw)))
+
+
+def test_classifier_stability_check_catches_a_wrong_logits_bound(xp, monkeypatch):
+    monkeypatch.setattr(classifier, "logits_bound", lambda x, w: 0.0)   # claims exp is safe unshifted
+    x, w, targets = huge_logits_case(xp)
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, _, _ = classifier_forward(x, w, targets, return_logits=False)
+    assert not np.isfinite(float(loss))
 
 
 @given(case=targets_case(force_ignored=True), C=sizes, seed=seeds)

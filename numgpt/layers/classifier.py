@@ -38,6 +38,7 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     dx = xp.empty_like(x) if requires_grad else None              # (N,C)
     dw = xp.empty_like(w) if requires_grad else None              # (V,C)
     loss = 0.0
+    bound = logits_bound(x, w)
     n_chunks = -(-N * V // CHUNK_ELEMENTS)                       # ceil: as few chunks as fit the budget
     chunk = -(-N // n_chunks)                                     # equal chunks: no thin, slow remainder
     # one buffer for every chunk's logits and one for its share of dw, reused: a fresh large array
@@ -51,7 +52,7 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
             logits[rows] = chunk_logits
         # the chunk's logits are not needed after this: the loss works in their memory
         chunk_loss, ce_cache = cross_entropy_forward(chunk_logits, targets[rows], ignore_index, n_valid,
-                                                     overwrite=True)
+                                                     overwrite=True, logits_bound=bound)
         loss = loss + chunk_loss
         if requires_grad:
             exps, sumexp, safe_targets, valid, _ = ce_cache                   # (n,V), (n,1), (n,), (n,)
@@ -67,6 +68,17 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
                 dw += xp.matmul(exps.T, x_scaled, out=dw_part)
             scatter_add(dw, safe_targets, -(x[rows] * a))                      # targets repeat: add.at
     return loss, logits, (dx, dw) if requires_grad else None
+
+
+def logits_bound(x, w):
+    """A bound on every |x_i . w_j| by Cauchy-Schwarz: max_i |x_i| * max_j |w_j| (a Python float).
+
+    Cheap beside the logits ((N+V) C work against N V C), and after a layernorm rarely loose by
+    more than a few times: when it is small the cross-entropy can skip the row max (see there).
+    """
+    xp = array_module(x)
+    max_sq_norm = lambda a: float(xp.einsum("ij,ij->i", a, a).max())   # max over rows of |row|^2
+    return (max_sq_norm(x) * max_sq_norm(w)) ** 0.5
 
 
 def row_weights(valid, n_valid):
