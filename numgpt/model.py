@@ -11,6 +11,7 @@ form `generate_stream`) runs `decode`, the same layers for inference: each new t
 the keys and values of the earlier positions kept in KV caches.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -27,6 +28,7 @@ from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.embedding import embedding_backward, embedding_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 from numgpt.layers.linear import named_grads
+from numgpt.precision import half_matmuls
 from numgpt.sampling import check_sampling_args, sample_next
 
 INIT_STD = 0.02
@@ -49,20 +51,35 @@ def init_params(config, seed=0):
     return params
 
 
+def in_model_precision(method):
+    """Run a GPT method with the model's matmul precision (float16 operands when mixed)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with half_matmuls(self.matmul_dtype):
+            return method(self, *args, **kwargs)
+    return run
+
+
 class GPT:
     """A GPT-2-style language model with explicit forward and backward passes.
 
     model = GPT(config, backend="numpy", dtype="float32", seed=0)
     logits, loss = model.forward(idx, targets)     # idx, targets (B,T) ints
     grads = model.backward()                       # {name: gradient of the mean loss}
+
+    With matmul_dtype="float16" (mixed precision, for GPU tensor cores) the parameters and
+    activations stay in `dtype`, float32, and only the matmuls' operands are rounded to float16.
     """
 
-    def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None):
+    def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None):
         if not isinstance(config, GPTConfig):
             raise ConfigError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = config
         self.xp = get_xp(backend)
         self.dtype = resolve_dtype(dtype)
+        if matmul_dtype not in (None, "float16") or (matmul_dtype and self.dtype != np.float32):
+            raise ConfigError(f"matmul_dtype must be None or 'float16' (with dtype float32), got {matmul_dtype!r}")
+        self.matmul_dtype = matmul_dtype
         host_params = init_params(config, seed) if params is None else params
         # copies: the model owns its parameters and updates them in place
         self.params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
@@ -121,12 +138,15 @@ class GPT:
         """The output layer's (V,C) weight: the token embedding itself when the weights are tied."""
         return self.params["wte.weight" if self.config.tie_weights else "lm_head.weight"]
 
-    def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True):
+    @in_model_precision
+    def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True, loss_scale=1.0):
         """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (float or None).
 
         Targets equal to -100 are ignored by the loss. With `return_logits=False` the full logits
         are never built (training needs only the loss). With `requires_grad=False` nothing is kept
         for backward, which saves memory and, with targets, the output layer's gradient work.
+        `loss_scale` multiplies the loss inside the backward's arithmetic and divides the finished
+        gradients: it keeps small gradients from flushing to zero in float16 matmuls.
         """
         cfg, p = self.config, self.params
         idx = self._as_ids(idx, "idx")
@@ -147,22 +167,24 @@ class GPT:
         loss, logits, head_cache = classifier_forward(
             x.reshape(B * T, cfg.n_embd), self._head_weight(),
             None if targets is None else targets.reshape(-1),
-            return_logits=return_logits, requires_grad=requires_grad)
+            return_logits=return_logits, requires_grad=requires_grad, grad_scale=loss_scale)
 
         keep = requires_grad and targets is not None
-        self._cache = (emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T)) if keep else None
+        self._cache = (emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T), loss_scale) if keep else None
         logits = None if logits is None else logits.reshape(B, T, cfg.vocab_size)
         return logits, (None if loss is None else float(loss))
 
+    @in_model_precision
     def backward(self):
         """Gradients of the last forward's mean loss: {name: array} with the keys and shapes of params.
 
-        The returned arrays are valid until the next forward/backward, which may reuse them.
+        The returned arrays are valid until the next forward/backward, which may reuse them. With
+        float16 matmuls a gradient may overflow to inf or nan: the caller checks (see DynamicLossScaler).
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with requires_grad=True")
         cfg = self.config
-        emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T) = self._cache
+        emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T), loss_scale = self._cache
         self._cache = None   # the caches are spent: free their memory now
         dx, dhead = classifier_backward(1.0, head_cache)                             # (B*T,C), (V,C)
         dx, dw, db = layernorm_backward(dx.reshape(B, T, cfg.n_embd), ln_f_cache)
@@ -178,6 +200,9 @@ class GPT:
         else:
             grads["lm_head.weight"] = dhead
             grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, emb_cache)
+        if loss_scale != 1.0:   # the gradients of loss_scale * loss, back to those of the loss
+            for g in grads.values():
+                g *= 1.0 / loss_scale
         return {name: grads[name] for name in self.params}
 
     # ---------------------------------------------------------------- generation
@@ -188,6 +213,7 @@ class GPT:
         shape = (batch, cfg.n_head, cfg.block_size, cfg.head_size)        # (B,nh,block_size,hs)
         return [KVCache(self.xp, shape, self.dtype) for _ in range(cfg.n_layer)]
 
+    @in_model_precision
     def decode(self, idx, kv_caches, *, return_attention=False):
         """The inference forward: idx (B,T) are the tokens after the `length` positions the caches
         hold -> logits (B,V) of the last position (and, with `return_attention`, a list with each

@@ -18,6 +18,7 @@ import math
 from numgpt.backend import array_module
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.linear import linear_backward, linear_forward, named_grads
+from numgpt.precision import matmul
 
 
 def split_heads(x, n_head):
@@ -97,11 +98,11 @@ def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
     scale = 1.0 / math.sqrt(hs)
-    scores = q @ k.transpose(0, 1, 3, 2)                                # (B,nh,T,Tk)
+    scores = matmul(q, k.transpose(0, 1, 3, 2))                         # (B,nh,T,Tk)
     scores *= scale
     att = causal_softmax(scores)                                        # (B,nh,T,Tk), in scores' memory
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
-    y = merge_heads(att_drop @ v)                                       # (B,T,C)
+    y = merge_heads(matmul(att_drop, v))                                # (B,T,C)
     out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
     out, out_drop_cache = dropout_forward(out, dropout, rng)
     cache = (qkv_cache, q, k, v, att, att_drop, att_drop_cache, proj_cache, out_drop_cache, n_head, scale)
@@ -120,13 +121,13 @@ def attention_backward(dout, cache):
     dout = dropout_backward(dout, out_drop_cache)
     dy, dw_proj, db_proj = linear_backward(dout, proj_cache)            # dy (B,T,C)
     dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
-    datt_drop = dy @ v.transpose(0, 1, 3, 2)                            # (B,nh,T,T)
-    dv = att_drop.transpose(0, 1, 3, 2) @ dy                            # (B,nh,T,hs)
+    datt_drop = matmul(dy, v.transpose(0, 1, 3, 2))                     # (B,nh,T,T)
+    dv = matmul(att_drop.transpose(0, 1, 3, 2), dy)                     # (B,nh,T,hs)
     datt = dropout_backward(datt_drop, att_drop_cache)
     dscores = softmax_backward(datt, att)                               # masked entries: p = 0 -> 0
     dscores *= scale
-    dq = dscores @ k                                                    # (B,nh,T,hs)
-    dk = dscores.transpose(0, 1, 3, 2) @ q                              # (B,nh,T,hs)
+    dq = matmul(dscores, k)                                             # (B,nh,T,hs)
+    dk = matmul(dscores.transpose(0, 1, 3, 2), q)                       # (B,nh,T,hs)
     dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)
     dx, dw_attn, db_attn = linear_backward(dqkv, qkv_cache)
     grads = {**named_grads("c_attn", dw_attn, db_attn), **named_grads("c_proj", dw_proj, db_proj)}

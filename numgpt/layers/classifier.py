@@ -8,6 +8,7 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 
 from numgpt.backend import array_module, scatter_add
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
+from numgpt.precision import matmul, using_half_matmuls
 
 # Logits per chunk, at most: 128 MiB in float32. Measured on a 2-core CPU at V = 50257, the
 # matmuls with one chunk run at ~20 GFLOP/s for 128 rows and ~95 for 512 (BLAS needs tall
@@ -16,12 +17,13 @@ CHUNK_ELEMENTS = 1 << 25
 
 
 def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_logits=True,
-                       requires_grad=True):
+                       requires_grad=True, grad_scale=1.0):
     """x (N,C), w (V,C), targets (N,) or None -> loss (0-d array, or None), logits (N,V) or None, cache.
 
     Without targets there is no loss and the logits are always returned. With targets and
     `requires_grad`, the gradients of the mean loss are computed chunk by chunk here, because the
-    chunk's probabilities are at hand now and would cost a second x @ w^T to rebuild later.
+    chunk's probabilities are at hand now and would cost a second x @ w^T to rebuild later. They
+    are the gradients of grad_scale * loss (mixed precision scales the loss: see numgpt.precision).
 
     The gradient of a chunk's logits is dlogits = a * (exps / sumexp - onehot(t)), with exps the
     unnormalised softmax and a = 1/n_valid (0 on ignored rows). Both products with it are linear,
@@ -31,14 +33,16 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     """
     xp = array_module(x)
     if targets is None:
-        return None, x @ w.T, None
+        return None, matmul(x, w.T), None
     N, V = x.shape[0], w.shape[0]
     n_valid = int((targets != ignore_index).sum())
     logits = xp.empty((N, V), dtype=x.dtype) if return_logits else None
     dx = xp.empty_like(x) if requires_grad else None              # (N,C)
     dw = xp.empty_like(w) if requires_grad else None              # (V,C)
     loss = 0.0
-    bound = logits_bound(x, w)
+    # exp(logits) may reach e^60 when the bound lets the loss skip the row max: far beyond
+    # float16's 65504, so with float16 matmuls the max is always subtracted (exps <= 1)
+    bound = None if using_half_matmuls() else logits_bound(x, w)
     n_chunks = -(-N * V // CHUNK_ELEMENTS)                       # ceil: as few chunks as fit the budget
     chunk = -(-N // n_chunks)                                     # equal chunks: no thin, slow remainder
     # one buffer for every chunk's logits and one for its share of dw, reused: a fresh large array
@@ -47,7 +51,7 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     dw_part = xp.empty_like(w) if requires_grad and n_chunks > 1 else None
     for i, start in enumerate(range(0, N, chunk)):
         rows = slice(start, min(start + chunk, N))
-        chunk_logits = xp.matmul(x[rows], w.T, out=chunk_buf[:rows.stop - start])   # (n,V)
+        chunk_logits = matmul(x[rows], w.T, out=chunk_buf[:rows.stop - start])      # (n,V)
         if return_logits:
             logits[rows] = chunk_logits
         # the chunk's logits are not needed after this: the loss works in their memory
@@ -56,16 +60,16 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
         loss = loss + chunk_loss
         if requires_grad:
             exps, sumexp, safe_targets, valid, _ = ce_cache                   # (n,V), (n,1), (n,), (n,)
-            a = row_weights(valid, n_valid).astype(x.dtype)[:, None]           # (n,1)
+            a = (row_weights(valid, n_valid) * grad_scale).astype(x.dtype)[:, None]   # (n,1)
             r = a / sumexp                                                     # (n,1)
-            dx_rows = xp.matmul(exps, w, out=dx[rows])                         # (n,C)
+            dx_rows = matmul(exps, w, out=dx[rows])                            # (n,C)
             dx_rows *= r
             dx_rows -= w[safe_targets] * a                                     # the one-hot part
             x_scaled = x[rows] * r                                             # (n,C)
             if i == 0:
-                xp.matmul(exps.T, x_scaled, out=dw)                            # (V,C)
+                matmul(exps.T, x_scaled, out=dw)                               # (V,C)
             else:
-                dw += xp.matmul(exps.T, x_scaled, out=dw_part)
+                dw += matmul(exps.T, x_scaled, out=dw_part)
             scatter_add(dw, safe_targets, -(x[rows] * a))                      # targets repeat: add.at
     return loss, logits, (dx, dw) if requires_grad else None
 

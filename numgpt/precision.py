@@ -1,0 +1,116 @@
+"""Reduced-precision arithmetic for the GPU: float16 matmuls with loss scaling, and TF32.
+
+Three precisions, train.py's --precision:
+
+    fp32   every operation in float32 (the default, and the only choice that is exact enough for
+           the gradient checks, which run in float64 anyway)
+    tf32   float32 arrays, but cuBLAS rounds matmul inputs to TF32 (10-bit mantissa) on tensor
+           cores; everything else is unchanged (CuPy only)
+    fp16   mixed precision (Micikevicius et al. 2018): the parameters, the AdamW moments and every
+           activation stay float32; only the operands of the matmuls are rounded to float16, which
+           tensor cores multiply with float32 accumulation, and the product comes back as float32
+
+float16 has 5 exponent bits: magnitudes below 6e-8 flush to zero, and above 65504 overflow. The
+forward's values live well inside that range, but gradients are small (a mean over B*T positions
+divides them by thousands), so the backward computes the gradient of `scale * loss` and the result
+is divided by `scale` in float32 at the end. DynamicLossScaler picks the scale: as large as it can
+be without overflowing, found by halving it after a step whose gradients were not finite (that
+step is skipped) and doubling it after a long run of good ones.
+"""
+
+import contextlib
+import os
+
+import numpy as np
+
+from numgpt.backend import array_module, backend_name
+from numgpt.errors import ConfigError
+
+PRECISIONS = ("fp32", "tf32", "fp16")
+
+# the dtype matmul() rounds its operands to, None for none: set by `half_matmuls`
+_matmul_dtype = None
+
+
+@contextlib.contextmanager
+def half_matmuls(dtype):
+    """Within the block, matmul() multiplies in `dtype` ("float16"); with None it is plain."""
+    global _matmul_dtype
+    previous, _matmul_dtype = _matmul_dtype, dtype
+    try:
+        yield
+    finally:
+        _matmul_dtype = previous
+
+
+def matmul(a, b, out=None):
+    """a @ b, the product every layer uses.   a (..., n, k), b (..., k, m) -> (..., n, m) in a's dtype.
+
+    Inside `half_matmuls("float16")` a and b are rounded to float16 first. NumPy and cuBLAS both
+    accumulate float16 products in float32, so only the operands lose precision; the product is
+    rounded to float16 once and handed back in a's dtype (into `out` when given).
+    """
+    xp = array_module(a)
+    if _matmul_dtype is None:
+        return xp.matmul(a, b, out=out)
+    with np.errstate(over="ignore", invalid="ignore"):   # overflow is expected: the loss scaler handles it
+        product = xp.matmul(a.astype(_matmul_dtype), b.astype(_matmul_dtype))
+    if out is None:
+        return product.astype(a.dtype)
+    out[...] = product
+    return out
+
+
+def using_half_matmuls():
+    """True inside `half_matmuls` with a dtype."""
+    return _matmul_dtype is not None
+
+
+def set_tf32(xp, enabled):
+    """Let cuBLAS run float32 matmuls on TF32 tensor cores (CuPy on an Ampere or newer GPU).
+
+    CuPy reads CUPY_TF32 at its first float32 matmul and keeps the answer; set_compute_type
+    changes it afterwards. On NumPy, asking for TF32 is an error: the CPU has no such mode.
+    """
+    if backend_name(xp) == "numpy":
+        if enabled:
+            raise ConfigError("--precision tf32 is a mode of NVIDIA tensor cores: use it with --backend cupy")
+        return
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    from cupy._core import _routines_linalg as linalg   # where CuPy keeps the setting
+    linalg.set_compute_type(xp.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+
+
+class DynamicLossScaler:
+    """The loss scale for float16 gradients, as torch.cuda.amp.GradScaler chooses it.
+
+    scaler.scale is the factor the backward multiplies the loss by. After each step call
+    scaler.update(finite), with finite False when any gradient was inf or nan: the scale is then
+    halved (and the caller skips that step). After `growth_interval` finite steps in a row it is
+    doubled, to keep it near the largest value that does not overflow. Powers of two: scaling and
+    unscaling are exact.
+    """
+
+    def __init__(self, scale=2.0 ** 16, growth_interval=2000):
+        if not scale > 0 or growth_interval < 1:
+            raise ConfigError(f"loss scale must be > 0 and growth_interval >= 1, got {scale!r}, {growth_interval!r}")
+        self.scale = float(scale)
+        self.growth_interval = int(growth_interval)
+        self.good_steps = 0
+
+    def update(self, finite):
+        """Account for one step whose gradients were all finite (True) or not (False)."""
+        if not finite:
+            self.scale /= 2.0
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= 2.0
+            self.good_steps = 0
+
+    def state_dict(self):
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state):
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])

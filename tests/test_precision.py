@@ -1,0 +1,170 @@
+"""Reduced precision: float16 matmuls with loss scaling, the dynamic loss scaler, and TF32.
+
+NumPy, like cuBLAS, multiplies float16 matrices with float32 accumulation, so the mixed-precision
+arithmetic of the GPU is checked here on the CPU (slowly: NumPy has no float16 BLAS)."""
+
+import numpy as np
+import pytest
+
+from numgpt import GPT, AdamW, ConfigError, GPTConfig
+from numgpt.backend import cupy_available, get_xp, to_numpy
+from numgpt.precision import DynamicLossScaler, half_matmuls, matmul, set_tf32, using_half_matmuls
+
+CONFIG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def markov_batch(rng, B, T, vocab=CONFIG.vocab_size):
+    """(idx, targets) (B,T) from a fixed random Markov chain whose rows favour a few successors:
+    text with structure to learn and noise that keeps the loss from reaching 0."""
+    transitions = np.random.default_rng(123).dirichlet(np.full(vocab, 0.1), size=vocab)   # (V,V)
+    seq = np.empty((B, T + 1), dtype=np.int64)
+    seq[:, 0] = rng.integers(vocab, size=B)
+    for t in range(T):
+        seq[:, t + 1] = [rng.choice(vocab, p=transitions[s]) for s in seq[:, t]]
+    return seq[:, :-1], seq[:, 1:]
+
+
+def grads_of(model, idx, targets, loss_scale=1.0):
+    _, loss = model.forward(idx, targets, loss_scale=loss_scale)
+    return loss, {name: to_numpy(g).copy() for name, g in model.backward().items()}
+
+
+def relative_error(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_matmul_rounds_operands_only_inside_the_block(xp):
+    rng = np.random.default_rng(0)
+    a, b = (xp.asarray(rng.standard_normal(shape), dtype=np.float32) for shape in ((5, 300), (300, 7)))
+    np.testing.assert_array_equal(to_numpy(matmul(a, b)), to_numpy(a @ b))
+    with half_matmuls("float16"):
+        assert using_half_matmuls()
+        mixed = matmul(a, b)
+        into = matmul(a, b, out=xp.empty((5, 7), dtype=np.float32))
+    assert not using_half_matmuls()
+    expected = (a.astype(np.float16) @ b.astype(np.float16)).astype(np.float32)
+    assert mixed.dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(mixed), to_numpy(expected))
+    np.testing.assert_array_equal(to_numpy(into), to_numpy(expected))
+    assert 1e-5 < relative_error(to_numpy(mixed), to_numpy(a @ b)) < 1e-2     # rounded, but only to float16
+
+
+def test_half_block_ends_on_an_exception():
+    with pytest.raises(ZeroDivisionError):
+        with half_matmuls("float16"):
+            1 / 0
+    assert not using_half_matmuls()
+
+
+def test_float16_matmuls_stay_close_to_float32(backend):
+    idx, targets = markov_batch(np.random.default_rng(0), 4, 16)
+    ref, mixed = (GPT(CONFIG, backend=backend, seed=3, matmul_dtype=m) for m in (None, "float16"))
+    ref_loss, ref_grads = grads_of(ref, idx, targets)
+    loss, grads = grads_of(mixed, idx, targets, loss_scale=2.0 ** 12)
+    assert loss == pytest.approx(ref_loss, rel=1e-3) and loss != ref_loss
+    for name, g in grads.items():
+        assert g.dtype == np.float32
+        assert relative_error(g, ref_grads[name]) < 2e-2, name
+    assert all(p.dtype == np.float32 for p in mixed.params.values())   # float32 master weights
+
+
+def test_loss_scaling_saves_small_gradients_from_float16_underflow():
+    """With 4096 positions each logit's gradient is ~1/4096 of a probability, and the products in
+    the backward fall below float16's normal range (6e-5): unscaled, they lose their digits."""
+    idx, targets = markov_batch(np.random.default_rng(1), 256, 16)
+    ref, mixed = (GPT(CONFIG, seed=3, matmul_dtype=m) for m in (None, "float16"))
+    _, ref_grads = grads_of(ref, idx, targets)
+    errors = {}
+    for scale in (1.0, 2.0 ** 12):
+        _, grads = grads_of(mixed, idx, targets, loss_scale=scale)
+        errors[scale] = max(relative_error(g, ref_grads[name]) for name, g in grads.items())
+    assert errors[2.0 ** 12] < 5e-3 and errors[1.0] > 3 * errors[2.0 ** 12], errors   # measured: 0.001, 0.02
+
+
+def test_loss_scale_is_undone_exactly_in_float32(backend):
+    """Scaling by a power of two commutes with rounding, so the gradients are the same to the bit;
+    a backward that forgot to divide by the scale would be off by 2^10."""
+    idx, targets = markov_batch(np.random.default_rng(2), 2, 16)
+    model = GPT(CONFIG, backend=backend, seed=3)
+    _, plain = grads_of(model, idx, targets)
+    _, scaled = grads_of(model, idx, targets, loss_scale=2.0 ** 10)
+    for name, g in plain.items():
+        np.testing.assert_array_equal(scaled[name], g, err_msg=name)
+
+
+def test_float16_training_follows_float32(backend):
+    """60 AdamW steps on the same batches: the loss curves of the two precisions agree to within
+    a small fraction of the distance the loss travels (measured: 0.15% of it)."""
+    rng = np.random.default_rng(4)
+    batches = [markov_batch(rng, 8, 16) for _ in range(60)]
+    curves = {}
+    for m in (None, "float16"):
+        model = GPT(CONFIG, backend=backend, seed=5, matmul_dtype=m)
+        opt, scaler = AdamW(model.params, lr=5e-3), DynamicLossScaler()
+        curves[m] = []
+        for idx, targets in batches:
+            _, loss = model.forward(idx, targets, loss_scale=scaler.scale)
+            grads = model.backward()
+            finite = all(bool(model.xp.isfinite(g).all()) for g in grads.values())
+            scaler.update(finite)
+            if finite:
+                opt.step(grads)
+            curves[m].append(loss)
+    ref, mixed = np.array(curves[None]), np.array(curves["float16"])
+    travelled = ref[:5].mean() - ref[-5:].mean()
+    assert travelled > 0.5                                              # it learned something
+    assert np.abs(mixed - ref).max() < 0.02 * travelled, np.abs(mixed - ref).max()
+
+
+def test_dynamic_loss_scaler():
+    scaler = DynamicLossScaler(scale=1024.0, growth_interval=3)
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 1024.0
+    scaler.update(False)                                 # overflow: halve, and count again from 0
+    assert scaler.scale == 512.0 and scaler.good_steps == 0
+    for _ in range(3):
+        scaler.update(True)
+    assert scaler.scale == 1024.0 and scaler.good_steps == 0
+    restored = DynamicLossScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == scaler.state_dict()
+    with pytest.raises(ConfigError):
+        DynamicLossScaler(scale=0.0)
+
+
+def test_an_overflowing_backward_is_reported_not_hidden():
+    """A scale far too large makes float16 products overflow: the gradients come back non-finite
+    for the caller (the scaler) to see, instead of silently wrong."""
+    idx, targets = markov_batch(np.random.default_rng(5), 2, 16)
+    model = GPT(CONFIG, seed=3, matmul_dtype="float16")
+    _, grads = grads_of(model, idx, targets, loss_scale=2.0 ** 40)
+    assert not all(np.isfinite(g).all() for g in grads.values())
+
+
+def test_mixed_precision_needs_float32_master_weights():
+    with pytest.raises(ConfigError, match="matmul_dtype"):
+        GPT(CONFIG, dtype="float64", matmul_dtype="float16")
+    with pytest.raises(ConfigError, match="matmul_dtype"):
+        GPT(CONFIG, matmul_dtype="bfloat16")
+
+
+def test_tf32_is_refused_on_numpy():
+    set_tf32(np, False)                                  # turning it off is always fine
+    with pytest.raises(ConfigError, match="cupy"):
+        set_tf32(np, True)
+
+
+@pytest.mark.skipif(not cupy_available(), reason="CuPy with a GPU is not available")
+def test_tf32_rounds_float32_matmuls_on_the_gpu():
+    cp = get_xp("cupy")
+    rng = np.random.default_rng(0)
+    a, b = (cp.asarray(rng.standard_normal(shape), dtype=np.float32) for shape in ((256, 512), (512, 256)))
+    exact = to_numpy(a.astype(np.float64) @ b.astype(np.float64))
+    try:
+        set_tf32(cp, True)
+        tf32 = to_numpy(a @ b)
+    finally:
+        set_tf32(cp, False)
+    fp32 = to_numpy(a @ b)
+    assert relative_error(fp32, exact) < 1e-6 < relative_error(tf32, exact) < 1e-2
