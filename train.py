@@ -17,7 +17,7 @@ import traceback
 from numgpt.errors import NumGPTError
 
 # flags that --resume may change; anything else must match the saved run
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "out_dir",
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision", "out_dir",
              "cache_dir", "dataset", "data"}
 
 
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, help=f"seed of init, batches and dropout (default {d.seed})")
     g.add_argument("--backend", choices=["numpy", "cupy", "auto"], help=f"array backend (default {d.backend})")
     g.add_argument("--dtype", choices=["float32", "float64"], help=f"working precision (default {d.dtype})")
+    g.add_argument("--precision", choices=["fp32", "tf32", "fp16"], help=f"matmul precision on a GPU: tf32 tensor "
+                   f"cores, or fp16 mixed precision (float16 matmuls, float32 weights, loss scaling) (default {d.precision})")
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, help=f"transformer blocks (default {d.n_layer})")
     g.add_argument("--n-head", type=int, help=f"attention heads (default {d.n_head})")

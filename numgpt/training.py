@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from numgpt import checkpoint
-from numgpt.backend import to_numpy
+from numgpt.backend import backend_name, get_xp, to_numpy
 from numgpt.config import GPTConfig
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, get_tokenizer
@@ -35,6 +35,7 @@ from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import ConfigError, DataError
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
+from numgpt.precision import PRECISIONS, DynamicLossScaler, set_tf32
 from numgpt.train_state import load_train_state, save_train_state
 
 LOG_FILE = "log.jsonl"
@@ -78,6 +79,7 @@ class TrainConfig:
     seed: int = 1337
     backend: str = "numpy"
     dtype: str = "float32"
+    precision: str = "fp32"          # fp32, tf32 or fp16 (mixed): see numgpt.precision
 
     def validate(self):
         """Raise ConfigError naming the first setting that cannot work."""
@@ -99,6 +101,10 @@ class TrainConfig:
             raise ConfigError(f"--data and --dataset {self.dataset} are two data sources: give one of them")
         if self.dataset not in ("auto", "tinystories", "embedded", "files"):
             raise ConfigError(f"--dataset must be auto, tinystories or embedded, got {self.dataset!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.dtype != "float32":
+            raise ConfigError(f"--precision {self.precision} lowers float32 arithmetic: it needs --dtype float32")
 
 
 # Named setups. "tinystories-tutorial" is the classic PyTorch TinyStories tutorial: a 4-layer,
@@ -148,18 +154,22 @@ def load_data(cfg, source, log):
 
 # ---------------------------------------------------------------- model and optimizer
 
-def build_model(cfg):
-    """A fresh model, or one initialised from a HuggingFace GPT-2 directory (--init-from)."""
+def build_model(cfg, params=None, config=None):
+    """A fresh model, one initialised from a HuggingFace GPT-2 directory (--init-from), or, given
+    `params` and `config`, the model of a saved training state; in cfg's precision."""
+    set_tf32(get_xp(cfg.backend), cfg.precision == "tf32")
+    kwargs = dict(backend=cfg.backend, dtype=cfg.dtype, matmul_dtype="float16" if cfg.precision == "fp16" else None)
+    if params is not None:
+        return GPT(config, params=params, **kwargs)
     if cfg.init_from == "scratch":
         config = GPTConfig(vocab_size=50257, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                            n_embd=cfg.n_embd, dropout=cfg.dropout, activation=cfg.activation)
-        return GPT(config, backend=cfg.backend, dtype=cfg.dtype, seed=cfg.seed)
-    model = GPT.from_pretrained(cfg.init_from, backend=cfg.backend, dtype=cfg.dtype)
-    if cfg.block_size > model.config.block_size:
-        raise ConfigError(f"--block-size {cfg.block_size} exceeds the block size {model.config.block_size} "
+        return GPT(config, seed=cfg.seed, **kwargs)
+    config, params = checkpoint.load_pretrained(cfg.init_from)
+    if cfg.block_size > config.block_size:
+        raise ConfigError(f"--block-size {cfg.block_size} exceeds the block size {config.block_size} "
                           f"of {cfg.init_from}")
-    model.config = dataclasses.replace(model.config, dropout=cfg.dropout)
-    return model
+    return GPT(dataclasses.replace(config, dropout=cfg.dropout), params=params, **kwargs)
 
 
 def build_optimizer(model, cfg):
@@ -280,6 +290,10 @@ class Trainer:
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
         self.model = build_model(cfg) if state is None else self._model_from_state(*state)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.scaler = DynamicLossScaler() if cfg.precision == "fp16" else None
+        if self.scaler is not None and backend_name(self.model.xp) == "numpy":
+            self.log("note: --precision fp16 on the CPU gives the GPU's arithmetic at a fraction of the speed "
+                     "(NumPy has no float16 BLAS); use it with --backend cupy")
         # every gradient lives in one flat buffer, with two more slots for the step's loss and
         # stop flag: averaging all of it across the ranks is one allreduce per step
         self.flat_grads, self.grads = flat_buffer(self.model.params, extra=2)
@@ -297,11 +311,12 @@ class Trainer:
             self._restore(*state)
 
     def _model_from_state(self, arrays, info):
-        config = GPTConfig(**info["model_config"])
-        return GPT(config, backend=self.cfg.backend, dtype=self.cfg.dtype, params=arrays["param"])
+        return build_model(self.cfg, params=arrays["param"], config=GPTConfig(**info["model_config"]))
 
     def _restore(self, arrays, info):
         self.optimizer.load_state_dict({"step": info["adam_step"], "m": arrays["adam_m"], "v": arrays["adam_v"]})
+        if self.scaler is not None and "loss_scaler" in info:   # absent when the run was not fp16 before
+            self.scaler.load_state_dict(info["loss_scaler"])
         self.batcher.set_state(info["data_rng"])
         self.step, self.best_val = info["step"], info["best_val_loss"]
         if self.is_main:
@@ -314,12 +329,19 @@ class Trainer:
             return
         info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
                 "train_config": dataclasses.asdict(self.cfg), "source": self.source, "data_rng": self.batcher.state()}
+        if self.scaler is not None:
+            info["loss_scaler"] = self.scaler.state_dict()
         save_train_state(self.cfg.out_dir, self.model, self.optimizer, info)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches of this rank's rows, the gradients
-        averaged across the ranks. Returns (mean loss, whether any rank was asked to stop)."""
+        averaged across the ranks. Returns (mean loss, whether any rank was asked to stop).
+
+        With fp16 matmuls the backward works on the loss times the scaler's scale; a step whose
+        gradients overflowed is skipped (the parameters and AdamW's moments do not move) and the
+        scale halved, as every rank decides alike from the same averaged gradients."""
         cfg, model, grads = self.cfg, self.model, self.grads
+        loss_scale = 1.0 if self.scaler is None else self.scaler.scale
         # the dropout masks of step s on rank r come from a generator seeded by (seed, s, r): a
         # resume draws the same masks without saving any generator state, and every rank's rows
         # get masks of their own (so with dropout, N ranks match N ranks, not 1 process)
@@ -327,7 +349,7 @@ class Trainer:
         total_loss = 0.0
         for micro_step in range(cfg.grad_accum):
             x, y = self.comm.shard(self.batcher.next_batch())
-            _, loss = model.forward(x, y, return_logits=False)
+            _, loss = model.forward(x, y, return_logits=False, loss_scale=loss_scale)
             total_loss += loss / cfg.grad_accum
             for name, g in model.backward().items():
                 if micro_step == 0:
@@ -337,11 +359,22 @@ class Trainer:
         # the loss and a Ctrl-C travel with the gradients, so all ranks agree on when to stop
         self.flat_grads[-2], self.flat_grads[-1] = total_loss, float(self.stop.requested)
         self.comm.allreduce_mean(self.flat_grads)
-        if cfg.grad_clip > 0:
-            clip_grad_norm(grads, cfg.grad_clip)
-        self.optimizer.lr = learning_rate(self.step, cfg)
-        self.optimizer.step(grads)
+        if self.gradients_usable():
+            if cfg.grad_clip > 0:
+                clip_grad_norm(grads, cfg.grad_clip)
+            self.optimizer.lr = learning_rate(self.step, cfg)
+            self.optimizer.step(grads)
         return float(self.flat_grads[-2]), float(self.flat_grads[-1]) > 0
+
+    def gradients_usable(self):
+        """False when fp16 gradients overflowed (the scaler then halves its scale); else True."""
+        if self.scaler is None:
+            return True
+        finite = bool(self.model.xp.isfinite(self.flat_grads).all())
+        self.scaler.update(finite)
+        if not finite:
+            self.log(f"step {self.step}: float16 gradients overflowed; step skipped, loss scale now {self.scaler.scale:g}")
+        return finite
 
     def evaluate(self, log_file):
         # each rank evaluates its rows of the fixed batches; with equal rows, the mean of the ranks'

@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import numgpt.training
 import train
-from numgpt import GPT
+from numgpt import GPT, GPTConfig
+from numgpt.precision import DynamicLossScaler
+from numgpt.train_state import load_train_state
 from numgpt.training import TrainConfig, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +120,31 @@ def test_non_utf8_data_is_decoded_with_a_note(tmp_path, cache_dir, capsys):
     assert "UTF-8" in captured.out + captured.err
 
 
+def test_fp16_mixed_precision_trains_and_resumes_its_loss_scale(tmp_path, cache_dir):
+    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "2", "--eval-interval", "2") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3") == 0
+    assert all(math.isfinite(loss) for loss in step_losses(tmp_path).values())
+    _, info = load_train_state(tmp_path)
+    assert info["train_config"]["precision"] == "fp16"
+    assert info["loss_scaler"] == {"scale": 2.0 ** 16, "good_steps": 3}     # counted across the resume
+
+
+def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, monkeypatch, capsys):
+    """A loss scale far too large overflows float16: that step must leave the parameters alone and
+    halve the scale."""
+    monkeypatch.setattr(numgpt.training, "DynamicLossScaler", lambda: DynamicLossScaler(scale=2.0 ** 60))
+    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "1", "--seed", "3") == 0
+    assert "overflowed" in capsys.readouterr().out
+    arrays, info = load_train_state(tmp_path)
+    assert info["loss_scaler"]["scale"] == 2.0 ** 59
+    untrained = GPT(GPTConfig(**info["model_config"]), seed=3)
+    for name, p in untrained.params.items():
+        np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--precision", "tf32"], "--backend cupy"),
+    (["--precision", "fp16", "--dtype", "float64"], "--dtype float32"),
     (["--lr", "0"], "--lr"),
     (["--lr=-1e-3"], "--lr"),
     (["--n-embd", "30", "--n-head", "4"], "divisible"),
