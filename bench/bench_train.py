@@ -1,11 +1,15 @@
 """Training-step benchmark: numgpt against PyTorch (transformers' GPT2LMHeadModel + torch.optim.AdamW)
 on the same shapes and thread count, each in its own process so peak memory is its own.
 
-    python bench/bench_train.py                       # both shapes below
+    python bench/bench_train.py                       # the two CPU shapes below
     python bench/bench_train.py --shape tutorial --steps 10
+    python bench/bench_train.py --backend cupy --shape gpt2-124m-1k --precision fp16 --batch-size 16
 
 Reports tokens/s, milliseconds per step split into forward, backward and optimizer, achieved GFLOP/s
-against the sgemm peak measured here, peak RSS, and the ratios; appends rows to bench/results.jsonl.
+against the matmul peak measured here (the roofline: sgemm on the CPU; on the GPU the peak of the
+chosen precision), peak memory (RSS on the CPU, the memory pool on the GPU), and the ratios; appends
+rows to bench/results.jsonl. On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls,
+or autocast to float16 with a GradScaler; --torch-compile compiles its model as well.
 """
 
 import argparse
@@ -21,7 +25,9 @@ from bench.common import append_result, median_ms, peak_rss_mib, run_child, time
 SHAPES = {   # (n_layer, n_embd, n_head, block_size, batch_size), vocab 50257
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32),
     "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, block_size=256, batch_size=4),
+    "gpt2-124m-1k": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, batch_size=8),   # for GPUs
 }
+CPU_SHAPES = ("gpt2-124m", "tutorial")
 VOCAB = 50257
 DROPOUT = 0.1
 
@@ -34,13 +40,36 @@ def flops_per_step(shape):
     return (6 * n_matmul + 12 * L * C * T) * B * T
 
 
-def sgemm_peak_gflops(n=2048, repeats=10):
-    """The best float32 matmul rate of this machine's BLAS, in GFLOP/s (the roofline)."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+def matmul_peak_gflops(backend="numpy", precision="fp32", repeats=10):
+    """The best matmul rate in GFLOP/s (the roofline): float32 BLAS on the CPU; on the GPU, cuBLAS
+    in the precision under test (float32, TF32, or float16 operands with float32 accumulation)."""
+    from numgpt.backend import get_xp
+    from numgpt.precision import set_tf32
+    xp = get_xp(backend)
+    n = 2048 if backend == "numpy" else 8192
+    dtype = np.float16 if precision == "fp16" else np.float32
+    set_tf32(xp, precision == "tf32")
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32), dtype=dtype)
+    b = xp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32), dtype=dtype)
+    sync = device_sync(backend)
     a @ b
-    best = min(timed(lambda: a @ b)[1] for _ in range(repeats))
+    best = min(timed(lambda: a @ b, sync)[1] for _ in range(repeats))
     return 2 * n ** 3 / best / 1e9
+
+
+def device_sync(backend):
+    """A function that waits for the device's queued work (a no-op on the CPU): timers need it."""
+    if backend == "numpy":
+        return lambda: None
+    import cupy
+    return cupy.cuda.Device().synchronize
+
+
+def gpu_memory_mib():
+    """The most device memory CuPy's pool has held, in MiB (the pool keeps freed blocks, so its size
+    is the high-water mark of what numgpt allocated)."""
+    import cupy
+    return cupy.get_default_memory_pool().total_bytes() / 2**20
 
 
 def batches(shape, steps, seed=0):
@@ -49,63 +78,108 @@ def batches(shape, steps, seed=0):
     return [(rng.integers(0, VOCAB, (B, T)), rng.integers(0, VOCAB, (B, T))) for _ in range(steps)]
 
 
-def bench_numgpt(shape, steps, warmup, backend):
-    import numgpt
-    from numgpt.backend import get_xp
-    xp = get_xp(backend)
-    sync = (lambda: xp.cuda.Device().synchronize()) if backend == "cupy" else (lambda: None)
-    config = numgpt.GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
-                              n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=DROPOUT)
-    model = numgpt.GPT(config, backend=backend)
-    opt = numgpt.AdamW(model.params, lr=1e-4, weight_decay=0.01)
+def time_steps(step_parts, shape, steps, warmup, sync):
+    """Run warmup + steps training steps; {part: [seconds of each timed step]}.
+
+    step_parts(x, y) returns the step's three parts, forward, backward and optimizer, as functions
+    to be called in that order (each is timed on its own)."""
     times = {"forward": [], "backward": [], "optimizer": []}
     for i, (x, y) in enumerate(batches(shape, warmup + steps)):
-        _, t_fwd = timed(lambda: model.forward(x, y, return_logits=False), sync)
-        grads, t_bwd = timed(model.backward, sync)
-        _, t_opt = timed(lambda: opt.step(grads), sync)
-        if i >= warmup:
-            for k, t in zip(times, (t_fwd, t_bwd, t_opt)):
-                times[k].append(t)
+        for part, fn in zip(times, step_parts(x, y)):
+            _, seconds = timed(fn, sync)
+            if i >= warmup:
+                times[part].append(seconds)
     return times
 
 
-def bench_torch(shape, steps, warmup, threads):
+def bench_numgpt(shape, steps, warmup, backend, precision):
+    import numgpt
+    from numgpt.backend import get_xp
+    from numgpt.precision import DynamicLossScaler, set_tf32
+    xp = get_xp(backend)
+    set_tf32(xp, precision == "tf32")
+    config = numgpt.GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
+                              n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=DROPOUT)
+    model = numgpt.GPT(config, backend=backend, matmul_dtype="float16" if precision == "fp16" else None)
+    opt = numgpt.AdamW(model.params, lr=1e-4, weight_decay=0.01)
+    scaler = DynamicLossScaler() if precision == "fp16" else None
+    state = {}
+
+    def step_parts(x, y):
+        def forward():
+            model.forward(x, y, return_logits=False, loss_scale=scaler.scale if scaler else 1.0)
+
+        def backward():
+            state["grads"] = model.backward()
+
+        def optimizer():   # as train.py: an overflowed fp16 step lowers the scale and is skipped
+            finite = scaler is None or all(bool(xp.isfinite(g).all()) for g in state["grads"].values())
+            if scaler:
+                scaler.update(finite)
+            if finite:
+                opt.step(state["grads"])
+        return forward, backward, optimizer
+
+    times = time_steps(step_parts, shape, steps, warmup, device_sync(backend))
+    return times, (gpu_memory_mib() if backend == "cupy" else peak_rss_mib())
+
+
+def bench_torch(shape, steps, warmup, threads, backend, precision, compile_model):
     import torch
     import transformers
     torch.set_num_threads(threads)
+    device = "cuda" if backend == "cupy" else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=shape["block_size"], n_embd=shape["n_embd"],
                                      n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=DROPOUT,
                                      embd_pdrop=DROPOUT, attn_pdrop=DROPOUT)
-    model = transformers.GPT2LMHeadModel(config).train()
+    model = transformers.GPT2LMHeadModel(config).to(device).train()
+    run_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    times = {"forward": [], "backward": [], "optimizer": []}
-    for i, (x, y) in enumerate(batches(shape, warmup + steps)):
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    state = {}
+
+    def step_parts(x, y):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
         def forward():
-            logits = model(x).logits
-            return torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1))
+            with torch.autocast(device, dtype=torch.float16, enabled=precision == "fp16"):
+                logits = run_model(x).logits
+            state["loss"] = torch.nn.functional.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
 
-        loss, t_fwd = timed(forward)
-        _, t_bwd = timed(loss.backward)
-        _, t_opt = timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
-        if i >= warmup:
-            for k, t in zip(times, (t_fwd, t_bwd, t_opt)):
-                times[k].append(t)
-    return times
+        def backward():
+            scaler.scale(state["loss"]).backward()
+
+        def optimizer():
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        return forward, backward, optimizer
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = time_steps(step_parts, shape, steps, warmup, sync)
+    return times, (torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else peak_rss_mib())
 
 
 def child(args):
     """Run one implementation on one shape and print its medians as one JSON line."""
-    shape = SHAPES[args.shape]
+    shape = {**SHAPES[args.shape], **({"batch_size": args.batch_size} if args.batch_size else {})}
     if args.impl == "numgpt":
-        times = bench_numgpt(shape, args.steps, args.warmup, args.backend)
+        times, memory = bench_numgpt(shape, args.steps, args.warmup, args.backend, args.precision)
     else:
-        times = bench_torch(shape, args.steps, args.warmup, args.threads)
+        times, memory = bench_torch(shape, args.steps, args.warmup, args.threads, args.backend, args.precision,
+                                    args.torch_compile)
     steps = [sum(parts) for parts in zip(*times.values())]
     result = {k + "_ms": median_ms(v) for k, v in times.items()}
-    result.update(step_ms=median_ms(steps), peak_rss_mib=peak_rss_mib())
+    result.update(step_ms=median_ms(steps), peak_mem_mib=memory)
     print(json.dumps(result))
+
+
+def device_name(backend):
+    if backend == "numpy":
+        return "cpu"
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
 
 
 def blas_threads():
@@ -118,10 +192,14 @@ def blas_threads():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), action="append", help="repeatable; default: all")
+    p.add_argument("--shape", choices=sorted(SHAPES), action="append",
+                   help=f"repeatable; default: {', '.join(CPU_SHAPES)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps (medians are reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"], help="tf32 and fp16: GPU only")
+    p.add_argument("--batch-size", type=int, help="override the shape's batch size")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
     p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
     p.add_argument("--threads", type=int, default=blas_threads(), help="threads for BLAS and torch")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
@@ -129,19 +207,25 @@ def main():
     if args.impl:
         args.shape = args.shape[0]
         return child(args)
+    if args.precision != "fp32" and args.backend == "numpy":
+        p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
 
-    peak = sgemm_peak_gflops()
-    header = f"{'shape':<10} {'impl':<7} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6} " \
-             f"{'GFLOP/s':>8} {'roofline':>8} {'RSS MiB':>8}"
-    for name in args.shape or sorted(SHAPES):
-        shape = SHAPES[name]
-        common = ["--shape", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                  "--threads", str(args.threads), "--backend", args.backend]
+    peak = matmul_peak_gflops(args.backend, args.precision)
+    memory = "RSS MiB" if args.backend == "numpy" else "GPU MiB"
+    header = f"{'shape':<12} {'impl':<7} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6} " \
+             f"{'GFLOP/s':>8} {'roofline':>8} {memory:>8}"
+    for name in args.shape or CPU_SHAPES:
+        shape = {**SHAPES[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
+        common = ["--shape", name, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
+                  str(args.threads), "--backend", args.backend, "--precision", args.precision,
+                  *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                  *(["--torch-compile"] if args.torch_compile else [])]
         results = {"numgpt": run_child(__file__, ["--impl", "numgpt", *common])}
-        # a shared machine's speed drifts: the roofline is the best sgemm rate seen before and right
+        # a shared machine's speed drifts: the roofline is the best matmul rate seen before and right
         # after the run, so a slow moment of the machine never inflates the fraction
-        peak = max(peak, sgemm_peak_gflops())
-        print(f"sgemm peak: {peak:.1f} GFLOP/s ({args.threads} threads)")
+        peak = max(peak, matmul_peak_gflops(args.backend, args.precision))
+        print(f"matmul peak: {peak:.1f} GFLOP/s ({args.precision}, {device_name(args.backend)}, "
+              f"{args.threads} CPU threads)")
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
@@ -153,19 +237,21 @@ def main():
         for impl, r in results.items():
             r["tok_s"] = tokens / (r["step_ms"] / 1000)
             r["gflops"] = flops_per_step(shape) / (r["step_ms"] / 1000) / 1e9
-            print(f"{name:<10} {impl:<7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} "
+            print(f"{name:<12} {impl:<7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} "
                   f"{r['backward_ms']:>7.1f} {r['optimizer_ms']:>6.1f} {r['gflops']:>8.1f} "
-                  f"{r['gflops'] / peak:>8.0%} {r['peak_rss_mib']:>8.0f}")
+                  f"{r['gflops'] / peak:>8.0%} {r['peak_mem_mib']:>8.0f}")
         ours, ref = results["numgpt"], results.get("torch")
-        row = {"backend": args.backend, "device": "cpu" if args.backend == "numpy" else "gpu", "bench": "train",
-               "shape": {**shape, "vocab_size": VOCAB, "dropout": DROPOUT}, "threads": args.threads,
-               "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
+        memory_key = "peak_rss_mib" if args.backend == "numpy" else "peak_gpu_mib"
+        row = {"backend": args.backend, "device": device_name(args.backend), "bench": "train",
+               "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB, "dropout": DROPOUT},
+               "threads": args.threads, "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
                "forward_ms": round(ours["forward_ms"], 2), "backward_ms": round(ours["backward_ms"], 2),
-               "optimizer_ms": round(ours["optimizer_ms"], 2), "peak_rss_mib": round(ours["peak_rss_mib"], 1),
-               "mfu": round(ours["gflops"] / peak, 3), "sgemm_peak_gflops": round(peak, 1)}
+               "optimizer_ms": round(ours["optimizer_ms"], 2), memory_key: round(ours["peak_mem_mib"], 1),
+               "mfu": round(ours["gflops"] / peak, 3), "matmul_peak_gflops": round(peak, 1)}
         if ref:
             row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 1),
-                       memory_ratio_vs_torch=round(ours["peak_rss_mib"] / ref["peak_rss_mib"], 3))
+                       torch_compile=args.torch_compile,
+                       memory_ratio_vs_torch=round(ours["peak_mem_mib"] / ref["peak_mem_mib"], 3))
             print(f"{name}: numgpt / torch = {row['ratio_vs_torch']:.2f}x tokens/s, "
                   f"{row['memory_ratio_vs_torch']:.2f}x peak memory")
         if not args.no_save:
