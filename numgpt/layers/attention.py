@@ -15,6 +15,7 @@ for the new position alone and attends over the cached ones: O(T) work per token
 
 import math
 
+from numgpt import kernels
 from numgpt.backend import array_module
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.linear import linear_backward, linear_forward, named_grads
@@ -62,9 +63,12 @@ def causal_softmax(scores):
 
     The masked scores become -inf, so their probabilities are exactly 0; the row max is
     subtracted first so exp never overflows (a row's own position is always kept, so no row is all -inf).
-    Works in the scores' memory, which it overwrites.
+    Works in the scores' memory, which it overwrites. On a GPU one fused kernel does it
+    (numgpt.kernels; this code is its twin).
     """
     xp = array_module(scores)
+    if kernels.enabled(xp):
+        return kernels.causal_softmax(scores)
     Tq, Tk = scores.shape[-2:]
     future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)   # (Tq,Tk): True right of each row's position
     xp.copyto(scores, -xp.inf, where=future)                          # in place: where() would copy (B,nh,Tq,Tk)
@@ -75,8 +79,11 @@ def causal_softmax(scores):
 
 
 def softmax_backward(dprobs, probs):
-    """ds = p * (dp - sum(dp * p)) along the last axis: the softmax Jacobian-vector product."""
+    """ds = p * (dp - sum(dp * p)) along the last axis: the softmax Jacobian-vector product.
+    (One fused kernel on a GPU: numgpt.kernels.)"""
     xp = array_module(probs)
+    if kernels.enabled(xp):
+        return kernels.softmax_backward(dprobs, probs)
     ds = dprobs * probs
     dot = ds.sum(axis=-1, keepdims=True)                # (...,1)
     xp.subtract(dprobs, dot, out=ds)

@@ -1,5 +1,6 @@
 """Layer normalisation over the last axis (Ba et al. 2016), as in GPT-2 with eps = 1e-5."""
 
+from numgpt import kernels
 from numgpt.backend import array_module
 
 
@@ -8,9 +9,13 @@ def layernorm_forward(x, w, b=None, eps=1e-5):
 
     The variance is the mean squared deviation (not E[x^2] - E[x]^2, which cancels badly when
     |mean| >> std). The cache keeps the normalised input and 1/std for the backward. Two new
-    (B,T,C) arrays, the rest in place: every extra temporary is one more pass through memory.
+    (B,T,C) arrays, the rest in place: every extra temporary is one more pass through memory. On
+    a GPU one fused kernel makes y, xhat and rstd (numgpt.kernels; this code is its twin).
     """
     xp = array_module(x)
+    if kernels.enabled(xp):
+        y, xhat, rstd = kernels.layernorm_forward(x, w, b, eps)
+        return y, (xhat, rstd, w, b is not None)
     mean = x.mean(axis=-1, keepdims=True)              # (B,T,1)
     xhat = x - mean                                    # (B,T,C): x - mean, normalised below
     y = xp.multiply(xhat, xhat)                        # (B,T,C): squares first, the output later
@@ -38,6 +43,8 @@ def layernorm_backward(dy, cache):
     scratch = dy * xhat                                # (B,T,C)
     dw = scratch.reshape(rows).sum(axis=0)             # (C,)
     db = dy.reshape(rows).sum(axis=0) if has_bias else None  # (C,)
+    if kernels.enabled(xp):                            # dx in one fused kernel (this code is its twin)
+        return kernels.layernorm_dx(dy, xhat, rstd, w), dw, db
     dx = dy * w                                        # (B,T,C): g, turned into dx in place
     g_mean = dx.mean(axis=-1, keepdims=True)           # (B,T,1)
     xp.multiply(dx, xhat, out=scratch)

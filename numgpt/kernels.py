@@ -1,0 +1,259 @@
+"""Fused CUDA kernels: on CuPy arrays, each replaces a chain of elementwise passes of one layer.
+
+A NumPy-style chain such as layernorm's (mean, subtract, square, mean, sqrt, divide, multiply,
+add) launches one GPU kernel per step and streams the (B,T,C) array through memory each time.
+The kernels below read their inputs once and write their outputs once. Each has a twin: the NumPy
+code of its layer, which runs on CuPy too when kernels are off, and which tests/test_kernels.py
+compares it against (float32 and float64).
+
+    gelu_forward, gelu_backward        elementwise, one thread per element
+    layernorm_forward, layernorm_dx    one warp (32 threads) per row of C
+    causal_softmax, softmax_backward   one warp per row of attention scores
+    adamw_step                         elementwise over one parameter and its moments
+
+The source is written once with REAL for the element type and compiled with NVRTC for float and
+for double when first used. Layers ask `enabled(xp)` before calling a kernel here; `disabled()`
+turns them off in a block (tests use it to run the twins on the GPU).
+"""
+
+import contextlib
+import math
+
+import numpy as np
+
+from numgpt.backend import backend_name
+
+WARP = 32                 # threads per row in the row kernels: a warp reduces with shuffles, no shared memory
+THREADS = 256             # threads per block in the elementwise kernels
+MAX_BLOCKS = 65535        # elementwise kernels loop over the rest (a grid-stride loop)
+
+SOURCE = r"""
+#define GELU_SCALE ((REAL)%(gelu_scale).17g)
+#define GELU_CUBIC ((REAL)%(gelu_cubic).17g)
+
+__device__ __forceinline__ REAL warp_sum(REAL v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;   // every lane holds the sum
+}
+
+__device__ __forceinline__ REAL warp_max(REAL v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffff, v, offset));
+    return v;
+}
+
+// y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+extern "C" __global__ void gelu_forward(const REAL* x, REAL* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+        REAL v = x[i];
+        y[i] = (REAL)0.5 * v * ((REAL)1 + tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v)));
+    }
+}
+
+// dx = dy (1 + t) (0.5 + s (1 - t)),  t = tanh(u),  s = 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+extern "C" __global__ void gelu_backward(const REAL* x, const REAL* dy, REAL* dx, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+        REAL v = x[i];
+        REAL t = tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v));
+        REAL s = (REAL)0.5 * GELU_SCALE * v * ((REAL)1 + (REAL)3 * GELU_CUBIC * v * v);
+        dx[i] = dy[i] * ((REAL)1 + t) * ((REAL)0.5 + s * ((REAL)1 - t));
+    }
+}
+
+// one warp per row of x (N,C): xhat = (x - mean) * rstd, y = xhat * w + b, rstd = 1 / sqrt(var + eps)
+extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const REAL* b, REAL* y, REAL* xhat,
+                                             REAL* rstd, int N, int C, REAL eps) {
+    int row = blockIdx.x, lane = threadIdx.x;
+    if (row >= N) return;
+    long long offset = (long long)row * C;
+    REAL sum = 0;
+    for (int c = lane; c < C; c += 32) sum += x[offset + c];
+    REAL mean = warp_sum(sum) / C;
+    REAL squares = 0;   // the variance from deviations, not E[x^2] - mean^2, which cancels badly
+    for (int c = lane; c < C; c += 32) { REAL d = x[offset + c] - mean; squares += d * d; }
+    REAL r = (REAL)1 / sqrt(warp_sum(squares) / C + eps);
+    for (int c = lane; c < C; c += 32) {
+        REAL h = (x[offset + c] - mean) * r;
+        xhat[offset + c] = h;
+        y[offset + c] = h * w[c] + b[c];
+    }
+    if (lane == 0) rstd[row] = r;
+}
+
+// one warp per row: dx = rstd (g - mean(g) - xhat mean(g xhat)),  g = dy w
+extern "C" __global__ void layernorm_dx(const REAL* dy, const REAL* xhat, const REAL* rstd, const REAL* w,
+                                        REAL* dx, int N, int C) {
+    int row = blockIdx.x, lane = threadIdx.x;
+    if (row >= N) return;
+    long long offset = (long long)row * C;
+    REAL g_sum = 0, gx_sum = 0;
+    for (int c = lane; c < C; c += 32) {
+        REAL g = dy[offset + c] * w[c];
+        g_sum += g;
+        gx_sum += g * xhat[offset + c];
+    }
+    REAL g_mean = warp_sum(g_sum) / C, gx_mean = warp_sum(gx_sum) / C, r = rstd[row];
+    for (int c = lane; c < C; c += 32)
+        dx[offset + c] = r * (dy[offset + c] * w[c] - g_mean - xhat[offset + c] * gx_mean);
+}
+
+// in place, one warp per row of scores (rows, Tk); row i of each (Tq, Tk) matrix is position
+// Tk - Tq + i and sees columns <= it: softmax over those, 0 beyond
+extern "C" __global__ void causal_softmax(REAL* s, long long rows, int Tq, int Tk) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x;
+    if (row >= rows) return;
+    int last = Tk - Tq + (int)(row %% Tq);
+    REAL* sr = s + row * Tk;
+    REAL m = sr[0];   // column 0 is always visible
+    for (int c = lane; c <= last; c += 32) m = max(m, sr[c]);
+    m = warp_max(m);
+    REAL sum = 0;
+    for (int c = lane; c <= last; c += 32) { REAL e = exp(sr[c] - m); sr[c] = e; sum += e; }
+    REAL inv = (REAL)1 / warp_sum(sum);
+    for (int c = lane; c < Tk; c += 32) sr[c] = c <= last ? sr[c] * inv : (REAL)0;
+}
+
+// one warp per row: ds = p (dp - sum(dp p))
+extern "C" __global__ void softmax_backward(const REAL* dp, const REAL* p, REAL* ds, long long rows, int T) {
+    long long row = blockIdx.x;
+    int lane = threadIdx.x;
+    if (row >= rows) return;
+    long long offset = row * T;
+    REAL dot = 0;
+    for (int c = lane; c < T; c += 32) dot += dp[offset + c] * p[offset + c];
+    dot = warp_sum(dot);
+    for (int c = lane; c < T; c += 32) ds[offset + c] = p[offset + c] * (dp[offset + c] - dot);
+}
+
+// AdamW on one parameter, in place: the arithmetic of numgpt.optim.AdamW.step
+extern "C" __global__ void adamw_step(REAL* p, const REAL* g, REAL* m, REAL* v, long long n, REAL decay,
+                                      REAL one_minus_b1, REAL b2, REAL one_minus_b2, REAL bias_correction2_sqrt,
+                                      REAL eps, REAL step_size) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+        REAL gi = g[i];
+        REAL mi = m[i] + (gi - m[i]) * one_minus_b1;
+        REAL vi = v[i] * b2 + gi * gi * one_minus_b2;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - mi / (sqrt(vi) / bias_correction2_sqrt + eps) * step_size;
+    }
+}
+""" % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715}
+
+_enabled = True
+_modules = {}   # dtype name -> compiled cupy.RawModule
+
+
+def enabled(xp):
+    """True when the arrays of module `xp` should go through the kernels here (CuPy, not disabled)."""
+    return _enabled and backend_name(xp) == "cupy"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the block, layers use their NumPy-style code on CuPy too (the kernels' twins)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def source(dtype):
+    """The CUDA source for element type `dtype` (float32 or float64)."""
+    return "#define REAL %s\n" % {"float32": "float", "float64": "double"}[np.dtype(dtype).name] + SOURCE
+
+
+def _kernel(name, dtype):
+    """Kernel `name` compiled for `dtype` (once per dtype, by NVRTC through CuPy)."""
+    key = np.dtype(dtype).name
+    if key not in _modules:
+        import cupy
+        _modules[key] = cupy.RawModule(code=source(dtype), options=("-std=c++14",))
+    return _modules[key].get_function(name)
+
+
+def _elementwise_grid(n):
+    return (min(max(1, -(-n // THREADS)), MAX_BLOCKS),), (THREADS,)
+
+
+def _scalar(value, dtype):
+    return np.dtype(dtype).type(value)
+
+
+def gelu_forward(x):
+    """y = gelu(x), GPT-2's tanh form, in one pass."""
+    x = _contiguous(x)
+    y = _empty_like(x)
+    _kernel("gelu_forward", x.dtype)(*_elementwise_grid(x.size), (x, y, np.int64(x.size)))
+    return y
+
+
+def gelu_backward(dy, x):
+    """dx of gelu for upstream dy, in one pass."""
+    x, dy = _contiguous(x), _contiguous(dy)
+    dx = _empty_like(x)
+    _kernel("gelu_backward", x.dtype)(*_elementwise_grid(x.size), (x, dy, dx, np.int64(x.size)))
+    return dx
+
+
+def layernorm_forward(x, w, b, eps):
+    """(y, xhat, rstd) of layernorm over the last axis; rstd has shape (..., 1) like the twin's."""
+    import cupy
+    x = _contiguous(x)
+    C = x.shape[-1]
+    N = x.size // C
+    y, xhat = _empty_like(x), _empty_like(x)
+    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    b = cupy.zeros_like(w) if b is None else b
+    _kernel("layernorm_forward", x.dtype)((N,), (WARP,), (x, _contiguous(w), _contiguous(b), y, xhat, rstd,
+                                                           np.int32(N), np.int32(C), _scalar(eps, x.dtype)))
+    return y, xhat, rstd
+
+
+def layernorm_dx(dy, xhat, rstd, w):
+    """dx of layernorm from the cached xhat and rstd."""
+    dy = _contiguous(dy)
+    C = dy.shape[-1]
+    N = dy.size // C
+    dx = _empty_like(dy)
+    _kernel("layernorm_dx", dy.dtype)((N,), (WARP,), (dy, _contiguous(xhat), _contiguous(rstd), _contiguous(w), dx,
+                                                       np.int32(N), np.int32(C)))
+    return dx
+
+
+def causal_softmax(scores):
+    """Masked softmax of (..., Tq, Tk) scores in their own memory (as the twin): the probabilities."""
+    assert scores.flags.c_contiguous, "causal_softmax works in place: scores must be C-contiguous"
+    Tq, Tk = scores.shape[-2:]
+    rows = scores.size // Tk
+    _kernel("causal_softmax", scores.dtype)((rows,), (WARP,), (scores, np.int64(rows), np.int32(Tq), np.int32(Tk)))
+    return scores
+
+
+def softmax_backward(dprobs, probs):
+    """ds = p (dp - sum(dp p)) along the last axis."""
+    dprobs, probs = _contiguous(dprobs), _contiguous(probs)
+    T = probs.shape[-1]
+    rows = probs.size // T
+    ds = _empty_like(probs)
+    _kernel("softmax_backward", probs.dtype)((rows,), (WARP,), (dprobs, probs, ds, np.int64(rows), np.int32(T)))
+    return ds
+
+
+def adamw_step(p, g, m, v, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
+    """One AdamW update of parameter p and its moments m, v, in place (all C-contiguous)."""
+    t = p.dtype
+    _kernel("adamw_step", t)(*_elementwise_grid(p.size), (
+        p, _contiguous(g), m, v, np.int64(p.size), _scalar(decay, t), _scalar(1.0 - b1, t), _scalar(b2, t),
+        _scalar(1.0 - b2, t), _scalar(bias_correction2_sqrt, t), _scalar(eps, t), _scalar(step_size, t)))
+
+
+def _contiguous(a):
+    return a if a.flags.c_contiguous else a.copy()
+
+
+def _empty_like(a):
+    import cupy
+    return cupy.empty(a.shape, dtype=a.dtype)
