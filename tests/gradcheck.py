@@ -5,7 +5,8 @@ The analytic gradient of a scalar L(arrays) is compared with central differences
 passes when |analytic - numeric| <= ATOL + RTOL * scale, where scale is the largest |analytic|
 in that array: normalising by the tensor's scale, not by the entry, keeps gradients that are
 exactly zero by symmetry (the K part of the qkv bias) from failing on round-off. An entry that
-fails is measured again to fourth order in the step (see gradient_mismatches).
+fails is measured again, to fourth order in the step and at a larger step (see
+gradient_mismatches).
 """
 
 import numpy as np
@@ -50,15 +51,17 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
         tol = ATOL + RTOL * scale
         err = np.abs(ana - num)
         if np.any(err > tol):
-            # Central differences err by c eps^2 (c = a sixth of the third derivative). Where the
-            # loss curves sharply (a layernorm over 2 channels whose variance is near its own eps)
-            # that passes the tolerance, so those entries are measured again at eps/2 and the two
-            # combined (Richardson): (4 D(eps/2) - D(eps)) / 3 cancels the eps^2 term, leaving
-            # O(eps^4). A wrong gradient stays as wrong.
+            # Central differences err in two ways: truncation, c eps^2 (c a sixth of the third
+            # derivative), and round-off in L, ~1e-16 |L| / eps. A failing entry is measured again
+            # for each: at eps/2, combined with D(eps) by Richardson, (4 D(eps/2) - D(eps)) / 3,
+            # which cancels the eps^2 term (for where L curves sharply: a layernorm over 2 channels
+            # whose variance is near its own eps); and at 10 eps, where round-off is 10x smaller
+            # (for a large |L| with small gradients). It passes if either agrees: a wrong gradient
+            # is wrong at every step.
             retry = err > tol
-            half_step = numeric_grad(loss_fn, array, coords[retry], eps=EPS / 2)
-            num[retry] = (4 * half_step - num[retry]) / 3
-            err = np.abs(ana - num)
+            richardson = (4 * numeric_grad(loss_fn, array, coords[retry], eps=EPS / 2) - num[retry]) / 3
+            wide = numeric_grad(loss_fn, array, coords[retry], eps=10 * EPS)
+            err[retry] = np.minimum(np.abs(ana[retry] - richardson), np.abs(ana[retry] - wide))
         if np.any(err > tol):
             bad[name] = float(err.max() / max(scale, 1e-30))
     return bad

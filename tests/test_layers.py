@@ -4,7 +4,7 @@ negative control: a deliberately wrong backward that the same check must catch."
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from gradcheck import dot_loss, gradient_mismatches
@@ -168,6 +168,7 @@ def layernorm_grads_missing_variance_path(dout, cache):
 
 
 @given(B=sizes, T=sizes, C=st.integers(2, 9), scale=scales, shift=st.sampled_from([0.0, 5.0]), seed=seeds)
+@example(B=4, T=5, C=2, scale=1.0, shift=5.0, seed=17429127)   # FD round-off above the tolerance at eps
 def test_layernorm_gradients(xp, B, T, C, scale, shift, seed):
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (B, T, C), scale) + shift, "w": draw(xp, rng, (C,)), "b": draw(xp, rng, (C,))}
