@@ -119,8 +119,11 @@ class GPT:
 
     def _as_ids(self, ids, name, xp=None, allow_ignore=False, any_length=False):
         """`ids` as a (B,T) int64 array of module `xp` (the model's by default), or a ConfigError
-        that says what is wrong. T must be 1..block_size unless `any_length`."""
-        ids = to_device(ids, self.xp if xp is None else xp)
+        that says what is wrong. T must be 1..block_size unless `any_length`.
+
+        The ids are checked where they are, then moved: a batch from the host costs one transfer
+        to the GPU and no wait for it (reading a device array's min and max back would)."""
+        ids = to_device(ids, array_module(ids) if hasattr(ids, "shape") else np)
         if ids.ndim != 2:
             raise ConfigError(f"{name} must be a (batch, time) array of token ids, got shape {ids.shape}")
         if ids.dtype.kind not in "iu":
@@ -128,11 +131,10 @@ class GPT:
         if ids.shape[1] == 0 or (ids.shape[1] > self.config.block_size and not any_length):
             raise ConfigError(f"{name} has {ids.shape[1]} positions; this model takes 1 to "
                               f"block_size = {self.config.block_size}")
-        ids = ids.astype(np.int64, copy=False)
         checked = ids[ids != IGNORE_INDEX] if allow_ignore else ids   # the loss skips ignored targets
         if checked.size and (int(checked.min()) < 0 or int(checked.max()) >= self.config.vocab_size):
             raise ConfigError(f"{name} holds ids outside [0, vocab_size = {self.config.vocab_size})")
-        return ids
+        return to_device(ids.astype(np.int64, copy=False), self.xp if xp is None else xp)
 
     def _head_weight(self):
         """The output layer's (V,C) weight: the token embedding itself when the weights are tied."""
