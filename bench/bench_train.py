@@ -95,7 +95,7 @@ def time_steps(step_parts, shape, steps, warmup, sync):
 def bench_numgpt(shape, steps, warmup, backend, precision):
     import numgpt
     from numgpt.backend import get_xp
-    from numgpt.precision import DynamicLossScaler, set_tf32
+    from numgpt.precision import DynamicLossScaler, all_finite, set_tf32
     xp = get_xp(backend)
     set_tf32(xp, precision == "tf32")
     config = numgpt.GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
@@ -113,7 +113,7 @@ def bench_numgpt(shape, steps, warmup, backend, precision):
             state["grads"] = model.backward()
 
         def optimizer():   # as train.py: an overflowed fp16 step lowers the scale and is skipped
-            finite = scaler is None or all(bool(xp.isfinite(g).all()) for g in state["grads"].values())
+            finite = scaler is None or all_finite(state["grads"].values())
             if scaler:
                 scaler.update(finite)
             if finite:

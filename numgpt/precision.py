@@ -61,6 +61,11 @@ def matmul(a, b, out=None):
     return out
 
 
+def all_finite(arrays):
+    """True when no element of any array is inf or nan: whether a float16 step may be applied."""
+    return all(bool(array_module(a).isfinite(a).all()) for a in arrays)
+
+
 def using_half_matmuls():
     """True inside `half_matmuls` with a dtype."""
     return _matmul_dtype is not None

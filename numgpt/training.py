@@ -35,7 +35,7 @@ from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import ConfigError, DataError
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
-from numgpt.precision import PRECISIONS, DynamicLossScaler, set_tf32
+from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
 from numgpt.train_state import load_train_state, save_train_state
 
 LOG_FILE = "log.jsonl"
@@ -370,7 +370,7 @@ class Trainer:
         """False when fp16 gradients overflowed (the scaler then halves its scale); else True."""
         if self.scaler is None:
             return True
-        finite = bool(self.model.xp.isfinite(self.flat_grads).all())
+        finite = all_finite([self.flat_grads])   # every gradient is in the flat buffer: one pass
         self.scaler.update(finite)
         if not finite:
             self.log(f"step {self.step}: float16 gradients overflowed; step skipped, loss scale now {self.scaler.scale:g}")

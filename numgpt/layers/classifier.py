@@ -26,9 +26,9 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     are the gradients of grad_scale * loss (mixed precision scales the loss: see numgpt.precision).
 
     The gradient of a chunk's logits is dlogits = a * (exps / sumexp - onehot(t)), with exps the
-    unnormalised softmax and a = 1/n_valid (0 on ignored rows). Both products with it are linear,
-    so they are split: dx = (exps @ w) * r - a w[t] and dw = exps^T @ (x * r) - scatter of a x
-    into rows t, with r = a / sumexp. The per-row scales then touch (n,C) arrays, never the
+    unnormalised softmax and a = grad_scale / n_valid (0 on ignored rows). Both products with it
+    are linear, so they are split: dx = (exps @ w) * r - a w[t] and dw = exps^T @ (x * r) -
+    scatter of a x into rows t, with r = a / sumexp. The per-row scales then touch (n,C) arrays, never the
     (n,V) probabilities: one pass over the chunk's logits less than forming dlogits.
     """
     xp = array_module(x)
