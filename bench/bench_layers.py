@@ -17,6 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_train import SHAPES, VOCAB, blas_threads  # noqa: E402
 from bench.common import append_result, median_ms, timed  # noqa: E402
+from numgpt.allocator import keep_freed_memory  # noqa: E402
 from numgpt.layers.attention import attention_backward, attention_forward  # noqa: E402
 from numgpt.layers.classifier import classifier_backward, classifier_forward  # noqa: E402
 from numgpt.layers.embedding import embedding_backward, embedding_forward  # noqa: E402
@@ -97,6 +98,7 @@ def main():
     p.add_argument("--threads", type=int, default=blas_threads())
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
+    keep_freed_memory()   # the allocator train.py runs with, for both frameworks
     try:
         import torch  # noqa: F401
         have_torch = True

@@ -162,7 +162,12 @@ def bench_torch(shape, steps, warmup, threads, backend, precision, compile_model
 
 
 def child(args):
-    """Run one implementation on one shape and print its medians as one JSON line."""
+    """Run one implementation on one shape and print its medians as one JSON line.
+
+    Both implementations run with the malloc setting train.py uses (numgpt.keep_freed_memory):
+    the same allocator for both, so the ratio compares the two frameworks, not two mallocs."""
+    from numgpt.allocator import keep_freed_memory
+    keep_freed_memory()
     shape = {**SHAPES[args.shape], **({"batch_size": args.batch_size} if args.batch_size else {})}
     if args.impl == "numgpt":
         times, memory = bench_numgpt(shape, args.steps, args.warmup, args.backend, args.precision)

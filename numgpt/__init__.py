@@ -7,6 +7,7 @@
     numgpt.AdamW(model.params, lr=1e-3).step(grads)
 """
 
+from numgpt.allocator import keep_freed_memory
 from numgpt.config import GPTConfig
 from numgpt.errors import CheckpointError, ConfigError, DataError, NumGPTError
 from numgpt.model import GPT
@@ -14,5 +15,5 @@ from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "AdamW", "clip_grad_norm", "no_decay_names",
+__all__ = ["GPT", "GPTConfig", "AdamW", "clip_grad_norm", "no_decay_names", "keep_freed_memory",
            "NumGPTError", "ConfigError", "CheckpointError", "DataError", "__version__"]

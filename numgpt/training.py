@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from numgpt import checkpoint
+from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, get_xp, to_numpy
 from numgpt.config import GPTConfig
 from numgpt.data import dataset
@@ -289,6 +290,8 @@ class Trainer:
         with main_first(comm):
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
         self.model = build_model(cfg) if state is None else self._model_from_state(*state)
+        if backend_name(self.model.xp) == "numpy":
+            keep_freed_memory()   # every step reuses the last step's memory: no page faults (see there)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = DynamicLossScaler() if cfg.precision == "fp16" else None
         if self.scaler is not None and backend_name(self.model.xp) == "numpy":
