@@ -59,9 +59,10 @@ extern "C" __global__ void gelu_backward(const REAL* x, const REAL* dy, REAL* dx
     }
 }
 
-// one warp per row of x (N,C): xhat = (x - mean) * rstd, y = xhat * w + b, rstd = 1 / sqrt(var + eps)
-extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const REAL* b, REAL* y, REAL* xhat,
-                                             REAL* rstd, int N, int C, REAL eps) {
+// one warp per row of x (N,C): xhat = (x - mean) * rstd, y = xhat * w + b, rstd = 1 / sqrt(var + eps);
+// without a bias (has_bias 0) b is never read
+extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const REAL* b, int has_bias, REAL* y,
+                                             REAL* xhat, REAL* rstd, int N, int C, REAL eps) {
     int row = blockIdx.x, lane = threadIdx.x;
     if (row >= N) return;
     long long offset = (long long)row * C;
@@ -74,7 +75,7 @@ extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const
     for (int c = lane; c < C; c += 32) {
         REAL h = (x[offset + c] - mean) * r;
         xhat[offset + c] = h;
-        y[offset + c] = h * w[c] + b[c];
+        y[offset + c] = has_bias ? h * w[c] + b[c] : h * w[c];
     }
     if (lane == 0) rstd[row] = r;
 }
@@ -206,8 +207,10 @@ def layernorm_forward(x, w, b, eps):
     N = x.size // C
     y, xhat = _empty_like(x), _empty_like(x)
     rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
-    b = cupy.zeros_like(w) if b is None else b
-    _kernel("layernorm_forward", x.dtype)((N,), (WARP,), (x, _contiguous(w), _contiguous(b), y, xhat, rstd,
+    w = _contiguous(w)
+    has_bias = b is not None
+    b = _contiguous(b) if has_bias else w   # without a bias, any valid pointer: the kernel never reads it
+    _kernel("layernorm_forward", x.dtype)((N,), (WARP,), (x, w, b, np.int32(has_bias), y, xhat, rstd,
                                                            np.int32(N), np.int32(C), _scalar(eps, x.dtype)))
     return y, xhat, rstd
 
