@@ -29,7 +29,7 @@ def keep_freed_memory():
 
     Process-wide and for the process's lifetime: train.py and the benchmarks call it once. Peak
     memory grows little, because what is kept is what the next step allocates again (measured at
-    the tutorial's shape: +6%, as a heap packs freed blocks less tightly than fresh mappings).
+    the tutorial's shape: +6%).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
