@@ -5,9 +5,10 @@ and the next step asks for the same sizes again. glibc's malloc serves a block a
 threshold with a fresh mapping that it unmaps on free, and returns the free top of its heap to the
 kernel beyond its trim threshold. Either way the next step's arrays land on new pages, which the
 kernel faults in and zeroes one at a time: at the TinyStories tutorial's shape ~19,000 page faults
-a step and ~10% of its time (measured: 19,400 -> 110 faults, 662 -> 601 ms a step). Raising both thresholds keeps freed blocks
-in the heap, where the next step finds them. PyTorch's caching allocator on the GPU exists for the
-same reason; on the CPU, its tuning guides suggest preloading jemalloc or tcmalloc.
+a step and ~10% of its time (measured: 19,400 -> 110 faults and 662 -> 601 ms a step). Raising both
+thresholds keeps freed blocks in the heap, where the next step finds them. PyTorch's caching
+allocator on the GPU exists for the same reason; on the CPU, its tuning guides suggest preloading
+jemalloc or tcmalloc.
 """
 
 import ctypes
