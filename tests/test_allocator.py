@@ -35,6 +35,8 @@ def second_allocation_faults(mode):
 def test_freed_memory_is_reused_without_page_faults():
     kept = second_allocation_faults("keep")
     default = second_allocation_faults("default")   # the control: glibc's own policy faults again
-    pages = 3 * 2**20 // 4096
-    assert default > pages // 2, f"the control should fault in fresh pages, saw {default} faults"
-    assert kept < pages // 20, f"{kept} page faults re-allocating a freed 3 MiB block"
+    bound = 3 * 2**20 // 4096 // 20   # 5% of the block's pages
+    # the control proves the bound tells reuse from fresh pages (with transparent huge pages set to
+    # "always" a fresh block faults less, but at least the 1 MiB no huge page can cover: 256 faults)
+    assert default > bound, f"the control should fault in fresh pages, saw {default} faults"
+    assert kept < bound, f"{kept} page faults re-allocating a freed 3 MiB block"
