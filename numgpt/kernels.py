@@ -171,7 +171,7 @@ def _kernel(name, dtype):
     key = np.dtype(dtype).name
     if key not in _modules:
         import cupy
-        _modules[key] = cupy.RawModule(code=source(dtype), options=("-std=c++14",))
+        _modules[key] = cupy.RawModule(code=source(dtype))
     return _modules[key].get_function(name)
 
 

@@ -34,7 +34,7 @@ def test_kernels_compile(dtype):
     nvrtc = nvrtc_or_skip()
     program = nvrtc.createProgram(kernels.source(dtype), "numgpt_kernels.cu", [], [])
     try:
-        nvrtc.compileProgram(program, ["--gpu-architecture=compute_80", "-std=c++14"])
+        nvrtc.compileProgram(program, ["--gpu-architecture=compute_80"])   # the dialect CuPy uses: NVRTC's default
     except Exception:
         pytest.fail(nvrtc.getProgramLog(program))
 
