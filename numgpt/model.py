@@ -52,7 +52,7 @@ def init_params(config, seed=0):
 
 
 def in_model_precision(method):
-    """Run a GPT method with the model's matmul precision (float16 operands when mixed)."""
+    """Run a GPT method with the model's matmul precision (float16 matmuls when mixed)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         with half_matmuls(self.matmul_dtype):
@@ -68,7 +68,7 @@ class GPT:
     grads = model.backward()                       # {name: gradient of the mean loss}
 
     With matmul_dtype="float16" (mixed precision, for GPU tensor cores) the parameters and
-    activations stay in `dtype`, float32, and only the matmuls' operands are rounded to float16.
+    activations stay in `dtype`, float32, and only the matmuls run in float16 (operands and product).
     """
 
     def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None):

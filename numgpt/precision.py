@@ -7,8 +7,9 @@ Three precisions, train.py's --precision:
     tf32   float32 arrays, but cuBLAS rounds matmul inputs to TF32 (10-bit mantissa) on tensor
            cores; everything else is unchanged (CuPy only)
     fp16   mixed precision (Micikevicius et al. 2018): the parameters, the AdamW moments and every
-           activation stay float32; only the operands of the matmuls are rounded to float16, which
-           tensor cores multiply with float32 accumulation, and the product comes back as float32
+           activation stay float32; only the matmuls run in float16: their operands are rounded
+           to float16, tensor cores multiply them with float32 accumulation, and the product is
+           rounded to float16 (as under torch.autocast) before it goes back to float32
 
 float16 has 5 exponent bits: magnitudes below 6e-8 flush to zero, and above 65504 overflow. The
 forward's values live well inside that range, but gradients are small (a mean over B*T positions
@@ -28,7 +29,7 @@ from numgpt.errors import ConfigError
 
 PRECISIONS = ("fp32", "tf32", "fp16")
 
-# the dtype matmul() rounds its operands to, None for none: set by `half_matmuls`
+# the dtype matmul() multiplies in, None for none: set by `half_matmuls`
 _matmul_dtype = None
 
 
@@ -47,8 +48,9 @@ def matmul(a, b, out=None):
     """a @ b, the product every layer uses.   a (..., n, k), b (..., k, m) -> (..., n, m) in a's dtype.
 
     Inside `half_matmuls("float16")` a and b are rounded to float16 first. NumPy and cuBLAS both
-    accumulate float16 products in float32, so only the operands lose precision; the product is
-    rounded to float16 once and handed back in a's dtype (into `out` when given).
+    accumulate float16 products in float32, so the sums lose nothing; the product is rounded to
+    float16 once (where a sum beyond 65504 overflows to inf: the loss scaler's cue) and handed back
+    in a's dtype (into `out` when given).
     """
     xp = array_module(a)
     if _matmul_dtype is None:
