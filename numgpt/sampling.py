@@ -4,15 +4,19 @@ Sampling runs on the host in float64 with a NumPy Generator, so a seed repeats t
 either backend given the same logits.
 """
 
+import math
+
 import numpy as np
 
 from numgpt.errors import ConfigError
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
-    """Raise ConfigError for a temperature < 0, a top_k < 1 or a top_p outside (0, 1]."""
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    """Raise ConfigError for a temperature that is not a finite number >= 0, a top_k < 1 or a top_p
+    outside (0, 1]. NaN fails every comparison, so the range checks reject it too; an infinite
+    temperature would turn every logit into 0 or NaN."""
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):

@@ -54,7 +54,9 @@ def test_temperature_sharpens_and_zero_is_greedy():
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_k=0), dict(top_k=1.5), dict(top_p=0.0),
-                                    dict(top_p=1.01), dict(temperature="hot")])
+                                    dict(top_p=1.01), dict(temperature="hot"),
+                                    dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                    dict(top_p=float("nan")), dict(top_p=float("inf"))])
 def test_bad_values_raise(kwargs):
     with pytest.raises(ConfigError):
         check_sampling_args(**kwargs)
