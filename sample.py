@@ -18,8 +18,8 @@ import numpy as np
 from numgpt.backend import backend_name, to_numpy
 from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.errors import ConfigError, DataError, NumGPTError
-from numgpt.inspection import (PROBS_HEADER, TextStream, check_matplotlib, plot_attention, probs_row, token_label,
-                               token_table)
+from numgpt.inspection import (IMAGE_FORMATS, PROBS_HEADER, TextStream, check_image_path, plot_attention, probs_row,
+                               token_label, token_table)
 from numgpt.model import GPT
 from numgpt.sampling import check_sampling_args, next_token_probs
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
                    "candidates and their probabilities after temperature / top-k / top-p (with temperature 0: "
                    "the softmax, whose most likely token is the one taken)")
     g.add_argument("--attention-png", metavar="FILE", help="write a heatmap of every layer's every head's "
-                   "attention over the prompt (needs matplotlib)")
+                   f"attention over the prompt to FILE ({', '.join(IMAGE_FORMATS)}; needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -123,8 +123,10 @@ def run(args):
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.seed is not None and args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")   # numpy's generators take no negative seeds
     if args.attention_png:
-        check_matplotlib()                                 # before minutes of loading and generating
+        check_image_path(args.attention_png)               # before minutes of loading and generating
     prompt = read_prompt(args)
     enc = get_tokenizer()
     model = GPT.from_pretrained(args.ckpt, backend=args.backend, dtype=args.dtype).eval()

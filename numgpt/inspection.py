@@ -6,12 +6,14 @@ plain Python and NumPy, so sample.py only wires these pieces to the command line
 """
 
 import codecs
+import os
 
 import numpy as np
 
-from numgpt.errors import NumGPTError
+from numgpt.errors import ConfigError, NumGPTError
 
 MAX_TICK_LABELS = 24   # longer prompts get unlabelled heatmaps: the labels would overlap
+IMAGE_FORMATS = ("png", "svg", "pdf")   # what matplotlib writes without further packages
 
 
 def token_bytes(enc, token_id):
@@ -92,6 +94,16 @@ def check_matplotlib():
                           "pip install matplotlib (or pip install 'numgpt[plot]')") from None
 
 
+def check_image_path(path):
+    """Raise NumGPTError unless plot_attention can write `path`: matplotlib is installed and the
+    file's extension names a format it writes. Cheap, so callers check before any long work."""
+    check_matplotlib()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in IMAGE_FORMATS:
+        raise ConfigError(f"cannot write the attention image {path!r}: name it with one of the extensions "
+                          f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
+
+
 def plot_attention(maps, labels, path):
     """Write a grid of heatmaps to the image file `path`: one row per layer, one column per head,
     each the (T,T) attention probabilities of one prompt (rows: the attending positions, columns:
@@ -99,7 +111,7 @@ def plot_attention(maps, labels, path):
 
     maps: one (nh,T,T) NumPy array per layer. labels: T token labels for the axes of short prompts.
     """
-    check_matplotlib()
+    check_image_path(path)
     from matplotlib.figure import Figure   # the object API: no pyplot, no global backend state
 
     n_layer, n_head, T = len(maps), maps[0].shape[0], maps[0].shape[-1]

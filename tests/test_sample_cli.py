@@ -172,10 +172,20 @@ def test_attention_png_without_matplotlib_is_a_clear_error(ckpt, capsys, monkeyp
     assert code == 2 and "matplotlib" in err and not (tmp_path / "a.png").exists()
 
 
+def test_attention_png_with_an_unknown_extension_fails_before_loading(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    code, _, err = run(capsys, "--ckpt", str(tmp_path / "not-loaded"), "--attention-png", str(tmp_path / "a.txt"))
+    assert code == 2 and "a.txt" in err and ".png" in err and "does not exist" not in err
+
+
 # ---------------------------------------------------------------- user mistakes
 
 @pytest.mark.parametrize("argv, message", [
     (["--temperature", "-1"], "temperature"),
+    (["--temperature", "inf"], "finite"),
+    (["--temperature", "nan"], "finite"),
+    (["--top-p", "nan"], "top_p"),
+    (["--seed", "-1"], "--seed"),
     (["--top-k", "0"], "top_k"),
     (["--top-p", "1.5"], "top_p"),
     (["--num-samples", "0"], "--num-samples"),
