@@ -24,6 +24,26 @@ MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks, not paramet
 HF_ACTIVATION = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
 FROM_HF_ACTIVATION = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
 
+# What each config.json field that config_from_hf reads must hold. Checked before any is used, so a
+# hand-edited file gets a CheckpointError naming the field, not a TypeError from deep inside.
+JSON_KINDS = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),   # Python's bool is an int
+    "an integer or null": lambda v: v is None or JSON_KINDS["an integer"](v),
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "true or false": lambda v: isinstance(v, bool),
+    "an object": lambda v: isinstance(v, dict),
+}
+HF_FIELD_KINDS = {
+    "model_type": "a string", "activation_function": "a string",
+    "vocab_size": "an integer", "n_positions": "an integer", "n_ctx": "an integer", "n_embd": "an integer",
+    "n_layer": "an integer", "n_head": "an integer", "n_inner": "an integer or null",
+    "resid_pdrop": "a number", "layer_norm_epsilon": "a number",
+    "scale_attn_weights": "true or false", "scale_attn_by_inverse_layer_idx": "true or false",
+    "reorder_and_upcast_attn": "true or false", "tie_word_embeddings": "true or false",
+    "numgpt": "an object",
+}
+
 
 def atomic_write(path, data):
     """Write bytes to `path` so that a reader sees the old file or the new one, never a torn one:
@@ -113,12 +133,21 @@ def config_from_hf(hf):
         raise CheckpointError(f"config.json is not a valid GPT-2 configuration: {e}") from None
 
 
-def _read_json(path):
+def _read_config(path):
+    """The config.json at `path` as a dictionary whose fields hold the kinds of value config_from_hf
+    expects, or CheckpointError naming the file and the first field that does not."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            hf = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}. Is the checkpoint complete?") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    for field, kind in HF_FIELD_KINDS.items():
+        if field in hf and not JSON_KINDS[kind](hf[field]):
+            raise CheckpointError(f"{path}: {field} must be {kind}, got {json.dumps(hf[field])}; "
+                                  f"correct it or re-save the checkpoint")
+    return hf
 
 
 def _read_safetensors(path):
@@ -143,10 +172,7 @@ def load_pretrained(path):
                     if os.path.exists(os.path.join(path, "pytorch_model.bin")) else "")
             raise CheckpointError(f"{path!r} has no {os.path.basename(needed)}: a GPT-2 checkpoint "
                                   f"needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
-    hf = _read_json(config_path)
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{config_path} does not hold a JSON object")
-    config = config_from_hf(hf)
+    config = config_from_hf(_read_config(config_path))
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in _read_safetensors(weights_path).items()}
     tensors = {k: v for k, v in tensors.items() if not k.endswith(MASK_BUFFERS)}
     if config.tie_weights:

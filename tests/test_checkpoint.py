@@ -76,6 +76,18 @@ def test_bad_config(saved, text, message):
         GPT.from_pretrained(path)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("numgpt", None), ("resid_pdrop", "x"), ("activation_function", ["a"]), ("n_embd", None), ("n_layer", True),
+    ("tie_word_embeddings", "yes"),
+])
+def test_a_config_field_of_the_wrong_type_is_named(saved, field, value):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(CheckpointError, match=f"config.json: {field} must be"):
+        GPT.from_pretrained(path)
+
+
 def test_weights_that_do_not_match_the_config(saved):
     _, path = saved
     config = json.loads((path / "config.json").read_text())
