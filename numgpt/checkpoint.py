@@ -162,6 +162,9 @@ def _read_safetensors(path):
 def load_pretrained(path):
     """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory."""
     path = os.fspath(path)
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path!r} is a file, not a checkpoint directory: give the directory that holds "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE} (a train.py out-dir)")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
     config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)

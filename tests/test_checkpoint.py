@@ -46,6 +46,12 @@ def test_missing_directory(tmp_path):
         GPT.from_pretrained(tmp_path / "nope")
 
 
+def test_a_file_is_not_a_checkpoint_directory(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint directory"):
+        GPT.from_pretrained(path / "config.json")
+
+
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
 def test_missing_file(saved, name):
     _, path = saved
