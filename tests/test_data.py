@@ -418,6 +418,22 @@ def test_truncated_cache_is_rebuilt(tmp_path):
     assert any("cannot be used" in m and "bytes" in m for m in messages)
 
 
+@pytest.mark.parametrize("corrupt, problem", [
+    (lambda n: np.zeros(n), "does not end with"),                           # no EOT at all
+    (lambda n: np.append(np.full(n - 1, 60000), EOT), "outside the vocabulary"),
+])
+def test_corrupt_tokens_of_the_right_size_are_rebuilt(tmp_path, corrupt, problem):
+    documents = CountingDocuments(DOCS)
+    prepare_tokens(documents, tmp_path, "demo", "train", log=lambda m: None)
+    bin_path, _ = cache_paths(tmp_path, "demo", "train")
+    bin_path.write_bytes(corrupt(len(tokens_of(DOCS))).astype(np.uint16).tobytes())
+    messages: list[str] = []
+    tokens = prepare_tokens(documents, tmp_path, "demo", "train", log=messages.append)
+    assert documents.calls == 2
+    assert tokens.tolist() == tokens_of(DOCS)
+    assert any("cannot be used" in m and problem in m for m in messages)
+
+
 @pytest.mark.parametrize("damage", [
     lambda meta: "{ not json",
     lambda meta: json.dumps({**meta, "version": -1}),

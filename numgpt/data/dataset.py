@@ -48,7 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from numgpt.data import stories
-from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.errors import ConfigError, DataError
 
 Log = Callable[[str], None]
@@ -291,7 +291,12 @@ def cache_paths(cache_dir: str | os.PathLike[str], source_key: str, split: str) 
 
 
 def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str) -> str | None:
-    """None if the cache is complete and matches, else what is wrong with it."""
+    """None if the cache is complete and matches, else what is wrong with it.
+
+    Besides the metadata and the size, one pass over the tokens checks what every cache written
+    by `_tokenize_into` holds: ids within the vocabulary, and EOT last. A file damaged in place
+    keeps its size, and would otherwise fail far from here, in the model or when splitting.
+    """
     if not meta_path.exists():
         return "no metadata"
     try:
@@ -308,6 +313,12 @@ def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str)
     size = bin_path.stat().st_size if bin_path.exists() else None
     if size != expected_size or n_tokens == 0:
         return f"token file has {size} bytes, metadata says {expected_size}"
+    tokens = np.memmap(bin_path, dtype=TOKEN_DTYPE, mode="r")
+    if tokens[-1] != EOT:
+        return "token file does not end with <|endoftext|>"
+    largest = int(tokens.max())                  # uint16: the smallest is >= 0 anyway
+    if largest >= VOCAB_SIZE:
+        return f"token file holds id {largest}, outside the vocabulary of {VOCAB_SIZE}"
     return None
 
 
