@@ -6,6 +6,7 @@ that older files carry, and ties lm_head to wte when it is absent. Writes what t
 Every file is written atomically, so a crash mid-save leaves the previous file intact.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -45,15 +46,18 @@ HF_FIELD_KINDS = {
 }
 
 
-def atomic_write(path, data):
-    """Write bytes to `path` so that a reader sees the old file or the new one, never a torn one:
-    write a temporary file beside it, fsync it, rename it over `path`, fsync the directory."""
+@contextlib.contextmanager
+def atomic_writer(path):
+    """A binary file to write `path` through, all or nothing, so that a reader sees the old file or
+    the new one, never a torn one: the block writes a temporary file beside `path`; leaving it
+    fsyncs that file, renames it over `path` and fsyncs the directory. An exception or a crash
+    half-way leaves the old file, or none. Streams, so a large file need not fit in memory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,6 +70,12 @@ def atomic_write(path, data):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path, data):
+    """Write the bytes `data` to `path` all or nothing (see atomic_writer)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def _umask():

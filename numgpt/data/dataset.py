@@ -28,25 +28,24 @@ message that says what is wrong and what to do.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
 
+from numgpt.checkpoint import atomic_writer
 from numgpt.data import stories
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.errors import ConfigError, DataError
@@ -322,25 +321,6 @@ def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str)
     return None
 
 
-@contextlib.contextmanager
-def _atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """Write `path` all or nothing: into a temporary file beside it, synced, then renamed.
-
-    A crash (or Ctrl-C) half-way leaves the old file, or no file, never half a file.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _tokenize_into(documents: Sequence[str], out: BinaryIO, desc: str, show_progress: bool) -> int:
     """Write the tokens of `documents`, each followed by EOT, to `out`; return how many."""
     encoding = get_tokenizer()
@@ -391,12 +371,12 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
     # Metadata goes last, and the old metadata first: a cache is trusted only through its
     # metadata, so no crash can pair a new token file with old metadata, or the reverse.
     meta_path.unlink(missing_ok=True)
-    with _atomic_writer(bin_path) as out:
+    with atomic_writer(bin_path) as out:
         n_tokens = _tokenize_into(documents, out, f"tokenizing {split}", show_progress)
     meta = {"tokenizer": TOKENIZER_NAME, "source": source_key, "split": split,
             "n_documents": len(documents), "n_tokens": n_tokens,
             "dtype": np.dtype(TOKEN_DTYPE).name, "version": CACHE_VERSION}
-    with _atomic_writer(meta_path) as out:
+    with atomic_writer(meta_path) as out:
         out.write(json.dumps(meta, indent=2).encode())
     log(f"tokenized {len(documents):,} documents into {n_tokens:,} tokens in "
         f"{time.perf_counter() - started:.1f} s -> {bin_path}")
