@@ -280,6 +280,8 @@ def test_read_text_documents_strips_a_byte_order_mark(tmp_path):
     ("empty.txt", b"", "is empty"),
     ("blank.txt", b"  \n\n\t\n", "has no text"),
     ("separators.txt", b"<|endoftext|>\n\n<|endoftext|>\n", "has no text"),
+    ("program.bin", b"\x7fELF\x02\x01\x01\0\0\0 some strings too", "does not look like text"),
+    ("utf16.txt", "Hello there.".encode("utf-16"), "does not look like text"),
 ])
 def test_files_without_text_are_rejected(tmp_path, name, content, message):
     path = write(tmp_path / name, content)

@@ -87,7 +87,8 @@ def _check_data_file(path: Path) -> None:
 
 
 def _read_text(path: Path, log: Log) -> str:
-    """The text of one data file, decoded as UTF-8 (bad bytes replaced, with a warning)."""
+    """The text of one data file, decoded as UTF-8 (a few bad bytes replaced, with a warning; a
+    binary file, which trains nothing useful, is a DataError)."""
     _check_data_file(path)
     try:
         data = path.read_bytes()
@@ -96,6 +97,9 @@ def _read_text(path: Path, log: Log) -> str:
                         f"check that it is a readable text file") from e
     if not data:
         raise DataError(f"data file '{path}' is empty: give a file with some text")
+    if b"\0" in data:   # text files (in UTF-8) never hold a NUL byte; programs, images and archives do
+        raise DataError(f"data file '{path}' does not look like text (it holds NUL bytes): give a text "
+                        f"file saved as UTF-8")
     try:
         text = data.decode("utf-8-sig")          # -sig: drop a byte-order mark if there is one
     except UnicodeDecodeError:
