@@ -60,7 +60,7 @@ def parse_args(argv=None):
                    f"(default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, help=f"micro-batches per step (default {d.grad_accum})")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine decay (default {d.min_lr})")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default lr / 10)")
     g.add_argument("--warmup-iters", type=int, help=f"linear warmup steps (default {d.warmup_iters})")
     g.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay (default {d.beta2})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay of weight matrices (default {d.weight_decay})")

@@ -66,7 +66,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: float = None              # None: lr / 10, nanoGPT's convention, so a lower --lr alone works
     warmup_iters: int = 50
     beta2: float = 0.99               # nanoGPT's choice for small models; torch's default is 0.999
     weight_decay: float = 0.1
@@ -81,6 +81,11 @@ class TrainConfig:
     backend: str = "numpy"
     dtype: str = "float32"
     precision: str = "fp32"          # fp32, tf32 or fp16 (mixed): see numgpt.precision
+
+    def __post_init__(self):
+        # resolved here, not where it is used, so the saved config records the rate actually used
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
 
     def validate(self):
         """Raise ConfigError naming the first setting that cannot work."""

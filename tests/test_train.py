@@ -18,7 +18,7 @@ import train
 from numgpt import GPT, GPTConfig
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import load_train_state
-from numgpt.training import TrainConfig, learning_rate
+from numgpt.training import PRESETS, TrainConfig, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -209,6 +209,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, cache_dir, monkey
     assert (tmp_path / "model.safetensors").read_bytes() == before
     GPT.from_pretrained(tmp_path)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_min_lr_follows_a_lower_lr_and_resumes_unchanged(tmp_path, cache_dir):
+    """The README's fine-tuning --lr 3e-5 needs no --min-lr: the default is lr / 10."""
+    assert run(tmp_path, cache_dir, "--lr", "3e-5", "--max-iters", "1") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert load_train_state(tmp_path)[1]["train_config"]["min_lr"] == pytest.approx(3e-6)
+    assert TrainConfig().min_lr == 1e-4                        # the presets' values are the old ones
+    assert TrainConfig(**PRESETS["tinystories-tutorial"]).min_lr == 1e-3
 
 
 def test_learning_rate_schedule():
