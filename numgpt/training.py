@@ -33,7 +33,7 @@ from numgpt.config import GPTConfig
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
-from numgpt.errors import ConfigError, DataError
+from numgpt.errors import CheckpointError, ConfigError, DataError
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
 from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
@@ -207,13 +207,28 @@ def generate_samples(model, n, max_new_tokens, seed, prompt=SAMPLE_PROMPT):
 
 # ---------------------------------------------------------------- the log
 
+def read_log(path):
+    """The rows of log.jsonl. A last line that is not JSON is left out: it is the half-written row
+    of a run killed while writing it (the row is lost, the run is not)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise CheckpointError(f"line {number} of {path} is not JSON: repair or delete that line") from None
+    return rows
+
+
 def rewrite_log(path, last_step):
-    """Keep only the rows up to `last_step`: a resumed run rewrites what came after its checkpoint."""
+    """Keep only the rows up to `last_step`: a resumed run rewrites what came after its checkpoint
+    (and a half-written last row goes too)."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    checkpoint.atomic_write(path, "".join(rows).encode())
+    rows = [row for row in read_log(path) if row["step"] <= last_step]
+    checkpoint.atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def plot_losses(log_path, png_path):
@@ -224,8 +239,7 @@ def plot_losses(log_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    with open(log_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -16,6 +16,7 @@ import pytest
 import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
+from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import load_train_state
 from numgpt.training import PRESETS, TrainConfig, learning_rate
@@ -78,6 +79,21 @@ def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     assert run(tmp_path, cache_dir, "--resume", "--n-embd", "32") == 2
     assert "--n-embd" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
+    """kill -9 while a row is being written leaves half a line: the resume drops it."""
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 2.')
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3") == 0
+    assert list(step_losses(tmp_path)) == [1, 2, 3]
+    with open(tmp_path / "log.jsonl", "a") as f:            # the plot reads the log the same way
+        f.write('{"step": 4, "lo')
+    assert [r["step"] for r in numgpt.training.read_log(tmp_path / "log.jsonl")][-1] == 3
+    (tmp_path / "log.jsonl").write_text('{"step": 0}\n{"st\n{"step": 1}\n')
+    with pytest.raises(CheckpointError, match="line 2"):    # damage elsewhere is not a kill: say where
+        numgpt.training.read_log(tmp_path / "log.jsonl")
 
 
 def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir):
