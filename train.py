@@ -4,6 +4,7 @@
     python train.py --preset tinystories-tutorial    # the classic TinyStories tutorial setup
     python train.py --data my_text.txt --max-iters 2000
     python train.py --resume                         # continue the run in --out-dir exactly
+    python train.py --overwrite                      # start over in an --out-dir that holds a run
     mpiexec -n 2 python train.py --ddp               # data-parallel over 2 processes (numgpt[mpi])
 
 Settings come from the defaults, then --preset, then the flags you give; --resume takes the run's
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     g.add_argument("--preset", choices=sorted(PRESETS), help="a named setup; flags you give override it")
     g.add_argument("--out-dir", help=f"checkpoint, log and plot directory (default {d.out_dir})")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one, "
+                   "deleting that run's model, state, log and plot")
     g.add_argument("--ddp", action="store_true", help="data-parallel training over the processes that "
                    "'mpiexec -n N' starts (NCCL between GPUs); --batch-size is then the global batch, split "
                    "across them. Needs pip install \"numgpt[mpi]\"")
@@ -79,8 +82,10 @@ def resolve_config(args):
     from numgpt.train_state import load_train_state
     from numgpt.training import PRESETS, TrainConfig
 
-    given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "ddp", "no_progress")}
+    given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "overwrite", "ddp", "no_progress")}
     if getattr(args, "resume", False):
+        if getattr(args, "overwrite", False):
+            raise NumGPTError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         _, info = load_train_state(out_dir)
         saved = info["train_config"]
@@ -112,7 +117,7 @@ def main(argv=None):
         cfg = resolve_config(args)
         comm = distributed.device_communicator(world, cfg.backend)
         trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False), comm=comm)
-        trainer.setup(resume=getattr(args, "resume", False))
+        trainer.setup(resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
         if trainer.step == 0 and cfg.num_samples and trainer.is_main:
             print("\nBefore training:\n" + generate_samples(trainer.model, 1, 30, cfg.seed)[0])
         outcome = trainer.run()

@@ -32,6 +32,18 @@ def save_train_state(out_dir, model, optimizer, info):
     atomic_write(os.path.join(out_dir, STATE_FILE), save(tensors, metadata={STATE_KEY: json.dumps(info)}))
 
 
+def saved_step(out_dir):
+    """The step of the training state in `out_dir`, read from its metadata alone; None when there
+    is no state there or it cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(out_dir, STATE_FILE), framework="numpy") as f:
+            return int(json.loads(f.metadata()[STATE_KEY])["step"])
+    except Exception:   # absent, truncated or foreign: the caller only wants to name the step
+        return None
+
+
 def load_train_state(out_dir):
     """({group: {name: array}}, info) from `out_dir`, or CheckpointError saying what is wrong."""
     from safetensors import safe_open

@@ -37,10 +37,12 @@ from numgpt.errors import CheckpointError, ConfigError, DataError
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
 from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
-from numgpt.train_state import load_train_state, save_train_state
+from numgpt.train_state import STATE_FILE, load_train_state, save_train_state, saved_step
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
+# what a run writes into its out-dir; --overwrite removes these and nothing else
+RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE)
 SAMPLE_PROMPT = "Once upon a time"
 
 
@@ -257,6 +259,17 @@ def plot_losses(log_path, png_path):
     return True
 
 
+# ---------------------------------------------------------------- the out-dir
+
+def refuse_previous_run(out_dir):
+    """ConfigError when `out_dir` already holds a training run (a state or a saved model)."""
+    if not any(os.path.exists(os.path.join(out_dir, name)) for name in (STATE_FILE, checkpoint.WEIGHTS_FILE)):
+        return
+    step = saved_step(out_dir)
+    raise ConfigError(f"{out_dir}/ already holds a training run{'' if step is None else f' (step {step})'}: "
+                      f"continue it with --resume, start over with --overwrite, or choose another --out-dir")
+
+
 # ---------------------------------------------------------------- Ctrl-C
 
 class StopRequest:
@@ -293,9 +306,14 @@ class Trainer:
         self.progress = progress and self.is_main
         self.stop = StopRequest()
 
-    def setup(self, resume=False):
-        """Load the data and build the model and optimizer, fresh or from the out-dir's state."""
+    def setup(self, resume=False, overwrite=False):
+        """Load the data and build the model and optimizer, fresh or from the out-dir's state.
+
+        A fresh run refuses an out-dir that holds another run, unless `overwrite`: it would replace
+        that run's trained model with an untrained one and mix the two logs."""
         cfg, comm = self.cfg, self.comm
+        if not resume and not overwrite:
+            refuse_previous_run(cfg.out_dir)
         if cfg.batch_size % comm.size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch, split evenly across the "
                               f"{comm.size} ranks: give a multiple of {comm.size}")
@@ -331,6 +349,11 @@ class Trainer:
         self.step, self.best_val = 0, float("inf")
         if state is not None:
             self._restore(*state)
+        elif overwrite and self.is_main:   # only now: a run that failed to start leaves the old one whole
+            for name in RUN_FILES:
+                path = os.path.join(cfg.out_dir, name)
+                if os.path.exists(path):
+                    os.remove(path)
 
     def _model_from_state(self, arrays, info):
         return build_model(self.cfg, params=arrays["param"], config=GPTConfig(**info["model_config"]))

@@ -96,6 +96,26 @@ def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
         numgpt.training.read_log(tmp_path / "log.jsonl")
 
 
+def test_a_new_run_refuses_an_out_dir_that_holds_a_run(tmp_path, cache_dir, monkeypatch, capsys):
+    """Forgetting --resume must not replace a trained model with an untrained one."""
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    saved = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "log.jsonl")}
+
+    def no_data(*args):
+        raise AssertionError("the out-dir is checked before any data is loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(numgpt.training, "load_data", no_data)
+        assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run (step 2)" in err and "--resume" in err and "--overwrite" in err
+    assert all((tmp_path / name).read_bytes() == data for name, data in saved.items())
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite", "--resume") == 2
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
+    assert [r["step"] for r in log_rows(tmp_path)] == [0, 1, 1]    # nothing of the old run's log
+    assert load_train_state(tmp_path)[1]["step"] == 1
+
+
 def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
            "--max-iters", "100000", "--eval-interval", "100000"]
