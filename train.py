@@ -142,6 +142,9 @@ def main(argv=None):
         return world.fail(f"error: {e}", 2)
     except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint is intact
         return world.fail(f"error: {e}. The last checkpoint saved in the out-dir is intact", 1)
+    except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
+        return world.fail(f"error: out of memory: {e}. Use a smaller --batch-size or --block-size, "
+                          f"or a smaller model (--n-layer, --n-embd)", 1)
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
         return world.fail("\nStopped.", 130)
     except Exception:   # a bug in numgpt: keep its traceback, and with several ranks, end the job

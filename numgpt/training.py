@@ -90,21 +90,25 @@ class TrainConfig:
             self.min_lr = self.lr / 10
 
     def validate(self):
-        """Raise ConfigError naming the first setting that cannot work."""
+        """Raise ConfigError naming the first setting that cannot work; it needs no data and no
+        out-dir, so a mistake is reported before anything slow or lasting happens."""
         positive = ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size", "grad_accum",
                     "eval_interval", "eval_iters")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.beta2 < 1:
             raise ConfigError(f"--beta2 must be in (0, 1), got {self.beta2}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr must be in [0, lr = {self.lr}], got {self.min_lr}")
-        for name in ("warmup_iters", "weight_decay", "grad_clip", "num_samples", "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        # NaN compares false with everything, so `< 0` alone would let --grad-clip nan switch clipping off
+        for name in ("warmup_iters", "weight_decay", "grad_clip", "num_samples", "sample_tokens", "seed"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        self.model_config()   # n_embd divisible by n_head, dropout in [0, 1), a known activation
         if self.data and self.dataset not in ("auto", "files"):
             raise ConfigError(f"--data and --dataset {self.dataset} are two data sources: give one of them")
         if self.dataset not in ("auto", "tinystories", "embedded", "files"):
@@ -113,6 +117,11 @@ class TrainConfig:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision != "fp32" and self.dtype != "float32":
             raise ConfigError(f"--precision {self.precision} lowers float32 arithmetic: it needs --dtype float32")
+
+    def model_config(self):
+        """The GPTConfig of a model trained from scratch with these settings (GPTConfig checks them)."""
+        return GPTConfig(vocab_size=50257, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+                         n_embd=self.n_embd, dropout=self.dropout, activation=self.activation)
 
 
 # Named setups. "tinystories-tutorial" is the classic PyTorch TinyStories tutorial: a 4-layer,
@@ -170,9 +179,7 @@ def build_model(cfg, params=None, config=None):
     if params is not None:
         return GPT(config, params=params, **kwargs)
     if cfg.init_from == "scratch":
-        config = GPTConfig(vocab_size=50257, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                           n_embd=cfg.n_embd, dropout=cfg.dropout, activation=cfg.activation)
-        return GPT(config, seed=cfg.seed, **kwargs)
+        return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
     config, params = checkpoint.load_pretrained(cfg.init_from)
     if cfg.block_size > config.block_size:
         raise ConfigError(f"--block-size {cfg.block_size} exceeds the block size {config.block_size} "

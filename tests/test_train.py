@@ -188,11 +188,31 @@ def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, mo
     (["--min-lr", "1"], "--min-lr"),
     (["--dropout", "1.5"], "dropout"),
     (["--block-size", "5000000"], "block"),
+    (["--seed", "-1"], "--seed"),
+    (["--grad-clip", "nan"], "--grad-clip"),
+    (["--weight-decay", "inf"], "--weight-decay"),
 ])
 def test_bad_hyperparameters(tmp_path, cache_dir, capsys, flags, message):
     assert run(tmp_path, cache_dir, "--max-iters", "1", *flags) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags", [["--n-embd", "30", "--n-head", "4"], ["--dropout", "1.5"], ["--seed", "-1"]])
+def test_bad_settings_are_found_before_the_data_and_the_out_dir(tmp_path, cache_dir, monkeypatch, flags):
+    monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
+    assert run(tmp_path / "o", cache_dir, *flags) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, capsys):
+    def huge(*args):
+        raise MemoryError("Unable to allocate 13.4 GiB for an array with shape (60000, 60000)")
+
+    monkeypatch.setattr(numgpt.training, "build_model", huge)
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
+    err = capsys.readouterr().err
+    assert "out of memory: Unable to allocate 13.4 GiB" in err and "--batch-size" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("content", [None, b"", b"  \n<|endoftext|>\n  "], ids=["missing", "empty", "separators"])
