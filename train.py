@@ -12,6 +12,7 @@ saved settings and lets you change only those that do not alter the run's past (
 """
 
 import argparse
+import dataclasses
 import sys
 import traceback
 
@@ -79,7 +80,7 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
-    from numgpt.train_state import load_train_state
+    from numgpt.train_state import damaged_state, load_train_state
     from numgpt.training import PRESETS, TrainConfig
 
     given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "overwrite", "ddp", "no_progress")}
@@ -88,18 +89,26 @@ def resolve_config(args):
             raise NumGPTError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         _, info = load_train_state(out_dir)
-        saved = info["train_config"]
+        saved = info["train_config"] if isinstance(info["train_config"], dict) else {}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        if set(saved) != fields:
+            raise damaged_state(out_dir, f"its train_config has the settings {sorted(set(saved) - fields)} "
+                                         f"this numgpt does not know and lacks {sorted(fields - set(saved))}")
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "
                               f"or start a new run in another --out-dir")
-        cfg = TrainConfig(**{**saved, **given})
-    else:
-        preset = dict(PRESETS[getattr(args, "preset", "default")])
-        if "data" in given:   # your files replace the preset's dataset
-            preset.pop("dataset", None)
-        cfg = TrainConfig(**{**preset, **given})
+        try:
+            cfg = TrainConfig(**{**saved, **given})
+            cfg.validate()
+        except TypeError as e:   # a saved value of the wrong kind, such as a string n_layer
+            raise damaged_state(out_dir, f"its train_config: {e}") from None
+        return cfg
+    preset = dict(PRESETS[getattr(args, "preset", "default")])
+    if "data" in given:   # your files replace the preset's dataset
+        preset.pop("dataset", None)
+    cfg = TrainConfig(**{**preset, **given})
     cfg.validate()
     return cfg
 

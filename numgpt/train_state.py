@@ -18,6 +18,8 @@ from numgpt.errors import CheckpointError
 STATE_FILE = "train_state.safetensors"
 STATE_KEY = "numgpt_train_state"
 GROUPS = ("param", "adam_m", "adam_v")
+# what save_train_state's callers put in `info` (loss_scaler only for fp16 runs), and adam_step
+INFO_KEYS = {"step", "best_val_loss", "model_config", "train_config", "source", "data_rng", "adam_step"}
 
 
 def save_train_state(out_dir, model, optimizer, info):
@@ -62,4 +64,16 @@ def load_train_state(out_dir):
     except Exception as e:   # truncated file, foreign file, missing metadata, bad JSON
         raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
                               f"Start a new run (without --resume) or restore the file") from None
+    if not isinstance(info, dict) or not INFO_KEYS <= set(info):
+        missing = sorted(INFO_KEYS - set(info)) if isinstance(info, dict) else "everything"
+        raise damaged_state(out_dir, f"its metadata lacks {missing}")
+    if not arrays["param"] or not set(arrays["param"]) == set(arrays["adam_m"]) == set(arrays["adam_v"]):
+        raise damaged_state(out_dir, "its parameters and AdamW moments do not name the same tensors")
     return arrays, info
+
+
+def damaged_state(out_dir, problem):
+    """The CheckpointError for a training state that reads as one but does not fit this numgpt."""
+    return CheckpointError(f"cannot resume: {os.path.join(out_dir, STATE_FILE)} is damaged or was written by "
+                           f"another numgpt version ({problem}). Start over with --overwrite, or resume it "
+                           f"with the numgpt version that wrote it")

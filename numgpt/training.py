@@ -29,7 +29,7 @@ import numpy as np
 from numgpt import checkpoint
 from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, get_xp, to_numpy
-from numgpt.config import GPTConfig
+from numgpt.config import GPTConfig, param_shapes
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
@@ -37,7 +37,8 @@ from numgpt.errors import CheckpointError, ConfigError, DataError
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
 from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
-from numgpt.train_state import STATE_FILE, load_train_state, save_train_state, saved_step
+from numgpt.train_state import (GROUPS, STATE_FILE, damaged_state, load_train_state, save_train_state,
+                                saved_step)
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -363,14 +364,28 @@ class Trainer:
                     os.remove(path)
 
     def _model_from_state(self, arrays, info):
-        return build_model(self.cfg, params=arrays["param"], config=GPTConfig(**info["model_config"]))
+        try:
+            config = GPTConfig(**info["model_config"])
+        except (TypeError, ConfigError) as e:
+            raise damaged_state(self.cfg.out_dir, f"its model_config: {e}") from None
+        # every tensor is checked before any is copied: NumPy would broadcast some wrong shapes silently
+        expected = param_shapes(config)
+        for group in GROUPS:
+            if {name: arrays[group][name].shape for name in arrays[group]} != expected:
+                raise damaged_state(self.cfg.out_dir, f"its {group} tensors do not have its model_config's shapes")
+        return build_model(self.cfg, params=arrays["param"], config=config)
 
     def _restore(self, arrays, info):
-        self.optimizer.load_state_dict({"step": info["adam_step"], "m": arrays["adam_m"], "v": arrays["adam_v"]})
-        if self.scaler is not None and "loss_scaler" in info:   # absent when the run was not fp16 before
-            self.scaler.load_state_dict(info["loss_scaler"])
-        self.batcher.set_state(info["data_rng"])
-        self.step, self.best_val = info["step"], info["best_val_loss"]
+        # the scalars are converted here, so a value of the wrong kind fails now and not mid-run
+        try:
+            self.optimizer.load_state_dict({"step": int(info["adam_step"]), "m": arrays["adam_m"],
+                                            "v": arrays["adam_v"]})
+            if self.scaler is not None and "loss_scaler" in info:   # absent when the run was not fp16 before
+                self.scaler.load_state_dict(info["loss_scaler"])
+            self.batcher.set_state(info["data_rng"])
+            self.step, self.best_val = int(info["step"]), float(info["best_val_loss"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise damaged_state(self.cfg.out_dir, f"{type(e).__name__}: {e}") from None
         if self.is_main:
             rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")

@@ -241,6 +241,37 @@ def test_resume_without_or_with_a_corrupt_state(tmp_path, cache_dir, capsys):
     assert "corrupt" in capsys.readouterr().err
 
 
+def rewrite_state(out_dir, change):
+    """Re-save out_dir's training state after `change(arrays, info)`: valid safetensors, odd content."""
+    from safetensors.numpy import save
+    arrays, info = load_train_state(out_dir)
+    change(arrays, info)
+    tensors = {f"{group}/{name}": a for group, named in arrays.items() for name, a in named.items()}
+    (Path(out_dir) / "train_state.safetensors").write_bytes(save(tensors, {"numgpt_train_state": json.dumps(info)}))
+
+
+@pytest.mark.parametrize("change", [
+    lambda arrays, info: info["train_config"].update(flash_attention=True),
+    lambda arrays, info: info["train_config"].pop("beta2"),
+    lambda arrays, info: info["train_config"].update(warmup_iters="ten"),
+    lambda arrays, info: info.pop("data_rng"),
+    lambda arrays, info: info.update(data_rng={"bit_generator": "PCG64"}),
+    lambda arrays, info: info["model_config"].update(rotary=True),
+    lambda arrays, info: info.update(step="three"),
+    lambda arrays, info: arrays["adam_m"].update({"wpe.weight": arrays["adam_m"]["wpe.weight"][:1]}),
+    lambda arrays, info: arrays["param"].update({"ln_f.bias": arrays["param"]["ln_f.bias"][:1]}),
+    lambda arrays, info: arrays["adam_v"].pop("ln_f.bias"),
+], ids=["extra-setting", "missing-setting", "wrong-type", "no-data-rng", "bad-data-rng", "model-config",
+        "step", "moment-shape", "param-shape", "missing-moment"])
+def test_resume_from_a_damaged_or_foreign_state(tmp_path, cache_dir, capsys, change):
+    """A state from another numgpt version reads as safetensors but does not fit: say so, in one line."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    rewrite_state(tmp_path, change)
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 2
+    err = capsys.readouterr().err
+    assert "damaged or was written by another numgpt version" in err and "Traceback" not in err
+
+
 def test_init_from_a_missing_or_corrupt_checkpoint(tmp_path, cache_dir, capsys):
     assert run(tmp_path / "o", cache_dir, "--init-from", str(tmp_path / "nowhere")) == 2
     assert "does not exist" in capsys.readouterr().err
