@@ -81,7 +81,7 @@ def parse_args(argv=None):
 def resolve_config(args):
     """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
     from numgpt.train_state import damaged_state, load_train_state
-    from numgpt.training import PRESETS, TrainConfig
+    from numgpt.training import PRESETS, TrainConfig, with_checkpoint_shape
 
     given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "overwrite", "ddp", "no_progress")}
     if getattr(args, "resume", False):
@@ -109,6 +109,8 @@ def resolve_config(args):
     if "data" in given:   # your files replace the preset's dataset
         preset.pop("dataset", None)
     cfg = TrainConfig(**{**preset, **given})
+    if cfg.init_from != "scratch":
+        cfg = with_checkpoint_shape(cfg, given)
     cfg.validate()
     return cfg
 

@@ -188,6 +188,28 @@ def build_model(cfg, params=None, config=None):
     return GPT(dataclasses.replace(config, dropout=cfg.dropout), params=params, **kwargs)
 
 
+# the settings of the model's shape, which an --init-from checkpoint decides
+CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "activation")
+
+
+def with_checkpoint_shape(cfg, given):
+    """cfg with the shape of its --init-from model, so the log and the saved config describe the
+    model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape."""
+    try:   # config.json alone: the weights are read once, by build_model
+        with open(os.path.join(cfg.init_from, checkpoint.CONFIG_FILE), encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        hf = None
+    if not isinstance(hf, dict):
+        return cfg   # build_model's checkpoint.load_pretrained says what is wrong with the directory
+    config = checkpoint.config_from_hf(hf)
+    for name in CHECKPOINT_SHAPE:
+        if name in given and given[name] != getattr(config, name):
+            raise ConfigError(f"--{name.replace('_', '-')} comes from the --init-from checkpoint "
+                              f"({getattr(config, name)}); drop it")
+    return dataclasses.replace(cfg, **{name: getattr(config, name) for name in CHECKPOINT_SHAPE})
+
+
 def build_optimizer(model, cfg):
     """AdamW with nanoGPT's decay groups: biases, layernorms and embeddings are not decayed."""
     return AdamW(model.params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,

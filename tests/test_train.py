@@ -139,6 +139,19 @@ def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):
     assert GPT.from_pretrained(tmp_path / "tuned").config == GPT.from_pretrained(tmp_path / "base").config
 
 
+def test_fine_tuning_takes_the_model_shape_from_the_checkpoint(tmp_path, cache_dir, capsys):
+    assert run(tmp_path / "base", cache_dir, "--max-iters", "1", "--activation", "relu") == 0
+    tune = ["--init-from", str(tmp_path / "base"), "--out-dir", str(tmp_path / "tuned"), "--dataset", "embedded",
+            "--cache-dir", cache_dir, "--block-size", "16", "--batch-size", "4", "--eval-iters", "2",
+            "--num-samples", "0", "--no-progress", "--max-iters", "1"]
+    assert train.main([*tune, "--n-layer", "3"]) == 2
+    assert "--n-layer comes from the --init-from checkpoint (1); drop it" in capsys.readouterr().err
+    assert train.main(tune) == 0
+    assert "1 layers, 16 wide" in capsys.readouterr().out          # not the defaults' 4 layers, 128 wide
+    saved = load_train_state(tmp_path / "tuned")[1]["train_config"]
+    assert (saved["n_layer"], saved["n_head"], saved["n_embd"], saved["activation"]) == (1, 2, 16, "relu")
+
+
 def test_local_text_files(tmp_path, cache_dir):
     text = tmp_path / "stories.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and was happy." * 5
