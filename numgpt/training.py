@@ -353,7 +353,7 @@ class Trainer:
         state = load_train_state(cfg.out_dir) if resume else None
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again
-        self.source = comm.broadcast(choose_source(cfg, self.log) if self.is_main else None)
+        self.source = comm.broadcast(self._choose_source(state) if self.is_main else None)
         with main_first(comm):
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
         self.model = build_model(cfg) if state is None else self._model_from_state(*state)
@@ -384,6 +384,22 @@ class Trainer:
                 path = os.path.join(cfg.out_dir, name)
                 if os.path.exists(path):
                     os.remove(path)
+
+    def _choose_source(self, state):
+        """choose_source's answer, except that a resumed --dataset auto run keeps the source it
+        trained on: choosing again could switch datasets mid-run (TinyStories online, offline not)."""
+        cfg = self.cfg
+        if state is None or cfg.data or cfg.dataset != "auto":
+            return choose_source(cfg, self.log)
+        source = state[1]["source"]
+        if source not in ("tinystories", "embedded"):
+            raise damaged_state(cfg.out_dir, f"its data source {source!r} is not a dataset")
+        if source == "tinystories":
+            available, reason = dataset.tinystories_available()
+            if not available:
+                raise DataError(f"this run trained on TinyStories, which cannot be used now: {reason}. "
+                                f"Make it available again, or continue on other data with --dataset embedded")
+        return source
 
     def _model_from_state(self, arrays, info):
         try:

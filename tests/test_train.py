@@ -116,6 +116,22 @@ def test_a_new_run_refuses_an_out_dir_that_holds_a_run(tmp_path, cache_dir, monk
     assert load_train_state(tmp_path)[1]["step"] == 1
 
 
+def test_resume_keeps_the_data_source_that_auto_chose(tmp_path, cache_dir, monkeypatch, capsys):
+    """A --dataset auto run started without TinyStories must not switch to it when resumed."""
+    auto = [*TINY, "--out-dir", str(tmp_path), "--cache-dir", cache_dir]
+    monkeypatch.setattr(numgpt.training.dataset, "tinystories_available", lambda: (False, "offline"))
+    assert train.main([*auto, "--max-iters", "1"]) == 0
+    monkeypatch.setattr(numgpt.training.dataset, "tinystories_available", lambda: (True, "online now"))
+    assert train.main([*auto, "--resume", "--max-iters", "2"]) == 0
+    assert "online now" not in capsys.readouterr().out
+    assert load_train_state(tmp_path)[1]["source"] == "embedded"
+    # and a run that trained on TinyStories says so when TinyStories is gone
+    rewrite_state(tmp_path, lambda arrays, info: info.update(source="tinystories"))
+    monkeypatch.setattr(numgpt.training.dataset, "tinystories_available", lambda: (False, "offline"))
+    assert train.main([*auto, "--resume", "--max-iters", "3"]) == 2
+    assert "trained on TinyStories, which cannot be used now: offline" in capsys.readouterr().err
+
+
 def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
            "--max-iters", "100000", "--eval-interval", "100000"]
