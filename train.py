@@ -13,6 +13,7 @@ saved settings and lets you change only those that do not alter the run's past (
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 
@@ -87,6 +88,8 @@ def resolve_config(args):
     if getattr(args, "resume", False):
         if getattr(args, "overwrite", False):
             raise NumGPTError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
+        if getattr(args, "preset", None):
+            raise NumGPTError("--resume takes the saved run's settings, not a --preset's: drop --preset")
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         _, info = load_train_state(out_dir)
         saved = info["train_config"] if isinstance(info["train_config"], dict) else {}
@@ -120,6 +123,7 @@ def main(argv=None):
     from numgpt import distributed
 
     world = distributed.Communicator()   # this process alone, unless --ddp finds others
+    cfg = None
     try:
         from numgpt.training import Trainer, generate_samples
 
@@ -151,8 +155,10 @@ def main(argv=None):
     # forever for this one. On its own, a process prints the message and exits with the code.
     except NumGPTError as e:
         return world.fail(f"error: {e}", 2)
-    except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint is intact
-        return world.fail(f"error: {e}. The last checkpoint saved in the out-dir is intact", 1)
+    except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint, if any, is intact
+        from numgpt.train_state import STATE_FILE
+        saved = cfg is not None and os.path.isfile(os.path.join(cfg.out_dir, STATE_FILE))
+        return world.fail(f"error: {e}" + (". The last checkpoint saved in the out-dir is intact" if saved else ""), 1)
     except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
         return world.fail(f"error: out of memory: {e}. Use a smaller --batch-size or --block-size, "
                           f"or a smaller model (--n-layer, --n-embd)", 1)

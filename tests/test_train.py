@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import numgpt.checkpoint
 import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
@@ -334,6 +335,34 @@ def test_min_lr_follows_a_lower_lr_and_resumes_unchanged(tmp_path, cache_dir):
     assert load_train_state(tmp_path)[1]["train_config"]["min_lr"] == pytest.approx(3e-6)
     assert TrainConfig().min_lr == 1e-4                        # the presets' values are the old ones
     assert TrainConfig(**PRESETS["tinystories-tutorial"]).min_lr == 1e-3
+
+
+def test_out_dir_that_is_a_file_and_preset_with_resume(tmp_path, cache_dir, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert run(afile, cache_dir, "--max-iters", "1") == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and "intact" not in err
+    assert run(tmp_path / "o", cache_dir, "--max-iters", "1") == 0
+    assert run(tmp_path / "o", cache_dir, "--resume", "--preset", "tinystories-tutorial") == 2
+    assert "drop --preset" in capsys.readouterr().err
+
+
+def test_a_failed_first_save_does_not_claim_a_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(numgpt.checkpoint.os, "fsync", crash)
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
+    err = capsys.readouterr().err
+    assert "disk full" in err and "intact" not in err
+
+
+def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
+    (tmp_path / ".tmp-k1ll3d_x").write_bytes(b"half a checkpoint")
+    (tmp_path / ".tmp-notes.txt").write_text("the user's")
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    assert not (tmp_path / ".tmp-k1ll3d_x").exists() and (tmp_path / ".tmp-notes.txt").exists()
 
 
 def test_learning_rate_schedule():
