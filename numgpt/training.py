@@ -53,7 +53,7 @@ class TrainConfig:
     """Every setting of a training run. The defaults are the bare `python train.py` run: a small
     model on the embedded stories that finishes in a few CPU minutes."""
 
-    dataset: str = "auto"             # auto | tinystories | embedded (ignored when data is given)
+    dataset: str = "auto"             # auto | tinystories | embedded; with data, only auto (or files)
     data: list = field(default_factory=list)   # local text files
     out_dir: str = "out"
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "numgpt")
@@ -339,8 +339,10 @@ class StopRequest:
 # ---------------------------------------------------------------- the run
 
 class Trainer:
-    """One training run: `Trainer(cfg, log).run()`; with `comm` (numgpt.distributed), one rank of a
-    data-parallel run, in which cfg.batch_size is the global batch, split evenly across the ranks."""
+    """One training run: `trainer = Trainer(cfg, log)`, then `trainer.setup()` (or
+    `setup(resume=True)`) to load the data and build the model, then `trainer.run()`. With `comm`
+    (numgpt.distributed), one rank of a data-parallel run, in which cfg.batch_size is the global
+    batch, split evenly across the ranks."""
 
     def __init__(self, cfg, log=print, progress=True, comm=None):
         self.cfg, self.comm = cfg, comm or Communicator()
