@@ -92,11 +92,14 @@ def resolve_config(args):
             raise NumGPTError("--resume takes the saved run's settings, not a --preset's: drop --preset")
         out_dir = given.get("out_dir", TrainConfig.out_dir)
         _, info = load_train_state(out_dir)
-        saved = info["train_config"] if isinstance(info["train_config"], dict) else {}
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        if set(saved) != fields:
-            raise damaged_state(out_dir, f"its train_config has the settings {sorted(set(saved) - fields)} "
-                                         f"this numgpt does not know and lacks {sorted(fields - set(saved))}")
+        saved = info["train_config"]
+        if not isinstance(saved, dict):
+            raise damaged_state(out_dir, "its train_config is not a table of settings")
+        # a setting this numgpt does not know comes from a newer one, whose run it cannot repeat;
+        # one it lacks comes from an older numgpt, which ran with what is still the default
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise damaged_state(out_dir, f"its train_config has settings this numgpt does not know: {unknown}")
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "

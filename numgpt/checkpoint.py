@@ -9,6 +9,7 @@ Every file is written atomically, so a crash mid-save leaves the previous file i
 import contextlib
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -46,6 +47,11 @@ HF_FIELD_KINDS = {
 }
 
 
+# the temporary files atomic_writer makes: tempfile.mkstemp adds 8 characters of [a-z0-9_] to the prefix
+TEMP_PREFIX = ".tmp-"
+TEMP_FILE = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}")
+
+
 @contextlib.contextmanager
 def atomic_writer(path):
     """A binary file to write `path` through, all or nothing, so that a reader sees the old file or
@@ -53,7 +59,7 @@ def atomic_writer(path):
     fsyncs that file, renames it over `path` and fsyncs the directory. An exception or a crash
     half-way leaves the old file, or none. Streams, so a large file need not fit in memory."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
@@ -76,6 +82,14 @@ def atomic_write(path, data):
     """Write the bytes `data` to `path` all or nothing (see atomic_writer)."""
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temporary files of atomic writes that a killed process left half-written in
+    `directory`; only names of exactly that pattern, so no file of the user's is touched."""
+    for name in os.listdir(directory):
+        if TEMP_FILE.fullmatch(name) and os.path.isfile(os.path.join(directory, name)):
+            os.remove(os.path.join(directory, name))
 
 
 def _umask():

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -301,18 +300,6 @@ def refuse_previous_run(out_dir):
                       f"continue it with --resume, start over with --overwrite, or choose another --out-dir")
 
 
-# checkpoint.atomic_write's temporary files: tempfile.mkstemp(prefix=".tmp-") adds 8 of [a-z0-9_]
-TEMP_FILE = re.compile(r"\.tmp-[a-z0-9_]{8}")
-
-
-def remove_stale_temp_files(out_dir):
-    """Delete the temporary files of atomic writes that a killed run left half-written; only
-    names of exactly that pattern, so no file of the user's is touched."""
-    for name in os.listdir(out_dir):
-        if TEMP_FILE.fullmatch(name) and os.path.isfile(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-
-
 # ---------------------------------------------------------------- Ctrl-C
 
 class StopRequest:
@@ -368,7 +355,7 @@ class Trainer:
             self.log(f"data-parallel: {comm.size} ranks, {cfg.batch_size // comm.size} rows of each batch on each")
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.is_main:
-            remove_stale_temp_files(cfg.out_dir)
+            checkpoint.remove_stale_temp_files(cfg.out_dir)
         state = load_train_state(cfg.out_dir) if resume else None
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again

@@ -282,7 +282,7 @@ def rewrite_state(out_dir, change):
 
 @pytest.mark.parametrize("change", [
     lambda arrays, info: info["train_config"].update(flash_attention=True),
-    lambda arrays, info: info["train_config"].pop("beta2"),
+    lambda arrays, info: info.update(train_config=[1, 2]),
     lambda arrays, info: info["train_config"].update(warmup_iters="ten"),
     lambda arrays, info: info.pop("data_rng"),
     lambda arrays, info: info.update(data_rng={"bit_generator": "PCG64"}),
@@ -291,7 +291,7 @@ def rewrite_state(out_dir, change):
     lambda arrays, info: arrays["adam_m"].update({"wpe.weight": arrays["adam_m"]["wpe.weight"][:1]}),
     lambda arrays, info: arrays["param"].update({"ln_f.bias": arrays["param"]["ln_f.bias"][:1]}),
     lambda arrays, info: arrays["adam_v"].pop("ln_f.bias"),
-], ids=["extra-setting", "missing-setting", "wrong-type", "no-data-rng", "bad-data-rng", "model-config",
+], ids=["extra-setting", "not-a-table", "wrong-type", "no-data-rng", "bad-data-rng", "model-config",
         "step", "moment-shape", "param-shape", "missing-moment"])
 def test_resume_from_a_damaged_or_foreign_state(tmp_path, cache_dir, capsys, change):
     """A state from another numgpt version reads as safetensors but does not fit: say so, in one line."""
@@ -300,6 +300,15 @@ def test_resume_from_a_damaged_or_foreign_state(tmp_path, cache_dir, capsys, cha
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 2
     err = capsys.readouterr().err
     assert "damaged or was written by another numgpt version" in err and "Traceback" not in err
+
+
+def test_resume_of_an_older_state_takes_the_defaults_for_newer_settings(tmp_path, cache_dir):
+    """A state written before a setting existed resumes with that setting's default (the behaviour
+    the older numgpt had): here --precision, which came after the first release."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    rewrite_state(tmp_path, lambda arrays, info: info["train_config"].pop("precision"))
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert load_train_state(tmp_path)[1]["train_config"]["precision"] == "fp32"
 
 
 def test_init_from_a_missing_or_corrupt_checkpoint(tmp_path, cache_dir, capsys):
