@@ -183,9 +183,16 @@ def _read_safetensors(path):
                               f"re-save the checkpoint") from None
 
 
-def load_pretrained(path):
-    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory."""
+def load_config(path):
+    """The GPTConfig of a HuggingFace GPT-2 directory, from its config.json alone (the weights
+    stay unread): what train.py --init-from checks the flags against before it loads any data."""
     path = os.fspath(path)
+    _check_checkpoint_dir(path)
+    return config_from_hf(_read_config(os.path.join(path, CONFIG_FILE)))
+
+
+def _check_checkpoint_dir(path):
+    """CheckpointError unless `path` is a directory holding config.json and model.safetensors."""
     if os.path.isfile(path):
         raise CheckpointError(f"{path!r} is a file, not a checkpoint directory: give the directory that holds "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE} (a train.py out-dir)")
@@ -199,7 +206,12 @@ def load_pretrained(path):
                     if os.path.exists(os.path.join(path, "pytorch_model.bin")) else "")
             raise CheckpointError(f"{path!r} has no {os.path.basename(needed)}: a GPT-2 checkpoint "
                                   f"needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
-    config = config_from_hf(_read_config(config_path))
+
+
+def load_pretrained(path):
+    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory."""
+    config = load_config(path)
+    weights_path = os.path.join(os.fspath(path), WEIGHTS_FILE)
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in _read_safetensors(weights_path).items()}
     tensors = {k: v for k, v in tensors.items() if not k.endswith(MASK_BUFFERS)}
     if config.tie_weights:

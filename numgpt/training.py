@@ -195,14 +195,7 @@ CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "activation")
 def with_checkpoint_shape(cfg, given):
     """cfg with the shape of its --init-from model, so the log and the saved config describe the
     model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape."""
-    try:   # config.json alone: the weights are read once, by build_model
-        with open(os.path.join(cfg.init_from, checkpoint.CONFIG_FILE), encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, ValueError):
-        hf = None
-    if not isinstance(hf, dict):
-        return cfg   # build_model's checkpoint.load_pretrained says what is wrong with the directory
-    config = checkpoint.config_from_hf(hf)
+    config = checkpoint.load_config(cfg.init_from)   # config.json alone: build_model reads the weights
     for name in CHECKPOINT_SHAPE:
         if name in given and given[name] != getattr(config, name):
             raise ConfigError(f"--{name.replace('_', '-')} comes from the --init-from checkpoint "
