@@ -63,7 +63,7 @@ def load_train_state(out_dir):
                 arrays[group][name] = f.get_tensor(key)
     except Exception as e:   # truncated file, foreign file, missing metadata, bad JSON
         raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
-                              f"Start a new run (without --resume) or restore the file") from None
+                              f"Start over with --overwrite, or restore the file") from None
     if not isinstance(info, dict) or not INFO_KEYS <= set(info):
         missing = sorted(INFO_KEYS - set(info)) if isinstance(info, dict) else "everything"
         raise damaged_state(out_dir, f"its metadata lacks {missing}")
