@@ -28,9 +28,9 @@ def keep_freed_memory():
     """Have glibc's malloc keep freed blocks of up to 32 MiB for reuse. True when it took effect,
     False where the C library is not glibc (macOS, musl), which are left as they are.
 
-    Process-wide and for the process's lifetime: train.py and the benchmarks call it once. Peak
-    memory grows little, because what is kept is what the next step allocates again (measured at
-    the tutorial's shape: +6%).
+    Process-wide and for the process's lifetime: the Trainer (train.py) and the benchmarks call it
+    once. Peak memory grows little, because what is kept is what the next step allocates again
+    (measured at the tutorial's shape: +6%).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -19,7 +19,7 @@ import train
 from numgpt import GPT, GPTConfig
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
-from numgpt.train_state import load_train_state
+from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
 from numgpt.training import PRESETS, TrainConfig, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,7 +277,7 @@ def rewrite_state(out_dir, change):
     arrays, info = load_train_state(out_dir)
     change(arrays, info)
     tensors = {f"{group}/{name}": a for group, named in arrays.items() for name, a in named.items()}
-    (Path(out_dir) / "train_state.safetensors").write_bytes(save(tensors, {"numgpt_train_state": json.dumps(info)}))
+    (Path(out_dir) / STATE_FILE).write_bytes(save(tensors, {STATE_KEY: json.dumps(info)}))
 
 
 @pytest.mark.parametrize("change", [
