@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from numgpt.backend import backend_name
+from numgpt.backend import array_module, backend_name
 
 WARP = 32                 # threads per row in the row kernels: a warp reduces with shuffles, no shared memory
 THREADS = 256             # threads per block in the elementwise kernels
@@ -201,12 +201,11 @@ def gelu_backward(dy, x):
 
 def layernorm_forward(x, w, b, eps):
     """(y, xhat, rstd) of layernorm over the last axis; rstd has shape (..., 1) like the twin's."""
-    import cupy
     x = _contiguous(x)
     C = x.shape[-1]
     N = x.size // C
     y, xhat = _empty_like(x), _empty_like(x)
-    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    rstd = array_module(x).empty(x.shape[:-1] + (1,), dtype=x.dtype)
     w = _contiguous(w)
     has_bias = b is not None
     b = _contiguous(b) if has_bias else w   # without a bias, any valid pointer: the kernel never reads it
@@ -258,5 +257,4 @@ def _contiguous(a):
 
 
 def _empty_like(a):
-    import cupy
-    return cupy.empty(a.shape, dtype=a.dtype)
+    return array_module(a).empty(a.shape, dtype=a.dtype)

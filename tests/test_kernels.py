@@ -1,23 +1,39 @@
-"""The fused CUDA kernels against their twins, the layers' NumPy-style code run on the same GPU.
+"""The fused CUDA kernels against their twins, the layers' NumPy-style code.
 
-Everything here but the compile check needs CuPy and a GPU and skips without them. The compile
-check needs only NVRTC (from a CuPy install), so kernel source errors show up on a machine without
-a GPU too. The gradient checks of tests/test_layers.py and tests/test_model.py run on CuPy with
-the kernels on, so the kernels' float64 derivatives are checked by finite differences as well.
+Each comparison runs on two devices: a GPU through CuPy (skipped without one), and the CPU
+through tests/cuda_emulator.py, which compiles the same CUDA source with g++ and runs each CUDA
+thread as a C++ thread (skipped without a C++ compiler). The emulator checks the kernels' logic
+on every CI run; only the GPU shows their speed and the device's own rounding. The compile check
+needs only NVRTC (from a CuPy install), so source errors that g++ would accept show up without a
+GPU too. The gradient checks of tests/test_layers.py and tests/test_model.py run on CuPy with the
+kernels on, so the kernels' float64 derivatives are checked by finite differences as well.
 """
 
 import numpy as np
 import pytest
 
+import cuda_emulator
 from numgpt import AdamW, kernels
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
 from numgpt.layers.attention import causal_softmax, softmax_backward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 
-gpu = pytest.mark.skipif(not cupy_available(), reason="CuPy with a GPU is not available")
 DTYPES = ["float32", "float64"]
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
+
+
+@pytest.fixture(params=[
+    pytest.param("gpu", marks=pytest.mark.skipif(not cupy_available(), reason="CuPy with a GPU is not available")),
+    pytest.param("emulator", marks=pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler")),
+])
+def xp(request):
+    """The array module whose arrays the kernels get: CuPy on a GPU, NumPy under the emulator."""
+    if request.param == "gpu":
+        yield get_xp("cupy")
+    else:
+        with cuda_emulator.emulated():
+            yield np
 
 
 def nvrtc_or_skip():
@@ -54,30 +70,26 @@ def assert_same(fused, twin, dtype):
     np.testing.assert_allclose(fused, twin, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
-def random(cp, shape, dtype, seed=0, scale=1.0):
-    return cp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype=dtype)
+def random(xp, shape, dtype, seed=0, scale=1.0):
+    return xp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype=dtype)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu_kernels_match_their_twin(dtype):
-    cp = get_xp("cupy")
-    x, dy = random(cp, (3, 5, 67), dtype, 0, 3.0), random(cp, (3, 5, 67), dtype, 1)
+def test_gelu_kernels_match_their_twin(xp, dtype):
+    x, dy = random(xp, (3, 5, 67), dtype, 0, 3.0), random(xp, (3, 5, 67), dtype, 1)
     fused, twin = fused_and_twin(lambda a: gelu_forward(a)[0], x)
     assert_same(fused, twin, dtype)
     fused, twin = fused_and_twin(gelu_backward, dy, x)
     assert_same(fused, twin, dtype)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C", [1, 7, 32, 100, 768])
 @pytest.mark.parametrize("bias", [True, False])
-def test_layernorm_kernels_match_their_twin(dtype, C, bias):
-    cp = get_xp("cupy")
-    x = random(cp, (2, 9, C), dtype, 0) + 5.0       # a large mean: the variance must not cancel
-    w, dy = random(cp, (C,), dtype, 1), random(cp, (2, 9, C), dtype, 2)
-    b = random(cp, (C,), dtype, 3) if bias else None
+def test_layernorm_kernels_match_their_twin(xp, dtype, C, bias):
+    x = random(xp, (2, 9, C), dtype, 0) + 5.0       # a large mean: the variance must not cancel
+    w, dy = random(xp, (C,), dtype, 1), random(xp, (2, 9, C), dtype, 2)
+    b = random(xp, (C,), dtype, 3) if bias else None
     (y_fused, cache_fused), (y_twin, cache_twin) = fused_and_twin(lambda a: layernorm_forward(a, w, b), x)
     assert_same(y_fused, y_twin, dtype)
     for a, t in zip(cache_fused[:2], cache_twin[:2]):    # xhat, rstd
@@ -92,28 +104,24 @@ def test_layernorm_kernels_match_their_twin(dtype, C, bias):
             assert_same(a, t, dtype)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Tq, Tk", [(1, 1), (5, 5), (70, 70), (1, 9), (3, 40)])
-def test_softmax_kernels_match_their_twin(dtype, Tq, Tk):
-    cp = get_xp("cupy")
-    scores, dprobs = random(cp, (2, 3, Tq, Tk), dtype, 0, 4.0), random(cp, (2, 3, Tq, Tk), dtype, 1)
+def test_softmax_kernels_match_their_twin(xp, dtype, Tq, Tk):
+    scores, dprobs = random(xp, (2, 3, Tq, Tk), dtype, 0, 4.0), random(xp, (2, 3, Tq, Tk), dtype, 1)
     fused, twin = fused_and_twin(causal_softmax, scores)
     assert_same(fused, twin, dtype)
     fused, twin = fused_and_twin(softmax_backward, dprobs, twin)
     assert_same(fused, twin, dtype)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw_kernel_matches_its_twin(dtype):
-    cp = get_xp("cupy")
+def test_adamw_kernel_matches_its_twin(xp, dtype):
     results = []
     for use_kernels in (True, False):
-        params = {"w": random(cp, (33, 70), dtype, 0), "b": random(cp, (70,), dtype, 1)}
+        params = {"w": random(xp, (33, 70), dtype, 0), "b": random(xp, (70,), dtype, 1)}
         opt = AdamW(params, lr=1e-2, weight_decay=0.1, exclude_from_decay=["b"])
         for step in range(3):
-            grads = {name: random(cp, p.shape, dtype, 10 + step) for name, p in params.items()}
+            grads = {name: random(xp, p.shape, dtype, 10 + step) for name, p in params.items()}
             if use_kernels:
                 opt.step(grads)
             else:
@@ -122,3 +130,69 @@ def test_adamw_kernel_matches_its_twin(dtype):
         results.append(params)
     for name in results[0]:
         assert_same(results[0][name], results[1][name], dtype)
+
+
+def emulator_or_skip():
+    if cuda_emulator.compiler() is None:
+        pytest.skip("no C++ compiler")
+
+
+def test_the_emulator_catches_a_wrong_kernel(monkeypatch):
+    """Negative control: a warp sum that adds only 16 of the 32 lanes makes layernorm wrong, and the
+    twin comparison says so (so the emulator really runs lanes apart and exchanges their values)."""
+    emulator_or_skip()
+    x = random(np, (3, 100), "float64", 0)
+    w = random(np, (100,), "float64", 1)
+    with cuda_emulator.emulated():
+        fused, twin = fused_and_twin(lambda a: layernorm_forward(a, w, None)[0], x)
+        assert_same(fused, twin, "float64")
+        monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace("int offset = 16", "int offset = 8"))
+        broken, _ = fused_and_twin(lambda a: layernorm_forward(a, w, None)[0], x)
+    with pytest.raises(AssertionError):
+        assert_same(broken, twin, "float64")
+
+
+def test_the_emulator_checks_each_argument_against_the_signature():
+    """A 64-bit integer where the kernel takes an int would be read as garbage on a GPU: refused here."""
+    emulator_or_skip()
+    x = np.zeros((2, 8), dtype=np.float32)
+    kernel = cuda_emulator.emulated_kernel("layernorm_dx", "float32")
+    good = (x, x, x[:, :1].copy(), x[0].copy(), x.copy(), np.int32(2), np.int32(8))
+    kernel((2,), (kernels.WARP,), good)
+    with pytest.raises(TypeError, match="N: wants a int32"):
+        kernel((2,), (kernels.WARP,), good[:5] + (np.int64(2), np.int32(8)))
+    with pytest.raises(TypeError, match="dy: wants a C-contiguous float32 array"):
+        kernel((2,), (kernels.WARP,), (x.astype(np.float64),) + good[1:])
+
+
+def test_the_emulator_reports_a_barrier_that_some_threads_skip():
+    """Half a warp waiting at __syncthreads() while the other half waits in a shuffle hangs a GPU:
+    here it is an error."""
+    emulator_or_skip()
+    source = kernels.source("float32") + r"""
+extern "C" __global__ void half_sync(REAL* x) {
+    if (threadIdx.x < 16) __syncthreads();
+    else x[threadIdx.x] = __shfl_xor_sync(0xffffffff, x[threadIdx.x], 1);
+}"""
+    kernel = cuda_emulator.kernel_from(source, "half_sync", "float32")
+    with pytest.raises(RuntimeError, match="deadlocked"):
+        kernel((1,), (32,), (np.zeros(32, dtype=np.float32),))
+
+
+@pytest.mark.parametrize("barrier", ["__syncthreads();", ""])
+def test_the_emulator_exposes_a_missing_barrier(barrier):
+    """Each thread reads its neighbour's shared-memory slot: right with the barrier between write
+    and read, stale data without it (the control), as on a GPU whose warps run apart."""
+    emulator_or_skip()
+    source = kernels.source("float32") + r"""
+extern "C" __global__ void rotate(const REAL* x, REAL* y) {
+    __shared__ REAL slots[64];
+    slots[threadIdx.x] = x[threadIdx.x];
+    BARRIER
+    y[threadIdx.x] = slots[(threadIdx.x + 1) % 64];
+}""".replace("BARRIER", barrier)
+    kernel = cuda_emulator.kernel_from(source, "rotate", "float32")
+    for seed in range(2):
+        x, y = random(np, (64,), "float32", seed), np.zeros(64, dtype=np.float32)
+        kernel((1,), (64,), (x, y))
+        assert np.array_equal(y, np.roll(x, -1)) == bool(barrier)

@@ -1,0 +1,152 @@
+// Enough of CUDA's execution model to run numgpt's kernels on a CPU, in one OS thread.
+//
+// Each CUDA thread of a block is a fiber (a ucontext with its own stack); the blocks of a grid run
+// one after another, so a __shared__ array (a static local here) belongs to one block at a time.
+// A fiber runs until it reaches __syncthreads() or a warp shuffle, then yields. __syncthreads()
+// releases the block's fibers when all of them wait there; a shuffle releases a warp when its 32
+// lanes have posted their values (each reads its partner's, then all wait again before the slots
+// are reused). A thread that returns stops counting, as an exited thread does on a GPU. The order
+// in which waiting fibers resume flips at every release, so a read of shared memory that lacks a
+// barrier meets unwritten data in one order or the other. A wait that can never be released (a
+// __syncthreads() that some threads skip) ends the launch with an error instead of hanging.
+// What this cannot show: speed, and the device's own rounding (no fused multiply-adds here).
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <vector>
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+
+namespace emu {
+
+enum State { RUNNING, AT_BLOCK_BARRIER, AT_WARP_BARRIER, EXITED };
+
+struct Fiber {
+    ucontext_t context;
+    std::vector<char> stack = std::vector<char>(256 * 1024);
+    dim3 index;
+    State state = RUNNING;
+};
+
+inline dim3 grid_dim, block_dim, block_idx, thread_idx;
+inline std::vector<Fiber> fibers;
+inline int current = 0;
+inline ucontext_t scheduler;
+inline const std::function<void()>* kernel_body = nullptr;
+inline double warp_slots[1024];   // one slot per thread of the block: wide enough for float, double, int
+
+inline void wait(State reason) {
+    fibers[current].state = reason;
+    swapcontext(&fibers[current].context, &scheduler);
+}
+
+inline void syncthreads() { wait(AT_BLOCK_BARRIER); }
+
+template <class T> T shfl_xor(T value, int lane_mask) {
+    static_assert(sizeof(T) <= sizeof(double), "a shuffled value must fit a slot");
+    int me = current, partner = (me & ~31) | ((me & 31) ^ lane_mask);   // one-dimensional blocks
+    *reinterpret_cast<T*>(&warp_slots[me]) = value;
+    wait(AT_WARP_BARRIER);
+    T result = *reinterpret_cast<T*>(&warp_slots[partner]);
+    wait(AT_WARP_BARRIER);
+    return result;
+}
+
+inline void run_fiber() {
+    thread_idx = fibers[current].index;
+    (*kernel_body)();
+    fibers[current].state = EXITED;   // returning resumes the scheduler (uc_link)
+}
+
+// release the waiters of a barrier whose every live member waits: the block, or a warp
+inline bool release(int first, int count, State barrier) {
+    bool all = true, any = false;
+    for (int t = first; t < first + count; ++t) {
+        if (fibers[t].state == EXITED) continue;
+        any = true;
+        all = all && fibers[t].state == barrier;
+    }
+    if (!(all && any)) return false;
+    for (int t = first; t < first + count; ++t)
+        if (fibers[t].state == barrier) fibers[t].state = RUNNING;
+    return true;
+}
+
+// run one block to its end -> false on a deadlock
+inline bool run_block(int threads) {
+    for (int t = 0; t < threads; ++t) {
+        Fiber& f = fibers[t];
+        f.state = RUNNING;
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack.data();
+        f.context.uc_stack.ss_size = f.stack.size();
+        f.context.uc_link = &scheduler;
+        makecontext(&f.context, run_fiber, 0);
+    }
+    bool forward = true;
+    for (;;) {
+        bool ran = false;
+        for (int i = 0; i < threads; ++i) {
+            current = forward ? i : threads - 1 - i;
+            thread_idx = fibers[current].index;
+            if (fibers[current].state != RUNNING) continue;
+            ran = true;
+            swapcontext(&scheduler, &fibers[current].context);
+        }
+        bool released = release(0, threads, AT_BLOCK_BARRIER);
+        for (int first = 0; first < threads; first += 32)
+            released = release(first, std::min(32, threads - first), AT_WARP_BARRIER) || released;
+        if (released) forward = !forward;
+        else if (!ran) break;
+    }
+    for (int t = 0; t < threads; ++t)
+        if (fibers[t].state != EXITED) {
+            std::fprintf(stderr, "cuda emulator: deadlock in block (%u,%u,%u): thread %d waits at a barrier that "
+                         "not every live thread of its block or warp reaches\n", block_idx.x, block_idx.y,
+                         block_idx.z, t);
+            return false;   // the waiting fibers are abandoned: their stacks are reused by the next launch
+        }
+    return true;
+}
+
+// run body as kernel<<<grid, block>>> -> 0, or 1 when a block deadlocked or the block is too large
+inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+    int threads = block.x * block.y * block.z;
+    if (threads > 1024) { std::fprintf(stderr, "cuda emulator: %d threads per block\n", threads); return 1; }
+    grid_dim = grid;
+    block_dim = block;
+    kernel_body = &body;
+    fibers.resize(threads);
+    for (int t = 0; t < threads; ++t)
+        fibers[t].index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+    for (block_idx.z = 0; block_idx.z < grid.z; ++block_idx.z)
+        for (block_idx.y = 0; block_idx.y < grid.y; ++block_idx.y)
+            for (block_idx.x = 0; block_idx.x < grid.x; ++block_idx.x)
+                if (!run_block(threads)) return 1;
+    return 0;
+}
+
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __syncthreads() emu::syncthreads()
+#define __shfl_xor_sync(mask, value, lane_mask) emu::shfl_xor((value), (lane_mask))
+
+using std::exp;
+using std::log;
+using std::max;
+using std::min;
+using std::sqrt;
+using std::tanh;

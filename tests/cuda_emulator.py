@@ -1,0 +1,138 @@
+"""numgpt's CUDA kernels run on the CPU, so that CI, which has no GPU, tests their source.
+
+`numgpt.kernels.source(dtype)` is compiled by g++ against cuda_emulator.h (CUDA's threads,
+barriers and warp shuffles as C++ threads) together with one generated launcher per kernel.
+`emulated()` then routes `numgpt.kernels` to this library: with it, the kernel wrappers accept
+NumPy arrays, and the layers use the kernels on NumPy as they would on CuPy. So the tests run the
+same wrappers, grids and argument lists that a GPU gets, and compare against the twins.
+
+A launch checks every argument against the kernel's C signature: a NumPy scalar of the wrong
+width, or an array of the wrong element type, raises TypeError. (CuPy would pass the bytes
+through and the kernel would read garbage.)
+"""
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from numgpt import kernels
+
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulator.h")
+KERNEL = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
+
+# C parameter type -> (ctypes type, what a launch must pass for it)
+SCALARS = {"int": (ctypes.c_int, np.int32), "long long": (ctypes.c_longlong, np.int64),
+           "float": (ctypes.c_float, np.float32), "double": (ctypes.c_double, np.float64)}
+
+
+def compiler():
+    """The C++ compiler on PATH, or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def signatures(source):
+    """{kernel name: [(C type, parameter name), ...]} of every `extern "C" __global__` kernel."""
+    result = {}
+    for name, params in KERNEL.findall(source):
+        result[name] = [tuple(p.strip().rsplit(None, 1)) for p in params.replace("*", "* ").split(",")]
+    return result
+
+
+def launcher(name, params):
+    """C++ for `emu_<name>(grid, block, params...)`, which runs kernel `name` over that grid."""
+    declared = ", ".join(f"{ctype} {pname}" for ctype, pname in params)
+    passed = ", ".join(pname for _, pname in params)
+    return (f'extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+            f'unsigned bz, {declared}) {{\n'
+            f'    return emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, [=] {{ {name}({passed}); }});\n}}\n')
+
+
+class EmulatedKernel:
+    """Called as a cupy.RawKernel is: kernel(grid, block, args)."""
+
+    def __init__(self, function, real, params):
+        self.function, self.real, self.params = function, real, params
+        function.restype = ctypes.c_int
+        function.argtypes = [ctypes.c_uint] * 6 + [self._ctype(ctype) for ctype, _ in params]
+
+    def _ctype(self, ctype):
+        ctype = ctype.replace("const ", "").replace("REAL", self.real).strip()
+        return ctypes.c_void_p if ctype.endswith("*") else SCALARS[ctype][0]
+
+    def _argument(self, value, ctype, pname):
+        ctype = ctype.replace("const ", "").replace("REAL", self.real).strip()
+        if ctype.endswith("*"):
+            element = np.dtype(SCALARS[ctype[:-1].strip()][1])
+            if not isinstance(value, np.ndarray) or value.dtype != element or not value.flags.c_contiguous:
+                raise TypeError(f"{pname}: wants a C-contiguous {element} array, got {value!r:.80}")
+            return value.ctypes.data
+        if type(value) is not SCALARS[ctype][1]:
+            raise TypeError(f"{pname}: wants a {SCALARS[ctype][1].__name__}, got {type(value).__name__}")
+        return value
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        if len(args) != len(self.params):
+            raise TypeError(f"{len(self.params)} arguments wanted, {len(args)} given")
+        dims = [tuple(d) + (1,) * (3 - len(d)) for d in (grid, block)]
+        if self.function(*dims[0], *dims[1], *(self._argument(a, *p) for a, p in zip(args, self.params))):
+            raise RuntimeError("the kernel deadlocked or asked for too many threads (the emulator's message is on stderr)")
+
+
+_libraries = {}   # sha256 of the C++ -> (ctypes library, signatures)
+
+
+def build(source):
+    """The kernels of CUDA `source` compiled into a shared library -> (library, signatures).
+
+    Compiled once per source text (a few seconds), kept in the temp directory across runs."""
+    params = signatures(source)
+    code = '#include "%s"\n%s\n%s' % (HEADER, source, "".join(launcher(n, p) for n, p in params.items()))
+    digest = hashlib.sha256((code + open(HEADER).read()).encode()).hexdigest()[:16]
+    if digest not in _libraries:
+        directory = os.path.join(tempfile.gettempdir(), "numgpt-cuda-emulator")
+        os.makedirs(directory, exist_ok=True)
+        library = os.path.join(directory, f"kernels-{digest}.so")
+        if not os.path.exists(library):
+            cpp = os.path.join(directory, f"kernels-{digest}.{os.getpid()}.cpp")
+            with open(cpp, "w") as f:
+                f.write(code)
+            partial = library + f".{os.getpid()}"
+            compiled = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+                                       "-Werror", "-o", partial, cpp], capture_output=True, text=True)
+            if compiled.returncode:
+                raise RuntimeError(f"the kernels do not compile for the emulator:\n{compiled.stderr}")
+            os.replace(partial, library)   # atomic: a parallel test run never loads half a library
+            os.remove(cpp)
+        _libraries[digest] = (ctypes.CDLL(library), params)
+    return _libraries[digest]
+
+
+def emulated_kernel(name, dtype):
+    """What numgpt.kernels._kernel returns on a GPU, here a function of the emulator's library."""
+    return kernel_from(kernels.source(dtype), name, dtype)
+
+
+def kernel_from(source, name, dtype):
+    """Kernel `name` of CUDA `source` (written with REAL for the element type of `dtype`)."""
+    library, params = build(source)
+    real = {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
+    return EmulatedKernel(getattr(library, f"emu_{name}"), real, params[name])
+
+
+@contextlib.contextmanager
+def emulated():
+    """Within the block, numgpt.kernels runs its kernels here, on NumPy arrays."""
+    saved = kernels._kernel, kernels.enabled
+    kernels._kernel = emulated_kernel
+    kernels.enabled = lambda xp: kernels._enabled
+    try:
+        yield
+    finally:
+        kernels._kernel, kernels.enabled = saved
