@@ -1,7 +1,7 @@
 """Causal multi-head self-attention (Vaswani et al. 2017) with GPT-2's fused qkv projection.
 
     q, k, v = split(x @ Wqkv + bqkv)                 each (B,nh,T,hs), hs = C / nh
-    att     = softmax(q k^T / sqrt(hs) + causal)     (B,nh,T,T), row t sees positions <= t
+    att     = softmax((q / sqrt(hs)) k^T + causal)   (B,nh,T,T), row t sees positions <= t
     y       = dropout(att) v                         (B,nh,T,hs), heads merged back to (B,T,C)
     out     = dropout(y @ Wproj + bproj)             (B,T,C)
 
@@ -104,9 +104,10 @@ def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
+    # scaling q rather than the scores touches T*hs numbers per head instead of T*Tk
     scale = 1.0 / math.sqrt(hs)
+    q = q * scale                                                       # (B,nh,T,hs)
     scores = matmul(q, k.transpose(0, 1, 3, 2))                         # (B,nh,T,Tk)
-    scores *= scale
     att = causal_softmax(scores)                                        # (B,nh,T,Tk), in scores' memory
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
     y = merge_heads(matmul(att_drop, v))                                # (B,T,C)
@@ -132,9 +133,9 @@ def attention_backward(dout, cache):
     dv = matmul(att_drop.transpose(0, 1, 3, 2), dy)                     # (B,nh,T,hs)
     datt = dropout_backward(datt_drop, att_drop_cache)
     dscores = softmax_backward(datt, att)                               # masked entries: p = 0 -> 0
-    dscores *= scale
-    dq = matmul(dscores, k)                                             # (B,nh,T,hs)
-    dk = matmul(dscores.transpose(0, 1, 3, 2), q)                       # (B,nh,T,hs)
+    dq = matmul(dscores, k)                                             # (B,nh,T,hs), of the scaled q
+    dq *= scale                                                         # of q itself
+    dk = matmul(dscores.transpose(0, 1, 3, 2), q)                       # (B,nh,T,hs): q is the scaled q
     dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)
     dx, dw_attn, db_attn = linear_backward(dqkv, qkv_cache)
     grads = {**named_grads("c_attn", dw_attn, db_attn), **named_grads("c_proj", dw_proj, db_proj)}
