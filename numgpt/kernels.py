@@ -9,6 +9,7 @@ compares it against (float32 and float64).
     gelu_forward, gelu_backward        elementwise, one thread per element
     layernorm_forward, layernorm_dx    one warp (32 threads) per row of C
     causal_softmax, softmax_backward   one warp per row of attention scores
+    softmax_parts                      one block per row of logits: the cross-entropy's max, exp, sum
     adamw_step                         elementwise over one parameter and its moments
 
 The source is written once with REAL for the element type and compiled with NVRTC for float and
@@ -124,6 +125,36 @@ extern "C" __global__ void softmax_backward(const REAL* dp, const REAL* p, REAL*
     for (int c = lane; c < T; c += 32) dot += dp[offset + c] * p[offset + c];
     dot = warp_sum(dot);
     for (int c = lane; c < T; c += 32) ds[offset + c] = p[offset + c] * (dp[offset + c] - dot);
+}
+
+// (m, s) of a row part: its max m and sum of exp(x - m); merged with another part's (m2, s2)
+__device__ __forceinline__ void merge_max_sum(REAL& m, REAL& s, REAL m2, REAL s2) {
+    REAL top = max(m, m2);
+    s = s * exp(m - top) + s2 * exp(m2 - top);
+    m = top;
+}
+
+// one block per row of logits (rows, V): shift = row max, exps = exp(logits - shift) (may be the
+// logits' own memory), sumexp = row sum of exps. Each thread keeps a running max and sum of its
+// columns (one pass), the block merges them, and a second pass writes the exps.
+extern "C" __global__ void softmax_parts(const REAL* logits, REAL* exps, REAL* sumexp, REAL* shift, int V) {
+    __shared__ REAL warp_m[32], warp_s[32];
+    const REAL* row = logits + (long long)blockIdx.x * V;
+    int lane = threadIdx.x %% 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    REAL m = row[0], s = 0;   // start from a real logit: merging two -inf maxima would make nan
+    for (int c = threadIdx.x; c < V; c += blockDim.x) {
+        REAL x = row[c];
+        if (x > m) { s = s * exp(m - x) + (REAL)1; m = x; } else s += exp(x - m);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1)
+        merge_max_sum(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    if (lane == 0) { warp_m[warp] = m; warp_s[warp] = s; }
+    __syncthreads();
+    m = warp_m[0]; s = warp_s[0];   // every thread merges the warps' parts: a few, from shared memory
+    for (int w = 1; w < warps; ++w) merge_max_sum(m, s, warp_m[w], warp_s[w]);
+    REAL* out = exps + (long long)blockIdx.x * V;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) out[c] = exp(row[c] - m);
+    if (threadIdx.x == 0) { sumexp[blockIdx.x] = s; shift[blockIdx.x] = m; }
 }
 
 // AdamW on one parameter, in place: the arithmetic of numgpt.optim.AdamW.step
@@ -242,6 +273,19 @@ def softmax_backward(dprobs, probs):
     ds = _empty_like(probs)
     _kernel("softmax_backward", probs.dtype)((rows,), (WARP,), (dprobs, probs, ds, np.int64(rows), np.int32(T)))
     return ds
+
+
+def softmax_parts(logits, out=None):
+    """(exps, sumexp, shift) of logits (N,V): shift (N,) the row maxima, exps (N,V) = exp(logits -
+    shift) (written into `out`, which may be `logits`), sumexp (N,1) its row sums."""
+    logits = _contiguous(logits)
+    N, V = logits.shape
+    exps = _empty_like(logits) if out is None else out
+    assert exps.flags.c_contiguous and exps.shape == logits.shape, "out must be a C-contiguous (N,V) array"
+    xp = array_module(logits)
+    sumexp, shift = xp.empty((N, 1), dtype=logits.dtype), xp.empty((N,), dtype=logits.dtype)
+    _kernel("softmax_parts", logits.dtype)((N,), (THREADS,), (logits, exps, sumexp, shift, np.int32(V)))
+    return exps, sumexp, shift
 
 
 def adamw_step(p, g, m, v, decay, b1, b2, bias_correction2_sqrt, eps, step_size):

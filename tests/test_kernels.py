@@ -9,14 +9,18 @@ GPU too. The gradient checks of tests/test_layers.py and tests/test_model.py run
 kernels on, so the kernels' float64 derivatives are checked by finite differences as well.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
 import cuda_emulator
-from numgpt import AdamW, kernels
+from numgpt import GPT, AdamW, GPTConfig, kernels
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
 from numgpt.layers.attention import causal_softmax, softmax_backward
+from numgpt.layers.classifier import classifier_forward
+from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 
 DTYPES = ["float32", "float64"]
@@ -130,6 +134,57 @@ def test_adamw_kernel_matches_its_twin(xp, dtype):
         results.append(params)
     for name in results[0]:
         assert_same(results[0][name], results[1][name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1, 7, 300, 1000])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_softmax_parts_kernel_matches_its_twin(xp, dtype, V, overwrite):
+    """The cross-entropy's fused max/exp/sum: loss, exps and row sums as the twin's, in place or not,
+    for rows shorter and longer than a block and logits large enough to overflow an unshifted exp."""
+    logits = random(xp, (6, V), dtype, 0, 40.0)
+    targets = xp.asarray([0, V - 1, IGNORE_INDEX, V // 2, 0, V // 3])
+    fused, twin = fused_and_twin(lambda a: cross_entropy_forward(a, targets, overwrite=overwrite), logits)
+    assert_same(fused[0], twin[0], dtype)                  # the loss
+    for a, t in zip(fused[1][:2], twin[1][:2]):            # exps, sumexp
+        assert_same(a, t, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_classifier_with_the_kernel_matches_its_twin(xp, dtype, monkeypatch):
+    """The chunked classifier (three chunks) gives the same loss and gradients with the fused kernel
+    as with its twin, which skips the max by the logits' bound: the two shift differently."""
+    import numgpt.layers.classifier as classifier
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", 3 * 300)
+    x, w = random(xp, (8, 16), dtype, 0), random(xp, (300, 16), dtype, 1)
+    targets = xp.asarray([3, 299, IGNORE_INDEX, 0, 3, 150, 7, 8])
+    fused, twin = fused_and_twin(lambda a: classifier_forward(a, w, targets, return_logits=True), x)
+    for a, t in [(fused[0], twin[0]), (fused[1], twin[1]), *zip(fused[2], twin[2])]:   # loss, logits, dx, dw
+        assert_same(a, t, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_training_step_and_generation_with_every_kernel_match_the_twins(xp, dtype, bias):
+    """A small GPT end to end: loss, every gradient, the parameters after an AdamW step and the
+    tokens generated with a KV cache are the same with the kernels on as with them off."""
+    config = GPTConfig(vocab_size=300, block_size=12, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    idx = np.random.default_rng(0).integers(0, 300, (2, 12))
+    results = []
+    for use_kernels in (True, False):
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            model = GPT(config, backend="cupy" if xp is not np else "numpy", dtype=dtype, seed=0)
+            _, loss = model.forward(idx[:, :-1], idx[:, 1:], return_logits=False)
+            grads = {name: g.copy() for name, g in model.backward().items()}
+            AdamW(model.params, lr=1e-2, weight_decay=0.1).step(grads)
+            tokens = model.generate(idx[:, :3], 5, top_k=1)
+        results.append((loss, grads, dict(model.params), tokens))
+    (loss, grads, params, tokens), (loss_twin, grads_twin, params_twin, tokens_twin) = results
+    np.testing.assert_allclose(loss, loss_twin, rtol=TOLERANCE[dtype])
+    for name in grads_twin:
+        assert_same(grads[name], grads_twin[name], dtype)
+        assert_same(params[name], params_twin[name], dtype)
+    assert np.array_equal(to_numpy(tokens), to_numpy(tokens_twin))
 
 
 def emulator_or_skip():

@@ -6,6 +6,7 @@ its share of the loss and, when a backward will follow, straight into its share 
 then dropped. The whole (N,V) array exists only when the caller asks for the logits.
 """
 
+from numgpt import kernels
 from numgpt.backend import array_module, scatter_add
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.precision import matmul, using_half_matmuls
@@ -41,8 +42,9 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     dw = xp.empty_like(w) if requires_grad else None              # (V,C)
     loss = 0.0
     # exp(logits) may reach e^60 when the bound lets the loss skip the row max: far beyond
-    # float16's 65504, so with float16 matmuls the max is always subtracted (exps <= 1)
-    bound = None if using_half_matmuls() else logits_bound(x, w)
+    # float16's 65504, so with float16 matmuls the max is always subtracted (exps <= 1). The GPU's
+    # fused kernel finds the max at no extra cost, and the bound would cost a wait for the device.
+    bound = None if using_half_matmuls() or kernels.enabled(xp) else logits_bound(x, w)
     n_chunks = -(-N * V // CHUNK_ELEMENTS)                       # ceil: as few chunks as fit the budget
     chunk = -(-N // n_chunks)                                     # equal chunks: no thin, slow remainder
     # one buffer for every chunk's logits and one for its share of dw, reused: a fresh large array

@@ -1,5 +1,6 @@
 """Softmax cross-entropy, fused: loss = logsumexp(logits) - logits[target], never a one-hot."""
 
+from numgpt import kernels
 from numgpt.backend import array_module
 
 IGNORE_INDEX = -100  # the target value that drops a position, as in torch and transformers
@@ -33,16 +34,20 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     safe_targets = xp.where(valid, targets, 0)                         # any in-range id for ignored rows
     target_logit = logits[xp.arange(N), safe_targets]                  # (N,) gathered before any overwrite
     out = logits if overwrite else None
-    if logits_bound is not None and logits_bound <= EXP_SAFE_BOUND:
-        shift = 0.0
-        exps = xp.exp(logits, out=out)                                 # (N,V) unnormalised probabilities
+    if kernels.enabled(xp):
+        # one kernel finds the max, the exps and their sums (the code below is its twin)
+        exps, sumexp, shift = kernels.softmax_parts(logits, out=out)  # (N,V), (N,1), (N,)
     else:
-        shift = logits.max(axis=-1)                                    # (N,): exp(logits - max) <= 1
-        exps = xp.subtract(logits, shift[:, None], out=out)
-        xp.exp(exps, out=exps)
-    # the row sums as a matrix-vector product, which BLAS runs on every core: at V = 50257 on 2
-    # cores, 3x faster than exps.sum(axis=-1), a single-threaded ufunc reduction
-    sumexp = exps @ xp.ones((exps.shape[1], 1), dtype=exps.dtype)     # (N,1)
+        if logits_bound is not None and logits_bound <= EXP_SAFE_BOUND:
+            shift = 0.0
+            exps = xp.exp(logits, out=out)                             # (N,V) unnormalised probabilities
+        else:
+            shift = logits.max(axis=-1)                                # (N,): exp(logits - max) <= 1
+            exps = xp.subtract(logits, shift[:, None], out=out)
+            xp.exp(exps, out=exps)
+        # the row sums as a matrix-vector product, which BLAS runs on every core: at V = 50257 on 2
+        # cores, 3x faster than exps.sum(axis=-1), a single-threaded ufunc reduction
+        sumexp = exps @ xp.ones((exps.shape[1], 1), dtype=exps.dtype)  # (N,1)
     lse = xp.log(sumexp[:, 0]) + shift                                 # (N,) logsumexp
     nll = (lse - target_logit) * valid                                 # (N,)
     loss = nll.sum() / n_valid if n_valid else xp.asarray(float("nan"), dtype=logits.dtype)
