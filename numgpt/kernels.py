@@ -10,6 +10,7 @@ compares it against (float32 and float64).
     layernorm_forward, layernorm_dx    one warp (32 threads) per row of C
     causal_softmax, softmax_backward   one warp per row of attention scores
     softmax_parts                      one block per row of logits: the cross-entropy's max, exp, sum
+    flash_attention_forward, _backward causal attention that never forms the (T,T) matrix
     adamw_step                         elementwise over one parameter and its moments
 
 The source is written once with REAL for the element type and compiled with NVRTC for float and
@@ -157,6 +158,188 @@ extern "C" __global__ void softmax_parts(const REAL* logits, REAL* exps, REAL* s
     if (threadIdx.x == 0) { sumexp[blockIdx.x] = s; shift[blockIdx.x] = m; }
 }
 
+// ---- causal attention without the (T,T) matrix: FlashAttention (Dao et al. 2022), in plain FMAs ----
+// qkv (B,T,3C) as the c_attn layer makes it: q, k, v of head h start at columns h hs, C + h hs and
+// 2C + h hs of each row. A block holds one (batch, head) and a run of query (or key) rows; the G
+// threads of a row hold its dims d = part, part + G, ... (at most DIMS each) in registers, and their
+// partial dot products meet through shuffles. The other side's rows pass through shared memory a
+// tile at a time. The forward keeps a running max m and sum l of each row's exps (online softmax),
+// so it needs one pass over the keys and keeps only lse = m + log(l) for the backward, which
+// recomputes the probabilities p = exp(s - lse) from q and k.
+#define DIMS 16
+#define MAX_TILE 64
+#define TILE_ELEMS (16384 / (int)sizeof(REAL))   // a tile of one operand: 16 KB of shared memory
+
+__device__ __forceinline__ REAL group_sum(REAL v, int G) {   // the sum over a row's G threads
+    for (int offset = G / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    return v;
+}
+
+// row `row` of operand `column` (0 q, 1 k, 2 v) into registers r[k] = x[part + k G] * factor (0 off the row)
+__device__ __forceinline__ void load_row(REAL* r, const REAL* head, int column, int row, int T, int C, int hs,
+                                         int part, int G, REAL factor) {
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) {
+        int d = part + k * G;
+        r[k] = row < T && d < hs ? head[(long long)row * 3 * C + column * C + d] * factor : (REAL)0;
+    }
+}
+
+// rows [start, start + n) of two operands (columns a, b of qkv) into tiles (n, hs), scaled by fa, fb
+__device__ __forceinline__ void load_tiles(REAL* ta, REAL* tb, const REAL* head, int a, int b, int start, int n,
+                                           int C, int hs, REAL fa, REAL fb) {
+    __syncthreads();   // every thread is done with the previous tiles
+    for (int e = threadIdx.x; e < n * hs; e += blockDim.x) {
+        const REAL* row = head + (long long)(start + e / hs) * 3 * C + e %% hs;
+        ta[e] = row[a * C] * fa;
+        tb[e] = row[b * C] * fb;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ REAL dot_tile(const REAL* r, const REAL* tile_row, int part, int G, int hs) {
+    REAL dot = 0;
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) { int d = part + k * G; if (d < hs) dot += r[k] * tile_row[d]; }
+    return group_sum(dot, G);
+}
+
+// grid (ceil(T / rows), n_head, B), rows = blockDim / G: y (B,T,C) = softmax(scale q k^T + causal) v,
+// lse (B,nh,T) = each row's log-sum-exp
+extern "C" __global__ void flash_attention_forward(const REAL* qkv, REAL* y, REAL* lse, int T, int n_head, int hs,
+                                                   int G, REAL scale) {
+    __shared__ REAL k_tile[TILE_ELEMS], v_tile[TILE_ELEMS];
+    int C = n_head * hs, rows = blockDim.x / G, part = threadIdx.x %% G;
+    int i = (int)blockIdx.x * rows + (int)threadIdx.x / G;                      // this thread's query
+    int last = min(T, ((int)blockIdx.x + 1) * rows) - 1;                   // later keys are masked for every row here
+    int tile = min(MAX_TILE, TILE_ELEMS / hs);
+    const REAL* head = qkv + (long long)blockIdx.z * T * 3 * C + blockIdx.y * hs;
+    REAL q[DIMS], acc[DIMS];
+    load_row(q, head, 0, i, T, C, hs, part, G, scale);
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) acc[k] = 0;
+    REAL m = (REAL)-1e30, l = 0;   // the first key's exp(m - s) is then 0: no inf - inf
+    for (int start = 0; start <= last; start += tile) {
+        int n = min(tile, last + 1 - start);
+        load_tiles(k_tile, v_tile, head, 1, 2, start, n, C, hs, (REAL)1, (REAL)1);
+        for (int j = 0; j < n; ++j) {
+            REAL s = dot_tile(q, k_tile + j * hs, part, G, hs);       // every thread: the shuffles need all
+            if (start + j > i) continue;                               // the causal mask
+            REAL p = 1, rescale = 1;                                   // rescale the old sums when s is a new max
+            if (s > m) { rescale = exp(m - s); m = s; } else p = exp(s - m);
+            l = l * rescale + p;
+            #pragma unroll
+            for (int k = 0; k < DIMS; ++k) {
+                int d = part + k * G;
+                if (d < hs) acc[k] = acc[k] * rescale + p * v_tile[j * hs + d];
+            }
+        }
+    }
+    if (i >= T) return;
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) {
+        int d = part + k * G;
+        if (d < hs) y[((long long)blockIdx.z * T + i) * C + blockIdx.y * hs + d] = acc[k] / l;
+    }
+    if (part == 0) lse[((long long)blockIdx.z * n_head + blockIdx.y) * T + i] = m + log(l);
+}
+
+// the backward's per-pair arithmetic, with p = exp(s - lse) and ds = p (dp - D), D = dy . y per row:
+// dq_i = scale sum_j ds_ij k_j,  dk_j = sum_i ds_ij (scale q_i),  dv_j = sum_i p_ij dy_i.
+// dy (B,T,C); D, lse (B,nh,T); dqkv (B,T,3C). Grid and rows as the forward's, over queries:
+extern "C" __global__ void flash_attention_dq(const REAL* qkv, const REAL* dy, const REAL* lse, const REAL* D,
+                                              REAL* dqkv, int T, int n_head, int hs, int G, REAL scale) {
+    __shared__ REAL k_tile[TILE_ELEMS], v_tile[TILE_ELEMS];
+    int C = n_head * hs, rows = blockDim.x / G, part = threadIdx.x %% G;
+    int i = (int)blockIdx.x * rows + (int)threadIdx.x / G;
+    int last = min(T, ((int)blockIdx.x + 1) * rows) - 1;
+    int tile = min(MAX_TILE, TILE_ELEMS / hs);
+    long long head_offset = (long long)blockIdx.z * T * 3 * C + blockIdx.y * hs;
+    const REAL* head = qkv + head_offset;
+    long long stat = ((long long)blockIdx.z * n_head + blockIdx.y) * T + min(i, T - 1);
+    REAL L = lse[stat], Di = D[stat];
+    REAL q[DIMS], g[DIMS], dq[DIMS];
+    load_row(q, head, 0, i, T, C, hs, part, G, scale);
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) {   // dy's row i: dy has C columns, not 3C
+        int d = part + k * G;
+        g[k] = i < T && d < hs ? dy[((long long)blockIdx.z * T + i) * C + blockIdx.y * hs + d] : (REAL)0;
+        dq[k] = 0;
+    }
+    for (int start = 0; start <= last; start += tile) {
+        int n = min(tile, last + 1 - start);
+        load_tiles(k_tile, v_tile, head, 1, 2, start, n, C, hs, (REAL)1, (REAL)1);
+        for (int j = 0; j < n; ++j) {
+            REAL s = dot_tile(q, k_tile + j * hs, part, G, hs);
+            REAL dp = dot_tile(g, v_tile + j * hs, part, G, hs);
+            if (start + j > i) continue;
+            REAL ds = exp(s - L) * (dp - Di);
+            #pragma unroll
+            for (int k = 0; k < DIMS; ++k) {
+                int d = part + k * G;
+                if (d < hs) dq[k] += ds * k_tile[j * hs + d];
+            }
+        }
+    }
+    if (i >= T) return;
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) {
+        int d = part + k * G;
+        if (d < hs) dqkv[head_offset + (long long)i * 3 * C + d] = dq[k] * scale;
+    }
+}
+
+// grid (ceil(T / rows), n_head, B) over keys: each row is a key j, and the queries i >= j pass through
+// shared memory
+extern "C" __global__ void flash_attention_dkv(const REAL* qkv, const REAL* dy, const REAL* lse, const REAL* D,
+                                               REAL* dqkv, int T, int n_head, int hs, int G, REAL scale) {
+    __shared__ REAL q_tile[TILE_ELEMS], g_tile[TILE_ELEMS], lse_tile[MAX_TILE], D_tile[MAX_TILE];
+    int C = n_head * hs, rows = blockDim.x / G, part = threadIdx.x %% G;
+    int j = (int)blockIdx.x * rows + (int)threadIdx.x / G;                      // this thread's key
+    int first = (int)blockIdx.x * rows;                                     // earlier queries see none of these keys
+    int tile = min(MAX_TILE, TILE_ELEMS / hs);
+    long long head_offset = (long long)blockIdx.z * T * 3 * C + blockIdx.y * hs;
+    const REAL* head = qkv + head_offset;
+    const REAL* stats_lse = lse + ((long long)blockIdx.z * n_head + blockIdx.y) * T;
+    const REAL* stats_D = D + ((long long)blockIdx.z * n_head + blockIdx.y) * T;
+    REAL kr[DIMS], vr[DIMS], dk[DIMS], dv[DIMS];
+    load_row(kr, head, 1, j, T, C, hs, part, G, (REAL)1);
+    load_row(vr, head, 2, j, T, C, hs, part, G, (REAL)1);
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) { dk[k] = 0; dv[k] = 0; }
+    for (int start = first; start < T; start += tile) {
+        int n = min(tile, T - start);
+        __syncthreads();   // every thread is done with the previous tiles
+        for (int e = threadIdx.x; e < n * hs; e += blockDim.x) {
+            long long row = (long long)blockIdx.z * T + start + e / hs;
+            q_tile[e] = qkv[row * 3 * C + blockIdx.y * hs + e %% hs] * scale;
+            g_tile[e] = dy[row * C + blockIdx.y * hs + e %% hs];
+        }
+        for (int e = threadIdx.x; e < n; e += blockDim.x) { lse_tile[e] = stats_lse[start + e]; D_tile[e] = stats_D[start + e]; }
+        __syncthreads();
+        for (int t = 0; t < n; ++t) {
+            REAL s = dot_tile(kr, q_tile + t * hs, part, G, hs);
+            REAL dp = dot_tile(vr, g_tile + t * hs, part, G, hs);
+            if (start + t < j || j >= T) continue;                     // the causal mask
+            REAL p = exp(s - lse_tile[t]), ds = p * (dp - D_tile[t]);
+            #pragma unroll
+            for (int k = 0; k < DIMS; ++k) {
+                int d = part + k * G;
+                if (d < hs) { dv[k] += p * g_tile[t * hs + d]; dk[k] += ds * q_tile[t * hs + d]; }
+            }
+        }
+    }
+    if (j >= T) return;
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) {
+        int d = part + k * G;
+        if (d < hs) {
+            dqkv[head_offset + (long long)j * 3 * C + C + d] = dk[k];
+            dqkv[head_offset + (long long)j * 3 * C + 2 * C + d] = dv[k];
+        }
+    }
+}
+
 // AdamW on one parameter, in place: the arithmetic of numgpt.optim.AdamW.step
 extern "C" __global__ void adamw_step(REAL* p, const REAL* g, REAL* m, REAL* v, long long n, REAL decay,
                                       REAL one_minus_b1, REAL b2, REAL one_minus_b2, REAL bias_correction2_sqrt,
@@ -172,24 +355,33 @@ extern "C" __global__ void adamw_step(REAL* p, const REAL* g, REAL* m, REAL* v, 
 }
 """ % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715}
 
-_enabled = True
+DIMS = 16                 # head dims per thread in the attention kernels (the source's DIMS)
+
+_off = set()      # kernels turned off by `disabled`: names, or ALL
+ALL = "all"
 _modules = {}   # dtype name -> compiled cupy.RawModule
 
 
-def enabled(xp):
-    """True when the arrays of module `xp` should go through the kernels here (CuPy, not disabled)."""
-    return _enabled and backend_name(xp) == "cupy"
+def enabled(xp, kernel=None):
+    """True when the arrays of module `xp` should go through the kernels here: on CuPy, unless
+    `disabled` turned them all off, or the one named `kernel`."""
+    return _runs_kernels(xp) and ALL not in _off and kernel not in _off
+
+
+def _runs_kernels(xp):
+    return backend_name(xp) == "cupy"
 
 
 @contextlib.contextmanager
-def disabled():
-    """Within the block, layers use their NumPy-style code on CuPy too (the kernels' twins)."""
-    global _enabled
-    previous, _enabled = _enabled, False
+def disabled(*kernels):
+    """Within the block, layers use their NumPy-style code (the kernels' twins) on CuPy too: in
+    place of the named kernels (those that `enabled` is asked about by name), or of all of them."""
+    global _off
+    previous, _off = _off, _off | (set(kernels) or {ALL})
     try:
         yield
     finally:
-        _enabled = previous
+        _off = previous
 
 
 def source(dtype):
@@ -286,6 +478,47 @@ def softmax_parts(logits, out=None):
     sumexp, shift = xp.empty((N, 1), dtype=logits.dtype), xp.empty((N,), dtype=logits.dtype)
     _kernel("softmax_parts", logits.dtype)((N,), (THREADS,), (logits, exps, sumexp, shift, np.int32(V)))
     return exps, sumexp, shift
+
+
+def flash_attention_supports(head_size):
+    """Whether the attention kernels take heads of this size: up to 32 threads of DIMS dims each."""
+    return head_size <= 32 * DIMS
+
+
+def _flash_launch(T, n_head, B, head_size):
+    """(G, grid, block): G threads per row, the fewest (a power of two) that hold a head's dims."""
+    G = 1
+    while G * DIMS < head_size:
+        G *= 2
+    rows = THREADS // G
+    return G, (-(-T // rows), n_head, B), (THREADS,)
+
+
+def flash_attention_forward(qkv, n_head, scale):
+    """Causal attention of qkv (B,T,3C) -> y (B,T,C) with heads merged, lse (B,nh,T) for the backward."""
+    qkv = _contiguous(qkv)
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    xp, t = array_module(qkv), qkv.dtype
+    y, lse = xp.empty((B, T, C), dtype=t), xp.empty((B, n_head, T), dtype=t)
+    G, grid, block = _flash_launch(T, n_head, B, C // n_head)
+    _kernel("flash_attention_forward", t)(grid, block, (qkv, y, lse, np.int32(T), np.int32(n_head),
+                                                        np.int32(C // n_head), np.int32(G), _scalar(scale, t)))
+    return y, lse
+
+
+def flash_attention_backward(dy, qkv, y, lse, n_head, scale):
+    """dqkv (B,T,3C) of flash_attention_forward for upstream dy (B,T,C): two kernels, over the
+    queries (dq) and over the keys (dk, dv), each recomputing the probabilities it needs."""
+    dy, qkv = _contiguous(dy), _contiguous(qkv)
+    B, T, C = dy.shape
+    hs, t = C // n_head, dy.dtype
+    D = array_module(dy).ascontiguousarray((dy * y).reshape(B, T, n_head, hs).sum(axis=-1).transpose(0, 2, 1))   # (B,nh,T): dy_i . y_i
+    dqkv = _empty_like(qkv)
+    G, grid, block = _flash_launch(T, n_head, B, hs)
+    args = (qkv, dy, lse, D, dqkv, np.int32(T), np.int32(n_head), np.int32(hs), np.int32(G), _scalar(scale, t))
+    _kernel("flash_attention_dq", t)(grid, block, args)
+    _kernel("flash_attention_dkv", t)(grid, block, args)
+    return dqkv
 
 
 def adamw_step(p, g, m, v, decay, b1, b2, bias_correction2_sqrt, eps, step_size):

@@ -18,7 +18,7 @@ import cuda_emulator
 from numgpt import GPT, AdamW, GPTConfig, kernels
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
-from numgpt.layers.attention import causal_softmax, softmax_backward
+from numgpt.layers.attention import attention_backward, attention_forward, causal_softmax, softmax_backward
 from numgpt.layers.classifier import classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
@@ -69,9 +69,12 @@ def fused_and_twin(fn, *args):
 
 
 def assert_same(fused, twin, dtype):
+    """Equal to the dtype's tolerance, relative to each element and to the largest one: a sum of
+    many products (a weight gradient) errs relative to the size of its terms, not of its result."""
     fused, twin = to_numpy(fused), to_numpy(twin)
     assert fused.dtype == twin.dtype and fused.shape == twin.shape
-    np.testing.assert_allclose(fused, twin, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    largest = float(np.abs(twin).max(initial=1.0))
+    np.testing.assert_allclose(fused, twin, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * largest)
 
 
 def random(xp, shape, dtype, seed=0, scale=1.0):
@@ -134,6 +137,30 @@ def test_adamw_kernel_matches_its_twin(xp, dtype):
         results.append(params)
     for name in results[0]:
         assert_same(results[0][name], results[1][name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, n_head, hs", [(1, 1, 4), (5, 2, 8), (70, 2, 64), (130, 1, 17), (40, 1, 200)])
+def test_flash_attention_kernels_match_their_twin(xp, dtype, T, n_head, hs):
+    """Output and every gradient of the attention layer with the fused kernels (no (T,T) matrix)
+    as with the twin that forms it: one query block or several, one key tile or several, heads
+    that need 1 to 16 threads a row."""
+    C = n_head * hs
+    x, dout = random(xp, (2, T, C), dtype, 0), random(xp, (2, T, C), dtype, 1)
+    std = C ** -0.5   # q . k / sqrt(hs) of order 1, as after a layernorm: no row is one-hot
+    params = {"c_attn.weight": random(xp, (C, 3 * C), dtype, 2, std), "c_attn.bias": random(xp, (3 * C,), dtype, 3),
+              "c_proj.weight": random(xp, (C, C), dtype, 4, std), "c_proj.bias": random(xp, (C,), dtype, 5)}
+    (out, cache), (out_twin, cache_twin) = fused_and_twin(lambda a: attention_forward(a, params, n_head), x)
+    assert cache[1][0] == "flash" and cache_twin[1][0] == "matrix"
+    with kernels.disabled("flash_attention"):   # the other kernels stay on: the matrix path with fused softmaxes
+        assert attention_forward(x, params, n_head)[1][1][0] == "matrix"
+    assert_same(out, out_twin, dtype)
+    dx, grads = attention_backward(dout, cache)
+    with kernels.disabled():
+        dx_twin, grads_twin = attention_backward(dout, cache_twin)
+    assert_same(dx, dx_twin, dtype)
+    for name in grads_twin:
+        assert_same(grads[name], grads_twin[name], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,6 +8,11 @@
 `params` holds GPT-2's names: c_attn.weight (C,3C), c_attn.bias (3C,), c_proj.weight (C,C),
 c_proj.bias (C,); the biases are absent in a bias-free model.
 
+On a GPU the middle two lines are one kernel that never forms the (B,nh,T,T) matrix: it walks
+the keys a tile at a time keeping each row's running max and sum of exps (FlashAttention, Dao et
+al. 2022), and the backward recomputes the probabilities from q, k and each row's log-sum-exp.
+The matrix code here is its twin, and serves dropout, generation and the attention maps.
+
 Generation adds one token at a time, and the keys and values of the earlier positions do not
 change when it does (row t only looks left). A KVCache keeps them, so each step computes q, k, v
 for the new position alone and attends over the cached ones: O(T) work per token instead of O(T^2).
@@ -99,35 +104,65 @@ def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None
     positions. The returned cache then serves attention_probs only, not a backward.
     """
     B, T, C = x.shape
-    hs = C // n_head
     qkv, qkv_cache = linear_forward(x, params["c_attn.weight"], params.get("c_attn.bias"))  # (B,T,3C)
+    y, core_cache = causal_attention_forward(qkv, n_head, dropout, rng, kv_cache)          # (B,T,C)
+    out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
+    out, out_drop_cache = dropout_forward(out, dropout, rng)
+    return out, (qkv_cache, core_cache, proj_cache, out_drop_cache)
+
+
+def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
+    """The heads' attention.   qkv (B,T,3C) -> y (B,T,C) with heads merged, cache.
+
+    On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
+    probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin.
+    """
+    xp = array_module(qkv)
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    hs = C // n_head
+    scale = 1.0 / math.sqrt(hs)
+    fused = kernels.enabled(xp, "flash_attention") and kernels.flash_attention_supports(hs)
+    if fused and kv_cache is None and (rng is None or dropout == 0):
+        y, lse = kernels.flash_attention_forward(qkv, n_head, scale)
+        return y, ("flash", qkv, y, lse, n_head, scale)
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
     # scaling q rather than the scores touches T*hs numbers per head instead of T*Tk
-    scale = 1.0 / math.sqrt(hs)
     q = q * scale                                                       # (B,nh,T,hs)
     scores = matmul(q, k.transpose(0, 1, 3, 2))                         # (B,nh,T,Tk)
     att = causal_softmax(scores)                                        # (B,nh,T,Tk), in scores' memory
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
     y = merge_heads(matmul(att_drop, v))                                # (B,T,C)
-    out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
-    out, out_drop_cache = dropout_forward(out, dropout, rng)
-    cache = (qkv_cache, q, k, v, att, att_drop, att_drop_cache, proj_cache, out_drop_cache, n_head, scale)
-    return out, cache
+    return y, ("matrix", q, k, v, att, att_drop, att_drop_cache, n_head, scale)
 
 
 def attention_probs(cache):
     """The attention probabilities (B,nh,T,Tk) that attention_forward computed, from its cache."""
-    return cache[4]
+    core_cache = cache[1]
+    if core_cache[0] != "matrix":
+        raise ValueError("the fused attention kernel keeps no probabilities: pass a kv_cache, as decode does")
+    return core_cache[4]
 
 
 def attention_backward(dout, cache):
     """Gradients of attention_forward.   dout (B,T,C) -> dx (B,T,C), grads {name: array}."""
-    qkv_cache, q, k, v, att, att_drop, att_drop_cache, proj_cache, out_drop_cache, n_head, scale = cache
-    xp = array_module(dout)
+    qkv_cache, core_cache, proj_cache, out_drop_cache = cache
     dout = dropout_backward(dout, out_drop_cache)
     dy, dw_proj, db_proj = linear_backward(dout, proj_cache)            # dy (B,T,C)
+    dqkv = causal_attention_backward(dy, core_cache)                    # (B,T,3C)
+    dx, dw_attn, db_attn = linear_backward(dqkv, qkv_cache)
+    grads = {**named_grads("c_attn", dw_attn, db_attn), **named_grads("c_proj", dw_proj, db_proj)}
+    return dx, grads
+
+
+def causal_attention_backward(dy, cache):
+    """Gradient of causal_attention_forward.   dy (B,T,C) -> dqkv (B,T,3C)."""
+    if cache[0] == "flash":
+        _, qkv, y, lse, n_head, scale = cache
+        return kernels.flash_attention_backward(dy, qkv, y, lse, n_head, scale)
+    _, q, k, v, att, att_drop, att_drop_cache, n_head, scale = cache
+    xp = array_module(dy)
     dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
     datt_drop = matmul(dy, v.transpose(0, 1, 3, 2))                     # (B,nh,T,T)
     dv = matmul(att_drop.transpose(0, 1, 3, 2), dy)                     # (B,nh,T,hs)
@@ -136,7 +171,4 @@ def attention_backward(dout, cache):
     dq = matmul(dscores, k)                                             # (B,nh,T,hs), of the scaled q
     dq *= scale                                                         # of q itself
     dk = matmul(dscores.transpose(0, 1, 3, 2), q)                       # (B,nh,T,hs): q is the scaled q
-    dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)
-    dx, dw_attn, db_attn = linear_backward(dqkv, qkv_cache)
-    grads = {**named_grads("c_attn", dw_attn, db_attn), **named_grads("c_proj", dw_proj, db_proj)}
-    return dx, grads
+    return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)
