@@ -4,7 +4,7 @@ A NumPy-style chain such as layernorm's (mean, subtract, square, mean, sqrt, div
 add) launches one GPU kernel per step and streams the (B,T,C) array through memory each time.
 The kernels below read their inputs once and write their outputs once. Each has a twin: the NumPy
 code of its layer, which runs on CuPy too when kernels are off, and which tests/test_kernels.py
-compares it against (float32 and float64).
+compares it against (float32 and float64), on a GPU and on the CPU through a CUDA emulator.
 
     gelu_forward, gelu_backward        elementwise, one thread per element
     layernorm_forward, layernorm_dx    one warp (32 threads) per row of C
@@ -14,8 +14,9 @@ compares it against (float32 and float64).
     adamw_step                         elementwise over one parameter and its moments
 
 The source is written once with REAL for the element type and compiled with NVRTC for float and
-for double when first used. Layers ask `enabled(xp)` before calling a kernel here; `disabled()`
-turns them off in a block (tests use it to run the twins on the GPU).
+for double when first used. Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before
+calling a kernel here; `disabled()` turns them all off in a block, `disabled("flash_attention")`
+that one (tests use it to run the twins on the GPU, benchmarks to compare).
 """
 
 import contextlib

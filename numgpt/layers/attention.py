@@ -115,7 +115,9 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     """The heads' attention.   qkv (B,T,3C) -> y (B,T,C) with heads merged, cache.
 
     On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
-    probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin.
+    probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin. The kernel
+    multiplies in the arrays' dtype, float32 under fp16 matmuls too (as torch's fused attention
+    keeps its softmax in float32).
     """
     xp = array_module(qkv)
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
