@@ -29,6 +29,7 @@ from numgpt.backend import array_module, backend_name
 WARP = 32                 # threads per row in the row kernels: a warp reduces with shuffles, no shared memory
 THREADS = 256             # threads per block in the elementwise kernels
 MAX_BLOCKS = 65535        # elementwise kernels loop over the rest (a grid-stride loop)
+DIMS = 16                 # head dims per thread in the attention kernels: a row takes ceil(hs / DIMS) threads
 
 SOURCE = r"""
 #define GELU_SCALE ((REAL)%(gelu_scale).17g)
@@ -167,7 +168,7 @@ extern "C" __global__ void softmax_parts(const REAL* logits, REAL* exps, REAL* s
 // tile at a time. The forward keeps a running max m and sum l of each row's exps (online softmax),
 // so it needs one pass over the keys and keeps only lse = m + log(l) for the backward, which
 // recomputes the probabilities p = exp(s - lse) from q and k.
-#define DIMS 16
+#define DIMS %(dims)d
 #define MAX_TILE 64
 #define TILE_ELEMS (16384 / (int)sizeof(REAL))   // a tile of one operand: 16 KB of shared memory
 
@@ -186,14 +187,14 @@ __device__ __forceinline__ void load_row(REAL* r, const REAL* head, int column, 
     }
 }
 
-// rows [start, start + n) of two operands (columns a, b of qkv) into tiles (n, hs), scaled by fa, fb
-__device__ __forceinline__ void load_tiles(REAL* ta, REAL* tb, const REAL* head, int a, int b, int start, int n,
-                                           int C, int hs, REAL fa, REAL fb) {
+// the keys and values of rows [start, start + n) into tiles (n, hs) of shared memory
+__device__ __forceinline__ void load_kv_tiles(REAL* k_tile, REAL* v_tile, const REAL* head, int start, int n,
+                                              int C, int hs) {
     __syncthreads();   // every thread is done with the previous tiles
     for (int e = threadIdx.x; e < n * hs; e += blockDim.x) {
         const REAL* row = head + (long long)(start + e / hs) * 3 * C + e %% hs;
-        ta[e] = row[a * C] * fa;
-        tb[e] = row[b * C] * fb;
+        k_tile[e] = row[C];
+        v_tile[e] = row[2 * C];
     }
     __syncthreads();
 }
@@ -222,7 +223,7 @@ extern "C" __global__ void flash_attention_forward(const REAL* qkv, REAL* y, REA
     REAL m = (REAL)-1e30, l = 0;   // the first key's exp(m - s) is then 0: no inf - inf
     for (int start = 0; start <= last; start += tile) {
         int n = min(tile, last + 1 - start);
-        load_tiles(k_tile, v_tile, head, 1, 2, start, n, C, hs, (REAL)1, (REAL)1);
+        load_kv_tiles(k_tile, v_tile, head, start, n, C, hs);
         for (int j = 0; j < n; ++j) {
             REAL s = dot_tile(q, k_tile + j * hs, part, G, hs);       // every thread: the shuffles need all
             if (start + j > i) continue;                               // the causal mask
@@ -269,7 +270,7 @@ extern "C" __global__ void flash_attention_dq(const REAL* qkv, const REAL* dy, c
     }
     for (int start = 0; start <= last; start += tile) {
         int n = min(tile, last + 1 - start);
-        load_tiles(k_tile, v_tile, head, 1, 2, start, n, C, hs, (REAL)1, (REAL)1);
+        load_kv_tiles(k_tile, v_tile, head, start, n, C, hs);
         for (int j = 0; j < n; ++j) {
             REAL s = dot_tile(q, k_tile + j * hs, part, G, hs);
             REAL dp = dot_tile(g, v_tile + j * hs, part, G, hs);
@@ -354,12 +355,10 @@ extern "C" __global__ void adamw_step(REAL* p, const REAL* g, REAL* m, REAL* v, 
         p[i] = p[i] * decay - mi / (sqrt(vi) / bias_correction2_sqrt + eps) * step_size;
     }
 }
-""" % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715}
+""" % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715, "dims": DIMS}
 
-DIMS = 16                 # head dims per thread in the attention kernels (the source's DIMS)
-
-_off = set()      # kernels turned off by `disabled`: names, or ALL
 ALL = "all"
+_off = set()      # kernels turned off by `disabled`: names, or ALL
 _modules = {}   # dtype name -> compiled cupy.RawModule
 
 
@@ -370,6 +369,7 @@ def enabled(xp, kernel=None):
 
 
 def _runs_kernels(xp):
+    """Whether arrays of `xp` live on the GPU (the tests' CUDA emulator says yes for NumPy)."""
     return backend_name(xp) == "cupy"
 
 

@@ -58,16 +58,15 @@ class EmulatedKernel:
     """Called as a cupy.RawKernel is: kernel(grid, block, args)."""
 
     def __init__(self, function, real, params):
-        self.function, self.real, self.params = function, real, params
+        # each parameter as (its C type with REAL spelled out and const dropped, its name)
+        self.function = function
+        self.params = [(ctype.replace("const ", "").replace("REAL", real).strip(), pname) for ctype, pname in params]
         function.restype = ctypes.c_int
-        function.argtypes = [ctypes.c_uint] * 6 + [self._ctype(ctype) for ctype, _ in params]
+        function.argtypes = [ctypes.c_uint] * 6 + [
+            ctypes.c_void_p if ctype.endswith("*") else SCALARS[ctype][0] for ctype, _ in self.params]
 
-    def _ctype(self, ctype):
-        ctype = ctype.replace("const ", "").replace("REAL", self.real).strip()
-        return ctypes.c_void_p if ctype.endswith("*") else SCALARS[ctype][0]
-
-    def _argument(self, value, ctype, pname):
-        ctype = ctype.replace("const ", "").replace("REAL", self.real).strip()
+    @staticmethod
+    def _argument(value, ctype, pname):
         if ctype.endswith("*"):
             element = np.dtype(SCALARS[ctype[:-1].strip()][1])
             if not isinstance(value, np.ndarray) or value.dtype != element or not value.flags.c_contiguous:
