@@ -34,7 +34,7 @@ def measure(step, sync, repeats):
 
 def numgpt_step(qkv, dy, n_head):
     def step():
-        y, cache = causal_attention_forward(qkv, n_head)
+        _, cache = causal_attention_forward(qkv, n_head)
         return causal_attention_backward(dy, cache)
     return step
 

@@ -499,11 +499,11 @@ def flash_attention_forward(qkv, n_head, scale):
     """Causal attention of qkv (B,T,3C) -> y (B,T,C) with heads merged, lse (B,nh,T) for the backward."""
     qkv = _contiguous(qkv)
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    xp, t = array_module(qkv), qkv.dtype
+    hs, xp, t = C // n_head, array_module(qkv), qkv.dtype
     y, lse = xp.empty((B, T, C), dtype=t), xp.empty((B, n_head, T), dtype=t)
-    G, grid, block = _flash_launch(T, n_head, B, C // n_head)
-    _kernel("flash_attention_forward", t)(grid, block, (qkv, y, lse, np.int32(T), np.int32(n_head),
-                                                        np.int32(C // n_head), np.int32(G), _scalar(scale, t)))
+    G, grid, block = _flash_launch(T, n_head, B, hs)
+    _kernel("flash_attention_forward", t)(grid, block, (qkv, y, lse, np.int32(T), np.int32(n_head), np.int32(hs),
+                                                        np.int32(G), _scalar(scale, t)))
     return y, lse
 
 
@@ -512,8 +512,8 @@ def flash_attention_backward(dy, qkv, y, lse, n_head, scale):
     queries (dq) and over the keys (dk, dv), each recomputing the probabilities it needs."""
     dy, qkv = _contiguous(dy), _contiguous(qkv)
     B, T, C = dy.shape
-    hs, t = C // n_head, dy.dtype
-    D = array_module(dy).ascontiguousarray((dy * y).reshape(B, T, n_head, hs).sum(axis=-1).transpose(0, 2, 1))   # (B,nh,T): dy_i . y_i
+    hs, xp, t = C // n_head, array_module(dy), dy.dtype
+    D = xp.ascontiguousarray((dy * y).reshape(B, T, n_head, hs).sum(axis=-1).transpose(0, 2, 1))   # (B,nh,T): dy_i . y_i
     dqkv = _empty_like(qkv)
     G, grid, block = _flash_launch(T, n_head, B, hs)
     args = (qkv, dy, lse, D, dqkv, np.int32(T), np.int32(n_head), np.int32(hs), np.int32(G), _scalar(scale, t))

@@ -1,7 +1,7 @@
 """numgpt's CUDA kernels run on the CPU, so that CI, which has no GPU, tests their source.
 
-`numgpt.kernels.source(dtype)` is compiled by g++ against cuda_emulator.h (CUDA's threads,
-barriers and warp shuffles as C++ threads) together with one generated launcher per kernel.
+`numgpt.kernels.source(dtype)` is compiled by g++ against cuda_emulator.h (each CUDA thread a
+fiber in one OS thread, with CUDA's barriers and warp shuffles) and one generated launcher per kernel.
 `emulated()` then routes `numgpt.kernels` to this library: with it, the kernel wrappers accept
 NumPy arrays, and the layers use the kernels on NumPy as they would on CuPy. So the tests run the
 same wrappers, grids and argument lists that a GPU gets, and compare against the twins.
@@ -103,7 +103,7 @@ def build(source):
             with open(cpp, "w") as f:
                 f.write(code)
             partial = library + f".{os.getpid()}"
-            compiled = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+            compiled = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall",
                                        "-Werror", "-Wno-unknown-pragmas", "-o", partial, cpp], capture_output=True, text=True)
             if compiled.returncode:
                 raise RuntimeError(f"the kernels do not compile for the emulator:\n{compiled.stderr}")

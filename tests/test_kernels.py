@@ -25,11 +25,12 @@ from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 
 DTYPES = ["float32", "float64"]
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
+needs_compiler = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
 
 
 @pytest.fixture(params=[
     pytest.param("gpu", marks=pytest.mark.skipif(not cupy_available(), reason="CuPy with a GPU is not available")),
-    pytest.param("emulator", marks=pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler")),
+    pytest.param("emulator", marks=needs_compiler),
 ])
 def xp(request):
     """The array module whose arrays the kernels get: CuPy on a GPU, NumPy under the emulator."""
@@ -214,15 +215,10 @@ def test_a_training_step_and_generation_with_every_kernel_match_the_twins(xp, dt
     assert np.array_equal(to_numpy(tokens), to_numpy(tokens_twin))
 
 
-def emulator_or_skip():
-    if cuda_emulator.compiler() is None:
-        pytest.skip("no C++ compiler")
-
-
+@needs_compiler
 def test_the_emulator_catches_a_wrong_kernel(monkeypatch):
     """Negative control: a warp sum that adds only 16 of the 32 lanes makes layernorm wrong, and the
     twin comparison says so (so the emulator really runs lanes apart and exchanges their values)."""
-    emulator_or_skip()
     x = random(np, (3, 100), "float64", 0)
     w = random(np, (100,), "float64", 1)
     with cuda_emulator.emulated():
@@ -234,9 +230,9 @@ def test_the_emulator_catches_a_wrong_kernel(monkeypatch):
         assert_same(broken, twin, "float64")
 
 
+@needs_compiler
 def test_the_emulator_checks_each_argument_against_the_signature():
     """A 64-bit integer where the kernel takes an int would be read as garbage on a GPU: refused here."""
-    emulator_or_skip()
     x = np.zeros((2, 8), dtype=np.float32)
     kernel = cuda_emulator.emulated_kernel("layernorm_dx", "float32")
     good = (x, x, x[:, :1].copy(), x[0].copy(), x.copy(), np.int32(2), np.int32(8))
@@ -247,10 +243,10 @@ def test_the_emulator_checks_each_argument_against_the_signature():
         kernel((2,), (kernels.WARP,), (x.astype(np.float64),) + good[1:])
 
 
+@needs_compiler
 def test_the_emulator_reports_a_barrier_that_some_threads_skip():
     """Half a warp waiting at __syncthreads() while the other half waits in a shuffle hangs a GPU:
     here it is an error."""
-    emulator_or_skip()
     source = kernels.source("float32") + r"""
 extern "C" __global__ void half_sync(REAL* x) {
     if (threadIdx.x < 16) __syncthreads();
@@ -261,11 +257,11 @@ extern "C" __global__ void half_sync(REAL* x) {
         kernel((1,), (32,), (np.zeros(32, dtype=np.float32),))
 
 
+@needs_compiler
 @pytest.mark.parametrize("barrier", ["__syncthreads();", ""])
 def test_the_emulator_exposes_a_missing_barrier(barrier):
     """Each thread reads its neighbour's shared-memory slot: right with the barrier between write
     and read, stale data without it (the control), as on a GPU whose warps run apart."""
-    emulator_or_skip()
     source = kernels.source("float32") + r"""
 extern "C" __global__ void rotate(const REAL* x, REAL* y) {
     __shared__ REAL slots[64];

@@ -103,7 +103,6 @@ def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None
     their keys and values join the cache and their queries attend over all Tk = length + T
     positions. The returned cache then serves attention_probs only, not a backward.
     """
-    B, T, C = x.shape
     qkv, qkv_cache = linear_forward(x, params["c_attn.weight"], params.get("c_attn.bias"))  # (B,T,3C)
     y, core_cache = causal_attention_forward(qkv, n_head, dropout, rng, kv_cache)          # (B,T,C)
     out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
@@ -120,7 +119,7 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     keeps its softmax in float32).
     """
     xp = array_module(qkv)
-    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    C = qkv.shape[-1] // 3
     hs = C // n_head
     scale = 1.0 / math.sqrt(hs)
     fused = kernels.enabled(xp, "flash_attention") and kernels.flash_attention_supports(hs)

@@ -24,7 +24,8 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     The cache holds exp(logits - row max), from which the backward gets the softmax in one pass.
     With `overwrite` that array is built in the logits' own memory: no second (N,V) array. A caller
     that knows |logits| <= `logits_bound` <= EXP_SAFE_BOUND saves the two passes that find and
-    subtract the max: the cache then holds exp(logits) itself.
+    subtract the max: the cache then holds exp(logits) itself. On a GPU one kernel finds the max,
+    the exps and their sums together (numgpt.kernels.softmax_parts), and the bound is not used.
     """
     xp = array_module(logits)
     N = logits.shape[0]
@@ -35,7 +36,7 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     target_logit = logits[xp.arange(N), safe_targets]                  # (N,) gathered before any overwrite
     out = logits if overwrite else None
     if kernels.enabled(xp):
-        # one kernel finds the max, the exps and their sums (the code below is its twin)
+        # the code below is the kernel's twin
         exps, sumexp, shift = kernels.softmax_parts(logits, out=out)  # (N,V), (N,1), (N,)
     else:
         if logits_bound is not None and logits_bound <= EXP_SAFE_BOUND:
