@@ -11,7 +11,8 @@ compares it against (float32 and float64), on a GPU and on the CPU through a CUD
     causal_softmax, softmax_backward   one warp per row of attention scores
     softmax_parts                      one block per row of logits: the cross-entropy's max, exp, sum
     flash_attention_forward, _backward causal attention that never forms the (T,T) matrix
-    adamw_step                         elementwise over one parameter and its moments
+    scale_all, accumulate_all,         one launch over many arrays (every parameter or gradient),
+    sum_of_squares_all, adamw_all      each block doing one chunk of one array (PyTorch's foreach)
 
 The source is written once with REAL for the element type and compiled with NVRTC for float and
 for double when first used. Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before
@@ -30,12 +31,14 @@ WARP = 32                 # threads per row in the row kernels: a warp reduces w
 THREADS = 256             # threads per block in the elementwise kernels
 MAX_BLOCKS = 65535        # elementwise kernels loop over the rest (a grid-stride loop)
 DIMS = 16                 # head dims per thread in the attention kernels: a row takes ceil(hs / DIMS) threads
+CHUNK = 1 << 14           # elements per block in the multi-array kernels: GPT-2 124M's parameters are ~7600 blocks
+MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
 
 SOURCE = r"""
 #define GELU_SCALE ((REAL)%(gelu_scale).17g)
 #define GELU_CUBIC ((REAL)%(gelu_cubic).17g)
 
-__device__ __forceinline__ REAL warp_sum(REAL v) {
+template <class F> __device__ __forceinline__ F warp_sum(F v) {   // REAL, or double for a float sum
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
     return v;   // every lane holds the sum
 }
@@ -342,17 +345,56 @@ extern "C" __global__ void flash_attention_dkv(const REAL* qkv, const REAL* dy, 
     }
 }
 
-// AdamW on one parameter, in place: the arithmetic of numgpt.optim.AdamW.step
-extern "C" __global__ void adamw_step(REAL* p, const REAL* g, REAL* m, REAL* v, long long n, REAL decay,
-                                      REAL one_minus_b1, REAL b2, REAL one_minus_b2, REAL bias_correction2_sqrt,
-                                      REAL eps, REAL step_size) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+// The multi-array kernels: one launch works on many arrays (every parameter of a model, or every
+// gradient) instead of one launch per array. Block b does row b of a table the host built once
+// (_chunk_table): the address of one chunk of each array, the chunk's length n, and a tag.
+#define CHUNK_ROW(table, arrays) (table + (long long)blockIdx.x * ((arrays) + 2))
+#define CHUNK_ARRAY(row, k) ((REAL*)(row)[k])
+
+// row (a, n, tag): a *= factor
+extern "C" __global__ void scale_chunks(const long long* table, REAL factor) {
+    const long long* row = CHUNK_ROW(table, 1);
+    REAL* a = CHUNK_ARRAY(row, 0);
+    for (long long i = threadIdx.x; i < row[1]; i += blockDim.x) a[i] *= factor;
+}
+
+// row (dst, src, n, tag): dst = src / divisor, or with add dst += src / divisor
+extern "C" __global__ void accumulate_chunks(const long long* table, REAL divisor, int add) {
+    const long long* row = CHUNK_ROW(table, 2);
+    REAL *dst = CHUNK_ARRAY(row, 0), *src = CHUNK_ARRAY(row, 1);
+    for (long long i = threadIdx.x; i < row[2]; i += blockDim.x) dst[i] = (add ? dst[i] : (REAL)0) + src[i] / divisor;
+}
+
+// row (a, n, tag): partial[b] = sum of a^2 over the chunk, each square rounded to REAL and summed in double
+extern "C" __global__ void sum_squares_chunks(const long long* table, double* partial) {
+    __shared__ double warp_totals[32];
+    const long long* row = CHUNK_ROW(table, 1);
+    const REAL* a = CHUNK_ARRAY(row, 0);
+    double total = 0;
+    for (long long i = threadIdx.x; i < row[1]; i += blockDim.x) total += (double)(a[i] * a[i]);
+    total = warp_sum(total);
+    if (threadIdx.x %% 32 == 0) warp_totals[threadIdx.x / 32] = total;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned w = 1; w < blockDim.x / 32; ++w) total += warp_totals[w];
+        partial[blockIdx.x] = total;
+    }
+}
+
+// row (p, g, m, v, n, decays): AdamW in place, the arithmetic of numgpt.optim.AdamW.step; a
+// parameter tagged 0 is not decayed
+extern "C" __global__ void adamw_chunks(const long long* table, REAL decay, REAL one_minus_b1, REAL b2,
+                                        REAL one_minus_b2, REAL bias_correction2_sqrt, REAL eps, REAL step_size) {
+    const long long* row = CHUNK_ROW(table, 4);
+    REAL *p = CHUNK_ARRAY(row, 0), *g = CHUNK_ARRAY(row, 1), *m = CHUNK_ARRAY(row, 2), *v = CHUNK_ARRAY(row, 3);
+    REAL keep = row[5] ? decay : (REAL)1;
+    for (long long i = threadIdx.x; i < row[4]; i += blockDim.x) {
         REAL gi = g[i];
         REAL mi = m[i] + (gi - m[i]) * one_minus_b1;
         REAL vi = v[i] * b2 + gi * gi * one_minus_b2;
         m[i] = mi;
         v[i] = vi;
-        p[i] = p[i] * decay - mi / (sqrt(vi) / bias_correction2_sqrt + eps) * step_size;
+        p[i] = p[i] * keep - mi / (sqrt(vi) / bias_correction2_sqrt + eps) * step_size;
     }
 }
 """ % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715, "dims": DIMS}
@@ -360,6 +402,7 @@ extern "C" __global__ void adamw_step(REAL* p, const REAL* g, REAL* m, REAL* v, 
 ALL = "all"
 _off = set()      # kernels turned off by `disabled`: names, or ALL
 _modules = {}   # dtype name -> compiled cupy.RawModule
+_tables = {}    # the arrays' addresses, sizes and tags -> their chunk table, the newest last
 
 
 def enabled(xp, kernel=None):
@@ -522,12 +565,79 @@ def flash_attention_backward(dy, qkv, y, lse, n_head, scale):
     return dqkv
 
 
-def adamw_step(p, g, m, v, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
-    """One AdamW update of parameter p and its moments m, v, in place (all C-contiguous)."""
-    t = p.dtype
-    _kernel("adamw_step", t)(*_elementwise_grid(p.size), (
-        p, _contiguous(g), m, v, np.int64(p.size), _scalar(decay, t), _scalar(1.0 - b1, t), _scalar(b2, t),
-        _scalar(1.0 - b2, t), _scalar(bias_correction2_sqrt, t), _scalar(eps, t), _scalar(step_size, t)))
+def chunkable(*columns):
+    """Whether lists of arrays can go to a multi-array kernel: C-contiguous, all of one floating dtype."""
+    arrays = [a for column in columns for a in column]
+    return bool(arrays) and all(a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays) \
+        and arrays[0].dtype in (np.float32, np.float64)
+
+
+def scale_all(arrays, factor):
+    """a *= factor for every array, in one launch."""
+    table = _chunk_table([arrays])
+    if len(table):
+        _kernel("scale_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, _scalar(factor, arrays[0].dtype)))
+
+
+def accumulate_all(dsts, srcs, divisor, add):
+    """d = s / divisor (or, with `add`, d += s / divisor) for each pair, in one launch."""
+    table = _chunk_table([dsts, srcs])
+    if len(table):
+        _kernel("accumulate_chunks", dsts[0].dtype)((len(table),), (THREADS,), (
+            table, _scalar(divisor, dsts[0].dtype), np.int32(add)))
+
+
+def sum_of_squares_all(arrays):
+    """The sum of every element squared, over all the arrays: a float64 scalar on their device."""
+    table = _chunk_table([arrays])
+    partial = array_module(arrays[0]).zeros(max(1, len(table)), dtype=np.float64)
+    if len(table):
+        _kernel("sum_squares_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, partial))
+    return partial.sum()
+
+
+def adamw_all(params, grads, ms, vs, decays, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
+    """One AdamW update of every parameter and its moments, in place, in one launch; `decays[i]`
+    says whether params[i] gets the weight decay factor `decay`."""
+    table, t = _chunk_table([params, grads, ms, vs], tags=decays), params[0].dtype
+    if len(table):
+        _kernel("adamw_chunks", t)((len(table),), (THREADS,), (
+            table, _scalar(decay, t), _scalar(1.0 - b1, t), _scalar(b2, t), _scalar(1.0 - b2, t),
+            _scalar(bias_correction2_sqrt, t), _scalar(eps, t), _scalar(step_size, t)))
+
+
+def _chunk_table(columns, tags=None):
+    """The table a multi-array kernel reads: one row per CHUNK elements of each array of
+    `columns` (lists of arrays for chunkable(), the i-th of each list the same size), holding the
+    chunk's address in every list, its length and tags[i]: an (n_chunks, len(columns) + 2) int64
+    array on the arrays' device.
+
+    Kept for the next call with arrays at the same addresses (a training step's parameters,
+    moments and flat gradients never move), so most steps copy nothing to the device."""
+    first = columns[0]
+    tags = [0] * len(first) if tags is None else [int(tag) for tag in tags]
+    addresses = np.array([[_address(a) for a in column] for column in columns], dtype=np.int64)   # (columns, arrays)
+    sizes = np.array([a.size for a in first], dtype=np.int64)
+    xp = array_module(first[0])
+    key = (xp.__name__, CHUNK, addresses.tobytes(), sizes.tobytes(), tuple(tags))
+    if key not in _tables:
+        counts = -(-sizes // CHUNK)                                       # chunks of each array
+        array_of = np.repeat(np.arange(len(first)), counts)               # (n_chunks,)
+        start = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)) * CHUNK
+        table = np.empty((len(array_of), len(columns) + 2), dtype=np.int64)
+        itemsize = first[0].itemsize
+        table[:, :-2] = (addresses[:, array_of] + start * itemsize).T
+        table[:, -2] = np.minimum(CHUNK, sizes[array_of] - start)
+        table[:, -1] = np.asarray(tags, dtype=np.int64)[array_of]
+        if len(_tables) == MAX_TABLES:
+            del _tables[next(iter(_tables))]                              # the oldest
+        _tables[key] = xp.asarray(table)   # CuPy copies through pinned memory: no wait for the device
+    return _tables[key]
+
+
+def _address(a):
+    """Where a's first element is: a device address for CuPy, a host one for NumPy (the emulator)."""
+    return a.data.ptr if backend_name(array_module(a)) == "cupy" else a.ctypes.data
 
 
 def _contiguous(a):

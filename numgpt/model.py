@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from numgpt import checkpoint
+from numgpt import checkpoint, foreach
 from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
 from numgpt.config import GPTConfig, param_shapes
 from numgpt.errors import ConfigError
@@ -202,10 +202,10 @@ class GPT:
         else:
             grads["lm_head.weight"] = dhead
             grads["wte.weight"], grads["wpe.weight"] = embedding_backward(dx, emb_cache)
+        grads = {name: grads[name] for name in self.params}
         if loss_scale != 1.0:   # the gradients of loss_scale * loss, back to those of the loss
-            for g in grads.values():
-                g *= 1.0 / loss_scale
-        return {name: grads[name] for name in self.params}
+            foreach.scale_(list(grads.values()), 1.0 / loss_scale)
+        return grads
 
     # ---------------------------------------------------------------- generation
 

@@ -8,14 +8,14 @@
 
 import math
 
-from numgpt import kernels
+from numgpt import foreach, kernels
 from numgpt.backend import array_module, backend_name
 from numgpt.errors import ConfigError
 
 # On the CPU each parameter is updated in blocks of this many elements: the dozen elementwise
 # passes of an update then work on blocks of p, g, m, v and the scratch (256 KiB each in float32)
 # that stay in the cache, instead of streaming whole parameters through memory a dozen times
-# (GPT-2 124M on 2 cores: 285 -> 205 ms per step). On a GPU one fused kernel updates each whole
+# (GPT-2 124M on 2 cores: 285 -> 205 ms per step). On a GPU one fused kernel updates every
 # parameter (numgpt.kernels); when kernels are off, blocks there would only multiply the launches.
 CPU_BLOCK = 1 << 16
 
@@ -63,14 +63,18 @@ class AdamW:
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.step_count)
         bias_correction2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        names = list(self.params)
+        columns = [[self.params[n] for n in names], [grads[n] for n in names],
+                   [self.m[n] for n in names], [self.v[n] for n in names]]
+        if foreach.fused(*columns):
+            # on a GPU, one kernel updates every parameter; the loop below is its twin
+            kernels.adamw_all(*columns, [self.decay[n] for n in names], 1.0 - self.lr * self.weight_decay,
+                              b1, b2, bias_correction2_sqrt, self.eps, step_size)
+            return
         for name, p in self.params.items():
             xp = array_module(p)
             block = CPU_BLOCK if backend_name(xp) == "numpy" else p.size
             decay = 1.0 - self.lr * self.weight_decay if self.decay[name] and self.weight_decay else None
-            if kernels.enabled(xp):   # on a GPU, one fused kernel per parameter; the code below is its twin
-                kernels.adamw_step(p, grads[name], self.m[name], self.v[name], 1.0 if decay is None else decay,
-                                   b1, b2, bias_correction2_sqrt, self.eps, step_size)
-                continue
             flat = [a.reshape(-1) for a in (p, grads[name], self.m[name], self.v[name])]   # views
             for start in range(0, p.size, block):
                 p_, g, m, v = (a[start:start + block] for a in flat)
@@ -113,14 +117,14 @@ class AdamW:
 
 
 def clip_grad_norm(grads, max_norm):
-    """Scale all gradients in place so their global L2 norm is at most max_norm; return the norm
-    before clipping (as torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6)).
+    """Scale all gradients ({name: array}) in place so their global L2 norm is at most max_norm;
+    return the norm before clipping (as torch.nn.utils.clip_grad_norm_: coefficient
+    max_norm / (norm + 1e-6)).
 
     The squares are summed in float64 where the gradients are, and read back once: on a GPU, one
-    wait for the device per step instead of one per parameter."""
-    total = math.sqrt(float(sum((g * g).sum(dtype="float64") for g in grads.values())))
+    wait for the device per step, and one kernel launch each for the sum and the scaling."""
+    total = math.sqrt(foreach.sum_of_squares(list(grads.values())))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for g in grads.values():
-            g *= coef
+        foreach.scale_(list(grads.values()), coef)
     return total

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from numgpt import checkpoint
+from numgpt import checkpoint, foreach
 from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, get_xp, to_numpy
 from numgpt.config import GPTConfig, param_shapes
@@ -455,11 +455,9 @@ class Trainer:
             x, y = self.comm.shard(self.batcher.next_batch())
             _, loss = model.forward(x, y, return_logits=False, loss_scale=loss_scale)
             total_loss += loss / cfg.grad_accum
-            for name, g in model.backward().items():
-                if micro_step == 0:
-                    model.xp.divide(g, cfg.grad_accum, out=grads[name])
-                else:
-                    grads[name] += g / cfg.grad_accum
+            micro_grads = model.backward()
+            foreach.accumulate_(list(grads.values()), [micro_grads[name] for name in grads], cfg.grad_accum,
+                                add=micro_step > 0)
         # the loss and a Ctrl-C travel with the gradients, so all ranks agree on when to stop
         self.flat_grads[-2], self.flat_grads[-1] = total_loss, float(self.stop.requested)
         self.comm.allreduce_mean(self.flat_grads)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from numgpt import GPT, AdamW, GPTConfig, kernels
+from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
 from numgpt.layers.attention import attention_backward, attention_forward, causal_softmax, softmax_backward
@@ -122,22 +122,63 @@ def test_softmax_kernels_match_their_twin(xp, dtype, Tq, Tk):
     assert_same(fused, twin, dtype)
 
 
+SIZES = [1, 63, 64, 65, 0, 200]   # around a chunk of 64 elements: one chunk, several, a part of one, none
+
+
+def arrays_of(xp, dtype, seed, shapes=SIZES):
+    return [random(xp, (n,), dtype, seed + i) for i, n in enumerate(shapes)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw_kernel_matches_its_twin(xp, dtype):
+def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
+    """scale_, accumulate_ (set and add) and sum_of_squares over arrays of one chunk, several
+    chunks, part of one and none, as the loops do."""
+    monkeypatch.setattr(kernels, "CHUNK", 64)
     results = []
     for use_kernels in (True, False):
-        params = {"w": random(xp, (33, 70), dtype, 0), "b": random(xp, (70,), dtype, 1)}
+        with contextlib.nullcontext() if use_kernels else kernels.disabled():
+            dsts, srcs = arrays_of(xp, dtype, 0), arrays_of(xp, dtype, 10)
+            assert foreach.fused(dsts, srcs) == use_kernels
+            foreach.accumulate_(dsts, srcs, 3, add=False)
+            set_ = [d.copy() for d in dsts]
+            foreach.accumulate_(dsts, arrays_of(xp, dtype, 20), 3, add=True)
+            foreach.scale_(dsts, 0.7)
+            results.append((set_, dsts, foreach.sum_of_squares(dsts)))
+    (set_, dsts, total), (set_twin, dsts_twin, total_twin) = results
+    for a, b in zip(set_ + dsts, set_twin + dsts_twin):
+        assert_same(a, b, dtype)
+    np.testing.assert_allclose(total, total_twin, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
+    """Three AdamW steps with one kernel launch each (parameters of several chunks, decayed and
+    not) leave the parameters where the per-parameter loop does."""
+    monkeypatch.setattr(kernels, "CHUNK", 256)
+    results = []
+    for use_kernels in (True, False):
+        params = {"w": random(xp, (33, 70), dtype, 0), "b": random(xp, (70,), dtype, 1),
+                  "g": random(xp, (300,), dtype, 2)}
         opt = AdamW(params, lr=1e-2, weight_decay=0.1, exclude_from_decay=["b"])
         for step in range(3):
             grads = {name: random(xp, p.shape, dtype, 10 + step) for name, p in params.items()}
-            if use_kernels:
+            with contextlib.nullcontext() if use_kernels else kernels.disabled():
                 opt.step(grads)
-            else:
-                with kernels.disabled():
-                    opt.step(grads)
         results.append(params)
     for name in results[0]:
         assert_same(results[0][name], results[1][name], dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("mutation", [("REAL keep = row[5] ? decay : (REAL)1;", "REAL keep = decay;"),
+                                      ("i < row[4]; i += blockDim.x", "i < row[4] - 1; i += blockDim.x")])
+def test_the_adamw_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
+    """Negative controls: an AdamW kernel that decays every parameter, or skips each chunk's last
+    element, fails the comparison above."""
+    assert mutation[0] in kernels.SOURCE
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    with cuda_emulator.emulated(), pytest.raises(AssertionError):
+        test_adamw_kernel_matches_its_twin(np, "float64", monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -194,21 +235,23 @@ def test_classifier_with_the_kernel_matches_its_twin(xp, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_training_step_and_generation_with_every_kernel_match_the_twins(xp, dtype, bias):
-    """A small GPT end to end: loss, every gradient, the parameters after an AdamW step and the
-    tokens generated with a KV cache are the same with the kernels on as with them off."""
+    """A small GPT end to end: loss, every gradient (unscaled from a loss scale, then clipped),
+    the parameters after an AdamW step and the tokens generated with a KV cache are the same with
+    the kernels on as with them off."""
     config = GPTConfig(vocab_size=300, block_size=12, n_layer=2, n_head=2, n_embd=32, bias=bias)
     idx = np.random.default_rng(0).integers(0, 300, (2, 12))
     results = []
     for use_kernels in (True, False):
         with contextlib.nullcontext() if use_kernels else kernels.disabled():
             model = GPT(config, backend="cupy" if xp is not np else "numpy", dtype=dtype, seed=0)
-            _, loss = model.forward(idx[:, :-1], idx[:, 1:], return_logits=False)
+            _, loss = model.forward(idx[:, :-1], idx[:, 1:], return_logits=False, loss_scale=8.0)
             grads = {name: g.copy() for name, g in model.backward().items()}
+            norm = clip_grad_norm(grads, 0.1)
             AdamW(model.params, lr=1e-2, weight_decay=0.1).step(grads)
             tokens = model.generate(idx[:, :3], 5, top_k=1)
-        results.append((loss, grads, dict(model.params), tokens))
-    (loss, grads, params, tokens), (loss_twin, grads_twin, params_twin, tokens_twin) = results
-    np.testing.assert_allclose(loss, loss_twin, rtol=TOLERANCE[dtype])
+        results.append((loss, norm, grads, dict(model.params), tokens))
+    (loss, norm, grads, params, tokens), (loss_twin, norm_twin, grads_twin, params_twin, tokens_twin) = results
+    np.testing.assert_allclose([loss, norm], [loss_twin, norm_twin], rtol=TOLERANCE[dtype])
     for name in grads_twin:
         assert_same(grads[name], grads_twin[name], dtype)
         assert_same(params[name], params_twin[name], dtype)
