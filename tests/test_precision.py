@@ -8,6 +8,7 @@ import pytest
 
 from numgpt import GPT, AdamW, ConfigError, GPTConfig
 from numgpt.backend import cupy_available, get_xp, to_numpy
+from numgpt.layers.linear import linear_backward, linear_forward
 from numgpt.precision import DynamicLossScaler, all_finite, half_matmuls, matmul, set_tf32, using_half_matmuls
 
 CONFIG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -47,6 +48,24 @@ def test_matmul_rounds_operands_only_inside_the_block(xp):
     np.testing.assert_array_equal(to_numpy(mixed), to_numpy(expected))
     np.testing.assert_array_equal(to_numpy(into), to_numpy(expected))
     assert 1e-5 < relative_error(to_numpy(mixed), to_numpy(a @ b)) < 1e-2     # rounded, but only to float16
+
+
+def test_a_linear_layer_rounds_each_operand_once_and_keeps_it_rounded(xp):
+    """Under float16 matmuls linear_forward keeps x and w as float16 for the backward (half the
+    cache, no second cast) and gives exactly what casting at every product gives."""
+    rng = np.random.default_rng(0)
+    x, w, b, dy = (xp.asarray(rng.standard_normal(shape), dtype=np.float32) for shape in ((3, 4, 16), (16, 8), (8,), (3, 4, 8)))
+    with half_matmuls("float16"):
+        y, cache = linear_forward(x, w, b)
+        dx, dw, db = linear_backward(dy, cache)
+    assert [a.dtype for a in cache[:2]] == [np.float16, np.float16]
+    h = lambda a: a.reshape(-1, a.shape[-1]).astype(np.float16)   # (rows, C) in float16
+    product = lambda a, b: to_numpy((a @ b).astype(np.float32))
+    np.testing.assert_array_equal(to_numpy(y).reshape(12, 8), product(h(x), h(w)) + to_numpy(b))
+    np.testing.assert_array_equal(to_numpy(dx).reshape(12, 16), product(h(dy), h(w).T))
+    np.testing.assert_array_equal(to_numpy(dw), product(h(x).T, h(dy)))
+    np.testing.assert_array_equal(to_numpy(db), to_numpy(dy.reshape(12, 8).sum(axis=0)))
+    assert not np.array_equal(to_numpy(dw), to_numpy(x.reshape(12, 16).T @ dy.reshape(12, 8)))   # rounded
 
 
 def test_half_block_ends_on_an_exception():

@@ -9,7 +9,7 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 from numgpt import kernels
 from numgpt.backend import array_module, scatter_add
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
-from numgpt.precision import matmul, using_half_matmuls
+from numgpt.precision import matmul, matmul_operand, using_half_matmuls
 
 # Logits per chunk, at most: 128 MiB in float32. Measured on a 2-core CPU at V = 50257, the
 # matmuls with one chunk run at ~20 GFLOP/s for 128 rows and ~95 for 512 (BLAS needs tall
@@ -36,6 +36,7 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     if targets is None:
         return None, matmul(x, w.T), None
     N, V = x.shape[0], w.shape[0]
+    w_m = matmul_operand(w)                                       # (V,C), rounded once for every chunk's two products
     n_valid = int((targets != ignore_index).sum())
     logits = xp.empty((N, V), dtype=x.dtype) if return_logits else None
     dx = xp.empty_like(x) if requires_grad else None              # (N,C)
@@ -53,7 +54,7 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     dw_part = xp.empty_like(w) if requires_grad and n_chunks > 1 else None
     for i, start in enumerate(range(0, N, chunk)):
         rows = slice(start, min(start + chunk, N))
-        chunk_logits = matmul(x[rows], w.T, out=chunk_buf[:rows.stop - start])      # (n,V)
+        chunk_logits = matmul(x[rows], w_m.T, out=chunk_buf[:rows.stop - start])    # (n,V)
         if return_logits:
             logits[rows] = chunk_logits
         # the chunk's logits are not needed after this: the loss works in their memory
@@ -64,14 +65,15 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
             exps, sumexp, safe_targets, valid, _ = ce_cache                   # (n,V), (n,1), (n,), (n,)
             a = (row_weights(valid, n_valid) * grad_scale).astype(x.dtype)[:, None]   # (n,1)
             r = a / sumexp                                                     # (n,1)
-            dx_rows = matmul(exps, w, out=dx[rows])                            # (n,C)
+            exps_m = matmul_operand(exps)                                      # rounded once for dx and dw
+            dx_rows = matmul(exps_m, w_m, out=dx[rows])                        # (n,C)
             dx_rows *= r
             dx_rows -= w[safe_targets] * a                                     # the one-hot part
             x_scaled = x[rows] * r                                             # (n,C)
             if i == 0:
-                matmul(exps.T, x_scaled, out=dw)                               # (V,C)
+                matmul(exps_m.T, x_scaled, out=dw)                             # (V,C)
             else:
-                dw += matmul(exps.T, x_scaled, out=dw_part)
+                dw += matmul(exps_m.T, x_scaled, out=dw_part)
             scatter_add(dw, safe_targets, -(x[rows] * a))                      # targets repeat: add.at
     return loss, logits, (dx, dw) if requires_grad else None
 

@@ -1,6 +1,6 @@
 """Linear layer in GPT-2's Conv1D layout: the weight is stored (in, out), so y = x @ w + b."""
 
-from numgpt.precision import matmul
+from numgpt.precision import matmul, matmul_operand
 
 
 def linear_forward(x, w, b=None):
@@ -9,20 +9,23 @@ def linear_forward(x, w, b=None):
     Every leading axis is a row: the product is one 2-D matmul. (NumPy's (B,T,C) @ (C,C') broadcasts
     w over B and runs ~20x slower than the same product on (B*T,C), measured at the tutorial shape.)
     """
-    y = matmul(x.reshape(-1, x.shape[-1]), w)          # (N, C_out)
+    # x and w as the matmuls take them (float16 under mixed precision): the backward multiplies
+    # with both again, so they are rounded once and kept rounded
+    x2d, w = matmul_operand(x.reshape(-1, x.shape[-1])), matmul_operand(w)     # (N, C_in), (C_in, C_out)
+    y = matmul(x2d, w)                                 # (N, C_out) in x's dtype
     if b is not None:
         y += b
-    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x2d, w, x.shape, b is not None)
 
 
 def linear_backward(dy, cache):
     """dx = dy @ w^T, dw = x^T @ dy, db = sum of dy over rows.   dy (..., C_out) -> dx, dw, db|None."""
-    x, w, has_bias = cache
-    x2d = x.reshape(-1, x.shape[-1])                   # (N, C_in)
+    x2d, w, x_shape, has_bias = cache
     dy2d = dy.reshape(-1, dy.shape[-1])                # (N, C_out)
-    dx = matmul(dy2d, w.T).reshape(x.shape)            # (..., C_in)
-    dw = matmul(x2d.T, dy2d)                           # (C_in, C_out)
-    db = dy2d.sum(axis=0) if has_bias else None        # (C_out,)
+    dy_m = matmul_operand(dy2d)                        # rounded once for both products
+    dx = matmul(dy_m, w.T).reshape(x_shape)            # (..., C_in)
+    dw = matmul(x2d.T, dy_m)                           # (C_in, C_out)
+    db = dy2d.sum(axis=0) if has_bias else None        # (C_out,), from the unrounded dy
     return dx, dw, db
 
 
