@@ -190,6 +190,15 @@ __device__ __forceinline__ void load_row(REAL* r, const REAL* head, int column, 
     }
 }
 
+// row `row` of this block's head of a (B,T,C) array (y, dy: heads merged) into registers r[k] = x[part + k G]
+__device__ __forceinline__ void load_merged_row(REAL* r, const REAL* x, int row, int T, int C, int hs, int part, int G) {
+    #pragma unroll
+    for (int k = 0; k < DIMS; ++k) {
+        int d = part + k * G;
+        r[k] = row < T && d < hs ? x[((long long)blockIdx.z * T + row) * C + blockIdx.y * hs + d] : (REAL)0;
+    }
+}
+
 // the keys and values of rows [start, start + n) into tiles (n, hs) of shared memory
 __device__ __forceinline__ void load_kv_tiles(REAL* k_tile, REAL* v_tile, const REAL* head, int start, int n,
                                               int C, int hs) {
@@ -251,9 +260,10 @@ extern "C" __global__ void flash_attention_forward(const REAL* qkv, REAL* y, REA
 
 // the backward's per-pair arithmetic, with p = exp(s - lse) and ds = p (dp - D), D = dy . y per row:
 // dq_i = scale sum_j ds_ij k_j,  dk_j = sum_i ds_ij (scale q_i),  dv_j = sum_i p_ij dy_i.
-// dy (B,T,C); D, lse (B,nh,T); dqkv (B,T,3C). Grid and rows as the forward's, over queries:
-extern "C" __global__ void flash_attention_dq(const REAL* qkv, const REAL* dy, const REAL* lse, const REAL* D,
-                                              REAL* dqkv, int T, int n_head, int hs, int G, REAL scale) {
+// dy, y (B,T,C); lse, D (B,nh,T); dqkv (B,T,3C). Grid and rows as the forward's, over queries; this
+// kernel also writes D, which flash_attention_dkv (launched after it) reads:
+extern "C" __global__ void flash_attention_dq(const REAL* qkv, const REAL* dy, const REAL* y, const REAL* lse,
+                                              REAL* D, REAL* dqkv, int T, int n_head, int hs, int G, REAL scale) {
     __shared__ REAL k_tile[TILE_ELEMS], v_tile[TILE_ELEMS];
     int C = n_head * hs, rows = blockDim.x / G, part = threadIdx.x %% G;
     int i = (int)blockIdx.x * rows + (int)threadIdx.x / G;
@@ -262,15 +272,16 @@ extern "C" __global__ void flash_attention_dq(const REAL* qkv, const REAL* dy, c
     long long head_offset = (long long)blockIdx.z * T * 3 * C + blockIdx.y * hs;
     const REAL* head = qkv + head_offset;
     long long stat = ((long long)blockIdx.z * n_head + blockIdx.y) * T + min(i, T - 1);
-    REAL L = lse[stat], Di = D[stat];
-    REAL q[DIMS], g[DIMS], dq[DIMS];
+    REAL q[DIMS], g[DIMS], yr[DIMS], dq[DIMS];
     load_row(q, head, 0, i, T, C, hs, part, G, scale);
+    load_merged_row(g, dy, i, T, C, hs, part, G);
+    load_merged_row(yr, y, i, T, C, hs, part, G);
+    REAL Di = 0;
     #pragma unroll
-    for (int k = 0; k < DIMS; ++k) {   // dy's row i: dy has C columns, not 3C
-        int d = part + k * G;
-        g[k] = i < T && d < hs ? dy[((long long)blockIdx.z * T + i) * C + blockIdx.y * hs + d] : (REAL)0;
-        dq[k] = 0;
-    }
+    for (int k = 0; k < DIMS; ++k) { Di += g[k] * yr[k]; dq[k] = 0; }
+    Di = group_sum(Di, G);                              // every thread: the shuffles need all
+    if (part == 0 && i < T) D[stat] = Di;
+    REAL L = lse[stat];
     for (int start = 0; start <= last; start += tile) {
         int n = min(tile, last + 1 - start);
         load_kv_tiles(k_tile, v_tile, head, start, n, C, hs);
@@ -552,16 +563,16 @@ def flash_attention_forward(qkv, n_head, scale):
 
 def flash_attention_backward(dy, qkv, y, lse, n_head, scale):
     """dqkv (B,T,3C) of flash_attention_forward for upstream dy (B,T,C): two kernels, over the
-    queries (dq) and over the keys (dk, dv), each recomputing the probabilities it needs."""
-    dy, qkv = _contiguous(dy), _contiguous(qkv)
+    queries (dq, and D = dy . y per row) and over the keys (dk, dv), each recomputing the
+    probabilities it needs."""
+    dy, qkv, y = _contiguous(dy), _contiguous(qkv), _contiguous(y)
     B, T, C = dy.shape
     hs, xp, t = C // n_head, array_module(dy), dy.dtype
-    D = xp.ascontiguousarray((dy * y).reshape(B, T, n_head, hs).sum(axis=-1).transpose(0, 2, 1))   # (B,nh,T): dy_i . y_i
-    dqkv = _empty_like(qkv)
+    D, dqkv = xp.empty((B, n_head, T), dtype=t), _empty_like(qkv)      # D (B,nh,T): written by the dq kernel
     G, grid, block = _flash_launch(T, n_head, B, hs)
-    args = (qkv, dy, lse, D, dqkv, np.int32(T), np.int32(n_head), np.int32(hs), np.int32(G), _scalar(scale, t))
-    _kernel("flash_attention_dq", t)(grid, block, args)
-    _kernel("flash_attention_dkv", t)(grid, block, args)
+    shape = (np.int32(T), np.int32(n_head), np.int32(hs), np.int32(G), _scalar(scale, t))
+    _kernel("flash_attention_dq", t)(grid, block, (qkv, dy, y, lse, D, dqkv, *shape))
+    _kernel("flash_attention_dkv", t)(grid, block, (qkv, dy, lse, D, dqkv, *shape))
     return dqkv
 
 

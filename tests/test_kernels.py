@@ -205,6 +205,18 @@ def test_flash_attention_kernels_match_their_twin(xp, dtype, T, n_head, hs):
         assert_same(grads[name], grads_twin[name], dtype)
 
 
+@needs_compiler
+@pytest.mark.parametrize("mutation", [("Di += g[k] * yr[k];", "Di += g[k];"),
+                                      ("if (start + j > i) continue;", "if (start + j > i + 1) continue;")])
+def test_the_flash_attention_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
+    """Negative controls: a dq kernel whose D leaves out y, or a forward whose causal mask lets each
+    query see one key too many, fails the comparison above."""
+    assert mutation[0] in kernels.SOURCE
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    with cuda_emulator.emulated(), pytest.raises(AssertionError):
+        test_flash_attention_kernels_match_their_twin(np, "float64", 70, 2, 64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [1, 7, 300, 1000])
 @pytest.mark.parametrize("overwrite", [False, True])
