@@ -5,10 +5,11 @@ on the same shapes and thread count, each in its own process so peak memory is i
     python bench/bench_train.py --shape tutorial --steps 10
     python bench/bench_train.py --backend cupy --shape gpt2-124m-1k --precision fp16 --batch-size 16
 
-Reports tokens/s, milliseconds per step split into forward, backward and optimizer, achieved GFLOP/s
-against the matmul peak measured here (the roofline: sgemm on the CPU; on the GPU the peak of the
-chosen precision), peak memory (RSS on the CPU, the memory pool on the GPU), and the ratios; appends
-rows to bench/results.jsonl. On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls,
+Reports tokens/s, milliseconds per step split into forward, backward and optimizer (on a GPU,
+tokens/s and the step come from steps run back to back, the split from steps with a wait after each
+part), achieved GFLOP/s against the matmul peak measured here (the roofline: sgemm on the CPU; on
+the GPU the peak of the chosen precision), peak memory (RSS on the CPU, the memory pool on the GPU),
+and the ratios; appends rows to bench/results.jsonl. On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls,
 or autocast to float16 with a GradScaler; --torch-compile compiles its model as well.
 """
 
@@ -22,14 +23,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import append_result, median_ms, peak_rss_mib, run_child, timed  # noqa: E402
 
-SHAPES = {   # (n_layer, n_embd, n_head, block_size, batch_size), vocab 50257
-    "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32),
-    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, block_size=256, batch_size=4),
-    "gpt2-124m-1k": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, batch_size=8),   # for GPUs
+SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
+    "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
+    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, block_size=256, batch_size=4, dropout=0.1),
+    "gpt2-124m-1k": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, batch_size=8, dropout=0.0),   # GPUs
 }
 CPU_SHAPES = ("gpt2-124m", "tutorial")
 VOCAB = 50257
-DROPOUT = 0.1
 
 
 def flops_per_step(shape):
@@ -78,17 +78,24 @@ def batches(shape, steps, seed=0):
     return [(rng.integers(0, VOCAB, (B, T)), rng.integers(0, VOCAB, (B, T))) for _ in range(steps)]
 
 
-def time_steps(step_parts, shape, steps, warmup, sync):
+def time_steps(step_parts, shape, steps, warmup, sync, pipelined=False):
     """Run warmup + steps training steps; {part: [seconds of each timed step]}.
 
     step_parts(x, y) returns the step's three parts, forward, backward and optimizer, as functions
-    to be called in that order (each is timed on its own)."""
+    to be called in that order (each is timed on its own, the device synchronised around it). With
+    `pipelined` (on a GPU) `steps` more steps run back to back with one wait at the end, and
+    "step" holds their mean: the throughput when the host queues work ahead of the device, as in
+    training, which the per-part waits forbid."""
     times = {"forward": [], "backward": [], "optimizer": []}
     for i, (x, y) in enumerate(batches(shape, warmup + steps)):
         for part, fn in zip(times, step_parts(x, y)):
             _, seconds = timed(fn, sync)
             if i >= warmup:
                 times[part].append(seconds)
+    if pipelined:
+        more = batches(shape, steps, seed=1)
+        run = lambda: [fn() for x, y in more for fn in step_parts(x, y)]
+        times["step"] = [timed(run, sync)[1] / steps]
     return times
 
 
@@ -99,7 +106,7 @@ def bench_numgpt(shape, steps, warmup, backend, precision):
     xp = get_xp(backend)
     set_tf32(xp, precision == "tf32")
     config = numgpt.GPTConfig(vocab_size=VOCAB, block_size=shape["block_size"], n_layer=shape["n_layer"],
-                              n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=DROPOUT)
+                              n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=shape["dropout"])
     model = numgpt.GPT(config, backend=backend, matmul_dtype="float16" if precision == "fp16" else None)
     opt = numgpt.AdamW(model.params, lr=1e-4, weight_decay=0.01)
     scaler = DynamicLossScaler() if precision == "fp16" else None
@@ -120,7 +127,7 @@ def bench_numgpt(shape, steps, warmup, backend, precision):
                 opt.step(state["grads"])
         return forward, backward, optimizer
 
-    times = time_steps(step_parts, shape, steps, warmup, device_sync(backend))
+    times = time_steps(step_parts, shape, steps, warmup, device_sync(backend), pipelined=backend == "cupy")
     return times, (gpu_memory_mib() if backend == "cupy" else peak_rss_mib())
 
 
@@ -131,8 +138,8 @@ def bench_torch(shape, steps, warmup, threads, backend, precision, compile_model
     device = "cuda" if backend == "cupy" else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=shape["block_size"], n_embd=shape["n_embd"],
-                                     n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=DROPOUT,
-                                     embd_pdrop=DROPOUT, attn_pdrop=DROPOUT)
+                                     n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=shape["dropout"],
+                                     embd_pdrop=shape["dropout"], attn_pdrop=shape["dropout"])
     model = transformers.GPT2LMHeadModel(config).to(device).train()
     run_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -157,7 +164,7 @@ def bench_torch(shape, steps, warmup, threads, backend, precision, compile_model
         return forward, backward, optimizer
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = time_steps(step_parts, shape, steps, warmup, sync)
+    times = time_steps(step_parts, shape, steps, warmup, sync, pipelined=device == "cuda")
     return times, (torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else peak_rss_mib())
 
 
@@ -174,7 +181,7 @@ def child(args):
     else:
         times, memory = bench_torch(shape, args.steps, args.warmup, args.threads, args.backend, args.precision,
                                     args.torch_compile)
-    steps = [sum(parts) for parts in zip(*times.values())]
+    steps = times.pop("step", None) or [sum(parts) for parts in zip(*times.values())]
     result = {k + "_ms": median_ms(v) for k, v in times.items()}
     result.update(step_ms=median_ms(steps), peak_mem_mib=memory)
     print(json.dumps(result))
@@ -248,7 +255,7 @@ def main():
         ours, ref = results["numgpt"], results.get("torch")
         memory_key = "peak_rss_mib" if args.backend == "numpy" else "peak_gpu_mib"
         row = {"backend": args.backend, "device": device_name(args.backend), "bench": "train",
-               "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB, "dropout": DROPOUT},
+               "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB},
                "threads": args.threads, "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
                "forward_ms": round(ours["forward_ms"], 2), "backward_ms": round(ours["backward_ms"], 2),
                "optimizer_ms": round(ours["optimizer_ms"], 2), memory_key: round(ours["peak_mem_mib"], 1),

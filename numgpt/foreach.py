@@ -48,3 +48,10 @@ def sum_of_squares(arrays):
     if fused(arrays):
         return float(kernels.sum_of_squares_all(arrays))
     return float(sum((a * a).sum(dtype=np.float64) for a in arrays))
+
+
+def all_finite(arrays):
+    """True when no element of any array is inf or nan (a Python bool: one wait for the device)."""
+    if fused(arrays):
+        return kernels.all_finite_all(arrays)
+    return all(bool(array_module(a).isfinite(a).all()) for a in arrays)

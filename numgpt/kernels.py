@@ -12,7 +12,8 @@ compares it against (float32 and float64), on a GPU and on the CPU through a CUD
     softmax_parts                      one block per row of logits: the cross-entropy's max, exp, sum
     flash_attention_forward, _backward causal attention that never forms the (T,T) matrix
     scale_all, accumulate_all,         one launch over many arrays (every parameter or gradient),
-    sum_of_squares_all, adamw_all      each block doing one chunk of one array (PyTorch's foreach)
+    sum_of_squares_all, all_finite_all each block doing one chunk of one array (PyTorch's foreach)
+    adamw_all
 
 The source is written once with REAL for the element type and compiled with NVRTC for float and
 for double when first used. Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before
@@ -392,6 +393,14 @@ extern "C" __global__ void sum_squares_chunks(const long long* table, double* pa
     }
 }
 
+// row (a, n, tag): *found = 1 when the chunk holds an inf or a nan (threads may race to write it: all write 1)
+extern "C" __global__ void nonfinite_chunks(const long long* table, int* found) {
+    const long long* row = CHUNK_ROW(table, 1);
+    const REAL* a = CHUNK_ARRAY(row, 0);
+    for (long long i = threadIdx.x; i < row[1]; i += blockDim.x)
+        if (!isfinite(a[i])) *found = 1;
+}
+
 // row (p, g, m, v, n, decays): AdamW in place, the arithmetic of numgpt.optim.AdamW.step; a
 // parameter tagged 0 is not decayed
 extern "C" __global__ void adamw_chunks(const long long* table, REAL decay, REAL one_minus_b1, REAL b2,
@@ -605,6 +614,15 @@ def sum_of_squares_all(arrays):
     if len(table):
         _kernel("sum_squares_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, partial))
     return partial.sum()
+
+
+def all_finite_all(arrays):
+    """Whether no element of any of the arrays is inf or nan: one launch, then one wait for the answer."""
+    table = _chunk_table([arrays])
+    found = array_module(arrays[0]).zeros(1, dtype=np.int32)
+    if len(table):
+        _kernel("nonfinite_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, found))
+    return not int(found[0])
 
 
 def adamw_all(params, grads, ms, vs, decays, decay, b1, b2, bias_correction2_sqrt, eps, step_size):

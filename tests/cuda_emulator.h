@@ -145,6 +145,7 @@ inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
 #define __shfl_xor_sync(mask, value, lane_mask) emu::shfl_xor((value), (lane_mask))
 
 using std::exp;
+using std::isfinite;
 using std::log;
 using std::max;
 using std::min;

@@ -131,8 +131,8 @@ def arrays_of(xp, dtype, seed, shapes=SIZES):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
-    """scale_, accumulate_ (set and add) and sum_of_squares over arrays of one chunk, several
-    chunks, part of one and none, as the loops do."""
+    """scale_, accumulate_ (set and add), sum_of_squares and all_finite over arrays of one chunk,
+    several chunks, part of one and none, as the loops do."""
     monkeypatch.setattr(kernels, "CHUNK", 64)
     results = []
     for use_kernels in (True, False):
@@ -143,11 +143,17 @@ def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
             set_ = [d.copy() for d in dsts]
             foreach.accumulate_(dsts, arrays_of(xp, dtype, 20), 3, add=True)
             foreach.scale_(dsts, 0.7)
-            results.append((set_, dsts, foreach.sum_of_squares(dsts)))
-    (set_, dsts, total), (set_twin, dsts_twin, total_twin) = results
+            finite = [foreach.all_finite(dsts)]
+            for bad in (np.inf, np.nan):   # in the third chunk of the last array
+                dsts[-1][130] = bad
+                finite.append(foreach.all_finite(dsts))
+                dsts[-1][130] = 0.0
+            results.append((set_, dsts, foreach.sum_of_squares(dsts), finite))
+    (set_, dsts, total, finite), (set_twin, dsts_twin, total_twin, finite_twin) = results
     for a, b in zip(set_ + dsts, set_twin + dsts_twin):
         assert_same(a, b, dtype)
     np.testing.assert_allclose(total, total_twin, rtol=TOLERANCE[dtype])
+    assert finite == finite_twin == [True, False, False]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
