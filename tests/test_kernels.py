@@ -156,6 +156,28 @@ def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
     assert finite == finite_twin == [True, False, False]
 
 
+@needs_compiler
+def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
+    """Accumulating, unscaling, checking, clipping and updating the 148 parameters of a 12-layer
+    GPT-2 take one kernel launch each, not one per parameter."""
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=12, n_head=2, n_embd=16)
+    launches = []
+    with cuda_emulator.emulated():
+        emulated_kernel = kernels._kernel
+        monkeypatch.setattr(kernels, "_kernel", lambda name, dtype: launches.append(name) or emulated_kernel(name, dtype))
+        model = GPT(config, seed=0)
+        grads = {name: np.ones_like(p) for name, p in model.params.items()}
+        assert len(grads) == 148
+        opt = AdamW(model.params, lr=1e-3, weight_decay=0.1)
+        foreach.accumulate_(list(grads.values()), list(grads.values()), 2, add=True)
+        foreach.scale_(list(grads.values()), 0.5)
+        assert foreach.all_finite(list(grads.values()))
+        clip_grad_norm(grads, 1.0)
+        opt.step(grads)
+    assert launches == ["accumulate_chunks", "scale_chunks", "nonfinite_chunks", "sum_squares_chunks",
+                        "scale_chunks", "adamw_chunks"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
     """Three AdamW steps with one kernel launch each (parameters of several chunks, decayed and
