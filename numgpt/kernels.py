@@ -641,20 +641,20 @@ def _chunk_table(columns, tags=None):
     chunk's address in every list, its length and tags[i]: an (n_chunks, len(columns) + 2) int64
     array on the arrays' device.
 
-    Kept for the next call with arrays at the same addresses (a training step's parameters,
-    moments and flat gradients never move), so most steps copy nothing to the device."""
+    The table follows from the addresses, sizes, element size and tags alone, so those are its
+    key: it is kept for the next call with arrays at the same addresses (a training step's
+    parameters, moments and flat gradients never move), and most steps copy nothing to the device."""
     first = columns[0]
     tags = [0] * len(first) if tags is None else [int(tag) for tag in tags]
     addresses = np.array([[_address(a) for a in column] for column in columns], dtype=np.int64)   # (columns, arrays)
     sizes = np.array([a.size for a in first], dtype=np.int64)
-    xp = array_module(first[0])
-    key = (xp.__name__, CHUNK, addresses.tobytes(), sizes.tobytes(), tuple(tags))
+    xp, itemsize = array_module(first[0]), first[0].itemsize
+    key = (xp.__name__, CHUNK, itemsize, addresses.tobytes(), sizes.tobytes(), tuple(tags))
     if key not in _tables:
         counts = -(-sizes // CHUNK)                                       # chunks of each array
         array_of = np.repeat(np.arange(len(first)), counts)               # (n_chunks,)
         start = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)) * CHUNK
         table = np.empty((len(array_of), len(columns) + 2), dtype=np.int64)
-        itemsize = first[0].itemsize
         table[:, :-2] = (addresses[:, array_of] + start * itemsize).T
         table[:, -2] = np.minimum(CHUNK, sizes[array_of] - start)
         table[:, -1] = np.asarray(tags, dtype=np.int64)[array_of]

@@ -156,6 +156,18 @@ def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
     assert finite == finite_twin == [True, False, False]
 
 
+def test_a_chunk_table_holds_each_chunks_address_and_length_and_is_reused_only_for_the_same_arrays(monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK", 4)
+    buffer = np.zeros(10, dtype=np.float64)
+    as64, as32 = buffer, buffer.view(np.float32)[:10]   # the same address and size, another element size
+    table64, table32 = kernels._chunk_table([[as64]], tags=[1]), kernels._chunk_table([[as32]], tags=[1])
+    address = buffer.ctypes.data
+    assert table64.tolist() == [[address, 4, 1], [address + 32, 4, 1], [address + 64, 2, 1]]
+    assert table32.tolist() == [[address, 4, 1], [address + 16, 4, 1], [address + 32, 2, 1]]
+    assert kernels._chunk_table([[as64]], tags=[1]) is table64
+    assert kernels._chunk_table([[as64]], tags=[0]) is not table64
+
+
 @needs_compiler
 def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
     """Accumulating, unscaling, checking, clipping and updating the 148 parameters of a 12-layer
