@@ -85,7 +85,8 @@ def time_steps(step_parts, shape, steps, warmup, sync, pipelined=False):
     to be called in that order (each is timed on its own, the device synchronised around it). With
     `pipelined` (on a GPU) `steps` more steps run back to back with one wait at the end, and
     "step" holds their mean: the throughput when the host queues work ahead of the device, as in
-    training, which the per-part waits forbid."""
+    training, which the per-part waits forbid. (numgpt still waits inside each step: forward
+    returns the loss as a float, and an fp16 step reads the overflow check back; torch does not.)"""
     times = {"forward": [], "backward": [], "optimizer": []}
     for i, (x, y) in enumerate(batches(shape, warmup + steps)):
         for part, fn in zip(times, step_parts(x, y)):

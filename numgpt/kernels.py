@@ -422,7 +422,7 @@ extern "C" __global__ void adamw_chunks(const long long* table, REAL decay, REAL
 ALL = "all"
 _off = set()      # kernels turned off by `disabled`: names, or ALL
 _modules = {}   # dtype name -> compiled cupy.RawModule
-_tables = {}    # the arrays' addresses, sizes and tags -> their chunk table, the newest last
+_tables = {}    # the arrays' addresses, sizes, element size and tags -> their chunk table, the most recently used last
 
 
 def enabled(xp, kernel=None):
@@ -586,10 +586,15 @@ def flash_attention_backward(dy, qkv, y, lse, n_head, scale):
 
 
 def chunkable(*columns):
-    """Whether lists of arrays can go to a multi-array kernel: C-contiguous, all of one floating dtype."""
+    """Whether lists of arrays can go to a multi-array kernel: C-contiguous, all of one floating
+    dtype, the i-th array of every list the size of the first list's (the kernel reads and writes
+    as many elements of each)."""
+    first = columns[0]
     arrays = [a for column in columns for a in column]
-    return bool(arrays) and all(a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays) \
-        and arrays[0].dtype in (np.float32, np.float64)
+    return bool(arrays) and arrays[0].dtype in (np.float32, np.float64) \
+        and all(a.flags.c_contiguous and a.dtype == arrays[0].dtype for a in arrays) \
+        and all(len(column) == len(first) and all(a.size == b.size for a, b in zip(column, first))
+                for column in columns)
 
 
 def scale_all(arrays, factor):
@@ -610,9 +615,10 @@ def accumulate_all(dsts, srcs, divisor, add):
 def sum_of_squares_all(arrays):
     """The sum of every element squared, over all the arrays: a float64 scalar on their device."""
     table = _chunk_table([arrays])
-    partial = array_module(arrays[0]).zeros(max(1, len(table)), dtype=np.float64)
-    if len(table):
-        _kernel("sum_squares_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, partial))
+    if not len(table):
+        return 0.0
+    partial = array_module(arrays[0]).empty(len(table), dtype=np.float64)   # (n_chunks,)
+    _kernel("sum_squares_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, partial))
     return partial.sum()
 
 
@@ -646,11 +652,15 @@ def _chunk_table(columns, tags=None):
     parameters, moments and flat gradients never move), and most steps copy nothing to the device."""
     first = columns[0]
     tags = [0] * len(first) if tags is None else [int(tag) for tag in tags]
-    addresses = np.array([[_address(a) for a in column] for column in columns], dtype=np.int64)   # (columns, arrays)
-    sizes = np.array([a.size for a in first], dtype=np.int64)
     xp, itemsize = array_module(first[0]), first[0].itemsize
+    # where each array's first element is: a device address for CuPy, a host one for NumPy (the emulator)
+    address = (lambda a: a.data.ptr) if backend_name(xp) == "cupy" else (lambda a: a.ctypes.data)
+    addresses = np.array([[address(a) for a in column] for column in columns], dtype=np.int64)   # (columns, arrays)
+    sizes = np.array([a.size for a in first], dtype=np.int64)
     key = (xp.__name__, CHUNK, itemsize, addresses.tobytes(), sizes.tobytes(), tuple(tags))
-    if key not in _tables:
+    if key in _tables:
+        _tables[key] = _tables.pop(key)                                   # now the most recently used
+    else:
         counts = -(-sizes // CHUNK)                                       # chunks of each array
         array_of = np.repeat(np.arange(len(first)), counts)               # (n_chunks,)
         start = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)) * CHUNK
@@ -659,14 +669,9 @@ def _chunk_table(columns, tags=None):
         table[:, -2] = np.minimum(CHUNK, sizes[array_of] - start)
         table[:, -1] = np.asarray(tags, dtype=np.int64)[array_of]
         if len(_tables) == MAX_TABLES:
-            del _tables[next(iter(_tables))]                              # the oldest
+            del _tables[next(iter(_tables))]                              # the least recently used
         _tables[key] = xp.asarray(table)   # CuPy copies through pinned memory: no wait for the device
     return _tables[key]
-
-
-def _address(a):
-    """Where a's first element is: a device address for CuPy, a host one for NumPy (the emulator)."""
-    return a.data.ptr if backend_name(array_module(a)) == "cupy" else a.ctypes.data
 
 
 def _contiguous(a):

@@ -122,7 +122,8 @@ def test_softmax_kernels_match_their_twin(xp, dtype, Tq, Tk):
     assert_same(fused, twin, dtype)
 
 
-SIZES = [1, 63, 64, 65, 0, 200]   # around a chunk of 64 elements: one chunk, several, a part of one, none
+CHUNK = 1000                            # more elements than a block has threads, and not a multiple of them
+SIZES = [1, 999, 1000, 1001, 0, 2600]   # one chunk, several, a part of one, none
 
 
 def arrays_of(xp, dtype, seed, shapes=SIZES):
@@ -133,7 +134,7 @@ def arrays_of(xp, dtype, seed, shapes=SIZES):
 def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
     """scale_, accumulate_ (set and add), sum_of_squares and all_finite over arrays of one chunk,
     several chunks, part of one and none, as the loops do."""
-    monkeypatch.setattr(kernels, "CHUNK", 64)
+    monkeypatch.setattr(kernels, "CHUNK", CHUNK)
     results = []
     for use_kernels in (True, False):
         with contextlib.nullcontext() if use_kernels else kernels.disabled():
@@ -144,10 +145,10 @@ def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
             foreach.accumulate_(dsts, arrays_of(xp, dtype, 20), 3, add=True)
             foreach.scale_(dsts, 0.7)
             finite = [foreach.all_finite(dsts)]
-            for bad in (np.inf, np.nan):   # in the third chunk of the last array
-                dsts[-1][130] = bad
+            for bad in (np.inf, np.nan):   # the last element of the second chunk of the last array
+                dsts[-1][2 * CHUNK - 1] = bad
                 finite.append(foreach.all_finite(dsts))
-                dsts[-1][130] = 0.0
+                dsts[-1][2 * CHUNK - 1] = 0.0
             results.append((set_, dsts, foreach.sum_of_squares(dsts), finite))
     (set_, dsts, total, finite), (set_twin, dsts_twin, total_twin, finite_twin) = results
     for a, b in zip(set_ + dsts, set_twin + dsts_twin):
@@ -174,18 +175,19 @@ def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
     GPT-2 take one kernel launch each, not one per parameter."""
     config = GPTConfig(vocab_size=64, block_size=8, n_layer=12, n_head=2, n_embd=16)
     launches = []
-    with cuda_emulator.emulated():
-        emulated_kernel = kernels._kernel
-        monkeypatch.setattr(kernels, "_kernel", lambda name, dtype: launches.append(name) or emulated_kernel(name, dtype))
-        model = GPT(config, seed=0)
-        grads = {name: np.ones_like(p) for name, p in model.params.items()}
-        assert len(grads) == 148
-        opt = AdamW(model.params, lr=1e-3, weight_decay=0.1)
-        foreach.accumulate_(list(grads.values()), list(grads.values()), 2, add=True)
-        foreach.scale_(list(grads.values()), 0.5)
-        assert foreach.all_finite(list(grads.values()))
-        clip_grad_norm(grads, 1.0)
-        opt.step(grads)
+    # what emulated() does, with each kernel counted (monkeypatch undoes both at the end)
+    monkeypatch.setattr(kernels, "_runs_kernels", lambda xp: True)
+    monkeypatch.setattr(kernels, "_kernel", lambda name, dtype: launches.append(name)
+                        or cuda_emulator.emulated_kernel(name, dtype))
+    model = GPT(config, seed=0)
+    grads = {name: np.ones_like(p) for name, p in model.params.items()}
+    assert len(grads) == 148
+    opt = AdamW(model.params, lr=1e-3, weight_decay=0.1)
+    foreach.accumulate_(list(grads.values()), list(grads.values()), 2, add=True)
+    foreach.scale_(list(grads.values()), 0.5)
+    assert foreach.all_finite(list(grads.values()))
+    clip_grad_norm(grads, 1.0)
+    opt.step(grads)
     assert launches == ["accumulate_chunks", "scale_chunks", "nonfinite_chunks", "sum_squares_chunks",
                         "scale_chunks", "adamw_chunks"]
 
@@ -194,7 +196,7 @@ def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
 def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
     """Three AdamW steps with one kernel launch each (parameters of several chunks, decayed and
     not) leave the parameters where the per-parameter loop does."""
-    monkeypatch.setattr(kernels, "CHUNK", 256)
+    monkeypatch.setattr(kernels, "CHUNK", CHUNK)
     results = []
     for use_kernels in (True, False):
         params = {"w": random(xp, (33, 70), dtype, 0), "b": random(xp, (70,), dtype, 1),
@@ -210,15 +212,23 @@ def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
 
 
 @needs_compiler
-@pytest.mark.parametrize("mutation", [("REAL keep = row[5] ? decay : (REAL)1;", "REAL keep = decay;"),
-                                      ("i < row[4]; i += blockDim.x", "i < row[4] - 1; i += blockDim.x")])
-def test_the_adamw_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
-    """Negative controls: an AdamW kernel that decays every parameter, or skips each chunk's last
-    element, fails the comparison above."""
-    assert mutation[0] in kernels.SOURCE
+@pytest.mark.parametrize("test, mutation", [
+    ("adamw", ("REAL keep = row[5] ? decay : (REAL)1;", "REAL keep = decay;")),            # decays every parameter
+    ("adamw", ("i < row[4]; i += blockDim.x", "i < row[4] - 1; i += blockDim.x")),        # skips a chunk's last element
+    ("multi", ("for (long long i = threadIdx.x; i < row[1]; i += blockDim.x) a[i] *= factor;",
+               "for (long long i = threadIdx.x; i < row[1]; i += 2 * blockDim.x) a[i] *= factor;")),   # scales half
+    ("multi", ("        if (!isfinite(a[i])) *found = 1;", "        if (!isfinite(a[i]) && i < row[1] - 1) *found = 1;")),
+    ("multi", ("w < blockDim.x / 32; ++w", "w < 2; ++w")),                                # sums two warps of eight
+    ("multi", ("warp_totals[threadIdx.x / 32] = total;\n    __syncthreads();",                  # no barrier before
+               "warp_totals[threadIdx.x / 32] = total;")),                                    # thread 0 adds them up
+])
+def test_the_multi_array_comparisons_catch_a_wrong_kernel(monkeypatch, test, mutation):
+    """Negative controls: each wrong multi-array kernel fails the comparison above that runs it."""
+    assert kernels.SOURCE.count(mutation[0]) == 1
     monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    compare = {"adamw": test_adamw_kernel_matches_its_twin, "multi": test_multi_array_kernels_match_their_twins}[test]
     with cuda_emulator.emulated(), pytest.raises(AssertionError):
-        test_adamw_kernel_matches_its_twin(np, "float64", monkeypatch)
+        compare(np, "float64", monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -252,7 +262,7 @@ def test_the_flash_attention_comparison_catches_a_wrong_kernel(monkeypatch, muta
     """Negative controls: a dq kernel whose D leaves out y, or a forward whose causal mask lets each
     query see one key too many, fails the comparison above."""
     assert mutation[0] in kernels.SOURCE
-    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation, 1))   # the first: the forward's mask
     with cuda_emulator.emulated(), pytest.raises(AssertionError):
         test_flash_attention_kernels_match_their_twin(np, "float64", 70, 2, 64)
 
