@@ -3,7 +3,7 @@
 A training step's bookkeeping touches every parameter-shaped array: gradients are accumulated,
 unscaled, measured and clipped. GPT-2 124M has 148 parameters, so on a GPU a loop over them costs
 148 kernel launches per operation, most of them on tiny arrays (a bias is 768 numbers), each a
-few microseconds of Python and driver work. With kernels on, each function here is one launch
+few microseconds of Python and driver work. With kernels on, each function here is one kernel
 over a table of chunks of all the arrays (numgpt.kernels); the loops below are those kernels'
 twins, and what runs on the CPU.
 """
@@ -16,7 +16,8 @@ from numgpt.backend import array_module
 
 def fused(*columns):
     """Whether these lists of arrays go through one multi-array kernel rather than a loop: on a
-    GPU with kernels on, when the arrays are C-contiguous and of one floating dtype."""
+    GPU with kernels on, when kernels.chunkable says the arrays fit one (C-contiguous, one
+    floating dtype, the same sizes in every list)."""
     return bool(columns[0]) and kernels.enabled(array_module(columns[0][0])) and kernels.chunkable(*columns)
 
 
