@@ -599,46 +599,46 @@ def chunkable(*columns):
 
 def scale_all(arrays, factor):
     """a *= factor for every array, in one launch."""
-    table = _chunk_table([arrays])
-    if len(table):
-        _kernel("scale_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, _scalar(factor, arrays[0].dtype)))
+    _launch_over_chunks("scale_chunks", [arrays], _scalar(factor, arrays[0].dtype))
 
 
 def accumulate_all(dsts, srcs, divisor, add):
     """d = s / divisor (or, with `add`, d += s / divisor) for each pair, in one launch."""
-    table = _chunk_table([dsts, srcs])
-    if len(table):
-        _kernel("accumulate_chunks", dsts[0].dtype)((len(table),), (THREADS,), (
-            table, _scalar(divisor, dsts[0].dtype), np.int32(add)))
+    _launch_over_chunks("accumulate_chunks", [dsts, srcs], _scalar(divisor, dsts[0].dtype), np.int32(add))
 
 
 def sum_of_squares_all(arrays):
     """The sum of every element squared, over all the arrays: a float64 scalar on their device."""
-    table = _chunk_table([arrays])
-    if not len(table):
+    n_chunks = sum(-(-a.size // CHUNK) for a in arrays)
+    if not n_chunks:
         return 0.0
-    partial = array_module(arrays[0]).empty(len(table), dtype=np.float64)   # (n_chunks,)
-    _kernel("sum_squares_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, partial))
+    partial = array_module(arrays[0]).empty(n_chunks, dtype=np.float64)   # one sum per chunk
+    _launch_over_chunks("sum_squares_chunks", [arrays], partial)
     return partial.sum()
 
 
 def all_finite_all(arrays):
     """Whether no element of any of the arrays is inf or nan: one launch, then one wait for the answer."""
-    table = _chunk_table([arrays])
     found = array_module(arrays[0]).zeros(1, dtype=np.int32)
-    if len(table):
-        _kernel("nonfinite_chunks", arrays[0].dtype)((len(table),), (THREADS,), (table, found))
+    _launch_over_chunks("nonfinite_chunks", [arrays], found)
     return not int(found[0])
 
 
 def adamw_all(params, grads, ms, vs, decays, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
     """One AdamW update of every parameter and its moments, in place, in one launch; `decays[i]`
     says whether params[i] gets the weight decay factor `decay`."""
-    table, t = _chunk_table([params, grads, ms, vs], tags=decays), params[0].dtype
+    t = params[0].dtype
+    _launch_over_chunks("adamw_chunks", [params, grads, ms, vs], _scalar(decay, t), _scalar(1.0 - b1, t),
+                        _scalar(b2, t), _scalar(1.0 - b2, t), _scalar(bias_correction2_sqrt, t), _scalar(eps, t),
+                        _scalar(step_size, t), tags=decays)
+
+
+def _launch_over_chunks(name, columns, *args, tags=None):
+    """Run multi-array kernel `name` with one block of THREADS per chunk of `columns` (see
+    _chunk_table) and arguments (table, *args); nothing when the arrays are empty."""
+    table = _chunk_table(columns, tags)
     if len(table):
-        _kernel("adamw_chunks", t)((len(table),), (THREADS,), (
-            table, _scalar(decay, t), _scalar(1.0 - b1, t), _scalar(b2, t), _scalar(1.0 - b2, t),
-            _scalar(bias_correction2_sqrt, t), _scalar(eps, t), _scalar(step_size, t)))
+        _kernel(name, columns[0][0].dtype)((len(table),), (THREADS,), (table, *args))
 
 
 def _chunk_table(columns, tags=None):

@@ -50,7 +50,7 @@ def matmul_operand(a):
 
     A layer that multiplies with an operand twice (a weight in its forward and its backward, an
     input in its forward and its weight gradient) rounds it once with this and keeps the result:
-    one cast instead of two, and a cache of half the size."""
+    one cast instead of two, and float16 kept where float32 was."""
     if _matmul_dtype is None:
         return a
     with np.errstate(over="ignore"):   # beyond 65504 is inf: expected, the loss scaler handles it

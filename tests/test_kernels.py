@@ -2,7 +2,7 @@
 
 Each comparison runs on two devices: a GPU through CuPy (skipped without one), and the CPU
 through tests/cuda_emulator.py, which compiles the same CUDA source with g++ and runs each CUDA
-thread as a C++ thread (skipped without a C++ compiler). The emulator checks the kernels' logic
+thread as a fiber (skipped without a C++ compiler). The emulator checks the kernels' logic
 on every CI run; only the GPU shows their speed and the device's own rounding. The compile check
 needs only NVRTC (from a CuPy install), so source errors that g++ would accept show up without a
 GPU too. The gradient checks of tests/test_layers.py and tests/test_model.py run on CuPy with the
@@ -126,8 +126,8 @@ CHUNK = 1000                            # more elements than a block has threads
 SIZES = [1, 999, 1000, 1001, 0, 2600]   # one chunk, several, a part of one, none
 
 
-def arrays_of(xp, dtype, seed, shapes=SIZES):
-    return [random(xp, (n,), dtype, seed + i) for i, n in enumerate(shapes)]
+def arrays_of(xp, dtype, seed):
+    return [random(xp, (n,), dtype, seed + i) for i, n in enumerate(SIZES)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
