@@ -18,6 +18,7 @@ collective is a no-op there, so the training loop has one code path for 1 and fo
 
 import contextlib
 import sys
+import time
 
 import numpy as np
 
@@ -25,6 +26,11 @@ from numgpt.backend import array_module, get_xp
 from numgpt.errors import ConfigError
 
 INSTALL_HINT = 'pip install "numgpt[mpi]"'
+# How long a failing rank waits between writing its message and aborting the job. mpiexec's
+# per-machine proxy forwards each rank's stderr through a pipe, and on an abort it kills the ranks
+# and exits without draining that pipe: a message flushed just before MPI_Abort is sometimes lost
+# (it was, once, in CI). A pause this long lets the proxy pass it on; the job is ending anyway.
+ABORT_GRACE_S = 1.0
 
 
 class Communicator:
@@ -87,6 +93,7 @@ class MPICommunicator(Communicator):
         if self.size == 1:
             return super().fail(message, code)
         print(f"rank {self.rank}: {message.strip()}", file=sys.stderr, flush=True)
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)   # never returns: mpiexec ends every rank and exits with `code`
 
 
