@@ -1,13 +1,20 @@
 """The heads' causal attention on a GPU, forward + backward: numgpt's flash kernels (no (T,T)
 matrix), numgpt's matrix path (cuBLAS matmuls around the fused softmax kernels), and PyTorch's
-scaled_dot_product_attention in float32 when torch is installed. Same qkv, same gradients.
+scaled_dot_product_attention when torch is installed. Same qkv, same gradients.
 
     python bench/bench_attention.py                          # GPT-2 124M's heads: B=8, T=1024, 12 x 64
+    python bench/bench_attention.py --precision fp16         # as --precision fp16 trains
     python bench/bench_attention.py --batch-size 16 --block-size 2048
 
+fp32: everything in float32 (torch picks its memory-efficient SDPA kernel). fp16: numgpt inside
+half_matmuls, as training with --precision fp16 runs it, where "flash" is the tensor-core kernels
+and "flash fma" the float32 FMA kernels they replace; torch gets float16 q, k, v (what its
+autocast hands attention) and picks FlashAttention-2.
+
 The flash kernels are on by default wherever CuPy runs (`kernels.disabled("flash_attention")`
-turns them off); this is the measurement that says whether they should be. Memory is what each
-path held beyond its inputs (CuPy's pool, torch's allocator), so the (B,nh,T,T) arrays show.
+turns them off, `kernels.disabled("tensor_core_attention")` the fp16 ones); this is the
+measurement that says whether they should be. Memory is what each path held beyond its inputs
+(CuPy's pool, torch's allocator), so the (B,nh,T,T) arrays show.
 """
 
 import argparse
@@ -23,6 +30,7 @@ from bench.common import append_result, median_ms, timed  # noqa: E402
 from numgpt import kernels  # noqa: E402
 from numgpt.backend import cupy_available, get_xp  # noqa: E402
 from numgpt.layers.attention import causal_attention_backward, causal_attention_forward  # noqa: E402
+from numgpt.precision import half_matmuls  # noqa: E402
 
 
 def measure(step, sync, repeats):
@@ -39,12 +47,13 @@ def numgpt_step(qkv, dy, n_head):
     return step
 
 
-def torch_step(qkv, dy, n_head):
+def torch_step(qkv, dy, n_head, dtype):
     import torch
     import torch.nn.functional as F
     B, T, C3 = qkv.shape
-    qkv_t = torch.as_tensor(qkv, device="cuda").requires_grad_()   # shares CuPy's memory (DLPack)
-    dy_t = torch.as_tensor(dy, device="cuda")
+    dtype = getattr(torch, dtype)
+    qkv_t = torch.as_tensor(qkv, device="cuda").to(dtype).requires_grad_()   # shares CuPy's memory in float32
+    dy_t = torch.as_tensor(dy, device="cuda").to(dtype)
 
     def step():
         q, k, v = (part.reshape(B, T, n_head, -1).transpose(1, 2) for part in qkv_t.split(C3 // 3, dim=-1))
@@ -60,6 +69,7 @@ def main():
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args()
@@ -74,26 +84,31 @@ def main():
     # a causal attention's matmul FLOPs, forward and backward: 4 T^2 hs per head for q k^T and p v
     # forward, twice that backward, halved by the mask (what a kernel that skips masked tiles does)
     flops = 3 * 4 * B * nh * T * T * hs / 2
+    half = args.precision == "fp16"
+    turned_off = {"flash": (), "flash fma": ("tensor_core_attention",), "matrix": ("flash_attention",)}
     rows = {}
-    for name in ("flash", "matrix", "torch sdpa"):
+    for name in ("flash", "flash fma", "matrix", "torch sdpa"):
+        if name == "flash fma" and not half:
+            continue   # in fp32 "flash" is the FMA kernels
         if name == "torch sdpa":
             try:
                 import torch
             except ImportError:
                 continue
             torch.cuda.reset_peak_memory_stats()
-            ms = measure(torch_step(qkv, dy, nh), sync, args.repeats)
+            ms = measure(torch_step(qkv, dy, nh, "float16" if half else "float32"), sync, args.repeats)
             mib = torch.cuda.max_memory_allocated() / 2**20
         else:
             pool.free_all_blocks()
             inputs = pool.total_bytes()
-            with kernels.disabled("flash_attention") if name == "matrix" else contextlib.nullcontext():
+            with kernels.disabled(*turned_off[name]) if turned_off[name] else contextlib.nullcontext(), \
+                    half_matmuls("float16" if half else None):
                 ms = measure(numgpt_step(qkv, dy, nh), sync, args.repeats)
             mib = (pool.total_bytes() - inputs) / 2**20
         rows[name] = {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 2), "memory_mib": round(mib)}
         print(f"{name:>11}: {ms:8.2f} ms  {flops / ms / 1e9:6.1f} TFLOP/s (causal FLOPs)  {mib:7.0f} MiB")
     if not args.no_save:
-        append_result({"bench": "attention", "device": device_name("cupy"), "precision": "fp32",
+        append_result({"bench": "attention", "device": device_name("cupy"), "precision": args.precision,
                        "shape": {"batch_size": B, "block_size": T, "n_head": nh, "head_size": hs},
                        "results": rows})
 

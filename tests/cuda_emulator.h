@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -55,6 +56,48 @@ template <class T> T shfl_xor(T value, int lane_mask) {
     T result = *reinterpret_cast<T*>(&warp_slots[partner]);
     wait(AT_WARP_BARRIER);
     return result;
+}
+
+// float16 bits <-> float, rounding to nearest even (as cvt.rn.f16x2.f32): g++'s _Float16
+inline unsigned pack_half2(float lo, float hi) {   // lo in the low 16 bits
+    _Float16 halves[2] = {(_Float16)lo, (_Float16)hi};
+    unsigned bits;
+    std::memcpy(&bits, halves, sizeof bits);
+    return bits;
+}
+
+inline float half_at(unsigned bits, int which) {   // the low (0) or high (1) half of a register
+    unsigned short half = bits >> (16 * which);
+    _Float16 h;
+    std::memcpy(&h, &half, sizeof h);
+    return h;
+}
+
+// mma.sync.m16n8k16 with float16 A, B and float32 C, D: every lane of the warp posts its fragments;
+// when all 32 have, each computes its four elements of D = A B + C from them. Which lane holds which
+// element is PTX's layout (see the kernels' comment); the products of two float16 are exact in float,
+// and the sum runs over k in order (a tensor core may add in another order).
+inline unsigned mma_a_slots[1024][4], mma_b_slots[1024][2];
+
+inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
+    int me = current, first = me & ~31, g = (me & 31) / 4, t = me % 4;
+    std::memcpy(mma_a_slots[me], a, sizeof mma_a_slots[me]);
+    std::memcpy(mma_b_slots[me], b, sizeof mma_b_slots[me]);
+    wait(AT_WARP_BARRIER);
+    auto A = [&](int row, int k) {   // lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8)
+        return half_at(mma_a_slots[first + 4 * (row % 8) + k % 8 / 2][row / 8 + 2 * (k / 8)], k % 2);
+    };
+    auto B = [&](int k, int col) {   // lane 4 col + (k % 8) / 2, register k / 8
+        return half_at(mma_b_slots[first + 4 * col + k % 8 / 2][k / 8], k % 2);
+    };
+    float d[4];
+    for (int i = 0; i < 4; ++i) {
+        int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        d[i] = c[i];
+        for (int k = 0; k < 16; ++k) d[i] += A(row, k) * B(k, col);
+    }
+    wait(AT_WARP_BARRIER);   // every lane has read the slots before any posts new fragments
+    std::memcpy(c, d, sizeof d);
 }
 
 inline void run_fiber() {

@@ -45,6 +45,14 @@ def signatures(source):
     return result
 
 
+def preprocessed(source):
+    """`source` after the C preprocessor: kernels that a macro defines appear with their names."""
+    result = subprocess.run([compiler(), "-E", "-P", "-x", "c++", "-"], input=source, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the kernels do not preprocess:\n{result.stderr}")
+    return result.stdout
+
+
 def launcher(name, params):
     """C++ for `emu_<name>(grid, block, params...)`, which runs kernel `name` over that grid."""
     declared = ", ".join(f"{ctype} {pname}" for ctype, pname in params)
@@ -57,10 +65,10 @@ def launcher(name, params):
 class EmulatedKernel:
     """Called as a cupy.RawKernel is: kernel(grid, block, args)."""
 
-    def __init__(self, function, real, params):
-        # each parameter as (its C type with REAL spelled out and const dropped, its name)
+    def __init__(self, function, params):
+        # each parameter as (its C type, preprocessed and with const dropped, its name)
         self.function = function
-        self.params = [(ctype.replace("const ", "").replace("REAL", real).strip(), pname) for ctype, pname in params]
+        self.params = [(ctype.replace("const ", "").strip(), pname) for ctype, pname in params]
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_uint] * 6 + [
             ctypes.c_void_p if ctype.endswith("*") else SCALARS[ctype][0] for ctype, _ in self.params]
@@ -84,17 +92,17 @@ class EmulatedKernel:
             raise RuntimeError("the kernel deadlocked or asked for too many threads (the emulator's message is on stderr)")
 
 
-_libraries = {}   # sha256 of the C++ -> (ctypes library, signatures)
+_libraries = {}   # sha256 of the CUDA source, the header and this file -> (ctypes library, signatures)
 
 
 def build(source):
     """The kernels of CUDA `source` compiled into a shared library -> (library, signatures).
 
     Compiled once per source text (a few seconds), kept in the temp directory across runs."""
-    params = signatures(source)
-    code = '#include "%s"\n%s\n%s' % (HEADER, source, "".join(launcher(n, p) for n, p in params.items()))
-    digest = hashlib.sha256((code + open(HEADER).read()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((source + open(HEADER).read() + open(__file__).read()).encode()).hexdigest()[:16]
     if digest not in _libraries:
+        params = signatures(preprocessed(source))
+        code = '#include "%s"\n%s\n%s' % (HEADER, source, "".join(launcher(n, p) for n, p in params.items()))
         directory = os.path.join(tempfile.gettempdir(), "numgpt-cuda-emulator")
         os.makedirs(directory, exist_ok=True)
         library = os.path.join(directory, f"kernels-{digest}.so")
@@ -115,14 +123,13 @@ def build(source):
 
 def emulated_kernel(name, dtype):
     """What numgpt.kernels._kernel returns on a GPU, here a function of the emulator's library."""
-    return kernel_from(kernels.source(dtype), name, dtype)
+    return kernel_from(kernels.source(dtype), name)
 
 
-def kernel_from(source, name, dtype):
-    """Kernel `name` of CUDA `source` (written with REAL for the element type of `dtype`)."""
+def kernel_from(source, name):
+    """Kernel `name` of CUDA `source` (kernels.source(dtype), perhaps with more kernels after it)."""
     library, params = build(source)
-    real = {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
-    return EmulatedKernel(getattr(library, f"emu_{name}"), real, params[name])
+    return EmulatedKernel(getattr(library, f"emu_{name}"), params[name])
 
 
 @contextlib.contextmanager

@@ -18,10 +18,12 @@ import cuda_emulator
 from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
-from numgpt.layers.attention import attention_backward, attention_forward, causal_softmax, softmax_backward
+from numgpt.layers.attention import (attention_backward, attention_forward, causal_attention_backward,
+                                    causal_attention_forward, causal_softmax, softmax_backward)
 from numgpt.layers.classifier import classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
+from numgpt.precision import half_matmuls
 
 DTYPES = ["float32", "float64"]
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
@@ -267,6 +269,121 @@ def test_the_flash_attention_comparison_catches_a_wrong_kernel(monkeypatch, muta
         test_flash_attention_kernels_match_their_twin(np, "float64", 70, 2, 64)
 
 
+MMA_LAYOUTS = r"""
+// c (16,8) = a (16,16) . bt^T, with bt's rows read through b_from_rows; d (16,8) = [c | a . b] . b,
+// with b (16,8) read through b_from_columns and the accumulators [c | a . b] through a_from_accumulators
+extern "C" __global__ void mma_layouts(const float* a, const float* bt, const float* b, float* c, float* d) {
+    __shared__ unsigned rows[MMA_TILE][MMA_LD(16)], columns[MMA_TILE][MMA_LD(8)];
+    unsigned af[1][4], bf[2], pf[4];
+    load_a_fragments<16>(af, a, 16, 0, 16, 1.0f);
+    load_half_tile<16>(rows, bt, 16, 0, 8, 1.0f);
+    load_half_tile<8>(columns, b, 8, 0, 16, 1.0f);
+    __syncthreads();
+    float acc[2][4] = {}, out[1][4] = {};
+    b_from_rows<16>(bf, rows, 0, 0);
+    mma_16x8x16(acc[0], af[0], bf);
+    b_from_columns<8>(bf, columns, 0, 0);
+    mma_16x8x16(acc[1], af[0], bf);
+    store_accumulators<8>(c, 8, acc, 0, 16, 1.0f, 1.0f);
+    a_from_accumulators(pf, acc[0], acc[1]);
+    mma_16x8x16(out[0], pf, bf);
+    store_accumulators<8>(d, 8, out, 0, 16, 1.0f, 1.0f);
+}"""
+
+
+def test_mma_fragment_layouts(xp):
+    """One warp's mma.sync through the tensor-core attention's fragment helpers equals NumPy's
+    products of the float16-rounded matrices: on a GPU this checks the helpers against the
+    hardware's layout (PTX's table), under the emulator against the emulator's reading of it."""
+    source = kernels.source("float32") + MMA_LAYOUTS
+    if xp is np:
+        kernel = cuda_emulator.kernel_from(source, "mma_layouts")
+    else:
+        import cupy
+        if not kernels.tensor_core_attention_supports(xp, 16):
+            pytest.skip("mma.sync needs compute capability 8.0")
+        kernel = cupy.RawModule(code=source).get_function("mma_layouts")
+    rng = np.random.default_rng(0)
+    a, bt, b = (rng.standard_normal(shape).astype(np.float32) for shape in [(16, 16), (8, 16), (16, 8)])
+    c, d = xp.zeros((16, 8), dtype=np.float32), xp.zeros((16, 8), dtype=np.float32)
+    kernel((1,), (32,), tuple(xp.asarray(m) for m in (a, bt, b)) + (c, d))
+    a16, bt16, b16 = (m.astype(np.float16).astype(np.float64) for m in (a, bt, b))
+    c_ref = a16 @ bt16.T
+    d_ref = np.concatenate([c_ref, a16 @ b16], axis=1).astype(np.float16).astype(np.float64) @ b16
+    np.testing.assert_allclose(to_numpy(c), c_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(d), d_ref, rtol=1e-4, atol=1e-4)
+
+
+def relative_error(a, b):
+    """|a - b| / |b| over whole arrays (Frobenius norms)."""
+    return float(np.linalg.norm(to_numpy(a) - to_numpy(b)) / np.linalg.norm(to_numpy(b)))
+
+
+@pytest.mark.parametrize("T, n_head, hs", [(1, 1, 16), (5, 2, 16), (70, 2, 32), (130, 1, 64)])
+def test_tensor_core_attention_is_as_close_to_float64_as_float16_matmuls_are(xp, T, n_head, hs):
+    """Under fp16 matmuls the attention kernels run on tensor cores with float16 operands. Their
+    output and gradient stay within float16's rounding of the float64 result (measured: at most
+    5e-4 relative, less than the twin's float16 matmuls err, which also round the scores); one
+    query block or three, one key tile or three."""
+    C = n_head * hs
+    qkv, dy = random(np, (2, T, 3 * C), "float32", 0), random(np, (2, T, C), "float32", 1)
+    with kernels.disabled():
+        y64, cache64 = causal_attention_forward(qkv.astype(np.float64), n_head)
+        dqkv64 = causal_attention_backward(dy.astype(np.float64), cache64)
+    with half_matmuls("float16"):
+        y, cache = causal_attention_forward(xp.asarray(qkv), n_head)
+        assert cache[0] == "flash" and cache[-1] is True      # the tensor-core kernels ran
+        dqkv = causal_attention_backward(xp.asarray(dy), cache)
+    assert y.dtype == dqkv.dtype == np.float32
+    assert relative_error(y, y64) < 1e-3
+    assert relative_error(dqkv, dqkv64) < 1e-3
+
+
+@needs_compiler
+@pytest.mark.parametrize("mutation", [
+    ("if (key > row || key >= T) s[n][i] = -1e30f;", "if (key > row + 1 || key >= T) s[n][i] = -1e30f;"),
+    ("acc[n][2 * r] *= rescale; acc[n][2 * r + 1] *= rescale;", ""),              # forgets the online rescale
+    ("b[0] = tile[n0 + g][k0 / 2 + t];", "b[0] = tile[n0 + t][k0 / 2 + g];"),     # B's lanes transposed
+    ("a[1] = pack_half2(left[2], left[3]);\n    a[2] = pack_half2(right[0], right[1]);",
+     "a[2] = pack_half2(left[2], left[3]);\n    a[1] = pack_half2(right[0], right[1]);"),   # P's A fragment
+    ("exp(s[n][i] - L[i / 2]) * (dp[n][i] - Dr[i / 2])", "exp(s[n][i] - L[i / 2]) * dp[n][i]"),   # dq without D
+    ("bool masked = start + query < key ||", "bool masked = start + query < key - 1 ||"),   # dk, dv see one more
+])
+def test_the_tensor_core_attention_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
+    """Negative controls: each wrong tensor-core kernel fails the comparison above (the fragment
+    layouts' too: the emulator computes what PTX's layout says, not what the helpers assume)."""
+    assert kernels.SOURCE.count(mutation[0]) == 1
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    with cuda_emulator.emulated(), pytest.raises(AssertionError):
+        test_tensor_core_attention_is_as_close_to_float64_as_float16_matmuls_are(np, 130, 1, 64)
+
+
+def test_a_float16_step_with_every_kernel_stays_as_close_to_float32_as_the_twins(xp, monkeypatch):
+    """A small GPT under fp16 matmuls and a loss scale, with every kernel on (attention on tensor
+    cores): loss and gradients as close to float32's as the twins' float16 step is (measured:
+    every gradient within 0.07% of float32's, both ways)."""
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    idx = np.random.default_rng(0).integers(0, 64, (4, 17))
+    backend = "cupy" if xp is not np else "numpy"
+    tensor_cores = []
+    forward = kernels.flash_attention_forward
+    monkeypatch.setattr(kernels, "flash_attention_forward",
+                        lambda *args: tensor_cores.append(args[-1]) or forward(*args))
+    results = {}
+    for name, matmul_dtype, context in [("float32", None, kernels.disabled()),
+                                        ("twins", "float16", kernels.disabled()),
+                                        ("kernels", "float16", contextlib.nullcontext())]:
+        with context:
+            model = GPT(config, backend=backend, seed=3, matmul_dtype=matmul_dtype)
+            _, loss = model.forward(idx[:, :-1], idx[:, 1:], return_logits=False, loss_scale=2.0 ** 12)
+            results[name] = loss, {name: to_numpy(g) for name, g in model.backward().items()}
+    assert tensor_cores == [True, True]   # both layers' attention, in the kernels' step only
+    (ref_loss, ref), (twin_loss, twin), (loss, grads) = results["float32"], results["twins"], results["kernels"]
+    assert loss == pytest.approx(ref_loss, rel=1e-3) and twin_loss == pytest.approx(ref_loss, rel=1e-3)
+    for name in ref:
+        assert relative_error(grads[name], ref[name]) < 2 * max(relative_error(twin[name], ref[name]), 1e-3), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [1, 7, 300, 1000])
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -357,7 +474,7 @@ extern "C" __global__ void half_sync(REAL* x) {
     if (threadIdx.x < 16) __syncthreads();
     else x[threadIdx.x] = __shfl_xor_sync(0xffffffff, x[threadIdx.x], 1);
 }"""
-    kernel = cuda_emulator.kernel_from(source, "half_sync", "float32")
+    kernel = cuda_emulator.kernel_from(source, "half_sync")
     with pytest.raises(RuntimeError, match="deadlocked"):
         kernel((1,), (32,), (np.zeros(32, dtype=np.float32),))
 
@@ -374,7 +491,7 @@ extern "C" __global__ void rotate(const REAL* x, REAL* y) {
     BARRIER
     y[threadIdx.x] = slots[(threadIdx.x + 1) % 64];
 }""".replace("BARRIER", barrier)
-    kernel = cuda_emulator.kernel_from(source, "rotate", "float32")
+    kernel = cuda_emulator.kernel_from(source, "rotate")
     for seed in range(2):
         x, y = random(np, (64,), "float32", seed), np.zeros(64, dtype=np.float32)
         kernel((1,), (64,), (x, y))

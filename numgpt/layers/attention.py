@@ -11,6 +11,7 @@ c_proj.bias (C,); the biases are absent in a bias-free model.
 On a GPU the middle two lines are one kernel that never forms the (B,nh,T,T) matrix: it walks
 the keys a tile at a time keeping each row's running max and sum of exps (FlashAttention, Dao et
 al. 2022), and the backward recomputes the probabilities from q, k and each row's log-sum-exp.
+Under fp16 matmuls its products run on tensor cores (FlashAttention-2's layout of the work).
 The matrix code here is its twin, and serves dropout, generation and the attention maps.
 
 Generation adds one token at a time, and the keys and values of the earlier positions do not
@@ -24,7 +25,7 @@ from numgpt import kernels
 from numgpt.backend import array_module
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.linear import linear_backward, linear_forward, named_grads
-from numgpt.precision import matmul
+from numgpt.precision import matmul, using_half_matmuls
 
 
 def split_heads(x, n_head):
@@ -115,8 +116,9 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
 
     On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
     probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin. The kernel
-    multiplies in the arrays' dtype, float32 under fp16 matmuls too (as torch's fused attention
-    keeps its softmax in float32).
+    multiplies in the arrays' dtype; under fp16 matmuls, on a GPU with tensor cores, its products
+    take float16 operands (q k v, the probabilities, dy) as the twin's matmuls do, while the
+    softmax stays float32 (as in torch's fused attention, FlashAttention-2).
     """
     xp = array_module(qkv)
     C = qkv.shape[-1] // 3
@@ -124,8 +126,10 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     scale = 1.0 / math.sqrt(hs)
     fused = kernels.enabled(xp, "flash_attention") and kernels.flash_attention_supports(hs)
     if fused and kv_cache is None and (rng is None or dropout == 0):
-        y, lse = kernels.flash_attention_forward(qkv, n_head, scale)
-        return y, ("flash", qkv, y, lse, n_head, scale)
+        tensor_cores = (using_half_matmuls() and qkv.dtype == xp.float32 and kernels.enabled(xp, "tensor_core_attention")
+                        and kernels.tensor_core_attention_supports(xp, hs))
+        y, lse = kernels.flash_attention_forward(qkv, n_head, scale, tensor_cores)
+        return y, ("flash", qkv, y, lse, n_head, scale, tensor_cores)
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
@@ -160,8 +164,8 @@ def attention_backward(dout, cache):
 def causal_attention_backward(dy, cache):
     """Gradient of causal_attention_forward.   dy (B,T,C) -> dqkv (B,T,3C)."""
     if cache[0] == "flash":
-        _, qkv, y, lse, n_head, scale = cache
-        return kernels.flash_attention_backward(dy, qkv, y, lse, n_head, scale)
+        _, qkv, y, lse, n_head, scale, tensor_cores = cache
+        return kernels.flash_attention_backward(dy, qkv, y, lse, n_head, scale, tensor_cores)
     _, q, k, v, att, att_drop, att_drop_cache, n_head, scale = cache
     xp = array_module(dy)
     dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
