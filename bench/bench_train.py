@@ -85,8 +85,8 @@ def time_steps(step_parts, shape, steps, warmup, sync, pipelined=False):
     to be called in that order (each is timed on its own, the device synchronised around it). With
     `pipelined` (on a GPU) `steps` more steps run back to back with one wait at the end, and
     "step" holds their mean: the throughput when the host queues work ahead of the device, as in
-    training, which the per-part waits forbid. (numgpt still waits inside each step: forward
-    returns the loss as a float, and an fp16 step reads the overflow check back; torch does not.)"""
+    training, which the per-part waits forbid. (Both wait once inside an fp16 step, for the
+    overflow check that decides whether the step is applied: torch's GradScaler reads it back too.)"""
     times = {"forward": [], "backward": [], "optimizer": []}
     for i, (x, y) in enumerate(batches(shape, warmup + steps)):
         for part, fn in zip(times, step_parts(x, y)):
@@ -115,7 +115,7 @@ def bench_numgpt(shape, steps, warmup, backend, precision):
 
     def step_parts(x, y):
         def forward():
-            model.forward(x, y, return_logits=False, loss_scale=scaler.scale if scaler else 1.0)
+            model.forward(x, y, return_logits=False, loss_scale=scaler.scale if scaler else 1.0, loss_on_device=True)
 
         def backward():
             state["grads"] = model.backward()

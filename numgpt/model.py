@@ -141,7 +141,8 @@ class GPT:
         return self.params["wte.weight" if self.config.tie_weights else "lm_head.weight"]
 
     @in_model_precision
-    def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True, loss_scale=1.0):
+    def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True, loss_scale=1.0,
+                loss_on_device=False):
         """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (float or None).
 
         Targets equal to -100 are ignored by the loss. With `return_logits=False` the full logits
@@ -149,14 +150,21 @@ class GPT:
         for backward, which saves memory and, with targets, the output layer's gradient work.
         `loss_scale` multiplies the loss inside the backward's arithmetic and divides the finished
         gradients: it keeps small gradients from flushing to zero in float16 matmuls.
+        With `loss_on_device` the loss is the 0-d value it was computed in, not a float: on a GPU,
+        reading it would make the host wait for the whole forward (the trainer reads it once a step).
         """
         cfg, p = self.config, self.params
         idx = self._as_ids(idx, "idx")
         B, T = idx.shape
+        n_valid = None
         if targets is not None:
-            targets = self._as_ids(targets, "targets", allow_ignore=True)
+            # checked and counted where they are (on the host, that is no wait for the GPU), then moved
+            targets = self._as_ids(targets, "targets", xp=array_module(targets) if hasattr(targets, "shape") else np,
+                                   allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
+            n_valid = int((targets != IGNORE_INDEX).sum())
+            targets = to_device(targets, self.xp)
         rng = device_rng(self.xp, self.dropout_rng) if self.training and cfg.dropout > 0 else None
 
         x, emb_cache = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])      # (B,T,C)
@@ -168,13 +176,13 @@ class GPT:
         x, ln_f_cache = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"))    # (B,T,C)
         loss, logits, head_cache = classifier_forward(
             x.reshape(B * T, cfg.n_embd), self._head_weight(),
-            None if targets is None else targets.reshape(-1),
+            None if targets is None else targets.reshape(-1), n_valid=n_valid,
             return_logits=return_logits, requires_grad=requires_grad, grad_scale=loss_scale)
 
         keep = requires_grad and targets is not None
         self._cache = (emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T), loss_scale) if keep else None
         logits = None if logits is None else logits.reshape(B, T, cfg.vocab_size)
-        return logits, (None if loss is None else float(loss))
+        return logits, (loss if loss is None or loss_on_device else float(loss))
 
     @in_model_precision
     def backward(self):

@@ -212,9 +212,10 @@ def build_optimizer(model, cfg):
 def estimate_loss(model, batches):
     """Mean loss over fixed batches, in eval mode (no dropout), without backward work."""
     model.eval()
-    losses = [model.forward(x, y, return_logits=False, requires_grad=False)[1] for x, y in batches]
+    losses = [model.forward(x, y, return_logits=False, requires_grad=False, loss_on_device=True)[1]
+              for x, y in batches]
     model.train()
-    return float(np.mean(losses))
+    return float(sum(losses)) / len(losses)   # one read from the device, not one per batch
 
 
 def generate_samples(model, n, max_new_tokens, seed, prompt=SAMPLE_PROMPT):
@@ -453,8 +454,9 @@ class Trainer:
         total_loss = 0.0
         for micro_step in range(cfg.grad_accum):
             x, y = self.comm.shard(self.batcher.next_batch())
-            _, loss = model.forward(x, y, return_logits=False, loss_scale=loss_scale)
-            total_loss += loss / cfg.grad_accum
+            # the loss stays on the device: the step's one read of it is at its end, for the log
+            _, loss = model.forward(x, y, return_logits=False, loss_scale=loss_scale, loss_on_device=True)
+            total_loss = total_loss + loss / cfg.grad_accum
             micro_grads = model.backward()
             foreach.accumulate_(list(grads.values()), [micro_grads[name] for name in grads], cfg.grad_accum,
                                 add=micro_step > 0)

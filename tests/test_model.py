@@ -154,6 +154,24 @@ def test_float32_end_to_end(backend):
     assert all(p.dtype == np.float32 for p in model.params.values())
 
 
+def test_the_loss_can_stay_on_the_device(backend, monkeypatch):
+    """forward(loss_on_device=True) hands back the 0-d value the loss was computed in (reading a
+    GPU's would wait for the forward) and equals the float; the kept targets are counted on the
+    host where the batch came from, and handed to the classifier, which then counts nothing."""
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(config, backend=backend)
+    idx, targets = batch(config, 2, 8, np.random.default_rng(0))
+    targets[0, :3] = -100
+    counted = []
+    classifier_forward = numgpt.model.classifier_forward
+    monkeypatch.setattr(numgpt.model, "classifier_forward",
+                        lambda *a, **kw: counted.append(kw["n_valid"]) or classifier_forward(*a, **kw))
+    _, loss = model.forward(idx, targets, loss_on_device=True)
+    _, loss_float = model.forward(idx, targets)
+    assert loss.shape == () and loss.dtype == np.float32 and isinstance(loss_float, float)   # a float has no shape
+    assert float(loss) == loss_float and counted == [13, 13]
+
+
 def test_float32_agrees_with_float64(backend):
     config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
     m32, m64 = (GPT(config, backend=backend, dtype=d, seed=1) for d in ("float32", "float64"))

@@ -17,7 +17,7 @@ from numgpt.precision import matmul, matmul_operand, using_half_matmuls
 CHUNK_ELEMENTS = 1 << 25
 
 
-def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_logits=True,
+def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=None, return_logits=True,
                        requires_grad=True, grad_scale=1.0):
     """x (N,C), w (V,C), targets (N,) or None -> loss (0-d array, or None), logits (N,V) or None, cache.
 
@@ -25,6 +25,8 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
     `requires_grad`, the gradients of the mean loss are computed chunk by chunk here, because the
     chunk's probabilities are at hand now and would cost a second x @ w^T to rebuild later. They
     are the gradients of grad_scale * loss (mixed precision scales the loss: see numgpt.precision).
+    `n_valid`, the number of targets that are not `ignore_index`, may be given by a caller that
+    counted them on the host: counting them here, on a GPU, waits for the device.
 
     The gradient of a chunk's logits is dlogits = a * (exps / sumexp - onehot(t)), with exps the
     unnormalised softmax and a = grad_scale / n_valid (0 on ignored rows). Both products with it
@@ -37,7 +39,8 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, return_log
         return None, matmul(x, w.T), None
     N, V = x.shape[0], w.shape[0]
     w_m = matmul_operand(w)                                       # (V,C), rounded once for every chunk's two products
-    n_valid = int((targets != ignore_index).sum())
+    if n_valid is None:
+        n_valid = int((targets != ignore_index).sum())
     logits = xp.empty((N, V), dtype=x.dtype) if return_logits else None
     dx = xp.empty_like(x) if requires_grad else None              # (N,C)
     dw = xp.empty_like(w) if requires_grad else None              # (V,C)
