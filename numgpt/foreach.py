@@ -44,11 +44,11 @@ def accumulate_(dsts, srcs, divisor, add):
 
 
 def sum_of_squares(arrays):
-    """The sum of the squares of every element of every array, summed in float64: a Python float,
-    so on a GPU one wait for the device (the clipping needs the number on the host)."""
+    """The sum of the squares of every element of every array, summed in float64: a 0-d float64
+    value on the arrays' device (reading it on the host waits for the device)."""
     if fused(arrays):
-        return float(kernels.sum_of_squares_all(arrays))
-    return float(sum((a * a).sum(dtype=np.float64) for a in arrays))
+        return kernels.sum_of_squares_all(arrays)
+    return sum((a * a).sum(dtype=np.float64) for a in arrays)
 
 
 def all_finite(arrays):

@@ -740,14 +740,16 @@ extern "C" __global__ void nonfinite_chunks(const long long* table, int* found) 
 }
 
 // row (p, g, m, v, n, decays): AdamW in place, the arithmetic of numgpt.optim.AdamW.step; a
-// parameter tagged 0 is not decayed
-extern "C" __global__ void adamw_chunks(const long long* table, REAL decay, REAL one_minus_b1, REAL b2,
-                                        REAL one_minus_b2, REAL bias_correction2_sqrt, REAL eps, REAL step_size) {
+// parameter tagged 0 is not decayed. Each gradient is first multiplied by *grad_scale, a number
+// on the device (clipping's coefficient: the host never reads it)
+extern "C" __global__ void adamw_chunks(const long long* table, const double* grad_scale, REAL decay,
+                                        REAL one_minus_b1, REAL b2, REAL one_minus_b2, REAL bias_correction2_sqrt,
+                                        REAL eps, REAL step_size) {
     const long long* row = CHUNK_ROW(table, 4);
     REAL *p = CHUNK_ARRAY(row, 0), *g = CHUNK_ARRAY(row, 1), *m = CHUNK_ARRAY(row, 2), *v = CHUNK_ARRAY(row, 3);
-    REAL keep = row[5] ? decay : (REAL)1;
+    REAL keep = row[5] ? decay : (REAL)1, scale = (REAL)*grad_scale;
     for (long long i = threadIdx.x; i < row[4]; i += blockDim.x) {
-        REAL gi = g[i];
+        REAL gi = g[i] * scale;
         REAL mi = m[i] + (gi - m[i]) * one_minus_b1;
         REAL vi = v[i] * b2 + gi * gi * one_minus_b2;
         m[i] = mi;
@@ -990,11 +992,12 @@ def all_finite_all(arrays):
     return not int(found[0])
 
 
-def adamw_all(params, grads, ms, vs, decays, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
+def adamw_all(params, grads, ms, vs, decays, grad_scale, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
     """One AdamW update of every parameter and its moments, in place, in one launch; `decays[i]`
-    says whether params[i] gets the weight decay factor `decay`."""
+    says whether params[i] gets the weight decay factor `decay`; every gradient is multiplied by
+    grad_scale, a float64 array of one element on the device, first."""
     t = params[0].dtype
-    _launch_over_chunks("adamw_chunks", [params, grads, ms, vs], _scalar(decay, t), _scalar(1.0 - b1, t),
+    _launch_over_chunks("adamw_chunks", [params, grads, ms, vs], grad_scale, _scalar(decay, t), _scalar(1.0 - b1, t),
                         _scalar(b2, t), _scalar(1.0 - b2, t), _scalar(bias_correction2_sqrt, t), _scalar(eps, t),
                         _scalar(step_size, t), tags=decays)
 

@@ -57,8 +57,12 @@ class AdamW:
         self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self._buffer = None
 
-    def step(self, grads):
-        """One update of every parameter from `grads` ({name: array} with params' shapes)."""
+    def step(self, grads, grad_scale=None):
+        """One update of every parameter from `grads` ({name: array} with params' shapes).
+
+        With `grad_scale` (a number, or a 0-d array on the gradients' device, such as
+        clip_coefficient's) the update uses grad_scale * g for each gradient g, as if the gradients
+        had been scaled in place first, without a pass of its own and without reading it back."""
         self.step_count += 1
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.step_count)
@@ -68,17 +72,25 @@ class AdamW:
                    [self.m[n] for n in names], [self.v[n] for n in names]]
         if foreach.fused(*columns):
             # on a GPU, one kernel updates every parameter; the loop below is its twin
-            kernels.adamw_all(*columns, [self.decay[n] for n in names], 1.0 - self.lr * self.weight_decay,
+            xp = array_module(columns[0][0])
+            scale = xp.asarray(1.0 if grad_scale is None else grad_scale, dtype=xp.float64)   # no copy for a device 0-d
+            kernels.adamw_all(*columns, [self.decay[n] for n in names], scale, 1.0 - self.lr * self.weight_decay,
                               b1, b2, bias_correction2_sqrt, self.eps, step_size)
             return
         for name, p in self.params.items():
             xp = array_module(p)
             block = CPU_BLOCK if backend_name(xp) == "numpy" else p.size
             decay = 1.0 - self.lr * self.weight_decay if self.decay[name] and self.weight_decay else None
+            # in the parameter's dtype, as a gradient scaled in place would be
+            scale = None if grad_scale is None else xp.asarray(grad_scale, dtype=p.dtype)
             flat = [a.reshape(-1) for a in (p, grads[name], self.m[name], self.v[name])]   # views
             for start in range(0, p.size, block):
                 p_, g, m, v = (a[start:start + block] for a in flat)
-                s = self._scratch(xp, p.dtype, p_.size)    # one temporary, reused by every line below
+                # temporaries, reused by every line below (a second one for the scaled gradient)
+                scratch = self._scratch(xp, p.dtype, p_.size, 1 if scale is None else 2)
+                s = scratch[0]
+                if scale is not None:
+                    g = xp.multiply(g, scale, out=scratch[1])
                 if decay is not None:
                     p_ *= decay                            # p <- p (1 - lr wd)
                 xp.subtract(g, m, out=s)                   # m += (1 - b1)(g - m): torch's lerp(m, g, 1 - b1)
@@ -95,12 +107,14 @@ class AdamW:
                 s *= step_size
                 p_ -= s
 
-    def _scratch(self, xp, dtype, size):
-        """A scratch array of `size` elements: a view of one buffer, grown when a block needs more
-        (on the CPU it never does after the first block)."""
-        if self._buffer is None or self._buffer.size < size or self._buffer.dtype != dtype:
-            self._buffer = xp.empty(size, dtype=dtype)
-        return self._buffer[:size]
+    def _scratch(self, xp, dtype, size, rows):
+        """`rows` scratch arrays of `size` elements, (rows, size): a view of one buffer, grown when a
+        block needs more (on the CPU it never does after the first block)."""
+        buf = self._buffer
+        if buf is None or buf.shape[0] < rows or buf.shape[1] < size or buf.dtype != dtype:
+            shape = (rows, size) if buf is None or buf.dtype != dtype else (max(rows, buf.shape[0]), max(size, buf.shape[1]))
+            self._buffer = buf = xp.empty(shape, dtype=dtype)
+        return buf[:rows, :size]
 
     def state_dict(self):
         """Everything needed to continue exactly: step count and both moments (arrays are not copied)."""
@@ -122,9 +136,18 @@ def clip_grad_norm(grads, max_norm):
     max_norm / (norm + 1e-6)).
 
     The squares are summed in float64 where the gradients are, and read back once: on a GPU, one
-    wait for the device per step, and one kernel launch each for the sum and the scaling."""
+    wait for the device, and one kernel launch each for the sum and the scaling. A training loop
+    need not wait: clip_coefficient and AdamW.step(grads, grad_scale=...) do the same on the device."""
     total = math.sqrt(foreach.sum_of_squares(list(grads.values())))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         foreach.scale_(list(grads.values()), coef)
     return total
+
+
+def clip_coefficient(grads, max_norm):
+    """min(1, max_norm / (norm + 1e-6)), the factor clip_grad_norm scales the gradients by, as a
+    0-d float64 value where the gradients are: on a GPU, computed without a wait for the device."""
+    xp = array_module(next(iter(grads.values())))
+    total = xp.sqrt(foreach.sum_of_squares(list(grads.values())))
+    return xp.minimum(max_norm / (total + 1e-6), 1.0)

@@ -35,7 +35,7 @@ from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import CheckpointError, ConfigError, DataError
 from numgpt.model import GPT
-from numgpt.optim import AdamW, clip_grad_norm, no_decay_names
+from numgpt.optim import AdamW, clip_coefficient, no_decay_names
 from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
 from numgpt.train_state import (GROUPS, STATE_FILE, damaged_state, load_train_state, save_train_state,
                                 saved_step)
@@ -464,10 +464,10 @@ class Trainer:
         self.flat_grads[-2], self.flat_grads[-1] = total_loss, float(self.stop.requested)
         self.comm.allreduce_mean(self.flat_grads)
         if self.gradients_usable():
-            if cfg.grad_clip > 0:
-                clip_grad_norm(grads, cfg.grad_clip)
+            # clipping as a factor inside AdamW's update: on a GPU the norm is never read back
+            clip = clip_coefficient(grads, cfg.grad_clip) if cfg.grad_clip > 0 else None
             self.optimizer.lr = learning_rate(self.step, cfg)
-            self.optimizer.step(grads)
+            self.optimizer.step(grads, grad_scale=clip)
         return float(self.flat_grads[-2]), float(self.flat_grads[-1]) > 0
 
     def gradients_usable(self):

@@ -16,6 +16,7 @@ import pytest
 
 import cuda_emulator
 from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels
+from numgpt.optim import clip_coefficient
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
 from numgpt.layers.attention import (attention_backward, attention_forward, causal_attention_backward,
@@ -174,7 +175,8 @@ def test_a_chunk_table_holds_each_chunks_address_and_length_and_is_reused_only_f
 @needs_compiler
 def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
     """Accumulating, unscaling, checking, clipping and updating the 148 parameters of a 12-layer
-    GPT-2 take one kernel launch each, not one per parameter."""
+    GPT-2 take one kernel launch each, not one per parameter, as train.py does them: clipping's
+    norm is one launch (and on CuPy a few scalar operations), its scaling part of AdamW's."""
     config = GPTConfig(vocab_size=64, block_size=8, n_layer=12, n_head=2, n_embd=16)
     launches = []
     # what emulated() does, with each kernel counted (monkeypatch undoes both at the end)
@@ -188,16 +190,15 @@ def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
     foreach.accumulate_(list(grads.values()), list(grads.values()), 2, add=True)
     foreach.scale_(list(grads.values()), 0.5)
     assert foreach.all_finite(list(grads.values()))
-    clip_grad_norm(grads, 1.0)
-    opt.step(grads)
-    assert launches == ["accumulate_chunks", "scale_chunks", "nonfinite_chunks", "sum_squares_chunks",
-                        "scale_chunks", "adamw_chunks"]
+    opt.step(grads, grad_scale=clip_coefficient(grads, 1.0))
+    assert launches == ["accumulate_chunks", "scale_chunks", "nonfinite_chunks", "sum_squares_chunks", "adamw_chunks"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
     """Three AdamW steps with one kernel launch each (parameters of several chunks, decayed and
-    not) leave the parameters where the per-parameter loop does."""
+    not; gradients unscaled, scaled by clipping's coefficient on the device, and by a number)
+    leave the parameters and both moments where the per-parameter loop does."""
     monkeypatch.setattr(kernels, "CHUNK", CHUNK)
     results = []
     for use_kernels in (True, False):
@@ -207,15 +208,16 @@ def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
         for step in range(3):
             grads = {name: random(xp, p.shape, dtype, 10 + step) for name, p in params.items()}
             with contextlib.nullcontext() if use_kernels else kernels.disabled():
-                opt.step(grads)
-        results.append(params)
+                opt.step(grads, grad_scale=[None, clip_coefficient(grads, 1.0), 0.5][step])
+        results.append({**params, **{"m." + n: a for n, a in opt.m.items()}, **{"v." + n: a for n, a in opt.v.items()}})
     for name in results[0]:
         assert_same(results[0][name], results[1][name], dtype)
 
 
 @needs_compiler
 @pytest.mark.parametrize("test, mutation", [
-    ("adamw", ("REAL keep = row[5] ? decay : (REAL)1;", "REAL keep = decay;")),            # decays every parameter
+    ("adamw", ("REAL keep = row[5] ? decay : (REAL)1,", "REAL keep = decay,")),            # decays every parameter
+    ("adamw", ("REAL gi = g[i] * scale;", "REAL gi = g[i] + 0 * scale;")),                  # ignores grad_scale
     ("adamw", ("i < row[4]; i += blockDim.x", "i < row[4] - 1; i += blockDim.x")),        # skips a chunk's last element
     ("multi", ("for (long long i = threadIdx.x; i < row[1]; i += blockDim.x) a[i] *= factor;",
                "for (long long i = threadIdx.x; i < row[1]; i += 2 * blockDim.x) a[i] *= factor;")),   # scales half

@@ -17,6 +17,7 @@ from numgpt.backend import to_device, to_numpy
 from numgpt.layers.activations import ACTIVATIONS
 from numgpt.layers.embedding import embedding_backward
 from numgpt.layers.layernorm import layernorm_forward
+from numgpt.optim import clip_coefficient
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -280,6 +281,29 @@ def test_clip_grad_norm(xp):
     assert total == pytest.approx(1.0, rel=1e-5)
     assert clip_grad_norm(grads, 10.0) == pytest.approx(1.0, rel=1e-5)   # under the limit: untouched
     np.testing.assert_allclose(to_numpy(grads["a"]), [3.0 / (5.0 + 1e-6), 0.0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])   # clipping, and a limit above the norm
+def test_clipping_inside_adamw_is_clipping_then_adamw(xp, max_norm):
+    """train.py hands clipping's coefficient to AdamW (on a GPU it stays on the device): the
+    parameters come out as after clip_grad_norm and a plain step, to the bit."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((4, 5)), "b": rng.standard_normal(5)}
+    grads = {name: rng.standard_normal(p.shape) for name, p in params.items()}
+    results = []
+    for inside in (True, False):
+        ps = {name: to_device(p.astype(np.float32), xp) for name, p in params.items()}
+        opt = AdamW(ps, lr=0.1, weight_decay=0.1)
+        for step in range(2):
+            gs = {name: to_device(g.astype(np.float32) * (step + 1), xp) for name, g in grads.items()}
+            if inside:
+                opt.step(gs, grad_scale=clip_coefficient(gs, max_norm))
+            else:
+                clip_grad_norm(gs, max_norm)
+                opt.step(gs)
+        results.append({name: to_numpy(p) for name, p in ps.items()})
+    for name in params:
+        np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
 
 
 def test_training_reduces_loss(backend):
