@@ -17,9 +17,11 @@ compares it against (float32 and float64), on a GPU and on the CPU through a CUD
     adamw_all
 
 The source is written once with REAL for the element type and compiled with NVRTC for float and
-for double when first used (the tensor-core attention, for fp16 training, is float only). Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before
-calling a kernel here; `disabled()` turns them all off in a block, `disabled("flash_attention")`
-that one (tests use it to run the twins on the GPU, benchmarks to compare).
+for double when first used (the tensor-core attention, for fp16 training, for float only). Layers
+ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before calling a kernel here; `disabled()`
+turns them all off in a block, `disabled("flash_attention")` that one,
+`disabled("tensor_core_attention")` the fp16 attention's tensor cores (tests use them to run the
+twins on the GPU, benchmarks to compare).
 """
 
 import contextlib
@@ -34,7 +36,8 @@ THREADS = 256             # threads per block in the elementwise kernels
 MAX_BLOCKS = 65535        # elementwise kernels loop over the rest (a grid-stride loop)
 DIMS = 16                 # head dims per thread in the attention kernels: a row takes ceil(hs / DIMS) threads
 TC_HEAD_SIZES = (16, 32, 64)  # head sizes the tensor-core attention kernels are compiled for (GPT-2's is 64)
-TC_ROWS, TC_THREADS = 64, 128  # rows per block in those kernels: 4 warps of 16 (MMA_ROWS in the source)
+TC_ROWS = 64                  # rows per block in those kernels (MMA_ROWS in the source): warps of 16 rows
+TC_THREADS = TC_ROWS // 16 * 32
 CHUNK = 1 << 14           # elements per block in the multi-array kernels: GPT-2 124M's parameters are ~7600 blocks
 MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
 
@@ -361,6 +364,7 @@ extern "C" __global__ void flash_attention_dkv(const REAL* qkv, const REAL* dy, 
 }
 
 // ---- causal attention on tensor cores: FlashAttention-2 (Dao 2023) with float16 operands ----
+#if REAL_IS_FLOAT   // float32 arrays only (what --precision fp16 trains in)
 // For --precision fp16. Each matrix product of the attention (S = q k^T, y = P v and the backward's
 // five) is a sequence of mma.sync.m16n8k16: one warp multiplies a 16x16 float16 tile A by a 16x8
 // float16 tile B and adds the product to a 16x8 float32 tile C, held in registers spread over its
@@ -374,7 +378,7 @@ extern "C" __global__ void flash_attention_dkv(const REAL* qkv, const REAL* dy, 
 // registers (a_from_accumulators). A block is 4 warps of 16 rows each; the other operand passes
 // through shared memory as float16, MMA_TILE rows at a time. Softmax, lse, D and every sum stay
 // float32, as in FlashAttention-2; the operands q k v, P, dy and dS are rounded to float16 once.
-#define MMA_ROWS 64                      // query (or key) rows per block: 4 warps x 16
+#define MMA_ROWS %(tc_rows)d                      // query (or key) rows per block: 4 warps x 16
 #define MMA_TILE 64                      // rows of the other operand per shared-memory tile
 #define MMA_LD(HS) ((HS) / 2 + 4)        // words per tile row: 4 words of padding put the 8 rows
                                          // that a fragment load reads in different banks
@@ -493,12 +497,7 @@ __device__ __forceinline__ void accumulate_product(float (*acc)[4], float (*p)[4
     }
 }
 
-// the sum (or max) over the 4 lanes that hold one row of an accumulator tile
-__device__ __forceinline__ float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffff, v, 1);
-    return v + __shfl_xor_sync(0xffffffff, v, 2);
-}
-
+// the max over the 4 lanes that hold one row of an accumulator tile (their sum: group_sum(v, 4))
 __device__ __forceinline__ float quad_max(float v) {
     v = max(v, __shfl_xor_sync(0xffffffff, v, 1));
     return max(v, __shfl_xor_sync(0xffffffff, v, 2));
@@ -534,9 +533,8 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
         load_half_tile<HS>(k_tile, head + C, 3 * C, start, T, 1.0f);
         load_half_tile<HS>(v_tile, head + 2 * C, 3 * C, start, T, 1.0f);
         __syncthreads();
-        // tiles start at multiples of 64 and warps at multiples of 16, so a warp that goes on has
-        // start <= q0: every row of it keeps key `start`, and its max below is a real score
-        if (start > q0 + 15) continue;
+        // the last tile starts at this block's first query (MMA_TILE = MMA_ROWS), so every row
+        // here keeps key `start`: its max below is a real score
         float s[MMA_TILE / 8][4];
         products_with_rows<HS>(s, q, k_tile);
         float tile_max[2] = {m[0], m[1]};
@@ -562,8 +560,8 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
             for (int i = 0; i < 4; ++i) { s[n][i] = exp(s[n][i] - m[i / 2]); l[i / 2] += s[n][i]; }
         accumulate_product<HS>(acc, s, v_tile);
     }
-    l[0] = quad_sum(l[0]);
-    l[1] = quad_sum(l[1]);
+    l[0] = group_sum(l[0], 4);
+    l[1] = group_sum(l[1], 4);
     store_accumulators<HS>(y + (long long)blockIdx.z * T * C + blockIdx.y * HS, C, acc, q0, T, 1 / l[0], 1 / l[1]);
     for (int r = 0; r < 2; ++r) {
         int row = q0 + g + 8 * r;
@@ -582,7 +580,7 @@ __device__ void tc_row_statistics(float* L, float* Dr, const float* dy, const fl
         long long offset = ((long long)blockIdx.z * T + row) * C + blockIdx.y * HS;
         float dot = 0;
         for (int d = t; d < HS && row < T; d += 4) dot += dy[offset + d] * y[offset + d];
-        Dr[r] = quad_sum(dot);
+        Dr[r] = group_sum(dot, 4);
         long long stat = ((long long)blockIdx.z * n_head + blockIdx.y) * T + row;
         L[r] = row < T ? lse[stat] : 0;
         if (t == 0 && row < T) D[stat] = Dr[r];
@@ -611,7 +609,6 @@ __device__ void tc_attention_dq(const float* qkv, const float* dy, const float* 
         load_half_tile<HS>(k_tile, head + C, 3 * C, start, T, 1.0f);
         load_half_tile<HS>(v_tile, head + 2 * C, 3 * C, start, T, 1.0f);
         __syncthreads();
-        if (start > q0 + 15) continue;
         float s[MMA_TILE / 8][4], dp[MMA_TILE / 8][4];
         products_with_rows<HS>(s, q, k_tile);
         products_with_rows<HS>(dp, gq, v_tile);
@@ -691,9 +688,7 @@ extern "C" __global__ void tc_attention_dkv_##HS(const float* qkv, const float* 
                                                  const float* D, float* dqkv, int T, int n_head, float scale) { \
     tc_attention_dkv<HS>(qkv, dy, lse, D, dqkv, T, n_head, scale);                                            \
 }
-TC_ATTENTION_KERNELS(16)
-TC_ATTENTION_KERNELS(32)
-TC_ATTENTION_KERNELS(64)
+%(tc_kernels)s#endif   // REAL_IS_FLOAT
 
 // The multi-array kernels: one launch works on many arrays (every parameter of a model, or every
 // gradient) instead of one launch per array. Block b does row b of a table the host built once
@@ -757,7 +752,8 @@ extern "C" __global__ void adamw_chunks(const long long* table, const double* gr
         p[i] = p[i] * keep - mi / (sqrt(vi) / bias_correction2_sqrt + eps) * step_size;
     }
 }
-""" % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715, "dims": DIMS}
+""" % {"gelu_scale": math.sqrt(2.0 / math.pi), "gelu_cubic": 0.044715, "dims": DIMS, "tc_rows": TC_ROWS,
+       "tc_kernels": "".join(f"TC_ATTENTION_KERNELS({hs})\n" for hs in TC_HEAD_SIZES)}
 
 ALL = "all"
 _off = set()      # kernels turned off by `disabled`: names, or ALL
@@ -790,7 +786,8 @@ def disabled(*kernels):
 
 def source(dtype):
     """The CUDA source for element type `dtype` (float32 or float64)."""
-    return "#define REAL %s\n" % {"float32": "float", "float64": "double"}[np.dtype(dtype).name] + SOURCE
+    real = {"float32": "float", "float64": "double"}[np.dtype(dtype).name]
+    return f"#define REAL {real}\n#define REAL_IS_FLOAT {int(real == 'float')}\n" + SOURCE
 
 
 def _kernel(name, dtype):
@@ -922,6 +919,7 @@ def flash_attention_forward(qkv, n_head, scale, tensor_cores=False):
     hs, xp, t = C // n_head, array_module(qkv), qkv.dtype
     y, lse = xp.empty((B, T, C), dtype=t), xp.empty((B, n_head, T), dtype=t)
     if tensor_cores:
+        assert t == np.float32, "the tensor-core attention takes float32 arrays"
         suffix, grid, block = _tensor_core_launch(T, n_head, B, hs)
         _kernel("tc_attention_forward" + suffix, t)(grid, block, (qkv, y, lse, np.int32(T), np.int32(n_head),
                                                                   np.float32(scale)))
@@ -941,6 +939,7 @@ def flash_attention_backward(dy, qkv, y, lse, n_head, scale, tensor_cores=False)
     hs, xp, t = C // n_head, array_module(dy), dy.dtype
     D, dqkv = xp.empty((B, n_head, T), dtype=t), _empty_like(qkv)      # D (B,nh,T): written by the dq kernel
     if tensor_cores:
+        assert t == np.float32, "the tensor-core attention takes float32 arrays"
         suffix, grid, block = _tensor_core_launch(T, n_head, B, hs)
         shape = (np.int32(T), np.int32(n_head), np.float32(scale))
         _kernel("tc_attention_dq" + suffix, t)(grid, block, (qkv, dy, y, lse, D, dqkv, *shape))

@@ -56,6 +56,7 @@ class AdamW:
         self.m = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: array_module(p).zeros_like(p) for name, p in params.items()}
         self._buffer = None
+        self._one = None
 
     def step(self, grads, grad_scale=None):
         """One update of every parameter from `grads` ({name: array} with params' shapes).
@@ -73,7 +74,11 @@ class AdamW:
         if foreach.fused(*columns):
             # on a GPU, one kernel updates every parameter; the loop below is its twin
             xp = array_module(columns[0][0])
-            scale = xp.asarray(1.0 if grad_scale is None else grad_scale, dtype=xp.float64)   # no copy for a device 0-d
+            if grad_scale is None:
+                if self._one is None:
+                    self._one = xp.ones((), dtype=xp.float64)   # made once: a scale of 1 for every unclipped step
+                grad_scale = self._one
+            scale = xp.asarray(grad_scale, dtype=xp.float64)   # no copy for a float64 0-d array on the device
             kernels.adamw_all(*columns, [self.decay[n] for n in names], scale, 1.0 - self.lr * self.weight_decay,
                               b1, b2, bias_correction2_sqrt, self.eps, step_size)
             return
@@ -111,8 +116,10 @@ class AdamW:
         """`rows` scratch arrays of `size` elements, (rows, size): a view of one buffer, grown when a
         block needs more (on the CPU it never does after the first block)."""
         buf = self._buffer
-        if buf is None or buf.shape[0] < rows or buf.shape[1] < size or buf.dtype != dtype:
-            shape = (rows, size) if buf is None or buf.dtype != dtype else (max(rows, buf.shape[0]), max(size, buf.shape[1]))
+        if buf is None or buf.dtype != dtype:
+            buf = None
+        if buf is None or buf.shape[0] < rows or buf.shape[1] < size:
+            shape = (rows, size) if buf is None else (max(rows, buf.shape[0]), max(size, buf.shape[1]))
             self._buffer = buf = xp.empty(shape, dtype=dtype)
         return buf[:rows, :size]
 

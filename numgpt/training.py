@@ -468,7 +468,8 @@ class Trainer:
             clip = clip_coefficient(grads, cfg.grad_clip) if cfg.grad_clip > 0 else None
             self.optimizer.lr = learning_rate(self.step, cfg)
             self.optimizer.step(grads, grad_scale=clip)
-        return float(self.flat_grads[-2]), float(self.flat_grads[-1]) > 0
+        loss, stop = to_numpy(self.flat_grads[-2:]).tolist()   # the step's one read from the device
+        return loss, stop > 0
 
     def gradients_usable(self):
         """False when fp16 gradients overflowed (the scaler then halves its scale); else True."""

@@ -11,7 +11,8 @@ c_proj.bias (C,); the biases are absent in a bias-free model.
 On a GPU the middle two lines are one kernel that never forms the (B,nh,T,T) matrix: it walks
 the keys a tile at a time keeping each row's running max and sum of exps (FlashAttention, Dao et
 al. 2022), and the backward recomputes the probabilities from q, k and each row's log-sum-exp.
-Under fp16 matmuls its products run on tensor cores (FlashAttention-2's layout of the work).
+Under fp16 matmuls its products run on tensor cores (FlashAttention-2's layout of the work), for
+head sizes 16, 32 and 64 (kernels.TC_HEAD_SIZES) on compute capability 8.0 or newer.
 The matrix code here is its twin, and serves dropout, generation and the attention maps.
 
 Generation adds one token at a time, and the keys and values of the earlier positions do not
