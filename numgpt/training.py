@@ -215,7 +215,8 @@ def estimate_loss(model, batches):
     losses = [model.forward(x, y, return_logits=False, requires_grad=False, loss_on_device=True)[1]
               for x, y in batches]
     model.train()
-    return float(sum(losses)) / len(losses)   # one read from the device, not one per batch
+    # summed in float64, as the floats were; one read from the device, not one per batch
+    return float(sum(loss.astype(np.float64) for loss in losses)) / len(losses)
 
 
 def generate_samples(model, n, max_new_tokens, seed, prompt=SAMPLE_PROMPT):

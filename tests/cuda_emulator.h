@@ -78,12 +78,18 @@ inline float half_at(unsigned bits, int which) {   // the low (0) or high (1) ha
 // element is PTX's layout (see the kernels' comment); the products of two float16 are exact in float,
 // and the sum runs over k in order (a tensor core may add in another order).
 inline unsigned mma_a_slots[1024][4], mma_b_slots[1024][2];
+inline bool partial_warp = false;   // an mma reached by fewer than 32 live lanes: the launch fails
 
 inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
     int me = current, first = me & ~31, g = (me & 31) / 4, t = me % 4;
     std::memcpy(mma_a_slots[me], a, sizeof mma_a_slots[me]);
     std::memcpy(mma_b_slots[me], b, sizeof mma_b_slots[me]);
     wait(AT_WARP_BARRIER);
+    for (int lane = first; lane < first + 32; ++lane)   // an exited lane's slots hold stale fragments
+        if (lane >= (int)fibers.size() || fibers[lane].state == EXITED) {
+            if (!partial_warp) std::fprintf(stderr, "cuda emulator: mma.sync without all 32 lanes of warp %d\n", me / 32);
+            partial_warp = true;
+        }
     auto A = [&](int row, int k) {   // lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8)
         return half_at(mma_a_slots[first + 4 * (row % 8) + k % 8 / 2][row / 8 + 2 * (k / 8)], k % 2);
     };
@@ -157,20 +163,22 @@ inline bool run_block(int threads) {
     return true;
 }
 
-// run body as kernel<<<grid, block>>> -> 0, or 1 when a block deadlocked or the block is too large
+// run body as kernel<<<grid, block>>> -> 0, or 1 when a block deadlocked, an mma lacked lanes or the
+// block is too large
 inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     int threads = block.x * block.y * block.z;
     if (threads > 1024) { std::fprintf(stderr, "cuda emulator: %d threads per block\n", threads); return 1; }
     grid_dim = grid;
     block_dim = block;
     kernel_body = &body;
+    partial_warp = false;
     fibers.resize(threads);
     for (int t = 0; t < threads; ++t)
         fibers[t].index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
     for (block_idx.z = 0; block_idx.z < grid.z; ++block_idx.z)
         for (block_idx.y = 0; block_idx.y < grid.y; ++block_idx.y)
             for (block_idx.x = 0; block_idx.x < grid.x; ++block_idx.x)
-                if (!run_block(threads)) return 1;
+                if (!run_block(threads) || partial_warp) return 1;
     return 0;
 }
 

@@ -487,6 +487,22 @@ extern "C" __global__ void half_sync(REAL* x) {
 
 
 @needs_compiler
+def test_the_emulator_reports_an_mma_without_a_whole_warp():
+    """mma.sync reads every lane's fragments: with half the warp gone it would use stale ones."""
+    source = kernels.source("float32") + r"""
+extern "C" __global__ void half_warp_mma(REAL* x) {
+    if (threadIdx.x >= 16) return;
+    float c[4] = {};
+    unsigned a[4] = {}, b[2] = {};
+    mma_16x8x16(c, a, b);
+    x[threadIdx.x] = c[0];
+}"""
+    kernel = cuda_emulator.kernel_from(source, "half_warp_mma")
+    with pytest.raises(RuntimeError, match="mma.sync without a whole warp"):
+        kernel((1,), (32,), (np.zeros(32, dtype=np.float32),))
+
+
+@needs_compiler
 @pytest.mark.parametrize("barrier", ["__syncthreads();", ""])
 def test_the_emulator_exposes_a_missing_barrier(barrier):
     """Each thread reads its neighbour's shared-memory slot: right with the barrier between write
