@@ -1,0 +1,21 @@
+// GELU, the tanh approximation GPT-2 uses; one thread per element, a grid-stride loop.
+#define GELU_SCALE ((REAL)0.79788456080286541)   // sqrt(2/pi)
+#define GELU_CUBIC ((REAL)0.044715)
+
+// y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+extern "C" __global__ void gelu_forward(const REAL* x, REAL* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+        REAL v = x[i];
+        y[i] = (REAL)0.5 * v * ((REAL)1 + tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v)));
+    }
+}
+
+// dx = dy (1 + t) (0.5 + s (1 - t)),  t = tanh(u),  s = 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+extern "C" __global__ void gelu_backward(const REAL* x, const REAL* dy, REAL* dx, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+        REAL v = x[i];
+        REAL t = tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v));
+        REAL s = (REAL)0.5 * GELU_SCALE * v * ((REAL)1 + (REAL)3 * GELU_CUBIC * v * v);
+        dx[i] = dy[i] * ((REAL)1 + t) * ((REAL)0.5 + s * ((REAL)1 - t));
+    }
+}
