@@ -4,13 +4,18 @@ on the same shapes and thread count, each in its own process so peak memory is i
     python bench/bench_train.py                       # the two CPU shapes below
     python bench/bench_train.py --shape tutorial --steps 10
     python bench/bench_train.py --backend cupy --shape gpt2-124m-1k --precision fp16 --batch-size 16
+    python bench/bench_train.py --backend cupy --shape gpt2-124m-1k --precision fp16 --batch-size max
 
 Reports tokens/s, milliseconds per step split into forward, backward and optimizer (on a GPU,
 tokens/s and the step come from steps run back to back, the split from steps with a wait after each
-part), achieved GFLOP/s against the matmul peak measured here (the roofline: sgemm on the CPU; on
-the GPU the peak of the chosen precision), peak memory (RSS on the CPU, the memory pool on the GPU),
-and the ratios; appends rows to bench/results.jsonl. On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls,
-or autocast to float16 with a GradScaler; --torch-compile compiles its model as well.
+part), achieved GFLOP/s, peak memory (RSS on the CPU, the memory pool on the GPU), and the ratios;
+appends rows to bench/results.jsonl. Two fractions of a peak: `roofline`, against the best matmul
+rate measured here in the same run (sgemm on the CPU; on the GPU cuBLAS in the chosen precision),
+and on GPUs whose datasheet we know `mfu`, against its dense peak (PaLM's model FLOPs utilization).
+On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls, or autocast to float16 with a
+GradScaler; --torch-compile compiles its model as well. `--batch-size max` first finds, for each
+side, the largest batch of 8, 16, 32, ... (from the shape's) that runs without running out of memory,
+and compares them at the largest that fits both.
 """
 
 import argparse
@@ -21,7 +26,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import append_result, median_ms, peak_rss_mib, run_child, timed  # noqa: E402
+from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, is_out_of_memory,  # noqa: E402
+                          median_ms, peak_rss_mib, run_child, timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -30,6 +36,16 @@ SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pret
 }
 CPU_SHAPES = ("gpt2-124m", "tutorial")
 VOCAB = 50257
+# dense peak TFLOP/s from NVIDIA's datasheets (their tensor-core figures "with sparsity", halved), by a
+# part of the name CUDA reports; the first match wins, so a variant comes before its family
+DATASHEET_TFLOPS = (
+    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0}),
+    ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5}),
+    ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5}),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}),   # SXM
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}),   # SXM
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0}),
+)
 
 
 def flops_per_step(shape):
@@ -55,6 +71,14 @@ def matmul_peak_gflops(backend="numpy", precision="fp32", repeats=10):
     a @ b
     best = min(timed(lambda: a @ b, sync)[1] for _ in range(repeats))
     return 2 * n ** 3 / best / 1e9
+
+
+def datasheet_gflops(device, precision):
+    """The datasheet's dense peak of `device` in `precision`, in GFLOP/s; None for one not listed."""
+    for name, peaks in DATASHEET_TFLOPS:
+        if name in device:
+            return peaks[precision] * 1000
+    return None
 
 
 def device_sync(backend):
@@ -177,11 +201,17 @@ def child(args):
     from numgpt.allocator import keep_freed_memory
     keep_freed_memory()
     shape = {**SHAPES[args.shape], **({"batch_size": args.batch_size} if args.batch_size else {})}
-    if args.impl == "numgpt":
-        times, memory = bench_numgpt(shape, args.steps, args.warmup, args.backend, args.precision)
-    else:
-        times, memory = bench_torch(shape, args.steps, args.warmup, args.threads, args.backend, args.precision,
-                                    args.torch_compile)
+    try:
+        if args.impl == "numgpt":
+            times, memory = bench_numgpt(shape, args.steps, args.warmup, args.backend, args.precision)
+        else:
+            times, memory = bench_torch(shape, args.steps, args.warmup, args.threads, args.backend,
+                                        args.precision, args.torch_compile)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"{args.impl} ran out of memory at batch size {shape['batch_size']}: {error}", file=sys.stderr)
+        sys.exit(OUT_OF_MEMORY)
     steps = times.pop("step", None) or [sum(parts) for parts in zip(*times.values())]
     result = {k + "_ms": median_ms(v) for k, v in times.items()}
     result.update(step_ms=median_ms(steps), peak_mem_mib=memory)
@@ -203,6 +233,39 @@ def blas_threads():
         return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
 
 
+def batch_size_arg(text):
+    if text == "max":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}")
+    return value
+
+
+def child_args(name, args, batch_size, steps=None, warmup=None):
+    """The command line of a child run of shape `name` (its batch size `batch_size`)."""
+    return ["--shape", name, "--steps", str(steps or args.steps), "--warmup", str(warmup or args.warmup),
+            "--threads", str(args.threads), "--backend", args.backend, "--precision", args.precision,
+            "--batch-size", str(batch_size), *(["--torch-compile"] if args.torch_compile else [])]
+
+
+def largest_batch(impl, name, args, start):
+    """The largest of start, 2 start, 4 start, ... with which `impl` runs two steps of shape `name`
+    without running out of memory (None when even `start` does not fit)."""
+    fits, batch_size = None, start
+    while True:
+        try:
+            run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size, steps=1, warmup=1)])
+        except ChildOutOfMemory:
+            print(f"{impl}: batch size {batch_size} runs out of memory")
+            return fits
+        print(f"{impl}: batch size {batch_size} fits")
+        fits, batch_size = batch_size, 2 * batch_size
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), action="append",
@@ -211,7 +274,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"], help="tf32 and fp16: GPU only")
-    p.add_argument("--batch-size", type=int, help="override the shape's batch size")
+    p.add_argument("--batch-size", type=batch_size_arg,
+                   help="override the shape's batch size; 'max': the largest (doubling) that fits both sides")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
     p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
     p.add_argument("--threads", type=int, default=blas_threads(), help="threads for BLAS and torch")
@@ -222,49 +286,66 @@ def main():
         return child(args)
     if args.precision != "fp32" and args.backend == "numpy":
         p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
+    if args.batch_size == "max" and args.backend == "numpy":
+        p.error("--batch-size max searches for what fits in GPU memory: add --backend cupy")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        impls = ("numgpt", "torch")
+    except ImportError:
+        print("(torch/transformers not installed: no reference)")
+        impls = ("numgpt",)
 
+    device = device_name(args.backend)
     peak = matmul_peak_gflops(args.backend, args.precision)
+    datasheet = datasheet_gflops(device, args.precision)
     memory = "RSS MiB" if args.backend == "numpy" else "GPU MiB"
     header = f"{'shape':<12} {'impl':<7} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6} " \
-             f"{'GFLOP/s':>8} {'roofline':>8} {memory:>8}"
+             f"{'GFLOP/s':>8} {'roofline':>8} {'MFU':>5} {memory:>8}"
     for name in args.shape or CPU_SHAPES:
-        shape = {**SHAPES[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
-        common = ["--shape", name, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-                  str(args.threads), "--backend", args.backend, "--precision", args.precision,
-                  *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-                  *(["--torch-compile"] if args.torch_compile else [])]
-        results = {"numgpt": run_child(__file__, ["--impl", "numgpt", *common])}
+        largest = None
+        if args.batch_size == "max":
+            largest = {impl: largest_batch(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
+            if None in largest.values():
+                sys.exit(f"{name}: the shape's batch size {SHAPES[name]['batch_size']} does not fit: {largest}")
+            batch_size = min(largest.values())
+        else:
+            batch_size = args.batch_size or SHAPES[name]["batch_size"]
+        shape = {**SHAPES[name], "batch_size": batch_size}
+        results = {impl: run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)]) for impl in impls}
         # a shared machine's speed drifts: the roofline is the best matmul rate seen before and right
         # after the run, so a slow moment of the machine never inflates the fraction
         peak = max(peak, matmul_peak_gflops(args.backend, args.precision))
-        print(f"matmul peak: {peak:.1f} GFLOP/s ({args.precision}, {device_name(args.backend)}, "
-              f"{args.threads} CPU threads)")
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-            results["torch"] = run_child(__file__, ["--impl", "torch", *common])
-        except ImportError:
-            print("(torch/transformers not installed: no reference)")
+        print(f"matmul peak: {peak:.1f} GFLOP/s measured"
+              + (f", {datasheet:.0f} on the datasheet" if datasheet else "")
+              + f" ({args.precision}, {device}, {args.threads} CPU threads)")
         tokens = shape["batch_size"] * shape["block_size"]
         print(header)
         for impl, r in results.items():
             r["tok_s"] = tokens / (r["step_ms"] / 1000)
             r["gflops"] = flops_per_step(shape) / (r["step_ms"] / 1000) / 1e9
+            mfu = f"{r['gflops'] / datasheet:.0%}" if datasheet else "-"
             print(f"{name:<12} {impl:<7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} "
                   f"{r['backward_ms']:>7.1f} {r['optimizer_ms']:>6.1f} {r['gflops']:>8.1f} "
-                  f"{r['gflops'] / peak:>8.0%} {r['peak_mem_mib']:>8.0f}")
+                  f"{r['gflops'] / peak:>8.0%} {mfu:>5} {r['peak_mem_mib']:>8.0f}")
         ours, ref = results["numgpt"], results.get("torch")
         memory_key = "peak_rss_mib" if args.backend == "numpy" else "peak_gpu_mib"
-        row = {"backend": args.backend, "device": device_name(args.backend), "bench": "train",
+        row = {"backend": args.backend, "device": device, "bench": "train",
                "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB},
                "threads": args.threads, "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
                "forward_ms": round(ours["forward_ms"], 2), "backward_ms": round(ours["backward_ms"], 2),
                "optimizer_ms": round(ours["optimizer_ms"], 2), memory_key: round(ours["peak_mem_mib"], 1),
-               "mfu": round(ours["gflops"] / peak, 3), "matmul_peak_gflops": round(peak, 1)}
+               "roofline": round(ours["gflops"] / peak, 3), "matmul_peak_gflops": round(peak, 1)}
+        if datasheet:
+            row.update(mfu=round(ours["gflops"] / datasheet, 3), datasheet_peak_gflops=datasheet)
+        if largest:
+            row.update(largest_batch=largest)
         if ref:
             row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 1),
                        torch_compile=args.torch_compile,
                        memory_ratio_vs_torch=round(ours["peak_mem_mib"] / ref["peak_mem_mib"], 3))
+            if datasheet:
+                row.update(torch_mfu=round(ref["gflops"] / datasheet, 3))
             print(f"{name}: numgpt / torch = {row['ratio_vs_torch']:.2f}x tokens/s, "
                   f"{row['memory_ratio_vs_torch']:.2f}x peak memory")
         if not args.no_save:

@@ -47,9 +47,28 @@ def timed(fn, sync=lambda: None):
     return result, time.perf_counter() - start
 
 
+OUT_OF_MEMORY = 3   # a child's exit status when its device (or host) memory ran out
+
+
+class ChildOutOfMemory(RuntimeError):
+    """A child run that ran out of memory (exit status OUT_OF_MEMORY)."""
+
+
+def is_out_of_memory(error):
+    """Whether `error` says an allocation failed: NumPy's and CuPy's MemoryError, torch's
+    OutOfMemoryError on CUDA and its allocator's error on the CPU (RuntimeErrors), or cuBLAS failing
+    to allocate its workspace."""
+    text = str(error)
+    return (isinstance(error, MemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text
+            or "can't allocate memory" in text)
+
+
 def run_child(script, args):
-    """Run `script` in a fresh Python process (so peak memory is its own) and parse its JSON line."""
+    """Run `script` in a fresh Python process (so peak memory is its own) and parse its JSON line;
+    ChildOutOfMemory when the child exited with OUT_OF_MEMORY."""
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode == OUT_OF_MEMORY:
+        raise ChildOutOfMemory(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "out of memory")
     if out.returncode != 0:
         raise RuntimeError(f"{os.path.basename(script)} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
