@@ -14,7 +14,8 @@
 // through shared memory as float16, MMA_TILE rows at a time. Softmax, lse, D and every sum stay
 // float32, as in FlashAttention-2; the operands q k v, P, dy and dS are rounded to float16 once.
 // MMA_ROWS (query or key rows per block: 4 warps x 16) comes from TC_ROWS in numgpt/kernels.py
-#define MMA_TILE 64                      // rows of the other operand per shared-memory tile
+#define MMA_TILE MMA_ROWS                // rows of the other operand per shared-memory tile: as many as a
+                                         // block's own, so the last tile a block needs starts at its first row
 #define MMA_LD(HS) ((HS) / 2 + 4)        // words per tile row: 4 words of padding put the 8 rows
                                          // that a fragment load reads in different banks
 
