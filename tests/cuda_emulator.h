@@ -5,9 +5,10 @@
 // A fiber runs until it reaches __syncthreads() or a warp shuffle, then yields. __syncthreads()
 // releases the block's fibers when all of them wait there; a shuffle releases a warp when its 32
 // lanes have posted their values (each reads its partner's, then all wait again before the slots
-// are reused). A thread that returns stops counting, as an exited thread does on a GPU. The order
-// in which waiting fibers resume flips at every release, so a read of shared memory that lacks a
-// barrier meets unwritten data in one order or the other. A wait that can never be released (a
+// are reused). A thread that returns stops counting, as an exited thread does on a GPU. Warps run
+// one at a time from one block barrier to the next, and the order of warps and of lanes flips at
+// every release (see run_block), so a read of shared memory that lacks a barrier meets unwritten
+// or overwritten data in one order or the other. A wait that can never be released (a
 // __syncthreads() that some threads skip) ends the launch with an error instead of hanging.
 // What this cannot show: speed, and the device's own rounding (no fused multiply-adds here).
 #pragma once
@@ -126,8 +127,12 @@ inline bool release(int first, int count, State barrier) {
     return true;
 }
 
-// run one block to its end -> false on a deadlock
-inline bool run_block(int threads) {
+// run one block to its end -> false on a deadlock. Between two block barriers the warps run one
+// after another, each as far as it gets (a schedule a GPU may choose: nothing orders warps there),
+// so a warp that lacks a barrier overwrites shared memory that another has not read yet, or reads
+// what another has not written. Which warp goes first flips at every block barrier, and which lane
+// at every warp barrier; odd and even blocks start the other way round.
+inline bool run_block(int threads, bool forward) {
     for (int t = 0; t < threads; ++t) {
         Fiber& f = fibers[t];
         f.state = RUNNING;
@@ -137,20 +142,28 @@ inline bool run_block(int threads) {
         f.context.uc_link = &scheduler;
         makecontext(&f.context, run_fiber, 0);
     }
-    bool forward = true;
+    int warps = (threads + 31) / 32;
+    bool lanes_forward = forward;
     for (;;) {
         bool ran = false;
-        for (int i = 0; i < threads; ++i) {
-            current = forward ? i : threads - 1 - i;
-            thread_idx = fibers[current].index;
-            if (fibers[current].state != RUNNING) continue;
-            ran = true;
-            swapcontext(&scheduler, &fibers[current].context);
+        for (int w = 0; w < warps; ++w) {
+            int first = 32 * (forward ? w : warps - 1 - w), count = std::min(32, threads - first);
+            for (bool warp_ran = true; warp_ran;) {   // this warp, until none of its lanes can go on
+                warp_ran = false;
+                for (int i = 0; i < count; ++i) {
+                    current = first + (lanes_forward ? i : count - 1 - i);
+                    thread_idx = fibers[current].index;
+                    if (fibers[current].state != RUNNING) continue;
+                    warp_ran = ran = true;
+                    swapcontext(&scheduler, &fibers[current].context);
+                }
+                if (release(first, count, AT_WARP_BARRIER)) {
+                    lanes_forward = !lanes_forward;
+                    warp_ran = true;
+                }
+            }
         }
-        bool released = release(0, threads, AT_BLOCK_BARRIER);
-        for (int first = 0; first < threads; first += 32)
-            released = release(first, std::min(32, threads - first), AT_WARP_BARRIER) || released;
-        if (released) forward = !forward;
+        if (release(0, threads, AT_BLOCK_BARRIER)) forward = !forward;
         else if (!ran) break;
     }
     for (int t = 0; t < threads; ++t)
@@ -178,7 +191,7 @@ inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     for (block_idx.z = 0; block_idx.z < grid.z; ++block_idx.z)
         for (block_idx.y = 0; block_idx.y < grid.y; ++block_idx.y)
             for (block_idx.x = 0; block_idx.x < grid.x; ++block_idx.x)
-                if (!run_block(threads) || partial_warp) return 1;
+                if (!run_block(threads, (block_idx.x + block_idx.y + block_idx.z) % 2 == 0) || partial_warp) return 1;
     return 0;
 }
 

@@ -582,3 +582,48 @@ extern "C" __global__ void rotate(const REAL* x, REAL* y) {
         x, y = random(np, (64,), "float32", seed), np.zeros(64, dtype=np.float32)
         kernel((1,), (64,), (x, y))
         assert np.array_equal(y, np.roll(x, -1)) == bool(barrier)
+
+
+@needs_compiler
+@pytest.mark.parametrize("barrier", ["__syncthreads();", ""])
+def test_the_emulator_exposes_a_tile_overwritten_before_every_warp_read_it(barrier):
+    """A loop that refills a shared tile needs a barrier at its top too, or a warp that runs ahead
+    overwrites what another warp has still to read. Warp shuffles between the reads keep each
+    warp's lanes together but not the warps: the emulator runs one warp ahead (the control fails)."""
+    source = kernels.source("float32") + r"""
+extern "C" __global__ void two_tiles(const REAL* x, REAL* y) {
+    __shared__ REAL tile[64];
+    for (int start = 0; start < 128; start += 64) {
+        BARRIER
+        tile[threadIdx.x] = x[start + threadIdx.x];
+        __syncthreads();
+        REAL other = warp_sum(tile[(threadIdx.x + 32) % 64]);   // the other warp's half, summed
+        y[start + threadIdx.x] = other;
+    }
+}""".replace("BARRIER", barrier)
+    kernel = cuda_emulator.kernel_from(source, "two_tiles")
+    x, y = random(np, (128,), "float32", 0), np.zeros(128, dtype=np.float32)
+    kernel((1,), (64,), (x, y))
+    halves = x.reshape(2, 2, 32).sum(-1, dtype=np.float64)              # (tile, warp)
+    expected = np.repeat(halves[:, ::-1], 32, axis=1).reshape(128)   # each warp sums the other's half
+    assert np.allclose(y, expected, rtol=1e-5) == bool(barrier)
+
+
+ATTENTION_FILES = {"flash_attention.cu": lambda: test_flash_attention_kernels_match_their_twin(np, "float32", 130, 1, 64),
+                   "tensor_core_attention.cu": lambda: test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64)}
+
+
+@needs_compiler
+@pytest.mark.parametrize("file, barrier", [(file, i) for file in ATTENTION_FILES
+                                           for i in range((kernels.CUDA_DIR / file).read_text().count("__syncthreads();"))])
+def test_every_barrier_of_the_attention_kernels_is_needed(monkeypatch, file, barrier):
+    """Negative controls: without any one of the attention kernels' barriers their comparison
+    fails, under the emulator: a warp reads a tile before the others have filled it, or refills it
+    before they are done with it."""
+    text = (kernels.CUDA_DIR / file).read_text()
+    offset = kernels.SOURCE.index(text)
+    for _ in range(barrier + 1):
+        offset = kernels.SOURCE.index("__syncthreads();", offset + 1)
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE[:offset] + kernels.SOURCE[offset + len("__syncthreads();"):])
+    with cuda_emulator.emulated(), pytest.raises(AssertionError):
+        ATTENTION_FILES[file]()
