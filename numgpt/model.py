@@ -154,17 +154,20 @@ class GPT:
         reading it would make the host wait for the whole forward (the trainer reads it once a step).
         """
         cfg, p = self.config, self.params
-        idx = self._as_ids(idx, "idx")
+        # checked (and the targets counted) where they are: on the host that is no wait for the GPU
+        where = lambda ids: array_module(ids) if hasattr(ids, "shape") else np
+        idx = self._as_ids(idx, "idx", xp=where(idx))
         B, T = idx.shape
         n_valid = None
         if targets is not None:
-            # checked and counted where they are (on the host, that is no wait for the GPU), then moved
-            targets = self._as_ids(targets, "targets", xp=array_module(targets) if hasattr(targets, "shape") else np,
-                                   allow_ignore=True)
+            targets = self._as_ids(targets, "targets", xp=where(targets), allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
             n_valid = int((targets != IGNORE_INDEX).sum())
+            if self.xp is not np and array_module(idx) is np and array_module(targets) is np:
+                idx, targets = to_device(np.stack([idx, targets]), self.xp)   # the batch in one transfer
             targets = to_device(targets, self.xp)
+        idx = to_device(idx, self.xp)
         rng = device_rng(self.xp, self.dropout_rng) if self.training and cfg.dropout > 0 else None
 
         x, emb_cache = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])      # (B,T,C)

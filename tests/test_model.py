@@ -173,6 +173,22 @@ def test_the_loss_can_stay_on_the_device(backend, monkeypatch):
     assert float(loss) == loss_float and counted == [13, 13]
 
 
+def test_a_host_batch_reaches_the_model_in_one_transfer(backend, monkeypatch):
+    """forward(x, y) with both on the host checks them there and moves them to a GPU model in one
+    copy (the pair stacked), not one per array; a NumPy model copies nothing."""
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(config, backend=backend)
+    idx, targets = batch(config, 2, 8, np.random.default_rng(0))
+    moved = []
+    to_device = numgpt.model.to_device
+    monkeypatch.setattr(numgpt.model, "to_device", lambda x, xp, dtype=None: (
+        moved.append(x.shape) if isinstance(x, np.ndarray) and xp is not np else None) or to_device(x, xp, dtype))
+    _, loss = model.forward(idx, targets)
+    assert moved == ([] if backend == "numpy" else [(2, 2, 8)])
+    monkeypatch.undo()
+    assert loss == model.forward(to_device(idx, model.xp), to_device(targets, model.xp))[1]
+
+
 def test_float32_agrees_with_float64(backend):
     config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
     m32, m64 = (GPT(config, backend=backend, dtype=d, seed=1) for d in ("float32", "float64"))
