@@ -165,7 +165,8 @@ class GPT:
                 raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
             n_valid = int((targets != IGNORE_INDEX).sum())
             if self.xp is not np and array_module(idx) is np and array_module(targets) is np:
-                idx, targets = to_device(np.stack([idx, targets]), self.xp)   # the batch in one transfer
+                # the batch in one transfer, asynchronous: CuPy stages it through pinned memory
+                idx, targets = to_device(np.stack([idx, targets]), self.xp)
             targets = to_device(targets, self.xp)
         idx = to_device(idx, self.xp)
         rng = device_rng(self.xp, self.dropout_rng) if self.training and cfg.dropout > 0 else None
