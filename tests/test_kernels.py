@@ -473,7 +473,7 @@ def test_classifier_with_the_kernel_matches_its_twin(xp, dtype, monkeypatch):
     """The chunked classifier (three chunks) gives the same loss and gradients with the fused kernel
     as with its twin, which skips the max by the logits' bound: the two shift differently."""
     import numgpt.layers.classifier as classifier
-    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", 3 * 300)
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(("numpy", "cupy"), 3 * 300))
     x, w = random(xp, (8, 16), dtype, 0), random(xp, (300, 16), dtype, 1)
     targets = xp.asarray([3, 299, IGNORE_INDEX, 0, 3, 150, 7, 8])
     fused, twin = fused_and_twin(lambda a: classifier_forward(a, w, targets, return_logits=True), x)

@@ -7,14 +7,18 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 """
 
 from numgpt import kernels
-from numgpt.backend import array_module, scatter_add
+from numgpt.backend import array_module, backend_name, scatter_add
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.precision import matmul, matmul_operand, using_half_matmuls
 
-# Logits per chunk, at most: 128 MiB in float32. Measured on a 2-core CPU at V = 50257, the
-# matmuls with one chunk run at ~20 GFLOP/s for 128 rows and ~95 for 512 (BLAS needs tall
-# operands), while a quarter of a 2048-row batch's logits is memory we can spare.
-CHUNK_ELEMENTS = 1 << 25
+# Logits per chunk, at most, by backend. CPU: 128 MiB in float32. Measured on a 2-core CPU at
+# V = 50257, the matmuls with one chunk run at ~20 GFLOP/s for 128 rows and ~95 for 512 (BLAS
+# needs tall operands), while a quarter of a 2048-row batch's logits is memory we can spare.
+# GPU: 1 GiB, so GPT-2's 16 x 1024 positions take 4 chunks, not 25. Each chunk after the first
+# adds its share into dw, a pass that moves 3 x 154 MB of (V,C) gradient: on an H100 about half
+# the time of the chunk's three fp16 products (a twentieth of fp32's). 1 GiB is little beside
+# torch's whole (N,V) logits. (A choice from that arithmetic, not yet timed on a GPU.)
+CHUNK_ELEMENTS = {"numpy": 1 << 25, "cupy": 1 << 28}
 
 
 def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=None, return_logits=True,
@@ -49,7 +53,7 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=No
     # float16's 65504, so with float16 matmuls the max is always subtracted (exps <= 1). The GPU's
     # fused kernel finds the max at no extra cost, and the bound would cost a wait for the device.
     bound = None if using_half_matmuls() or kernels.enabled(xp) else logits_bound(x, w)
-    n_chunks = -(-N * V // CHUNK_ELEMENTS)                       # ceil: as few chunks as fit the budget
+    n_chunks = -(-N * V // CHUNK_ELEMENTS[backend_name(xp)])     # ceil: as few chunks as fit the budget
     chunk = -(-N // n_chunks)                                     # equal chunks: no thin, slow remainder
     # one buffer for every chunk's logits and one for its share of dw, reused: a fresh large array
     # per chunk would cost the kernel a page fault for each of its pages, every step
