@@ -13,9 +13,9 @@ appends rows to bench/results.jsonl. Two fractions of a peak: `roofline`, agains
 rate measured here in the same run (sgemm on the CPU; on the GPU cuBLAS in the chosen precision),
 and on GPUs whose datasheet we know `mfu`, against its dense peak (PaLM's model FLOPs utilization).
 On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls, or autocast to float16 with a
-GradScaler; --torch-compile compiles its model as well. `--batch-size max` first finds, for each
-side, the largest batch of 8, 16, 32, ... (from the shape's) that runs without running out of memory,
-and compares them at the largest that fits both.
+GradScaler; --torch-compile compiles its model as well. `--batch-size max` runs each side with
+batches of 8, 16, 32, ... (from the shape's) until it runs out of memory, and compares them at the
+largest that fits both.
 """
 
 import argparse
@@ -39,9 +39,10 @@ VOCAB = 50257
 # dense peak TFLOP/s from NVIDIA's datasheets (their tensor-core figures "with sparsity", halved), by a
 # part of the name CUDA reports; the first match wins, so a variant comes before its family
 DATASHEET_TFLOPS = (
-    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "fp16": 756.0}),
+    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "fp16": 756.5}),
     ("H100 NVL", {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5}),
     ("H200 NVL", {"fp32": 60.0, "tf32": 417.5, "fp16": 835.5}),
+    ("GH200", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}),   # its H100 (or H200) part
     ("H100", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}),   # SXM
     ("H200", {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}),   # SXM
     ("A100", {"fp32": 19.5, "tf32": 156.0, "fp16": 312.0}),
@@ -70,6 +71,9 @@ def matmul_peak_gflops(backend="numpy", precision="fp32", repeats=10):
     sync = device_sync(backend)
     a @ b
     best = min(timed(lambda: a @ b, sync)[1] for _ in range(repeats))
+    if backend != "numpy":   # hand the pool's blocks back: the children need the GPU's memory
+        del a, b
+        xp.get_default_memory_pool().free_all_blocks()
     return 2 * n ** 3 / best / 1e9
 
 
@@ -245,25 +249,25 @@ def batch_size_arg(text):
     return value
 
 
-def child_args(name, args, batch_size, steps=None, warmup=None):
+def child_args(name, args, batch_size):
     """The command line of a child run of shape `name` (its batch size `batch_size`)."""
-    return ["--shape", name, "--steps", str(steps or args.steps), "--warmup", str(warmup or args.warmup),
+    return ["--shape", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--threads", str(args.threads), "--backend", args.backend, "--precision", args.precision,
             "--batch-size", str(batch_size), *(["--torch-compile"] if args.torch_compile else [])]
 
 
-def largest_batch(impl, name, args, start):
-    """The largest of start, 2 start, 4 start, ... with which `impl` runs two steps of shape `name`
-    without running out of memory (None when even `start` does not fit)."""
-    fits, batch_size = None, start
+def results_until_out_of_memory(impl, name, args, start):
+    """{batch size: result} of `impl` at shape `name` with batch sizes start, 2 start, 4 start, ...,
+    each a whole benchmark run, until one runs out of memory (an empty dict when `start` does)."""
+    results, batch_size = {}, start
     while True:
         try:
-            run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size, steps=1, warmup=1)])
+            results[batch_size] = run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)])
         except ChildOutOfMemory:
             print(f"{impl}: batch size {batch_size} runs out of memory")
-            return fits
+            return results
         print(f"{impl}: batch size {batch_size} fits")
-        fits, batch_size = batch_size, 2 * batch_size
+        batch_size *= 2
 
 
 def main():
@@ -304,15 +308,24 @@ def main():
              f"{'GFLOP/s':>8} {'roofline':>8} {'MFU':>5} {memory:>8}"
     for name in args.shape or CPU_SHAPES:
         largest = None
-        if args.batch_size == "max":
-            largest = {impl: largest_batch(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
-            if None in largest.values():
-                sys.exit(f"{name}: the shape's batch size {SHAPES[name]['batch_size']} does not fit: {largest}")
-            batch_size = min(largest.values())
+        if args.batch_size == "max":   # every size that fits is a whole run: the comparison needs no other
+            runs = {impl: results_until_out_of_memory(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
+            largest = {impl: max(sizes, default=None) for impl, sizes in runs.items()}
+            both = set.intersection(*(set(sizes) for sizes in runs.values()))
+            if not both:
+                print(f"{name}: batch size {SHAPES[name]['batch_size']} does not fit every side {largest}: skipped")
+                continue
+            batch_size = max(both)
+            results = {impl: sizes[batch_size] for impl, sizes in runs.items()}
         else:
             batch_size = args.batch_size or SHAPES[name]["batch_size"]
+            try:
+                results = {impl: run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)])
+                           for impl in impls}
+            except ChildOutOfMemory as error:
+                print(f"{name}: {error}; try a smaller --batch-size, or --batch-size max: skipped")
+                continue
         shape = {**SHAPES[name], "batch_size": batch_size}
-        results = {impl: run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)]) for impl in impls}
         # a shared machine's speed drifts: the roofline is the best matmul rate seen before and right
         # after the run, so a slow moment of the machine never inflates the fraction
         peak = max(peak, matmul_peak_gflops(args.backend, args.precision))

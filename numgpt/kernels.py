@@ -6,8 +6,11 @@ The kernels read their inputs once and write their outputs once. Each has a twin
 of its layer, which runs on CuPy too when kernels are off, and which tests/test_kernels.py
 compares it against (float32 and float64), on a GPU and on the CPU through a CUDA emulator.
 
-The CUDA source is in numgpt/cuda, one file per concern; this module launches it:
+The CUDA source is in numgpt/cuda, one file per concern; the functions of this module launch
+its kernels (those of multi_array.cu are named *_chunks, the attention's flash_attention_* and
+tc_attention_*):
 
+    file             functions here                       how the work is split
     gelu.cu          gelu_forward, gelu_backward          elementwise, one thread per element
     layernorm.cu     layernorm_forward, layernorm_dx      one warp (32 threads) per row of C
     softmax.cu       causal_softmax, softmax_backward     one warp per row of attention scores

@@ -9,7 +9,9 @@
 // one at a time from one block barrier to the next, and the order of warps and of lanes flips at
 // every release (see run_block), so a read of shared memory that lacks a barrier meets unwritten
 // or overwritten data in one order or the other. A wait that can never be released (a
-// __syncthreads() that some threads skip) ends the launch with an error instead of hanging.
+// __syncthreads() that some threads skip) ends the launch with an error instead of hanging. Nothing
+// preempts a fiber: a warp that waits for another warp's write must shuffle while it waits (after
+// RUN_AHEAD warp barriers the other warps run); a loop with neither shuffle nor barrier spins forever.
 // What this cannot show: speed, and the device's own rounding (no fused multiply-adds here).
 #pragma once
 
@@ -132,6 +134,8 @@ inline bool release(int first, int count, State barrier) {
 // so a warp that lacks a barrier overwrites shared memory that another has not read yet, or reads
 // what another has not written. Which warp goes first flips at every block barrier, and which lane
 // at every warp barrier; odd and even blocks start the other way round.
+constexpr int RUN_AHEAD = 1 << 16;
+
 inline bool run_block(int threads, bool forward) {
     for (int t = 0; t < threads; ++t) {
         Fiber& f = fibers[t];
@@ -148,7 +152,10 @@ inline bool run_block(int threads, bool forward) {
         bool ran = false;
         for (int w = 0; w < warps; ++w) {
             int first = 32 * (forward ? w : warps - 1 - w), count = std::min(32, threads - first);
-            for (bool warp_ran = true; warp_ran;) {   // this warp, until none of its lanes can go on
+            // this warp, until none of its lanes can go on, or for at most RUN_AHEAD warp barriers: a
+            // warp that waits (shuffling) for another warp's write must let that warp run
+            bool warp_ran = true;
+            for (int turns = 0; warp_ran && turns < RUN_AHEAD; ++turns) {
                 warp_ran = false;
                 for (int i = 0; i < count; ++i) {
                     current = first + (lanes_forward ? i : count - 1 - i);

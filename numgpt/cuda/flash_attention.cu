@@ -1,4 +1,5 @@
 // Causal attention without the (T,T) matrix: FlashAttention (Dao et al. 2022), in plain FMAs.
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
 // qkv (B,T,3C) as the c_attn layer makes it: q, k, v of head h start at columns h hs, C + h hs and
 // 2C + h hs of each row. A block holds one (batch, head) and a run of query (or key) rows; the G
 // threads of a row hold its dims d = part, part + G, ... (at most DIMS each) in registers, and their

@@ -1,4 +1,5 @@
 // GELU, the tanh approximation GPT-2 uses; one thread per element, a grid-stride loop.
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
 #define GELU_SCALE ((REAL)0.79788456080286541)   // sqrt(2/pi)
 #define GELU_CUBIC ((REAL)0.044715)
 

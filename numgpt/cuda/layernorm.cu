@@ -1,3 +1,6 @@
+// Layernorm: the forward, and the backward's dx (dw and db are column sums: numgpt/layers/layernorm.py).
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
+
 // one warp per row of x (N,C): xhat = (x - mean) * rstd, y = xhat * w + b, rstd = 1 / sqrt(var + eps);
 // without a bias (has_bias 0) b is never read
 extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const REAL* b, int has_bias, REAL* y,

@@ -1,6 +1,7 @@
 // The multi-array kernels: one launch works on many arrays (every parameter of a model, or every
 // gradient) instead of one launch per array. Block b does row b of a table the host built once
 // (_chunk_table): the address of one chunk of each array, the chunk's length n, and a tag.
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
 #define CHUNK_ROW(table, arrays) (table + (long long)blockIdx.x * ((arrays) + 2))
 #define CHUNK_ARRAY(row, k) ((REAL*)(row)[k])
 

@@ -1,3 +1,6 @@
+// Softmaxes: the attention's causal one and its backward, and the cross-entropy's parts.
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
+
 // in place, one warp per row of scores (rows, Tk); row i of each (Tq, Tk) matrix is position
 // Tk - Tq + i and sees columns <= it: softmax over those, 0 beyond
 extern "C" __global__ void causal_softmax(REAL* s, long long rows, int Tq, int Tk) {

@@ -1,4 +1,5 @@
 // Causal attention on tensor cores: FlashAttention-2 (Dao 2023) with float16 operands.
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
 #if REAL_IS_FLOAT   // float32 arrays only (what --precision fp16 trains in)
 // For --precision fp16. Each matrix product of the attention (S = q k^T, y = P v and the backward's
 // five) is a sequence of mma.sync.m16n8k16: one warp multiplies a 16x16 float16 tile A by a 16x8

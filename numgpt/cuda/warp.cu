@@ -1,5 +1,6 @@
 // Sums and maxima across the lanes of a warp, through shuffles: no shared memory, no barrier.
 // Every lane passes its value and gets the result back.
+// Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
 
 template <class F> __device__ __forceinline__ F warp_sum(F v) {   // REAL, or double for a float sum
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
