@@ -1,6 +1,6 @@
 // Enough of CUDA's execution model to run numgpt's kernels on a CPU, in one OS thread.
 //
-// Each CUDA thread of a block is a fiber (a ucontext with its own stack); the blocks of a grid run
+// Each CUDA thread of a block is a fiber (a stack of its own); the blocks of a grid run
 // one after another, so a __shared__ array (a static local here) belongs to one block at a time.
 // A fiber runs until it reaches __syncthreads() or a warp shuffle, then yields. __syncthreads()
 // releases the block's fibers when all of them wait there; a shuffle releases a warp when its 32
@@ -15,6 +15,11 @@
 // What this cannot show: speed, and the device's own rounding (no fused multiply-adds here).
 #pragma once
 
+// Fibers switch with _setjmp/_longjmp, which save no signal mask and so make no system call
+// (swapcontext makes two per switch: most of a launch's time). ucontext only starts a fiber. A
+// fortified longjmp refuses to jump to another stack, so this must come before any include.
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -31,22 +36,25 @@ namespace emu {
 enum State { RUNNING, AT_BLOCK_BARRIER, AT_WARP_BARRIER, EXITED };
 
 struct Fiber {
-    ucontext_t context;
+    ucontext_t start;           // how a fresh fiber begins (makecontext)
+    jmp_buf resume;             // where a started fiber goes on
+    bool started = false;       // false: the next switch to it begins fiber_main afresh
     std::vector<char> stack = std::vector<char>(256 * 1024);
     dim3 index;
     State state = RUNNING;
 };
 
 inline dim3 grid_dim, block_dim, block_idx, thread_idx;
-inline std::vector<Fiber> fibers;
+inline std::vector<Fiber> fibers;   // grows to the largest block launched, never shrinks: stacks are reused
+inline int block_threads = 0;        // the threads of the block running now: fibers[0 .. block_threads)
 inline int current = 0;
-inline ucontext_t scheduler;
+inline jmp_buf scheduler;
 inline const std::function<void()>* kernel_body = nullptr;
 inline double warp_slots[1024];   // one slot per thread of the block: wide enough for float, double, int
 
 inline void wait(State reason) {
     fibers[current].state = reason;
-    swapcontext(&fibers[current].context, &scheduler);
+    if (!_setjmp(fibers[current].resume)) _longjmp(scheduler, 1);
 }
 
 inline void syncthreads() { wait(AT_BLOCK_BARRIER); }
@@ -89,7 +97,7 @@ inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
     std::memcpy(mma_b_slots[me], b, sizeof mma_b_slots[me]);
     wait(AT_WARP_BARRIER);
     for (int lane = first; lane < first + 32; ++lane)   // an exited lane's slots hold stale fragments
-        if (lane >= (int)fibers.size() || fibers[lane].state == EXITED) {
+        if (lane >= block_threads || fibers[lane].state == EXITED) {
             if (!partial_warp) std::fprintf(stderr, "cuda emulator: mma.sync without all 32 lanes of warp %d\n", me / 32);
             partial_warp = true;
         }
@@ -109,10 +117,28 @@ inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
     std::memcpy(c, d, sizeof d);
 }
 
-inline void run_fiber() {
-    thread_idx = fibers[current].index;
-    (*kernel_body)();
-    fibers[current].state = EXITED;   // returning resumes the scheduler (uc_link)
+// a fiber runs the kernel once per block: after the body it waits as EXITED, and the next block
+// (or launch) that sets it RUNNING again sends it round the loop
+inline void fiber_main() {
+    for (;;) {
+        thread_idx = fibers[current].index;
+        (*kernel_body)();
+        wait(EXITED);
+    }
+}
+
+// from the scheduler to fiber `current`, until it waits
+inline void switch_to_current() {
+    Fiber& f = fibers[current];
+    if (_setjmp(scheduler)) return;
+    if (f.started) _longjmp(f.resume, 1);
+    f.started = true;
+    getcontext(&f.start);
+    f.start.uc_stack.ss_sp = f.stack.data();
+    f.start.uc_stack.ss_size = f.stack.size();
+    f.start.uc_link = nullptr;   // fiber_main never returns
+    makecontext(&f.start, fiber_main, 0);
+    setcontext(&f.start);
 }
 
 // release the waiters of a barrier whose every live member waits: the block, or a warp
@@ -137,15 +163,7 @@ inline bool release(int first, int count, State barrier) {
 constexpr int RUN_AHEAD = 1 << 16;
 
 inline bool run_block(int threads, bool forward) {
-    for (int t = 0; t < threads; ++t) {
-        Fiber& f = fibers[t];
-        f.state = RUNNING;
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack.data();
-        f.context.uc_stack.ss_size = f.stack.size();
-        f.context.uc_link = &scheduler;
-        makecontext(&f.context, run_fiber, 0);
-    }
+    for (int t = 0; t < threads; ++t) fibers[t].state = RUNNING;
     int warps = (threads + 31) / 32;
     bool lanes_forward = forward;
     for (;;) {
@@ -162,7 +180,7 @@ inline bool run_block(int threads, bool forward) {
                     thread_idx = fibers[current].index;
                     if (fibers[current].state != RUNNING) continue;
                     warp_ran = ran = true;
-                    swapcontext(&scheduler, &fibers[current].context);
+                    switch_to_current();
                 }
                 if (release(first, count, AT_WARP_BARRIER)) {
                     lanes_forward = !lanes_forward;
@@ -173,14 +191,17 @@ inline bool run_block(int threads, bool forward) {
         if (release(0, threads, AT_BLOCK_BARRIER)) forward = !forward;
         else if (!ran) break;
     }
+    bool deadlocked = false;
     for (int t = 0; t < threads; ++t)
         if (fibers[t].state != EXITED) {
-            std::fprintf(stderr, "cuda emulator: deadlock in block (%u,%u,%u): thread %d waits at a barrier that "
-                         "not every live thread of its block or warp reaches\n", block_idx.x, block_idx.y,
-                         block_idx.z, t);
-            return false;   // the waiting fibers are abandoned: their stacks are reused by the next launch
+            if (!deadlocked)
+                std::fprintf(stderr, "cuda emulator: deadlock in block (%u,%u,%u): thread %d waits at a barrier that "
+                             "not every live thread of its block or warp reaches\n", block_idx.x, block_idx.y,
+                             block_idx.z, t);
+            deadlocked = true;
+            fibers[t].started = false;   // abandoned mid-kernel: it begins afresh on its stack next time
         }
-    return true;
+    return !deadlocked;
 }
 
 // run body as kernel<<<grid, block>>> -> 0, or 1 when a block deadlocked, an mma lacked lanes or the
@@ -192,7 +213,8 @@ inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     block_dim = block;
     kernel_body = &body;
     partial_warp = false;
-    fibers.resize(threads);
+    block_threads = threads;
+    if ((int)fibers.size() < threads) fibers.resize(threads);
     for (int t = 0; t < threads; ++t)
         fibers[t].index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
     for (block_idx.z = 0; block_idx.z < grid.z; ++block_idx.z)
