@@ -1,4 +1,4 @@
-"""Shared fixtures: every test that takes `xp` runs on NumPy, and on CuPy where a GPU is present."""
+"""Shared fixtures: every test that takes `xp` runs on NumPy and on CuPy (a stand-in where there is no GPU)."""
 
 import os
 import sys
@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+import cuda_emulator
+import cupy_standin
 from numgpt.backend import cupy_available, get_xp
 
 # train.py and sample.py live at the repository root, beside the package
@@ -19,14 +21,22 @@ settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.skipif(not cupy_available(),
-                                                                     reason="CuPy with a GPU is not available"))]
+# "cupy" runs on the GPU where there is one, else on tests/cupy_standin.py: CuPy's rules on NumPy
+# arrays, with the CUDA kernels run by tests/cuda_emulator.py (so it needs a C++ compiler)
+GPU = cupy_available()
+BACKENDS = ["numpy", pytest.param("cupy", id="cupy" if GPU else "cupy-standin", marks=pytest.mark.skipif(
+    not GPU and cuda_emulator.compiler() is None, reason="no GPU, and no C++ compiler for the CuPy stand-in"))]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """The backend name, "numpy" or "cupy"."""
-    return request.param
+    if request.param == "cupy" and not GPU:
+        with pytest.MonkeyPatch.context() as patch:   # its own: a test's monkeypatch.undo() leaves it
+            cupy_standin.install(patch)
+            yield request.param
+    else:
+        yield request.param
 
 
 @pytest.fixture

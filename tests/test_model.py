@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import numgpt
 import numgpt.model
 from gradcheck import gradient_mismatches
-from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, no_decay_names
+from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, kernels, no_decay_names
 from numgpt.backend import to_device, to_numpy
 from numgpt.layers.activations import ACTIVATIONS
 from numgpt.layers.embedding import embedding_backward
@@ -101,7 +101,8 @@ def test_model_check_catches_fancy_index_embedding(backend, case, seed, monkeypa
         return dwte, dwpe
 
     monkeypatch.setattr(numgpt.model, "embedding_backward", fancy_index_backward)
-    assert "wte.weight" in model_mismatches(model, idx, targets, rng, max_coords=64)
+    with kernels.disabled():   # they play no part in the bug; under the GPU emulator they would cost a minute
+        assert "wte.weight" in model_mismatches(model, idx, targets, rng, max_coords=64)
 
 
 def test_causality(backend):

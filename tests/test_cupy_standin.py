@@ -1,0 +1,90 @@
+"""The CuPy stand-in refuses what CuPy refuses: otherwise the CuPy runs of the other tests would
+prove nothing about the GPU path. Each rule is shown failing on the mistake it exists to catch."""
+
+import numpy as np
+import pytest
+
+import cuda_emulator
+import cupy_standin
+import numgpt.backend
+import numgpt.model
+from numgpt import GPT, GPTConfig, kernels
+from numgpt.backend import to_device, to_numpy
+from numgpt.layers.activations import gelu_forward
+
+pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+
+
+@pytest.fixture
+def cp(monkeypatch):
+    cupy_standin.install(monkeypatch)
+    return cupy_standin.cupy
+
+
+def test_no_implicit_conversion_to_numpy(cp):
+    x = cp.arange(3.0)
+    for implicit in (np.asarray, np.array, lambda a: np.float64(1.0) * np.ones(3) + a):
+        with pytest.raises(TypeError):
+            implicit(x)
+    np.testing.assert_array_equal(x.get(), [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(cp.asnumpy(x), [0.0, 1.0, 2.0])
+    assert cupy_standin.transfers["to_host"] == 2
+
+
+def test_no_mixing_with_numpy_arrays(cp):
+    x, host = cp.ones(3), np.ones(3)
+    for mixed in (lambda: x + host, lambda: host * x, lambda: cp.exp(host), lambda: cp.concatenate([x, host]),
+                  lambda: cp.matmul(x, host), lambda: x.__setitem__(slice(None), host)):
+        with pytest.raises((TypeError, ValueError)):
+            mixed()
+    assert float((x + np.float32(2.0) + 1).sum()) == 12.0    # scalars are fine
+    x[:] = cp.asarray(host) * 2                               # an explicit copy is fine
+    assert x.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_results_stay_on_the_device(cp):
+    x = cp.arange(6.0).reshape(2, 3)
+    for result in (x.sum(), x[1, 2], cp.max(x), np.sum(x), x.mean(axis=None)):
+        assert isinstance(result, cp.ndarray) and result.shape == ()
+    with pytest.raises(TypeError):
+        list(range(10))[x.argmax()]                          # a 0-d array is not an index
+    assert int(x.argmax()) == 5
+
+
+def test_only_what_cupy_has(cp):
+    with pytest.raises(AttributeError):
+        cp.float_power_of_two                                # no such function
+    with pytest.raises(AttributeError):
+        cp.ones(2).tofile_numpy                              # no such method
+    assert np.lib is not None and not hasattr(cp, "lib")     # NumPy's submodules are not CuPy's
+    assert cp.get_array_module(cp.ones(1)) is cp and cp.get_array_module(np.ones(1)) is np
+
+
+def test_kernels_run_on_stand_in_arrays(cp):
+    x = cp.asarray(np.linspace(-3.0, 3.0, 1000, dtype=np.float32))
+    y, _ = gelu_forward(x)                                   # through the kernel: arrays of the stand-in
+    assert isinstance(y, cp.ndarray)
+    with kernels.disabled():
+        twin, _ = gelu_forward(x)
+    np.testing.assert_allclose(y.get(), twin.get(), rtol=2e-6, atol=1e-7)
+    with pytest.raises(TypeError):
+        kernels._kernel("gelu_forward", np.float32)((1,), (256,), (np.ones(4, np.float32), x, np.int64(4)))
+
+
+def test_the_stand_in_catches_a_host_conversion_in_library_code(cp, monkeypatch, tmp_path):
+    """Negative control: save_pretrained with np.asarray where to_numpy belongs fails on CuPy."""
+    model = GPT(GPTConfig(vocab_size=32, block_size=4, n_layer=1, n_head=1, n_embd=4), backend="cupy")
+    model.save_pretrained(tmp_path / "good")
+    monkeypatch.setattr(numgpt.model, "to_numpy", np.asarray)
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        model.save_pretrained(tmp_path / "bad")
+
+
+def test_transfers_are_counted(cp):
+    x = to_device(np.ones(4), cp)
+    assert cupy_standin.transfers == {"to_device": 1}
+    x[np.array([0, 2])] = 0.0                               # a host index array is copied over too
+    assert cupy_standin.transfers == {"to_device": 2}
+    assert to_numpy(x).tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert cupy_standin.transfers == {"to_device": 2, "to_host": 1}
+    assert numgpt.backend.cupy_available()
