@@ -9,7 +9,7 @@
 import math
 
 from numgpt import foreach, kernels
-from numgpt.backend import array_module, backend_name
+from numgpt.backend import array_module, backend_name, to_device
 from numgpt.errors import ConfigError
 
 # On the CPU each parameter is updated in blocks of this many elements: the dozen elementwise
@@ -128,13 +128,15 @@ class AdamW:
         return {"step": self.step_count, "m": self.m, "v": self.v}
 
     def load_state_dict(self, state):
-        """Restore a state_dict() in place (arrays are copied into this optimizer's buffers)."""
+        """Restore a state_dict() in place (arrays, from the host or the device, are copied into this
+        optimizer's buffers)."""
         if set(state["m"]) != set(self.m) or set(state["v"]) != set(self.v):
             raise ConfigError("optimizer state does not match the model's parameters")
         self.step_count = int(state["step"])
-        for name in self.m:
-            self.m[name][...] = state["m"][name]
-            self.v[name][...] = state["v"][name]
+        for moments, saved in ((self.m, state["m"]), (self.v, state["v"])):
+            for name, buffer in moments.items():
+                # CuPy copies a host array into device memory only when asked (to_device)
+                buffer[...] = to_device(saved[name], array_module(buffer))
 
 
 def clip_grad_norm(grads, max_norm):

@@ -84,8 +84,9 @@ def test_streams_the_same_text_no_stream_prints_whole(ckpt, capsys, monkeypatch)
     assert whole.startswith("Once upon a time") and whole.endswith(f"\n{sample.SEPARATOR}\n")
 
 
-def test_samples_follow_the_seed(ckpt, capsys):
-    argv = ["--ckpt", ckpt, "--prompt", "Hi", "--max-new-tokens", "8", "--num-samples", "2", "--no-stop-at-eot"]
+def test_samples_follow_the_seed(ckpt, capsys, backend):
+    argv = ["--ckpt", ckpt, "--prompt", "Hi", "--max-new-tokens", "8", "--num-samples", "2", "--no-stop-at-eot",
+            "--backend", backend]
     _, a, _ = run(capsys, *argv, "--seed", "1")
     _, b, _ = run(capsys, *argv, "--seed", "1")
     _, c, _ = run(capsys, *argv, "--seed", "2")
@@ -144,9 +145,9 @@ def test_show_tokens_prints_the_bpe_pieces(ckpt, capsys):
     assert "prompt: 2 tokens" in out and "15496  'Hello'" in out and "995  ' world'" in out
 
 
-def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys):
+def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys, backend):
     code, out, _ = run(capsys, "--ckpt", ckpt, "--prompt", "Hi", "--show-probs", "--top-k", "3",
-                       "--max-new-tokens", "4", "--seed", "0", "--no-stop-at-eot")
+                       "--max-new-tokens", "4", "--seed", "0", "--no-stop-at-eot", "--backend", backend)
     assert code == 0
     lines = out.splitlines()
     rows = lines[1:5]
@@ -157,11 +158,11 @@ def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys):
     assert lines[5].startswith("Hi")                                     # then the text itself
 
 
-def test_attention_png(ckpt, capsys, tmp_path):
+def test_attention_png(ckpt, capsys, tmp_path, backend):
     pytest.importorskip("matplotlib")
     png = tmp_path / "attention.png"
     code, _, err = run(capsys, "--ckpt", ckpt, "--prompt", "The cat sat", "--attention-png", str(png),
-                       "--max-new-tokens", "0")
+                       "--max-new-tokens", "0", "--backend", backend)
     assert code == 0 and "2 layers x 2 heads over 3 prompt tokens" in err
     assert png.read_bytes().startswith(b"\x89PNG")
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cupy_standin
 import numgpt.checkpoint
 import numgpt.training
 import train
+from conftest import GPU
 from numgpt import GPT, GPTConfig
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
@@ -47,9 +49,9 @@ def step_losses(out_dir):
     return {r["step"]: r["loss"] for r in log_rows(out_dir) if "loss" in r}
 
 
-def test_a_run_writes_log_checkpoint_and_plot(tmp_path, cache_dir, capsys):
+def test_a_run_writes_log_checkpoint_and_plot(tmp_path, cache_dir, capsys, backend):
     assert run(tmp_path, cache_dir, "--max-iters", "4", "--eval-interval", "2", "--num-samples", "1",
-               "--sample-tokens", "8") == 0
+               "--sample-tokens", "8", "--backend", backend) == 0
     rows = log_rows(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
@@ -63,8 +65,8 @@ def test_a_run_writes_log_checkpoint_and_plot(tmp_path, cache_dir, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
-def test_resume_is_exact_with_dropout(tmp_path, cache_dir):
-    flags = ["--dropout", "0.1", "--grad-accum", "2", "--eval-interval", "3", "--seed", "7"]
+def test_resume_is_exact_with_dropout(tmp_path, cache_dir, backend):
+    flags = ["--dropout", "0.1", "--grad-accum", "2", "--eval-interval", "3", "--seed", "7", "--backend", backend]
     assert run(tmp_path / "whole", cache_dir, *flags, "--max-iters", "6") == 0
     assert run(tmp_path / "split", cache_dir, *flags, "--max-iters", "3") == 0
     assert run(tmp_path / "split", cache_dir, "--resume", "--max-iters", "6") == 0
@@ -186,8 +188,9 @@ def test_non_utf8_data_is_decoded_with_a_note(tmp_path, cache_dir, capsys):
     assert "UTF-8" in captured.out + captured.err
 
 
-def test_fp16_mixed_precision_trains_and_resumes_its_loss_scale(tmp_path, cache_dir):
-    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "2", "--eval-interval", "2") == 0
+def test_fp16_mixed_precision_trains_and_resumes_its_loss_scale(tmp_path, cache_dir, backend):
+    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "2", "--eval-interval", "2",
+               "--backend", backend) == 0
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3") == 0
     assert all(math.isfinite(loss) for loss in step_losses(tmp_path).values())
     _, info = load_train_state(tmp_path)
@@ -195,17 +198,39 @@ def test_fp16_mixed_precision_trains_and_resumes_its_loss_scale(tmp_path, cache_
     assert info["loss_scaler"] == {"scale": 2.0 ** 16, "good_steps": 3}     # counted across the resume
 
 
-def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, monkeypatch, capsys):
+def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, monkeypatch, capsys, backend):
     """A loss scale far too large overflows float16: that step must leave the parameters alone and
     halve the scale."""
     monkeypatch.setattr(numgpt.training, "DynamicLossScaler", lambda: DynamicLossScaler(scale=2.0 ** 60))
-    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "1", "--seed", "3") == 0
+    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "1", "--seed", "3", "--backend", backend) == 0
     assert "overflowed" in capsys.readouterr().out
     arrays, info = load_train_state(tmp_path)
     assert info["loss_scaler"]["scale"] == 2.0 ** 59
     untrained = GPT(GPTConfig(**info["model_config"]), seed=3)
     for name, p in untrained.params.items():
         np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
+
+
+@pytest.mark.skipif(GPU, reason="the CuPy stand-in counts the transfers; a GPU does not")
+@pytest.mark.parametrize("precision, reads", [("fp32", 1), ("fp16", 2)])   # fp16: the overflow check too
+def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatch, precision, reads):
+    """On a GPU every read from the device makes the host wait for the whole step: a step reads the
+    loss (with the stop flag) once at its end, and under fp16 whether the gradients are finite."""
+    counts = []
+    train_step = numgpt.training.Trainer.train_step
+
+    def counted(self):
+        before = cupy_standin.transfers["to_host"]
+        result = train_step(self)
+        counts.append(cupy_standin.transfers["to_host"] - before)
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        cupy_standin.install(patch)
+        monkeypatch.setattr(numgpt.training.Trainer, "train_step", counted)
+        assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", precision, "--grad-accum", "2",
+                   "--max-iters", "3") == 0
+    assert counts == [reads] * 3
 
 
 @pytest.mark.parametrize("flags, message", [
