@@ -1,0 +1,37 @@
+"""The benchmarks' GPU side runs, here on the CuPy stand-in: a lent GPU's few minutes should
+measure, not meet a typo. (Their numbers mean nothing here; the benchmarks report them on a GPU.)"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import cuda_emulator
+import cupy_standin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_attention  # noqa: E402
+import bench_train  # noqa: E402
+
+pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
+def test_bench_train_times_a_numgpt_step_on_cupy(monkeypatch, precision):
+    cupy_standin.install(monkeypatch)
+    monkeypatch.setattr(bench_train, "VOCAB", 64)
+    shape = {"batch_size": 2, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+    times, memory = bench_train.bench_numgpt(shape, steps=2, warmup=1, backend="cupy", precision=precision)
+    assert {part: len(t) for part, t in times.items()} == {"forward": 2, "backward": 2, "optimizer": 2, "step": 1}
+    assert all(t > 0 for part in times.values() for t in part) and memory >= 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, precision):
+    cupy_standin.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torch", None)   # the stand-in has no CUDA for torch: its row is left out
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--batch-size", "1", "--block-size", "40", "--n-head",
+                                      "2", "--precision", precision, "--repeats", "1", "--no-save"])
+    bench_attention.main()
+    rows = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()]
+    assert rows == (["flash", "flash fma", "matrix"] if precision == "fp16" else ["flash", "matrix"])
