@@ -30,7 +30,10 @@ import cuda_emulator
 import numgpt.backend
 from numgpt import kernels
 
-transfers = collections.Counter()   # "to_device" / "to_host": copies between the two
+# copies between host and device: "to_device", and "to_host", which also counts the operations
+# whose result size CuPy reads back from the device first (boolean-mask indexing, nonzero, unique):
+# each "to_host" makes the host wait for the device
+transfers = collections.Counter()
 
 # the NumPy functions CuPy 14.2 also has (names in both dir(cupy) and dir(numpy), callables only)
 FUNCTIONS = frozenset("""
@@ -67,6 +70,9 @@ zeros zeros_like
 
 # functions that take host data (lists, NumPy arrays): a copy to the device
 TO_DEVICE = frozenset(("array", "asarray", "asanyarray"))
+# functions whose result size depends on the data: CuPy reads it back before it can allocate
+READ_BACK = frozenset("argwhere compress extract flatnonzero nonzero unique unique_all unique_counts "
+                      "unique_inverse unique_values".split())
 
 # NumPy's types and constants that CuPy re-exports as they are
 SHARED = frozenset("""
@@ -156,6 +162,8 @@ def function(name, f):
     take = from_host if name in TO_DEVICE else unwrap
 
     def call(*args, **kwargs):
+        if name in READ_BACK:
+            transfers["to_host"] += 1
         if name in TO_DEVICE and args:
             args = (take(args[0]),) + unwrap(args[1:])
         else:
@@ -266,7 +274,10 @@ class ndarray:
         return (wrap(row) for row in self._array)
 
     def __getitem__(self, key):
-        return wrap(self._array[index(key)])
+        key = index(key)
+        if any(getattr(part, "dtype", None) == bool for part in (key if isinstance(key, tuple) else (key,))):
+            transfers["to_host"] += 1   # a boolean mask: the count of True elements sizes the result
+        return wrap(self._array[key])
 
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray) and value.ndim > 0:

@@ -87,4 +87,6 @@ def test_transfers_are_counted(cp):
     assert cupy_standin.transfers == {"to_device": 2}
     assert to_numpy(x).tolist() == [0.0, 1.0, 0.0, 1.0]
     assert cupy_standin.transfers == {"to_device": 2, "to_host": 1}
+    x[x > 0.5], cp.nonzero(x)                               # sized by the data: the host waits for a count
+    assert cupy_standin.transfers == {"to_device": 2, "to_host": 3}
     assert numgpt.backend.cupy_available()
