@@ -394,8 +394,9 @@ def _erf(x):
 
 
 _pool = MemoryPool()
-_linalg = _module("cupy._core._routines_linalg", COMPUTE_TYPE_DEFAULT=0, COMPUTE_TYPE_TF32=4, compute_types={},
-                  set_compute_type=lambda dtype, kind: _linalg.compute_types.__setitem__(np.dtype(dtype).name, kind))
+_linalg = _module("cupy._core._routines_linalg", COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7, _compute_types={},
+                  set_compute_type=lambda dtype, kind: _linalg._compute_types.__setitem__(np.dtype(dtype).name, kind),
+                  get_compute_type=lambda dtype: _linalg._compute_types.get(np.dtype(dtype).name, 1))
 _core = _module("cupy._core", _routines_linalg=_linalg)
 _runtime = _module("cupy.cuda.runtime", getDeviceCount=lambda: 1,
                    getDeviceProperties=lambda device: {"name": b"NumPy (the CuPy stand-in of numgpt's tests)"})
@@ -427,3 +428,4 @@ def install(monkeypatch):
     monkeypatch.setattr(numgpt.backend, "_cupy", cupy)
     monkeypatch.setattr(kernels, "_modules", {})   # compiled for the stand-in, not for a real CuPy
     transfers.clear()
+    _linalg._compute_types.clear()

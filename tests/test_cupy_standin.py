@@ -1,6 +1,8 @@
 """The CuPy stand-in refuses what CuPy refuses: otherwise the CuPy runs of the other tests would
 prove nothing about the GPU path. Each rule is shown failing on the mistake it exists to catch."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,20 @@ def test_transfers_are_counted(cp):
     x[x > 0.5], cp.nonzero(x)                               # sized by the data: the host waits for a count
     assert cupy_standin.transfers == {"to_device": 2, "to_host": 3}
     assert numgpt.backend.cupy_available()
+
+
+def test_the_stand_in_names_only_what_cupy_has():
+    """Where CuPy is installed (a GPU is not needed for this), the stand-in's lists are checked
+    against it: a function, method or setting that the stand-in has and CuPy lacks would let code
+    pass here that fails on a GPU."""
+    cupy = pytest.importorskip("cupy")
+    from cupy._core import _routines_linalg
+
+    assert not {name for name in cupy_standin.FUNCTIONS | cupy_standin.SHARED if not hasattr(cupy, name)}
+    assert not {name for name in cupy_standin.METHODS if not hasattr(cupy.ndarray, name)}
+    assert not {name for name in cupy_standin.GENERATOR_METHODS if not hasattr(cupy.random.Generator, name)}
+    for name in ("COMPUTE_TYPE_DEFAULT", "COMPUTE_TYPE_TF32"):
+        assert getattr(cupy_standin._linalg, name) == getattr(_routines_linalg, name)
+    for name, module in cupy_standin.MODULES.items():                 # cupy.cuda.Device, cupyx.scatter_add, ...
+        real = importlib.import_module(name)
+        assert not {a for a in vars(module) if not a.startswith("_") and not hasattr(real, a)}, name

@@ -233,6 +233,15 @@ def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatc
     assert counts == [reads] * 3
 
 
+@pytest.mark.skipif(GPU, reason="the CuPy stand-in records cuBLAS's compute type; a GPU does not show it")
+def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)   # set_tf32 sets it: restored afterwards
+    cupy_standin.install(monkeypatch)
+    linalg = cupy_standin.MODULES["cupy._core._routines_linalg"]
+    assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", "tf32", "--max-iters", "1") == 0
+    assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32 and os.environ["CUPY_TF32"] == "1"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--precision", "tf32"], "--backend cupy"),
     (["--precision", "fp16", "--dtype", "float64"], "--dtype float32"),
