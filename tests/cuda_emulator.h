@@ -17,16 +17,22 @@
 
 // Fibers switch with _setjmp/_longjmp, which save no signal mask and so make no system call
 // (swapcontext makes two per switch: most of a launch's time). ucontext only starts a fiber. A
-// fortified longjmp refuses to jump to another stack, so this must come before any include.
+// fortified longjmp (_FORTIFY_SOURCE, on by default in some compilers) aborts a jump to a stack
+// below the current one, which a switch between fibers is half the time: cuda_emulator.py compiles
+// with -U_FORTIFY_SOURCE, and this #undef covers a compiler that adds it later.
 #undef _FORTIFY_SOURCE
 #include <setjmp.h>
 #include <ucontext.h>
+#if defined(__USE_FORTIFY_LEVEL) && __USE_FORTIFY_LEVEL > 0
+#error "cuda_emulator.h must come before every other include: a fortified longjmp cannot switch fibers"
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
@@ -43,6 +49,10 @@ struct Fiber {
     dim3 index;
     State state = RUNNING;
 };
+
+// When `fibers` grows it moves each Fiber, and a move keeps each stack's buffer where it is: the
+// parked fibers' saved stack pointers (in `resume`) stay valid.
+static_assert(std::is_nothrow_move_constructible_v<Fiber>, "growing `fibers` must move the stacks, not copy them");
 
 inline dim3 grid_dim, block_dim, block_idx, thread_idx;
 inline std::vector<Fiber> fibers;   // grows to the largest block launched, never shrinks: stacks are reused

@@ -57,8 +57,10 @@ def launcher(name, params):
     """C++ for `emu_<name>(grid, block, params...)`, which runs kernel `name` over that grid."""
     declared = ", ".join(f"{ctype} {pname}" for ctype, pname in params)
     passed = ", ".join(pname for _, pname in params)
-    return (f'extern "C" int emu_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-            f'unsigned bz, {declared}) {{\n'
+    # only the launchers are exported: the emulator's state stays private to each library (visible,
+    # its inline variables would be one copy per process, shared by every library loaded)
+    return (f'extern "C" __attribute__((visibility("default"))) int emu_{name}(unsigned gx, unsigned gy, '
+            f'unsigned gz, unsigned bx, unsigned by, unsigned bz, {declared}) {{\n'
             f'    return emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, [=] {{ {name}({passed}); }});\n}}\n')
 
 
@@ -112,7 +114,8 @@ def build(source):
             with open(cpp, "w") as f:
                 f.write(code)
             partial = library + f".{os.getpid()}"
-            compiled = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall",
+            compiled = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden",
+                                       "-U_FORTIFY_SOURCE", "-Wall",
                                        "-Werror", "-Wno-unknown-pragmas", "-o", partial, cpp], capture_output=True, text=True)
             if compiled.returncode:
                 raise RuntimeError(f"the kernels do not compile for the emulator:\n{compiled.stderr}")

@@ -559,10 +559,15 @@ def test_the_emulator_reports_a_barrier_that_some_threads_skip():
 extern "C" __global__ void half_sync(REAL* x) {
     if (threadIdx.x < 16) __syncthreads();
     else x[threadIdx.x] = __shfl_xor_sync(0xffffffff, x[threadIdx.x], 1);
-}"""
+}
+extern "C" __global__ void warp_total(REAL* x) { x[threadIdx.x] = warp_sum(x[threadIdx.x]); }"""
     kernel = cuda_emulator.kernel_from(source, "half_sync")
     with pytest.raises(RuntimeError, match="deadlocked"):
         kernel((1,), (32,), (np.zeros(32, dtype=np.float32),))
+    # the threads left waiting there start afresh at the next launch, on the same fibers
+    x = np.arange(32, dtype=np.float32)
+    cuda_emulator.kernel_from(source, "warp_total")((1,), (32,), (x,))
+    np.testing.assert_array_equal(x, np.full(32, 496.0))
 
 
 @needs_compiler
