@@ -35,7 +35,8 @@ from numgpt import kernels
 # each "to_host" makes the host wait for the device
 transfers = collections.Counter()
 
-# the NumPy functions CuPy 14.2 also has (names in both dir(cupy) and dir(numpy), callables only)
+# the NumPy functions CuPy 14.2 also has (names in both dir(cupy) and dir(numpy), callables only,
+# less file I/O and print options)
 FUNCTIONS = frozenset("""
 abs absolute acos acosh add all allclose amax amin angle any append apply_along_axis apply_over_axes arange
 arccos arccosh arcsin arcsinh arctan arctan2 arctanh argmax argmin argpartition argsort argwhere around array
@@ -57,7 +58,7 @@ logical_xor logspace mask_indices matmul matrix_transpose max maximum may_share_
 min min_scalar_type minimum mintypecode mod modf moveaxis multiply nan_to_num nanargmax nanargmin nancumprod
 nancumsum nanmax nanmean nanmedian nanmin nanprod nanstd nansum nanvar ndim negative nextafter nonzero
 not_equal ones ones_like outer packbits pad partition percentile permute_dims piecewise place poly polyadd
-polyfit polymul polysub polyval positive pow power prod promote_types ptp put put_along_axis
+polyfit polymul polysub polyval positive pow power prod promote_types put put_along_axis
 putmask quantile rad2deg radians ravel ravel_multi_index real real_if_close reciprocal remainder repeat
 require reshape resize result_type right_shift rint roll rollaxis roots rot90 round row_stack
 searchsorted select setdiff1d setxor1d shape shares_memory
@@ -71,8 +72,12 @@ zeros zeros_like
 # functions that take host data (lists, NumPy arrays): a copy to the device
 TO_DEVICE = frozenset(("array", "asarray", "asanyarray"))
 # functions whose result size depends on the data: CuPy reads it back before it can allocate
-READ_BACK = frozenset("argwhere compress extract flatnonzero nonzero unique unique_all unique_counts "
-                      "unique_inverse unique_values".split())
+READ_BACK = frozenset("argwhere bincount compress extract flatnonzero histogram nonzero unique unique_all "
+                      "unique_counts unique_inverse unique_values".split())
+# functions that NumPy answers with a Python bool and CuPy with a 0-d array
+DEVICE_BOOL = frozenset(("allclose", "array_equal", "array_equiv"))
+# NumPy keyword arguments that CuPy's functions, ufuncs and methods do not take (copyto takes `where`)
+NUMPY_ONLY_KEYWORDS = frozenset(("where", "initial", "subok", "like", "device"))
 
 # NumPy's types and constants that CuPy re-exports as they are
 SHARED = frozenset("""
@@ -85,7 +90,7 @@ ulong ulonglong unsignedinteger ushort
 # cupy.ndarray's methods that hand NumPy's work back (attributes and the host copies are below)
 METHODS = frozenset("""
 all any argmax argmin argpartition argsort astype byteswap choose clip compress conj conjugate copy cumprod
-cumsum diagonal dot fill flatten max mean min nonzero partition prod ptp put ravel repeat reshape round
+cumsum diagonal dot flatten max mean min nonzero partition prod put ravel repeat reshape round
 searchsorted sort squeeze std sum swapaxes take trace transpose var view
 """.split())
 
@@ -116,10 +121,11 @@ def unwrap(value):
 
 
 def from_host(value):
-    """`value` (host data: lists, NumPy arrays, stand-in arrays) for a function that copies to the device."""
-    if isinstance(value, (np.ndarray, list, tuple)) and not isinstance(value, ndarray):
+    """`value` (host data: lists, NumPy arrays, stand-in arrays) for a function that copies to the
+    device: a copy, so that device and host never share memory, as they cannot on a GPU."""
+    if isinstance(value, (np.ndarray, list, tuple)):
         transfers["to_device"] += 1
-        return value if isinstance(value, np.ndarray) else unwrap_host(value)
+        return np.array(unwrap_host(value))
     return unwrap(value)
 
 
@@ -133,12 +139,26 @@ def unwrap_host(value):
 
 
 def index(key):
-    """An index for the NumPy array behind a stand-in: host index arrays (NumPy, lists) are copied
-    to the device first, as CuPy does."""
+    """(the index for the NumPy array behind a stand-in, whether it indexes with arrays): host index
+    arrays (NumPy, lists) are copied to the device first, as CuPy does; a boolean mask makes the
+    host wait for its count of True elements, which sizes the result."""
     parts = key if isinstance(key, tuple) else (key,)
     if any(isinstance(part, (np.ndarray, list)) for part in parts):
         transfers["to_device"] += 1
-    return unwrap_host(key)
+    key = unwrap_host(key)
+    parts = key if isinstance(key, tuple) else (key,)
+    if any(getattr(part, "dtype", None) == bool for part in parts):
+        transfers["to_host"] += 1
+    return key, any(isinstance(part, (np.ndarray, list)) for part in parts)
+
+
+def scalar(value):
+    """`value` for ndarray.fill, as CuPy takes it: a scalar, or a 0-d NumPy array."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return value.item()
+    if isinstance(value, (np.ndarray, list, tuple)):
+        raise ValueError(f"non-scalar {type(value).__name__} cannot be used for fill (move it with cupy.asarray)")
+    return value
 
 
 def wrap(value):
@@ -147,6 +167,8 @@ def wrap(value):
         return ndarray(value)
     if isinstance(value, np.generic):
         return ndarray(np.asarray(value))
+    if hasattr(value, "_fields"):                                  # a named tuple (unique_counts, ...)
+        return type(value)(*(wrap(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(wrap(v) for v in value)
     return value
@@ -157,18 +179,27 @@ def to_host(array):
     return array._array
 
 
+def keywords(name, kwargs):
+    """kwargs unwrapped for the CuPy function (or method) `name`; NumPy's own keywords are refused."""
+    refused = set(kwargs) & NUMPY_ONLY_KEYWORDS - ({"where"} if name == "copyto" else set())
+    if name in ("sort", "argsort") and kwargs.get("kind") not in (None, "stable"):
+        refused.add("kind")
+    if refused:
+        raise TypeError(f"{name}() got keyword arguments CuPy does not take: {', '.join(sorted(refused))}")
+    return unwrap(kwargs)
+
+
 def function(name, f):
     """The CuPy function `name`: NumPy's `f` with CuPy's argument rules."""
-    take = from_host if name in TO_DEVICE else unwrap
-
     def call(*args, **kwargs):
         if name in READ_BACK:
             transfers["to_host"] += 1
         if name in TO_DEVICE and args:
-            args = (take(args[0]),) + unwrap(args[1:])
+            args = (from_host(args[0]),) + unwrap(args[1:])
         else:
             args = unwrap(args)
-        return wrap(f(*args, **unwrap(kwargs)))
+        result = f(*args, **keywords(name, kwargs))
+        return wrap(np.asarray(result) if name in DEVICE_BOOL else result)
     call.__name__ = name
     return call
 
@@ -181,7 +212,7 @@ class ufunc:
         self.__name__ = numpy_ufunc.__name__
 
     def __call__(self, *args, **kwargs):
-        return wrap(self._ufunc(*unwrap(args), **unwrap(kwargs)))
+        return wrap(self._ufunc(*unwrap(args), **keywords(self.__name__, kwargs)))
 
     def __getattr__(self, name):
         if name not in ("reduce", "accumulate", "reduceat", "outer", "at", "nin", "nout", "nargs", "types"):
@@ -214,7 +245,10 @@ class ndarray:
 
     # -- the explicit ways to the host ----------------------------------------------------------------
     def get(self, stream=None, order="C", out=None, blocking=True):
-        return to_host(self).copy(order=order)
+        if out is None:
+            return to_host(self).copy(order=order)
+        out[...] = to_host(self)
+        return out
 
     def item(self):
         return to_host(self).item()
@@ -231,16 +265,31 @@ class ndarray:
     def __bool__(self):
         return bool(to_host(self))
 
+    def __complex__(self):
+        return complex(to_host(self))
+
+    def __format__(self, spec):
+        return format(to_host(self), spec)
+
     def __repr__(self):
         return repr(to_host(self))
 
     __str__ = __repr__
 
     def set(self, array, stream=None):
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"set() wants a NumPy array, got {type(array)}")
+        if not isinstance(array, np.ndarray) or array.dtype != self.dtype or array.shape != self.shape:
+            raise TypeError(f"set() wants a NumPy array of dtype {self.dtype} and shape {self.shape}, got {array!r:.80}")
         transfers["to_device"] += 1
         self._array[...] = array
+
+    def fill(self, value):
+        self._array.fill(scalar(value))
+
+    def __copy__(self):
+        return ndarray(self._array.copy())
+
+    def __deepcopy__(self, memo):
+        return ndarray(self._array.copy())
 
     # -- attributes --------------------------------------------------------------------------------
     shape = property(lambda self: self._array.shape)
@@ -274,18 +323,22 @@ class ndarray:
         return (wrap(row) for row in self._array)
 
     def __getitem__(self, key):
-        key = index(key)
-        if any(getattr(part, "dtype", None) == bool for part in (key if isinstance(key, tuple) else (key,))):
-            transfers["to_host"] += 1   # a boolean mask: the count of True elements sizes the result
-        return wrap(self._array[key])
+        return wrap(self._array[index(key)[0]])
 
     def __setitem__(self, key, value):
-        if isinstance(value, np.ndarray) and value.ndim > 0:
-            raise ValueError("non-scalar numpy.ndarray cannot be used for fill (move it with cupy.asarray)")
-        self._array[index(key)] = unwrap(value)
+        key, with_arrays = index(key)
+        if isinstance(value, ndarray):
+            value = value._array
+        elif with_arrays:
+            value = from_host(value) if isinstance(value, (np.ndarray, list, tuple)) else value
+        else:   # CuPy fills a slice with a scalar; a host array must be copied over first
+            value = scalar(value)
+        self._array[key] = value
 
     def __array_ufunc__(self, numpy_ufunc, method, *inputs, **kwargs):
-        return wrap(getattr(numpy_ufunc, method)(*unwrap(inputs), **unwrap(kwargs)))
+        if numpy_ufunc.__name__ not in FUNCTIONS:
+            return NotImplemented
+        return wrap(getattr(numpy_ufunc, method)(*unwrap(inputs), **keywords(numpy_ufunc.__name__, kwargs)))
 
     def __array_function__(self, func, types, args, kwargs):
         if func.__name__ not in FUNCTIONS:
@@ -422,10 +475,14 @@ MODULES = {"cupy": cupy, "cupy._core": _core, "cupy._core._routines_linalg": _li
 
 
 def install(monkeypatch):
-    """`import cupy` finds the stand-in and numgpt sees a GPU, until `monkeypatch` undoes it."""
+    """`import cupy` finds the stand-in and numgpt sees a GPU, until `monkeypatch` undoes it. Any
+    other part of a real CuPy that was imported is hidden: importing it fails, as if it were absent."""
+    for name in [name for name in sys.modules if name.split(".")[0] in ("cupy", "cupyx")]:
+        monkeypatch.setitem(sys.modules, name, None)
     for name, module in MODULES.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(numgpt.backend, "_cupy", cupy)
     monkeypatch.setattr(kernels, "_modules", {})   # compiled for the stand-in, not for a real CuPy
+    monkeypatch.setattr(kernels, "_tables", {})    # addresses of stand-in arrays
     transfers.clear()
     _linalg._compute_types.clear()

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
 def test_bench_train_times_a_numgpt_step_on_cupy(monkeypatch, precision):
+    monkeypatch.setenv("CUPY_TF32", "0")   # tf32 sets it
     cupy_standin.install(monkeypatch)
     monkeypatch.setattr(bench_train, "VOCAB", 64)
     shape = {"batch_size": 2, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}

@@ -1,6 +1,7 @@
 """The CuPy stand-in refuses what CuPy refuses: otherwise the CuPy runs of the other tests would
 prove nothing about the GPU path. Each rule is shown failing on the mistake it exists to catch."""
 
+import copy
 import importlib
 
 import numpy as np
@@ -36,12 +37,23 @@ def test_no_implicit_conversion_to_numpy(cp):
 def test_no_mixing_with_numpy_arrays(cp):
     x, host = cp.ones(3), np.ones(3)
     for mixed in (lambda: x + host, lambda: host * x, lambda: cp.exp(host), lambda: cp.concatenate([x, host]),
-                  lambda: cp.matmul(x, host), lambda: x.__setitem__(slice(None), host)):
+                  lambda: cp.matmul(x, host), lambda: x.__setitem__(slice(None), host),
+                  lambda: x.__setitem__(Ellipsis, [1.0, 2.0, 3.0]), lambda: x.set(host.astype(np.float32))):
         with pytest.raises((TypeError, ValueError)):
             mixed()
-    assert float((x + np.float32(2.0) + 1).sum()) == 12.0    # scalars are fine
+    assert float((x + np.float32(2.0) + 1).sum()) == 12.0    # scalars are fine, a 0-d NumPy array too
+    x[...] = np.array(5.0)
     x[:] = cp.asarray(host) * 2                               # an explicit copy is fine
     assert x.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_device_and_host_never_share_memory(cp):
+    host = np.ones(3)
+    x = cp.asarray(host)
+    x += 1
+    y = copy.copy(x)
+    y += 1
+    assert host.tolist() == [1.0, 1.0, 1.0] and x.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_results_stay_on_the_device(cp):
@@ -54,18 +66,23 @@ def test_results_stay_on_the_device(cp):
 
 
 def test_only_what_cupy_has(cp):
-    with pytest.raises(AttributeError):
-        cp.float_power_of_two                                # no such function
-    with pytest.raises(AttributeError):
-        cp.ones(2).tofile_numpy                              # no such method
-    assert np.lib is not None and not hasattr(cp, "lib")     # NumPy's submodules are not CuPy's
+    x = cp.arange(4.0)
+    for numpy_only in (lambda: cp.insert, lambda: x.resize, lambda: x.setflags, lambda: np.spacing(x),
+                       lambda: np.isnat(x), lambda: cp.sum(x, where=x > 1), lambda: cp.max(x, initial=0.0),
+                       lambda: cp.exp(x, where=x > 1), lambda: x.sort(kind="quicksort")):
+        with pytest.raises((AttributeError, TypeError)):
+            numpy_only()
+    cp.copyto(x, 0.0, where=x > 1)                           # copyto does take `where`
+    assert x.tolist() == [0.0, 1.0, 0.0, 0.0]
     assert cp.get_array_module(cp.ones(1)) is cp and cp.get_array_module(np.ones(1)) is np
 
 
-def test_kernels_run_on_stand_in_arrays(cp):
+def test_kernels_run_on_stand_in_arrays(cp, monkeypatch):
     x = cp.asarray(np.linspace(-3.0, 3.0, 1000, dtype=np.float32))
+    launched, kernel = [], kernels._kernel
+    monkeypatch.setattr(kernels, "_kernel", lambda name, dtype: launched.append(name) or kernel(name, dtype))
     y, _ = gelu_forward(x)                                   # through the kernel: arrays of the stand-in
-    assert isinstance(y, cp.ndarray)
+    assert isinstance(y, cp.ndarray) and launched == ["gelu_forward"]
     with kernels.disabled():
         twin, _ = gelu_forward(x)
     np.testing.assert_allclose(y.get(), twin.get(), rtol=2e-6, atol=1e-7)
@@ -89,8 +106,11 @@ def test_transfers_are_counted(cp):
     assert cupy_standin.transfers == {"to_device": 2}
     assert to_numpy(x).tolist() == [0.0, 1.0, 0.0, 1.0]
     assert cupy_standin.transfers == {"to_device": 2, "to_host": 1}
-    x[x > 0.5], cp.nonzero(x)                               # sized by the data: the host waits for a count
-    assert cupy_standin.transfers == {"to_device": 2, "to_host": 3}
+    x[x > 0.5], cp.nonzero(x), cp.unique_counts(x)          # sized by the data: the host waits for a count
+    x[x > 0.5] = 2.0
+    assert cupy_standin.transfers == {"to_device": 2, "to_host": 5}
+    assert f"{x.sum():.1f}" == "4.0" and cupy_standin.transfers["to_host"] == 6
+    assert isinstance(cp.allclose(x, x), cp.ndarray)        # a 0-d array, as on CuPy: reading it is a read
     assert numgpt.backend.cupy_available()
 
 

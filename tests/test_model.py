@@ -101,7 +101,7 @@ def test_model_check_catches_fancy_index_embedding(backend, case, seed, monkeypa
         return dwte, dwpe
 
     monkeypatch.setattr(numgpt.model, "embedding_backward", fancy_index_backward)
-    with kernels.disabled():   # they play no part in the bug; under the GPU emulator they would cost a minute
+    with kernels.disabled():   # they play no part in the bug; under the CUDA emulator they would cost a minute
         assert "wte.weight" in model_mismatches(model, idx, targets, rng, max_coords=64)
 
 

@@ -17,7 +17,6 @@ import cupy_standin
 import numgpt.checkpoint
 import numgpt.training
 import train
-from conftest import GPU
 from numgpt import GPT, GPTConfig
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
@@ -211,7 +210,6 @@ def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, mo
         np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
 
 
-@pytest.mark.skipif(GPU, reason="the CuPy stand-in counts the transfers; a GPU does not")
 @pytest.mark.parametrize("precision, reads", [("fp32", 1), ("fp16", 2)])   # fp16: the overflow check too
 def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatch, precision, reads):
     """On a GPU every read from the device makes the host wait for the whole step: a step reads the
@@ -225,18 +223,16 @@ def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatc
         counts.append(cupy_standin.transfers["to_host"] - before)
         return result
 
-    with pytest.MonkeyPatch.context() as patch:
-        cupy_standin.install(patch)
-        monkeypatch.setattr(numgpt.training.Trainer, "train_step", counted)
-        assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", precision, "--grad-accum", "2",
-                   "--max-iters", "3") == 0
+    cupy_standin.install(monkeypatch)   # on a GPU machine too: the stand-in counts, the GPU does not
+    monkeypatch.setattr(numgpt.training.Trainer, "train_step", counted)
+    assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", precision, "--grad-accum", "2",
+               "--max-iters", "3") == 0
     assert counts == [reads] * 3
 
 
-@pytest.mark.skipif(GPU, reason="the CuPy stand-in records cuBLAS's compute type; a GPU does not show it")
 def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.delenv("CUPY_TF32", raising=False)   # set_tf32 sets it: restored afterwards
-    cupy_standin.install(monkeypatch)
+    monkeypatch.setenv("CUPY_TF32", "0")   # set_tf32 sets it: monkeypatch puts back what was there
+    cupy_standin.install(monkeypatch)      # which records the compute type, as a GPU does not
     linalg = cupy_standin.MODULES["cupy._core._routines_linalg"]
     assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", "tf32", "--max-iters", "1") == 0
     assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32 and os.environ["CUPY_TF32"] == "1"
