@@ -136,7 +136,7 @@ class AdamW:
         for moments, saved in ((self.m, state["m"]), (self.v, state["v"])):
             for name, buffer in moments.items():
                 # CuPy copies a host array into device memory only when asked (to_device)
-                buffer[...] = to_device(saved[name], array_module(buffer))
+                buffer[...] = to_device(saved[name], array_module(buffer), dtype=buffer.dtype)
 
 
 def clip_grad_norm(grads, max_norm):

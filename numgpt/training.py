@@ -417,14 +417,16 @@ class Trainer:
     def _restore(self, arrays, info):
         # the scalars are converted here, so a value of the wrong kind fails now and not mid-run
         try:
-            self.optimizer.load_state_dict({"step": int(info["adam_step"]), "m": arrays["adam_m"],
-                                            "v": arrays["adam_v"]})
+            adam_step = int(info["adam_step"])
             if self.scaler is not None and "loss_scaler" in info:   # absent when the run was not fp16 before
                 self.scaler.load_state_dict(info["loss_scaler"])
             self.batcher.set_state(info["data_rng"])
             self.step, self.best_val = int(info["step"]), float(info["best_val_loss"])
         except (TypeError, KeyError, ValueError) as e:
             raise damaged_state(self.cfg.out_dir, f"{type(e).__name__}: {e}") from None
+        # outside the try: the moments' shapes were checked with the parameters', so an error here is
+        # numgpt's, not the file's, and must not be reported as a damaged state
+        self.optimizer.load_state_dict({"step": adam_step, "m": arrays["adam_m"], "v": arrays["adam_v"]})
         if self.is_main:
             rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
