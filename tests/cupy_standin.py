@@ -25,6 +25,7 @@ import sys
 import types
 
 import numpy as np
+import pytest
 
 import cuda_emulator
 import numgpt.backend
@@ -34,6 +35,10 @@ from numgpt import kernels
 # whose result size CuPy reads back from the device first (boolean-mask indexing, nonzero, unique):
 # each "to_host" makes the host wait for the device
 transfers = collections.Counter()
+
+# for a test that installs the stand-in: its kernels run in the CUDA emulator, which needs g++
+needs_compiler = pytest.mark.skipif(cuda_emulator.compiler() is None,
+                                    reason="no C++ compiler for the CUDA emulator, which runs the CuPy stand-in's kernels")
 
 # the NumPy functions CuPy 14.2 also has (names in both dir(cupy) and dir(numpy), callables only,
 # less file I/O and print options)

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import cuda_emulator
 import cupy_standin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
 import bench_train  # noqa: E402
 
-pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+pytestmark = cupy_standin.needs_compiler
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])

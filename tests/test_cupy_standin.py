@@ -7,7 +7,6 @@ import importlib
 import numpy as np
 import pytest
 
-import cuda_emulator
 import cupy_standin
 import numgpt.backend
 import numgpt.model
@@ -15,7 +14,7 @@ from numgpt import GPT, GPTConfig, kernels
 from numgpt.backend import to_device, to_numpy
 from numgpt.layers.activations import gelu_forward
 
-pytestmark = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+pytestmark = cupy_standin.needs_compiler
 
 
 @pytest.fixture

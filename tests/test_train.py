@@ -210,6 +210,7 @@ def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, mo
         np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
 
 
+@cupy_standin.needs_compiler
 @pytest.mark.parametrize("precision, reads", [("fp32", 1), ("fp16", 2)])   # fp16: the overflow check too
 def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatch, precision, reads):
     """On a GPU every read from the device makes the host wait for the whole step: a step reads the
@@ -230,6 +231,7 @@ def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatc
     assert counts == [reads] * 3
 
 
+@cupy_standin.needs_compiler
 def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("CUPY_TF32", "0")   # set_tf32 sets it: monkeypatch puts back what was there
     cupy_standin.install(monkeypatch)      # which records the compute type, as a GPU does not
