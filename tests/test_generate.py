@@ -5,6 +5,7 @@ full forward's, and the streaming API and attention maps behave."""
 import numpy as np
 import pytest
 
+import cupy_standin
 import numgpt.model
 from numgpt import GPT, ConfigError, GPTConfig
 from numgpt.backend import to_device, to_numpy
@@ -157,3 +158,15 @@ def test_returns_idx_array_module(backend):
     prompt = to_device(prompts(1, 2), model.xp)
     out = model.generate(prompt, 3, temperature=0)
     assert type(out) is type(prompt) and out.shape == (1, 5)
+
+
+@cupy_standin.needs_compiler
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(top_k=5), dict(top_p=0.9)])
+def test_each_generated_token_crosses_to_and_from_the_gpu_once(monkeypatch, sampling):
+    """On a GPU a step's logits come to the host to be sampled, and the drawn token goes back:
+    one copy each way per token (prompt and prefill included), counted on the CuPy stand-in."""
+    cupy_standin.install(monkeypatch)
+    model = signal_model("cupy", dtype="float32")
+    cupy_standin.transfers.clear()
+    model.generate(prompts(2, 3), 11, seed=0, **sampling)
+    assert cupy_standin.transfers == {"to_device": 11, "to_host": 11}
