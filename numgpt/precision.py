@@ -57,24 +57,30 @@ def matmul_operand(a):
         return a.astype(_matmul_dtype, copy=False)
 
 
-def matmul(a, b, out=None):
-    """a @ b, the product every layer uses.   a (..., n, k), b (..., k, m) -> (..., n, m).
+def matmul(a, b, out=None, bias=None):
+    """a @ b (+ bias), the product every layer uses.   a (..., n, k), b (..., k, m), bias (m,) -> (..., n, m).
 
     Inside `half_matmuls("float16")` a and b are rounded to float16 first (unless matmul_operand
     already did). NumPy and cuBLAS both accumulate float16 products in float32, so the sums lose
     nothing; the product is rounded to float16 once (where a sum beyond 65504 overflows to inf:
     the loss scaler's cue) and handed back in the operands' wider dtype, float32 at least (into
-    `out` when given). Outside the block it is xp.matmul.
+    `out` when given), with `bias` added there. Outside the block it is xp.matmul (+ bias).
     """
     xp = array_module(a)
     if _matmul_dtype is None:
-        return xp.matmul(a, b, out=out)
-    with np.errstate(over="ignore", invalid="ignore"):   # overflow is expected: the loss scaler handles it
-        product = xp.matmul(matmul_operand(a), matmul_operand(b))
-    if out is None:
-        return product.astype(np.promote_types(np.promote_types(a.dtype, b.dtype), np.float32))
-    out[...] = product
-    return out
+        y = xp.matmul(a, b, out=out)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is expected: the loss scaler handles it
+            product = xp.matmul(matmul_operand(a), matmul_operand(b))
+        if out is None:
+            # widened and biased in one pass, not two: the same numbers, as float16 -> float32 is exact
+            wide = np.promote_types(np.promote_types(a.dtype, b.dtype), np.float32)
+            return product.astype(wide) if bias is None else xp.add(product, bias, dtype=wide)
+        y = out
+        y[...] = product
+    if bias is not None:
+        y += bias
+    return y
 
 
 def all_finite(arrays):

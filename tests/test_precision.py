@@ -36,17 +36,22 @@ def relative_error(a, b):
 
 def test_matmul_rounds_operands_only_inside_the_block(xp):
     rng = np.random.default_rng(0)
-    a, b = (xp.asarray(rng.standard_normal(shape), dtype=np.float32) for shape in ((5, 300), (300, 7)))
+    a, b, bias = (xp.asarray(rng.standard_normal(shape), dtype=np.float32) for shape in ((5, 300), (300, 7), (7,)))
     np.testing.assert_array_equal(to_numpy(matmul(a, b)), to_numpy(a @ b))
+    np.testing.assert_array_equal(to_numpy(matmul(a, b, bias=bias)), to_numpy(a @ b + bias))
     with half_matmuls("float16"):
         assert using_half_matmuls()
         mixed = matmul(a, b)
         into = matmul(a, b, out=xp.empty((5, 7), dtype=np.float32))
+        biased = matmul(a, b, bias=bias)                                        # widened and biased at once
+        biased_into = matmul(a, b, out=xp.empty((5, 7), dtype=np.float32), bias=bias)
     assert not using_half_matmuls()
     expected = (a.astype(np.float16) @ b.astype(np.float16)).astype(np.float32)
-    assert mixed.dtype == np.float32
+    assert mixed.dtype == biased.dtype == np.float32
     np.testing.assert_array_equal(to_numpy(mixed), to_numpy(expected))
     np.testing.assert_array_equal(to_numpy(into), to_numpy(expected))
+    np.testing.assert_array_equal(to_numpy(biased), to_numpy(expected + bias))
+    np.testing.assert_array_equal(to_numpy(biased_into), to_numpy(expected + bias))
     assert 1e-5 < relative_error(to_numpy(mixed), to_numpy(a @ b)) < 1e-2     # rounded, but only to float16
 
 

@@ -12,9 +12,7 @@ def linear_forward(x, w, b=None):
     # x and w as the matmuls take them (float16 under mixed precision): the backward multiplies
     # with both again, so they are rounded once and kept rounded
     x2d, w = matmul_operand(x.reshape(-1, x.shape[-1])), matmul_operand(w)     # (N, C_in), (C_in, C_out)
-    y = matmul(x2d, w)                                 # (N, C_out) in x's dtype
-    if b is not None:
-        y += b
+    y = matmul(x2d, w, bias=b)                         # (N, C_out) in x's dtype
     return y.reshape(*x.shape[:-1], w.shape[1]), (x2d, w, x.shape, b is not None)
 
 
