@@ -40,9 +40,10 @@ import numpy as np
 from numgpt.backend import array_module, backend_name
 
 WARP = 32                 # threads per row in the row kernels: a warp reduces with shuffles, no shared memory
-THREADS = 256             # threads per block in the elementwise kernels
+THREADS = 256             # threads per block in the elementwise, softmax_parts, multi-array and FMA flash kernels
 MAX_BLOCKS = 65535        # elementwise kernels loop over the rest (a grid-stride loop)
-DIMS = 16                 # head dims per thread in the attention kernels: a row takes ceil(hs / DIMS) threads
+DIMS = 16                 # head dims per thread in the FMA attention kernels: a row takes the least power of
+                          # two >= hs / DIMS threads (_flash_launch; group_sum needs a power of two)
 TC_HEAD_SIZES = (16, 32, 64)  # head sizes the tensor-core attention kernels are compiled for (GPT-2's is 64)
 TC_ROWS = 64                  # rows per block in those kernels (MMA_ROWS in the source): warps of 16 rows
 TC_THREADS = TC_ROWS // 16 * 32
@@ -281,8 +282,6 @@ def accumulate_all(dsts, srcs, divisor, add):
 def sum_of_squares_all(arrays):
     """The sum of every element squared, over all the arrays: a float64 scalar on their device."""
     n_chunks = sum(-(-a.size // CHUNK) for a in arrays)
-    if not n_chunks:
-        return 0.0
     partial = array_module(arrays[0]).empty(n_chunks, dtype=np.float64)   # one sum per chunk
     _launch_over_chunks("sum_squares_chunks", [arrays], partial)
     return partial.sum()

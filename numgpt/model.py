@@ -51,6 +51,11 @@ def init_params(config, seed=0):
     return params
 
 
+def module_of(ids):
+    """The array module that holds `ids`: NumPy for lists and other host data."""
+    return array_module(ids) if hasattr(ids, "shape") else np
+
+
 def in_model_precision(method):
     """Run a GPT method with the model's matmul precision (float16 matmuls when mixed)."""
     @functools.wraps(method)
@@ -123,7 +128,7 @@ class GPT:
 
         The ids are checked where they are, then moved: a batch from the host costs one transfer
         to the GPU and no wait for it (reading a device array's min and max back would)."""
-        ids = to_device(ids, array_module(ids) if hasattr(ids, "shape") else np)
+        ids = to_device(ids, module_of(ids))
         if ids.ndim != 2:
             raise ConfigError(f"{name} must be a (batch, time) array of token ids, got shape {ids.shape}")
         if ids.dtype.kind not in "iu":
@@ -143,7 +148,8 @@ class GPT:
     @in_model_precision
     def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True, loss_scale=1.0,
                 loss_on_device=False):
-        """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (float or None).
+        """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (a float; the 0-d
+        array with loss_on_device; None without targets).
 
         Targets equal to -100 are ignored by the loss. With `return_logits=False` the full logits
         are never built (training needs only the loss). With `requires_grad=False` nothing is kept
@@ -155,12 +161,11 @@ class GPT:
         """
         cfg, p = self.config, self.params
         # checked (and the targets counted) where they are: on the host that is no wait for the GPU
-        where = lambda ids: array_module(ids) if hasattr(ids, "shape") else np
-        idx = self._as_ids(idx, "idx", xp=where(idx))
+        idx = self._as_ids(idx, "idx", xp=module_of(idx))
         B, T = idx.shape
         n_valid = None
         if targets is not None:
-            targets = self._as_ids(targets, "targets", xp=where(targets), allow_ignore=True)
+            targets = self._as_ids(targets, "targets", xp=module_of(targets), allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
             n_valid = int((targets != IGNORE_INDEX).sum())
@@ -312,7 +317,7 @@ class GPT:
         cropped to the last block_size tokens. Returns an array of idx's array module (NumPy for
         lists). `use_cache=False` recomputes the whole context every step (see generate_stream).
         """
-        out_xp = array_module(idx) if hasattr(idx, "shape") else np
+        out_xp = module_of(idx)
         tokens = self._as_ids(idx, "idx", xp=np, any_length=True)
         steps = self.generate_stream(tokens, max_new_tokens, temperature, top_k, top_p, seed, use_cache=use_cache)
         return to_device(np.concatenate([tokens, *(ids[:, None] for ids in steps)], axis=1), out_xp)

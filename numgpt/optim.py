@@ -116,11 +116,9 @@ class AdamW:
         """`rows` scratch arrays of `size` elements, (rows, size): a view of one buffer, grown when a
         block needs more (on the CPU it never does after the first block)."""
         buf = self._buffer
-        if buf is None or buf.dtype != dtype:
-            buf = None
-        if buf is None or buf.shape[0] < rows or buf.shape[1] < size:
-            shape = (rows, size) if buf is None else (max(rows, buf.shape[0]), max(size, buf.shape[1]))
-            self._buffer = buf = xp.empty(shape, dtype=dtype)
+        have = buf.shape if buf is not None and buf.dtype == dtype else (0, 0)
+        if have[0] < rows or have[1] < size:
+            self._buffer = buf = xp.empty((max(rows, have[0]), max(size, have[1])), dtype=dtype)
         return buf[:rows, :size]
 
     def state_dict(self):

@@ -74,7 +74,7 @@ def matmul(a, b, out=None, bias=None):
             product = xp.matmul(matmul_operand(a), matmul_operand(b))
         if out is None:
             # widened and biased in one pass, not two: the same numbers, as float16 -> float32 is exact
-            wide = np.promote_types(np.promote_types(a.dtype, b.dtype), np.float32)
+            wide = np.result_type(a.dtype, b.dtype, np.float32)
             return product.astype(wide) if bias is None else xp.add(product, bias, dtype=wide)
         y = out
         y[...] = product
