@@ -25,8 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_train import device_name, device_sync  # noqa: E402
-from bench.common import append_result, median_ms, timed  # noqa: E402
+from bench.common import append_result, device_name, device_sync, median_ms, timed  # noqa: E402
 from numgpt import kernels  # noqa: E402
 from numgpt.backend import cupy_available, get_xp  # noqa: E402
 from numgpt.layers.attention import causal_attention_backward, causal_attention_forward  # noqa: E402

@@ -26,8 +26,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, is_out_of_memory,  # noqa: E402
-                          median_ms, peak_rss_mib, run_child, timed)
+from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, device_name,  # noqa: E402
+                          device_sync, gpu_memory_mib, is_out_of_memory, median_ms, peak_rss_mib, run_child, timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -83,21 +83,6 @@ def datasheet_gflops(device, precision):
         if name in device:
             return peaks[precision] * 1000
     return None
-
-
-def device_sync(backend):
-    """A function that waits for the device's queued work (a no-op on the CPU): timers need it."""
-    if backend == "numpy":
-        return lambda: None
-    import cupy
-    return cupy.cuda.Device().synchronize
-
-
-def gpu_memory_mib():
-    """The most device memory CuPy's pool has held, in MiB (the pool keeps freed blocks, so its size
-    is the high-water mark of what numgpt allocated)."""
-    import cupy
-    return cupy.get_default_memory_pool().total_bytes() / 2**20
 
 
 def batches(shape, steps, seed=0):
@@ -204,7 +189,7 @@ def child(args):
     the same allocator for both, so the ratio compares the two frameworks, not two mallocs."""
     from numgpt.allocator import keep_freed_memory
     keep_freed_memory()
-    shape = {**SHAPES[args.shape], **({"batch_size": args.batch_size} if args.batch_size else {})}
+    shape = {**SHAPES[args.shape], "batch_size": args.batch_size}   # child_args always passes it
     try:
         if args.impl == "numgpt":
             times, memory = bench_numgpt(shape, args.steps, args.warmup, args.backend, args.precision)
@@ -220,13 +205,6 @@ def child(args):
     result = {k + "_ms": median_ms(v) for k, v in times.items()}
     result.update(step_ms=median_ms(steps), peak_mem_mib=memory)
     print(json.dumps(result))
-
-
-def device_name(backend):
-    if backend == "numpy":
-        return "cpu"
-    import cupy
-    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
 
 
 def blas_threads():
@@ -311,11 +289,10 @@ def main():
         if args.batch_size == "max":   # every size that fits is a whole run: the comparison needs no other
             runs = {impl: results_until_out_of_memory(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
             largest = {impl: max(sizes, default=None) for impl, sizes in runs.items()}
-            both = set.intersection(*(set(sizes) for sizes in runs.values()))
-            if not both:
+            if None in largest.values():
                 print(f"{name}: batch size {SHAPES[name]['batch_size']} does not fit every side {largest}: skipped")
                 continue
-            batch_size = max(both)
+            batch_size = min(largest.values())   # every side doubled from the same start: both ran it
             results = {impl: sizes[batch_size] for impl, sizes in runs.items()}
         else:
             batch_size = args.batch_size or SHAPES[name]["batch_size"]

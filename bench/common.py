@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the machine's description, peak memory, results rows."""
+"""Shared pieces of the benchmarks: the machine and device, timers, peak memory, child runs, results rows."""
 
 import datetime
 import json
@@ -32,6 +32,29 @@ def machine():
 def peak_rss_mib():
     """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_sync(backend):
+    """A function that waits for the device's queued work (a no-op on the CPU): timers need it."""
+    if backend == "numpy":
+        return lambda: None
+    import cupy
+    return cupy.cuda.Device().synchronize
+
+
+def gpu_memory_mib():
+    """The most device memory CuPy's pool has held, in MiB (the pool keeps freed blocks, so its size
+    is the high-water mark of what numgpt allocated)."""
+    import cupy
+    return cupy.get_default_memory_pool().total_bytes() / 2**20
+
+
+def device_name(backend):
+    """"cpu", or the GPU's name as CUDA gives it."""
+    if backend == "numpy":
+        return "cpu"
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
 
 
 def median_ms(samples):

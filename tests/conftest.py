@@ -30,11 +30,9 @@ BACKENDS = ["numpy", pytest.param("cupy", id="cupy" if GPU else "cupy-standin",
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """The backend name, "numpy" or "cupy"."""
-    if request.param == "cupy" and not GPU:
-        with pytest.MonkeyPatch.context() as patch:   # its own: a test's monkeypatch.undo() leaves it
+    with pytest.MonkeyPatch.context() as patch:   # its own: a test's monkeypatch.undo() leaves it
+        if request.param == "cupy" and not GPU:
             cupy_standin.install(patch)
-            yield request.param
-    else:
         yield request.param
 
 

@@ -2,10 +2,10 @@
 //
 // Each CUDA thread of a block is a fiber (a stack of its own); the blocks of a grid run
 // one after another, so a __shared__ array (a static local here) belongs to one block at a time.
-// A fiber runs until it reaches __syncthreads() or a warp shuffle, then yields. __syncthreads()
-// releases the block's fibers when all of them wait there; a shuffle releases a warp when its 32
-// lanes have posted their values (each reads its partner's, then all wait again before the slots
-// are reused). A thread that returns stops counting, as an exited thread does on a GPU. Warps run
+// A fiber runs until it reaches __syncthreads(), a warp shuffle or an mma.sync, then yields.
+// __syncthreads() releases the block's fibers when all of them wait there; a shuffle (or an mma)
+// releases a warp when its 32 lanes have posted their values (each reads its partner's, then all
+// wait again before the slots are reused). A thread that returns stops counting, as an exited thread does on a GPU. Warps run
 // one at a time from one block barrier to the next, and the order of warps and of lanes flips at
 // every release (see run_block), so a read of shared memory that lacks a barrier meets unwritten
 // or overwritten data in one order or the other. A wait that can never be released (a
@@ -130,8 +130,7 @@ inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
 // a fiber runs the kernel once per block: after the body it waits as EXITED, and the next block
 // (or launch) that sets it RUNNING again sends it round the loop
 inline void fiber_main() {
-    for (;;) {
-        thread_idx = fibers[current].index;
+    for (;;) {   // thread_idx is set by the scheduler before every switch to a fiber
         (*kernel_body)();
         wait(EXITED);
     }

@@ -1,7 +1,8 @@
 """numgpt's CUDA kernels run on the CPU, so that CI, which has no GPU, tests their source.
 
 `numgpt.kernels.source(dtype)` is compiled by g++ against cuda_emulator.h (each CUDA thread a
-fiber in one OS thread, with CUDA's barriers and warp shuffles) and one generated launcher per kernel.
+fiber in one OS thread, with CUDA's barriers, warp shuffles and mma.sync) and one generated
+launcher per kernel.
 `emulated()` then routes `numgpt.kernels` to this library: with it, the kernel wrappers accept
 NumPy arrays, and the layers use the kernels on NumPy as they would on CuPy. So the tests run the
 same wrappers, grids and argument lists that a GPU gets, and compare against the twins.
@@ -21,6 +22,7 @@ import subprocess
 import tempfile
 
 import numpy as np
+import pytest
 
 from numgpt import kernels
 
@@ -35,6 +37,10 @@ SCALARS = {"int": (ctypes.c_int, np.int32), "long long": (ctypes.c_longlong, np.
 def compiler():
     """The C++ compiler on PATH, or None."""
     return shutil.which(os.environ.get("CXX", "g++"))
+
+
+# for every test that runs kernels here (directly, or through tests/cupy_standin.py)
+needs_compiler = pytest.mark.skipif(compiler() is None, reason="no C++ compiler for the CUDA emulator")
 
 
 def signatures(source):

@@ -8,24 +8,24 @@ lends a machine. `install(monkeypatch)` puts this stand-in where `import cupy` f
 - it never turns into a NumPy array by itself: `np.asarray(x)` raises TypeError, as CuPy does;
   `.get()`, `cupy.asnumpy`, `float()`, `.item()` and `.tolist()` are the ways to the host;
 - arithmetic and cupy functions refuse NumPy arrays (CuPy raises "Unsupported type");
-  Python and NumPy scalars are fine;
+  Python and NumPy scalars are fine; cupy.asarray copies host data, so the two never share memory;
 - reductions and single elements are 0-d arrays, not scalars, and an array is not an `__index__`;
-- only names CuPy 14 has exist: the lists below are its functions and ndarray methods;
+- only names CuPy 14 has exist: the lists below are its functions and ndarray methods; NumPy's
+  own keywords (`where=` on a ufunc, `initial=`) are refused;
 - `RawModule` compiles the CUDA source for tests/cuda_emulator.py, so the kernels run, from the
   same launch code (a kernel argument's `.data.ptr` is the NumPy buffer's address).
 
-`transfers` counts every copy between host and device, so a test can check that a training step
-reads back no more than it means to. What the stand-in cannot show: speed, memory, asynchrony (it
+`transfers` counts every copy between host and device, and every wait of the host for a result
+whose size depends on the data, so a test can check that a training step reads back no more than
+it means to. What the stand-in cannot show: speed, memory, asynchrony (it
 is all synchronous), and the GPU's rounding (TF32 and cuBLAS's float16 products are exact NumPy here).
 """
 
 import collections
-import math
 import sys
 import types
 
 import numpy as np
-import pytest
 
 import cuda_emulator
 import numgpt.backend
@@ -37,8 +37,7 @@ from numgpt import kernels
 transfers = collections.Counter()
 
 # for a test that installs the stand-in: its kernels run in the CUDA emulator, which needs g++
-needs_compiler = pytest.mark.skipif(cuda_emulator.compiler() is None,
-                                    reason="no C++ compiler for the CUDA emulator, which runs the CuPy stand-in's kernels")
+needs_compiler = cuda_emulator.needs_compiler
 
 # the NumPy functions CuPy 14.2 also has (names in both dir(cupy) and dir(numpy), callables only,
 # less file I/O and print options)
@@ -111,17 +110,18 @@ IN_PLACE = "iadd isub imul itruediv ifloordiv imod ipow ilshift irshift iand ior
 UNARY = "neg pos abs invert".split()
 
 
-def unwrap(value):
+def unwrap(value, host_data=False):
     """NumPy's view of `value` for a CuPy call: stand-in arrays become their NumPy arrays, inside
-    lists, tuples and dicts too; a NumPy array is refused, as CuPy refuses it."""
+    lists, tuples and dicts too. A NumPy array is refused, as CuPy refuses it, unless `host_data`
+    (what the functions that copy from the host, such as cupy.asarray, accept)."""
     if isinstance(value, ndarray):
         return value._array
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) and not host_data:
         raise TypeError(f"Unsupported type {type(value)}: a NumPy array given to CuPy (move it with cupy.asarray)")
     if isinstance(value, (list, tuple)):
-        return type(value)(unwrap(v) for v in value)
+        return type(value)(unwrap(v, host_data) for v in value)
     if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
+        return {k: unwrap(v, host_data) for k, v in value.items()}
     return value
 
 
@@ -130,31 +130,21 @@ def from_host(value):
     device: a copy, so that device and host never share memory, as they cannot on a GPU."""
     if isinstance(value, (np.ndarray, list, tuple)):
         transfers["to_device"] += 1
-        return np.array(unwrap_host(value))
+        return np.array(unwrap(value, host_data=True))
     return unwrap(value)
 
 
-def unwrap_host(value):
-    """Like unwrap, but NumPy arrays pass: what cupy.asarray([...]) accepts."""
-    if isinstance(value, ndarray):
-        return value._array
-    if isinstance(value, (list, tuple)):
-        return type(value)(unwrap_host(v) for v in value)
-    return value
-
-
 def index(key):
-    """(the index for the NumPy array behind a stand-in, whether it indexes with arrays): host index
+    """(the index for the NumPy array behind a stand-in, whether it holds index arrays): host index
     arrays (NumPy, lists) are copied to the device first, as CuPy does; a boolean mask makes the
     host wait for its count of True elements, which sizes the result."""
     parts = key if isinstance(key, tuple) else (key,)
-    if any(isinstance(part, (np.ndarray, list)) for part in parts):
+    from_the_host = any(isinstance(part, (np.ndarray, list)) for part in parts)
+    if from_the_host:
         transfers["to_device"] += 1
-    key = unwrap_host(key)
-    parts = key if isinstance(key, tuple) else (key,)
     if any(getattr(part, "dtype", None) == bool for part in parts):
         transfers["to_host"] += 1
-    return key, any(isinstance(part, (np.ndarray, list)) for part in parts)
+    return unwrap(key, host_data=True), from_the_host or any(isinstance(part, ndarray) for part in parts)
 
 
 def scalar(value):
@@ -335,7 +325,7 @@ class ndarray:
         if isinstance(value, ndarray):
             value = value._array
         elif with_arrays:
-            value = from_host(value) if isinstance(value, (np.ndarray, list, tuple)) else value
+            value = from_host(value)
         else:   # CuPy fills a slice with a scalar; a host array must be copied over first
             value = scalar(value)
         self._array[key] = value
@@ -383,7 +373,7 @@ def get_array_module(*args):
 
 
 def asnumpy(a, stream=None, order="C", out=None, blocking=True):
-    return a.get(order=order) if isinstance(a, ndarray) else np.asarray(a, order=order)
+    return a.get(order=order, out=out) if isinstance(a, ndarray) else np.asarray(a, order=order)
 
 
 class Generator:
@@ -448,7 +438,7 @@ class RawModule:
 
 
 def _erf(x):
-    return wrap(np.vectorize(math.erf, otypes=[x.dtype])(unwrap(x)))
+    return wrap(numgpt.backend.erf(unwrap(x)))   # numgpt's own CPU erf (SciPy's, or the standard library's)
 
 
 _pool = MemoryPool()

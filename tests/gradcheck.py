@@ -67,6 +67,11 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
     return bad
 
 
+def relative_error(a, b):
+    """|a - b| / |b| over whole arrays (Frobenius norms), of NumPy or CuPy arrays."""
+    return float(np.linalg.norm(to_numpy(a) - to_numpy(b)) / np.linalg.norm(to_numpy(b)))
+
+
 def dot_loss(out, dout):
     """L = sum(out * dout): its gradient with respect to out is the drawn upstream gradient dout."""
     return float((out * dout).sum())

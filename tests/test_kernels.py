@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import cuda_emulator
+from gradcheck import relative_error
 from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels
 from numgpt.optim import clip_coefficient
 from numgpt.backend import cupy_available, get_xp, to_numpy
@@ -29,7 +30,7 @@ from numgpt.precision import half_matmuls
 
 DTYPES = ["float32", "float64"]
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
-needs_compiler = pytest.mark.skipif(cuda_emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+needs_compiler = cuda_emulator.needs_compiler
 
 
 @pytest.fixture(params=[
@@ -43,6 +44,16 @@ def xp(request):
     else:
         with cuda_emulator.emulated():
             yield np
+
+
+def as_float16(x):
+    """x rounded to float16, held in float64."""
+    return np.asarray(x).astype(np.float16).astype(np.float64)
+
+
+def tensor_cores_or_skip(xp, head_size):
+    if not kernels.tensor_core_attention_supports(xp, head_size):
+        pytest.skip("mma.sync needs compute capability 8.0")
 
 
 def nvrtc_or_skip():
@@ -60,7 +71,7 @@ def test_kernels_compile(dtype, arch):
     nvrtc = nvrtc_or_skip()
     program = nvrtc.createProgram(kernels.source(dtype), "numgpt_kernels.cu", [], [])
     try:
-        nvrtc.compileProgram(program, [f"--gpu-architecture={arch}"])   # the dialect CuPy uses: NVRTC's default
+        nvrtc.compileProgram(program, [f"--gpu-architecture={arch}"])
     except Exception:
         pytest.fail(nvrtc.getProgramLog(program))
 
@@ -304,23 +315,17 @@ def test_mma_fragment_layouts(xp):
         kernel = cuda_emulator.kernel_from(source, "mma_layouts")
     else:
         import cupy
-        if not kernels.tensor_core_attention_supports(xp, 16):
-            pytest.skip("mma.sync needs compute capability 8.0")
+        tensor_cores_or_skip(xp, 16)
         kernel = cupy.RawModule(code=source).get_function("mma_layouts")
     rng = np.random.default_rng(0)
     a, bt, b = (rng.standard_normal(shape).astype(np.float32) for shape in [(16, 16), (8, 16), (16, 8)])
     c, d = xp.zeros((16, 8), dtype=np.float32), xp.zeros((16, 8), dtype=np.float32)
     kernel((1,), (32,), tuple(xp.asarray(m) for m in (a, bt, b)) + (c, d))
-    a16, bt16, b16 = (m.astype(np.float16).astype(np.float64) for m in (a, bt, b))
+    a16, bt16, b16 = (as_float16(m) for m in (a, bt, b))
     c_ref = a16 @ bt16.T
-    d_ref = np.concatenate([c_ref, a16 @ b16], axis=1).astype(np.float16).astype(np.float64) @ b16
+    d_ref = as_float16(np.concatenate([c_ref, a16 @ b16], axis=1)) @ b16
     np.testing.assert_allclose(to_numpy(c), c_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(d), d_ref, rtol=1e-4, atol=1e-4)
-
-
-def relative_error(a, b):
-    """|a - b| / |b| over whole arrays (Frobenius norms)."""
-    return float(np.linalg.norm(to_numpy(a) - to_numpy(b)) / np.linalg.norm(to_numpy(b)))
 
 
 TC_SHAPES = [(1, 1, 16), (5, 2, 16), (70, 2, 32), (130, 1, 64)]   # one query block or three, one key tile or three
@@ -328,8 +333,7 @@ TC_SHAPES = [(1, 1, 16), (5, 2, 16), (70, 2, 32), (130, 1, 64)]   # one query bl
 
 def tensor_core_attention(xp, T, n_head, hs):
     """qkv, dy (float32 NumPy), and y, dqkv of causal attention through the tensor-core kernels."""
-    if not kernels.tensor_core_attention_supports(xp, hs):
-        pytest.skip("mma.sync needs compute capability 8.0")
+    tensor_cores_or_skip(xp, hs)
     C = n_head * hs
     qkv, dy = random(np, (2, T, 3 * C), "float32", 0), random(np, (2, T, C), "float32", 1)
     with half_matmuls("float16"):
@@ -351,11 +355,6 @@ def test_tensor_core_attention_is_as_close_to_float64_as_float16_matmuls_are(xp,
         dqkv64 = causal_attention_backward(dy.astype(np.float64), cache64)
     assert relative_error(y, y64) < 1e-3
     assert relative_error(dqkv, dqkv64) < 1e-3
-
-
-def as_float16(x):
-    """x rounded to float16, held in float64."""
-    return np.asarray(x).astype(np.float16).astype(np.float64)
 
 
 TC_ROUNDINGS = ("q", "k", "v", "dy", "P", "P for dv", "dS")
@@ -447,8 +446,7 @@ def test_a_float16_step_with_every_kernel_stays_as_close_to_float32_as_the_twins
     cores): loss and gradients as close to float32's as the twins' float16 step is (measured:
     every gradient within 0.07% of float32's, both ways)."""
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    if not kernels.tensor_core_attention_supports(xp, 16):
-        pytest.skip("mma.sync needs compute capability 8.0")
+    tensor_cores_or_skip(xp, 16)
     idx = np.random.default_rng(0).integers(0, 64, (4, 17))
     backend = "cupy" if xp is not np else "numpy"
     tensor_cores = []
@@ -489,7 +487,7 @@ def test_classifier_with_the_kernel_matches_its_twin(xp, dtype, monkeypatch):
     """The chunked classifier (three chunks) gives the same loss and gradients with the fused kernel
     as with its twin, which skips the max by the logits' bound: the two shift differently."""
     import numgpt.layers.classifier as classifier
-    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(("numpy", "cupy"), 3 * 300))
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, 3 * 300))
     x, w = random(xp, (8, 16), dtype, 0), random(xp, (300, 16), dtype, 1)
     targets = xp.asarray([3, 299, IGNORE_INDEX, 0, 3, 150, 7, 8])
     fused, twin = fused_and_twin(lambda a: classifier_forward(a, w, targets, return_logits=True), x)

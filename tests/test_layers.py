@@ -420,7 +420,7 @@ def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, scale, seed, 
     N, V, targets = case
     if not np.any(targets != IGNORE_INDEX):
         return
-    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(("numpy", "cupy"), chunk_rows * V))   # several chunks
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, chunk_rows * V))   # several chunks
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (N, C), scale), "w": draw(xp, rng, (V, C), scale)}
     grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
@@ -428,7 +428,7 @@ def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, scale, seed, 
 
 
 def test_classifier_matches_unfused_loss_and_logits(xp, monkeypatch):
-    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(("numpy", "cupy"), 3 * 11))
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, 3 * 11))
     rng = np.random.default_rng(0)
     x, w = draw(xp, rng, (10, 4)), draw(xp, rng, (11, 4))
     targets = to_device(np.array([1, 2, 3, IGNORE_INDEX, 5, 6, 7, 8, 9, 10]), xp)
@@ -467,7 +467,7 @@ def test_classifier_check_catches_per_chunk_mean(xp, case, C, seed, monkeypatch)
     N, V, targets = case
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (N, C)), "w": draw(xp, rng, (V, C))}
-    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(("numpy", "cupy"), V))   # one row per chunk
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, V))   # one row per chunk
 
     def per_chunk_mean(valid, n_valid):   # the chunking bug: each chunk normalised by its own kept rows
         return valid / max(int(valid.sum()), 1)

@@ -181,7 +181,6 @@ def test_a_host_batch_reaches_the_model_in_one_transfer(backend, monkeypatch):
     model = GPT(config, backend=backend)
     idx, targets = batch(config, 2, 8, np.random.default_rng(0))
     moved = []
-    to_device = numgpt.model.to_device
     monkeypatch.setattr(numgpt.model, "to_device", lambda x, xp, dtype=None: (
         moved.append(x.shape) if isinstance(x, np.ndarray) and xp is not np else None) or to_device(x, xp, dtype))
     _, loss = model.forward(idx, targets)

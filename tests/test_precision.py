@@ -6,6 +6,7 @@ arithmetic of the GPU is checked here on the CPU (slowly: NumPy has no float16 B
 import numpy as np
 import pytest
 
+from gradcheck import relative_error
 from numgpt import GPT, AdamW, ConfigError, GPTConfig
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.linear import linear_backward, linear_forward
@@ -28,10 +29,6 @@ def markov_batch(rng, B, T, vocab=CONFIG.vocab_size):
 def grads_of(model, idx, targets, loss_scale=1.0):
     _, loss = model.forward(idx, targets, loss_scale=loss_scale)
     return loss, {name: to_numpy(g).copy() for name, g in model.backward().items()}
-
-
-def relative_error(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_matmul_rounds_operands_only_inside_the_block(xp):
