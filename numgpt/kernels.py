@@ -23,6 +23,8 @@ tc_attention_*):
                      sum_of_squares_all, all_finite_all,  parameter or gradient), each block doing
                      adamw_all                            one chunk of one array (PyTorch's foreach)
     warp.cu          the shuffle reductions the others share
+    float16.cu       the float16 stores of gelu_forward and layernorm_forward, which (for fp16 training)
+                     write an output that feeds only matmuls as float16 directly
 
 The files are compiled as one program, written once with REAL for the element type, by NVRTC for
 float and for double when first used (the tensor-core attention, for fp16 training, for float
@@ -51,8 +53,9 @@ CHUNK = 1 << 14           # elements per block in the multi-array kernels: GPT-2
 MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
 
 CUDA_DIR = pathlib.Path(__file__).with_name("cuda")
-# compiled as one source, in this order (warp.cu's reductions come first: the others use them)
-CUDA_FILES = ("warp.cu", "gelu.cu", "layernorm.cu", "softmax.cu", "flash_attention.cu",
+# compiled as one source, in this order (warp.cu's reductions and float16.cu's stores come first:
+# the others use them)
+CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "softmax.cu", "flash_attention.cu",
               "tensor_core_attention.cu", "multi_array.cu")
 SOURCE = "\n".join((CUDA_DIR / name).read_text() for name in CUDA_FILES)
 
@@ -112,11 +115,21 @@ def _scalar(value, dtype):
     return np.dtype(dtype).type(value)
 
 
-def gelu_forward(x):
-    """y = gelu(x), GPT-2's tanh form, in one pass."""
+def _output(name, x, out_dtype):
+    """(kernel, dtype of its output) for kernel `name` over x when the caller wants the output in
+    `out_dtype`: float16 from float32 x is written by the kernel's `_half` variant (one rounding of
+    its float32 result, as astype's); anything else comes in x's dtype, for the caller to cast."""
+    if out_dtype is not None and np.dtype(out_dtype) == np.float16 and x.dtype == np.float32:
+        return _kernel(name + "_half", x.dtype), np.dtype(np.float16)
+    return _kernel(name, x.dtype), x.dtype
+
+
+def gelu_forward(x, out_dtype=None):
+    """y = gelu(x), GPT-2's tanh form, in one pass (see _output for `out_dtype`)."""
     x = _contiguous(x)
-    y = _empty_like(x)
-    _kernel("gelu_forward", x.dtype)(*_elementwise_grid(x.size), (x, y, np.int64(x.size)))
+    kernel, dtype = _output("gelu_forward", x, out_dtype)
+    y = array_module(x).empty(x.shape, dtype=dtype)
+    kernel(*_elementwise_grid(x.size), (x, y, np.int64(x.size)))
     return y
 
 
@@ -128,18 +141,20 @@ def gelu_backward(dy, x):
     return dx
 
 
-def layernorm_forward(x, w, b, eps):
-    """(y, xhat, rstd) of layernorm over the last axis; rstd has shape (..., 1) like the twin's."""
+def layernorm_forward(x, w, b, eps, out_dtype=None):
+    """(y, xhat, rstd) of layernorm over the last axis; rstd has shape (..., 1) like the twin's
+    (see _output for `out_dtype`, y's)."""
     x = _contiguous(x)
     C = x.shape[-1]
     N = x.size // C
-    y, xhat = _empty_like(x), _empty_like(x)
-    rstd = array_module(x).empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    xp = array_module(x)
+    kernel, dtype = _output("layernorm_forward", x, out_dtype)
+    y, xhat = xp.empty(x.shape, dtype=dtype), _empty_like(x)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
     w = _contiguous(w)
     has_bias = b is not None
     b = _contiguous(b) if has_bias else w   # without a bias, any valid pointer: the kernel never reads it
-    _kernel("layernorm_forward", x.dtype)((N,), (WARP,), (x, w, b, np.int32(has_bias), y, xhat, rstd,
-                                                           np.int32(N), np.int32(C), _scalar(eps, x.dtype)))
+    kernel((N,), (WARP,), (x, w, b, np.int32(has_bias), y, xhat, rstd, np.int32(N), np.int32(C), _scalar(eps, x.dtype)))
     return y, xhat, rstd
 
 

@@ -72,8 +72,9 @@ class GPT:
     logits, loss = model.forward(idx, targets)     # idx, targets (B,T) ints
     grads = model.backward()                       # {name: gradient of the mean loss}
 
-    With matmul_dtype="float16" (mixed precision, for GPU tensor cores) the parameters and
-    activations stay in `dtype`, float32, and only the matmuls run in float16 (operands and product).
+    With matmul_dtype="float16" (mixed precision, for GPU tensor cores) the parameters stay in
+    `dtype`, float32, the activations are computed in it, and only the matmuls run in float16
+    (operands and product).
     """
 
     def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None):

@@ -6,10 +6,11 @@ Three precisions, train.py's --precision:
            the gradient checks, which run in float64 anyway)
     tf32   float32 arrays, but cuBLAS rounds matmul inputs to TF32 (10-bit mantissa) on tensor
            cores; everything else is unchanged (CuPy only)
-    fp16   mixed precision (Micikevicius et al. 2018): the parameters, the AdamW moments and every
-           activation stay float32; only the matmuls run in float16: their operands are rounded
-           to float16, tensor cores multiply them with float32 accumulation, and the product is
-           rounded to float16 (as under torch.autocast) before it goes back to float32
+    fp16   mixed precision (Micikevicius et al. 2018): the parameters and the AdamW moments stay
+           float32, and every activation is computed in float32; only the matmuls run in float16:
+           their operands are rounded to float16 (by the layer that makes one, when it feeds
+           matmuls alone), tensor cores multiply them with float32 accumulation, and the product
+           is rounded to float16 (as under torch.autocast) before it goes back to float32
 
 float16 has 5 exponent bits: magnitudes below 6e-8 flush to zero, and above 65504 overflow. The
 forward's values live well inside that range, but gradients are small (a mean over B*T positions
@@ -45,16 +46,30 @@ def half_matmuls(dtype):
         _matmul_dtype = previous
 
 
+def operand_dtype(dtype):
+    """The dtype matmul() multiplies an array of `dtype` in: float16 inside `half_matmuls`, else `dtype`.
+
+    A layer whose output feeds only matmuls (ln_1 and ln_2 feed linear layers, the MLP's activation
+    its projection) writes that output in this dtype: the same numbers as rounding it afterwards,
+    and on a GPU its kernel writes float16 directly, one pass over the array instead of two."""
+    return np.dtype(dtype if _matmul_dtype is None else _matmul_dtype)
+
+
+def as_dtype(a, dtype):
+    """a in `dtype` (None: a's own); a itself when it already is."""
+    if dtype is None or a.dtype == dtype:
+        return a
+    with np.errstate(over="ignore"):   # beyond 65504 is inf in float16: expected, the loss scaler handles it
+        return a.astype(dtype, copy=False)
+
+
 def matmul_operand(a):
     """a as matmul() multiplies it: rounded to float16 inside `half_matmuls`, else a itself.
 
     A layer that multiplies with an operand twice (a weight in its forward and its backward, an
     input in its forward and its weight gradient) rounds it once with this and keeps the result:
     one cast instead of two, and float16 kept where float32 was."""
-    if _matmul_dtype is None:
-        return a
-    with np.errstate(over="ignore"):   # beyond 65504 is inf: expected, the loss scaler handles it
-        return a.astype(_matmul_dtype, copy=False)
+    return as_dtype(a, operand_dtype(a.dtype))
 
 
 def matmul(a, b, out=None, bias=None):

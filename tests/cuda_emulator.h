@@ -79,12 +79,16 @@ template <class T> T shfl_xor(T value, int lane_mask) {
     return result;
 }
 
-// float16 bits <-> float, rounding to nearest even (as cvt.rn.f16x2.f32): g++'s _Float16
-inline unsigned pack_half2(float lo, float hi) {   // lo in the low 16 bits
-    _Float16 halves[2] = {(_Float16)lo, (_Float16)hi};
-    unsigned bits;
-    std::memcpy(&bits, halves, sizeof bits);
+// float16 bits <-> float, rounding to nearest even (as cvt.rn.f16.f32 and cvt.rn.f16x2.f32): g++'s _Float16
+inline unsigned short half_bits(float x) {
+    _Float16 h = (_Float16)x;
+    unsigned short bits;
+    std::memcpy(&bits, &h, sizeof bits);
     return bits;
+}
+
+inline unsigned pack_half2(float lo, float hi) {   // lo in the low 16 bits
+    return half_bits(lo) | (unsigned)half_bits(hi) << 16;
 }
 
 inline float half_at(unsigned bits, int which) {   // the low (0) or high (1) half of a register

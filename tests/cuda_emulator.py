@@ -31,7 +31,8 @@ KERNEL = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)')
 
 # C parameter type -> (ctypes type, what a launch must pass for it)
 SCALARS = {"int": (ctypes.c_int, np.int32), "long long": (ctypes.c_longlong, np.int64),
-           "float": (ctypes.c_float, np.float32), "double": (ctypes.c_double, np.float64)}
+           "float": (ctypes.c_float, np.float32), "double": (ctypes.c_double, np.float64),
+           "unsigned short": (ctypes.c_ushort, np.float16)}   # HALF: a float16 as its bits (numgpt/cuda/float16.cu)
 
 
 def compiler():

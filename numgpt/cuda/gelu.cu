@@ -3,13 +3,18 @@
 #define GELU_SCALE ((REAL)0.79788456080286541)   // sqrt(2/pi)
 #define GELU_CUBIC ((REAL)0.044715)
 
-// y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-extern "C" __global__ void gelu_forward(const REAL* x, REAL* y, long long n) {
+// y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with y in REAL or (OUT = HALF) float16
+template <class OUT> __device__ void gelu_forward_elements(const REAL* x, OUT* y, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
         REAL v = x[i];
-        y[i] = (REAL)0.5 * v * ((REAL)1 + tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v)));
+        store(&y[i], (REAL)0.5 * v * ((REAL)1 + tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v))));
     }
 }
+
+extern "C" __global__ void gelu_forward(const REAL* x, REAL* y, long long n) { gelu_forward_elements(x, y, n); }
+#if REAL_IS_FLOAT   // float16 from float32 arithmetic (from float64 through float it would round twice)
+extern "C" __global__ void gelu_forward_half(const REAL* x, HALF* y, long long n) { gelu_forward_elements(x, y, n); }
+#endif
 
 // dx = dy (1 + t) (0.5 + s (1 - t)),  t = tanh(u),  s = 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 extern "C" __global__ void gelu_backward(const REAL* x, const REAL* dy, REAL* dx, long long n) {

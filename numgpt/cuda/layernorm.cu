@@ -2,9 +2,9 @@
 // Part of the one program numgpt/kernels.py compiles: its source(dtype) defines REAL and the rest.
 
 // one warp per row of x (N,C): xhat = (x - mean) * rstd, y = xhat * w + b, rstd = 1 / sqrt(var + eps);
-// without a bias (has_bias 0) b is never read
-extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const REAL* b, int has_bias, REAL* y,
-                                             REAL* xhat, REAL* rstd, int N, int C, REAL eps) {
+// without a bias (has_bias 0) b is never read. y in REAL or (OUT = HALF) float16
+template <class OUT> __device__ void layernorm_forward_rows(const REAL* x, const REAL* w, const REAL* b, int has_bias,
+                                                            OUT* y, REAL* xhat, REAL* rstd, int N, int C, REAL eps) {
     int row = blockIdx.x, lane = threadIdx.x;
     if (row >= N) return;
     long long offset = (long long)row * C;
@@ -17,10 +17,21 @@ extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const
     for (int c = lane; c < C; c += 32) {
         REAL h = (x[offset + c] - mean) * r;
         xhat[offset + c] = h;
-        y[offset + c] = has_bias ? h * w[c] + b[c] : h * w[c];
+        store(&y[offset + c], has_bias ? h * w[c] + b[c] : h * w[c]);
     }
     if (lane == 0) rstd[row] = r;
 }
+
+extern "C" __global__ void layernorm_forward(const REAL* x, const REAL* w, const REAL* b, int has_bias, REAL* y,
+                                             REAL* xhat, REAL* rstd, int N, int C, REAL eps) {
+    layernorm_forward_rows(x, w, b, has_bias, y, xhat, rstd, N, C, eps);
+}
+#if REAL_IS_FLOAT   // as gelu_forward_half
+extern "C" __global__ void layernorm_forward_half(const REAL* x, const REAL* w, const REAL* b, int has_bias, HALF* y,
+                                                  REAL* xhat, REAL* rstd, int N, int C, REAL eps) {
+    layernorm_forward_rows(x, w, b, has_bias, y, xhat, rstd, N, C, eps);
+}
+#endif
 
 // one warp per row: dx = rstd (g - mean(g) - xhat mean(g xhat)),  g = dy w
 extern "C" __global__ void layernorm_dx(const REAL* dy, const REAL* xhat, const REAL* rstd, const REAL* w,

@@ -1,4 +1,6 @@
 """Pointwise activations of the MLP, each a forward/backward pair that caches only its input.
+Each forward writes its output in `out_dtype` when given (rounded from x's dtype: float16 for the
+matmul that follows, see numgpt.precision.operand_dtype).
 
 gelu        GPT-2's tanh approximation ("gelu_new" in transformers), the default.
 gelu_exact  x * Phi(x) with the normal CDF Phi (torch's nn.GELU()).
@@ -9,6 +11,7 @@ import math
 
 from numgpt import kernels
 from numgpt.backend import array_module, erf
+from numgpt.precision import as_dtype
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)  # a Python float: NumPy scalars would promote float32 to float64
 GELU_CUBIC = 0.044715
@@ -16,7 +19,7 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def gelu_forward(x):
+def gelu_forward(x, out_dtype=None):
     """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).   x (...) -> y (...).
 
     Computed in place in one new array: GELU runs on the widest activations (B,T,4C), where each
@@ -25,7 +28,7 @@ def gelu_forward(x):
     """
     xp = array_module(x)
     if kernels.enabled(xp):
-        return kernels.gelu_forward(x), x
+        return as_dtype(kernels.gelu_forward(x, out_dtype), out_dtype), x
     y = x * x
     y *= x
     y *= GELU_CUBIC
@@ -35,7 +38,7 @@ def gelu_forward(x):
     y += 1.0
     y *= x
     y *= 0.5
-    return y, x
+    return as_dtype(y, out_dtype), x
 
 
 def gelu_backward(dy, x):
@@ -67,9 +70,9 @@ def gelu_backward(dy, x):
     return local
 
 
-def gelu_exact_forward(x):
+def gelu_exact_forward(x, out_dtype=None):
     """y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).   x (...) -> y (...)."""
-    return 0.5 * x * (1.0 + erf(x * INV_SQRT2)), x
+    return as_dtype(0.5 * x * (1.0 + erf(x * INV_SQRT2)), out_dtype), x
 
 
 def gelu_exact_backward(dy, x):
@@ -80,10 +83,10 @@ def gelu_exact_backward(dy, x):
     return dy * (cdf + x * pdf)
 
 
-def relu_forward(x):
+def relu_forward(x, out_dtype=None):
     """y = max(x, 0).   x (...) -> y (...)."""
     xp = array_module(x)
-    return xp.maximum(x, 0), x
+    return as_dtype(xp.maximum(x, 0), out_dtype), x
 
 
 def relu_backward(dy, x):

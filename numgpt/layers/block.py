@@ -11,6 +11,7 @@ from numgpt.layers.linear import named_grads
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 from numgpt.layers.mlp import mlp_backward, mlp_forward
 from numgpt.layers.residual import residual_backward, residual_forward
+from numgpt.precision import operand_dtype
 
 
 def sub_params(params, prefix):
@@ -22,10 +23,12 @@ def sub_params(params, prefix):
 def block_forward(x, params, n_head, activation="gelu", dropout=0.0, rng=None, *, kv_cache=None):
     """x (B,T,C) -> y (B,T,C), cache. With a `kv_cache`, x holds the positions after the cached ones
     (see attention_forward) and the cache serves block_attention_probs only, not a backward."""
-    h, ln_1_cache = layernorm_forward(x, params["ln_1.weight"], params.get("ln_1.bias"))
+    # each layernorm's output feeds only a linear layer: it is written in the dtype the matmul takes
+    h_dtype = operand_dtype(x.dtype)
+    h, ln_1_cache = layernorm_forward(x, params["ln_1.weight"], params.get("ln_1.bias"), out_dtype=h_dtype)
     h, attn_cache = attention_forward(h, sub_params(params, "attn."), n_head, dropout, rng, kv_cache=kv_cache)
     x = residual_forward(x, h)
-    h, ln_2_cache = layernorm_forward(x, params["ln_2.weight"], params.get("ln_2.bias"))
+    h, ln_2_cache = layernorm_forward(x, params["ln_2.weight"], params.get("ln_2.bias"), out_dtype=h_dtype)
     h, mlp_cache = mlp_forward(h, sub_params(params, "mlp."), activation, dropout, rng)
     y = residual_forward(x, h)
     return y, (ln_1_cache, attn_cache, ln_2_cache, mlp_cache)

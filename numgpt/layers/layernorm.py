@@ -2,20 +2,22 @@
 
 from numgpt import kernels
 from numgpt.backend import array_module
+from numgpt.precision import as_dtype
 
 
-def layernorm_forward(x, w, b=None, eps=1e-5):
+def layernorm_forward(x, w, b=None, eps=1e-5, out_dtype=None):
     """y = (x - mean) / sqrt(var + eps) * w + b, statistics over C.   x (B,T,C), w, b (C,) -> y.
 
     The variance is the mean squared deviation (not E[x^2] - E[x]^2, which cancels badly when
     |mean| >> std). The cache keeps the normalised input and 1/std for the backward. Two new
     (B,T,C) arrays, the rest in place: every extra temporary is one more pass through memory. On
-    a GPU one fused kernel makes y, xhat and rstd (numgpt.kernels; this code is its twin).
+    a GPU one fused kernel makes y, xhat and rstd (numgpt.kernels; this code is its twin). y comes
+    in `out_dtype` when given (rounded from x's dtype: float16 for a matmul, see operand_dtype).
     """
     xp = array_module(x)
     if kernels.enabled(xp):
-        y, xhat, rstd = kernels.layernorm_forward(x, w, b, eps)
-        return y, (xhat, rstd, w, b is not None)
+        y, xhat, rstd = kernels.layernorm_forward(x, w, b, eps, out_dtype)
+        return as_dtype(y, out_dtype), (xhat, rstd, w, b is not None)
     mean = x.mean(axis=-1, keepdims=True)              # (B,T,1)
     xhat = x - mean                                    # (B,T,C): x - mean, normalised below
     y = xp.multiply(xhat, xhat)                        # (B,T,C): squares first, the output later
@@ -25,7 +27,7 @@ def layernorm_forward(x, w, b=None, eps=1e-5):
     xp.multiply(xhat, w, out=y)
     if b is not None:
         y += b
-    return y, (xhat, rstd, w, b is not None)
+    return as_dtype(y, out_dtype), (xhat, rstd, w, b is not None)
 
 
 def layernorm_backward(dy, cache):
