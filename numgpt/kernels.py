@@ -13,6 +13,7 @@ tc_attention_*):
     file             functions here                       how the work is split
     gelu.cu          gelu_forward, gelu_backward          elementwise, one thread per element
     layernorm.cu     layernorm_forward, layernorm_dx      one warp (32 threads) per row of C
+    sum_rows.cu      sum_rows                             a block per 32 columns of SUM_ROWS_GROUP rows
     softmax.cu       causal_softmax, softmax_backward     one warp per row of attention scores
                      softmax_parts                        one block per row of logits: the
                                                           cross-entropy's max, exp and sum
@@ -42,20 +43,21 @@ import numpy as np
 from numgpt.backend import array_module, backend_name
 
 WARP = 32                 # threads per row in the row kernels: a warp reduces with shuffles, no shared memory
-THREADS = 256             # threads per block in the elementwise, softmax_parts, multi-array and FMA flash kernels
-MAX_BLOCKS = 65535        # elementwise kernels loop over the rest (a grid-stride loop)
+THREADS = 256             # threads per block in the elementwise, sum_rows, softmax_parts, multi-array and FMA flash kernels
+MAX_BLOCKS = 65535        # per grid dimension: elementwise kernels loop over the rest (a grid-stride loop)
 DIMS = 16                 # head dims per thread in the FMA attention kernels: a row takes the least power of
                           # two >= hs / DIMS threads (_flash_launch; group_sum needs a power of two)
 TC_HEAD_SIZES = (16, 32, 64)  # head sizes the tensor-core attention kernels are compiled for (GPT-2's is 64)
 TC_ROWS = 64                  # rows per block in those kernels (MMA_ROWS in the source): warps of 16 rows
 TC_THREADS = TC_ROWS // 16 * 32
+SUM_ROWS_GROUP = 256      # rows per block in sum_rows: GPT-2's 16 x 1024 rows of 768 make 24 x 64 blocks
 CHUNK = 1 << 14           # elements per block in the multi-array kernels: GPT-2 124M's parameters are ~7600 blocks
 MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
 
 CUDA_DIR = pathlib.Path(__file__).with_name("cuda")
 # compiled as one source, in this order (warp.cu's reductions and float16.cu's stores come first:
 # the others use them)
-CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "softmax.cu", "flash_attention.cu",
+CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "sum_rows.cu", "softmax.cu", "flash_attention.cu",
               "tensor_core_attention.cu", "multi_array.cu")
 SOURCE = "\n".join((CUDA_DIR / name).read_text() for name in CUDA_FILES)
 
@@ -167,6 +169,30 @@ def layernorm_dx(dy, xhat, rstd, w):
     _kernel("layernorm_dx", dy.dtype)((N,), (WARP,), (dy, _contiguous(xhat), _contiguous(rstd), _contiguous(w), dx,
                                                        np.int32(N), np.int32(C)))
     return dx
+
+
+def sum_rows(x, w=None):
+    """(C,): the sum over every row of x (..., C), or of x * w elementwise.
+
+    A launch turns groups of SUM_ROWS_GROUP rows into one row of partial sums each; the partial
+    sums go through again until one row is left (two launches up to 65536 rows). CuPy's own sum
+    over a first axis runs one block per 32 columns, each looping over every row: 24 blocks of an
+    H100's 132 SMs for C = 768 (read in its _reduction.pyx; cupy#8092 measured one such block summing
+    2^24 floats in 16 ms)."""
+    xp = array_module(x)
+    C = x.shape[-1]
+    x = _contiguous(x).reshape(-1, C)                                       # (N,C)
+    has_w = w is not None
+    w = _contiguous(w) if has_w else x   # without w, any valid pointer: the kernel never reads it
+    while True:
+        N = x.shape[0]
+        groups = max(1, min(-(-N // SUM_ROWS_GROUP), MAX_BLOCKS))
+        out = xp.empty((groups, C), dtype=x.dtype)                          # (G,C)
+        _kernel("sum_rows", x.dtype)((-(-C // WARP), groups), (THREADS,), (x, w, np.int32(has_w), out, np.int64(N),
+                                                                          np.int32(C), np.int64(-(-N // groups))))
+        if groups == 1:
+            return out.reshape(C)
+        x, w, has_w = out, out, False
 
 
 def causal_softmax(scores):

@@ -26,6 +26,7 @@ from numgpt.layers.attention import (attention_backward, attention_forward, caus
 from numgpt.layers.classifier import classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
+from numgpt.layers.linear import sum_rows
 from numgpt.precision import half_matmuls
 
 DTYPES = ["float32", "float64"]
@@ -126,6 +127,32 @@ def test_layernorm_kernels_match_their_twin(xp, dtype, C, bias):
             assert a is None
         else:
             assert_same(a, t, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, C", [(0, 5), (1, 1), (9, 33), (300, 64), (70_000, 2)])   # 1, 2 and 3 launches
+def test_sum_rows_kernel_matches_its_twin(xp, dtype, N, C):
+    """Bias gradients (sum_rows) and layernorm's dw (the kernel with a weight) as the twins sum them,
+    for fewer columns than a warp has lanes and more, and rows in one, two and three passes."""
+    x, w = random(xp, (N, C), dtype, 0), random(xp, (N, C), dtype, 1)
+    fused, twin = fused_and_twin(sum_rows, x)
+    assert_same(fused, twin, dtype)
+    assert_same(kernels.sum_rows(x, w), (x * w).sum(axis=0), dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("mutation", [
+    ("r += warps)", "r += 2 * warps)"),                                       # skips every other row
+    ("k = 1; k < warps; ++k", "k = 2; k < warps; ++k"),                     # drops a warp's sum
+    ("warp_sums[warp][lane] = sum;\n    __syncthreads();", "warp_sums[warp][lane] = sum;"),   # no barrier
+    ("* w[r * C + c] :", "* w[r * C] :"),                                     # the wrong weight
+])
+def test_the_sum_rows_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
+    """Negative controls: each wrong sum_rows kernel fails the comparison above."""
+    assert kernels.SOURCE.count(mutation[0]) == 1
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    with cuda_emulator.emulated(), pytest.raises(AssertionError):
+        test_sum_rows_kernel_matches_its_twin(np, "float64", 300, 64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
