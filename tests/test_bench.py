@@ -10,6 +10,7 @@ import cupy_standin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
+import bench_layers  # noqa: E402
 import bench_train  # noqa: E402
 
 pytestmark = cupy_standin.needs_compiler
@@ -35,3 +36,20 @@ def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, preci
     bench_attention.main()
     rows = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()]
     assert rows == (["flash", "flash fma", "matrix"] if precision == "fp16" else ["flash", "matrix"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_bench_layers_times_each_layer_with_and_without_the_kernels_on_cupy(monkeypatch, capsys, precision):
+    cupy_standin.install(monkeypatch)
+    monkeypatch.setitem(sys.modules, "torch", None)   # no CUDA for torch here: no reference column
+    monkeypatch.setattr(bench_layers, "VOCAB", 64)
+    monkeypatch.setattr(bench_layers, "SHAPES", {"tiny": {"batch_size": 2, "block_size": 16, "n_layer": 1,
+                                                          "n_head": 2, "n_embd": 16, "dropout": 0.0}})
+    monkeypatch.setattr(sys, "argv", ["bench_layers.py", "--backend", "cupy", "--precision", precision,
+                                      "--repeats", "1", "--no-save"])
+    bench_layers.main()
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
+    rows = [line.split() for line in lines[header + 1:]]   # layer, fwd ms, bwd ms, GFLOP/s, twins ms, ...
+    assert [row[0] for row in rows] == ["embedding", "layernorm", "attention", "mlp", "classifier+loss"]
+    assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows)
