@@ -24,8 +24,8 @@ tc_attention_*):
                      sum_of_squares_all, all_finite_all,  parameter or gradient), each block doing
                      adamw_all                            one chunk of one array (PyTorch's foreach)
     warp.cu          the shuffle reductions the others share
-    float16.cu       the float16 stores of gelu_forward and layernorm_forward, which (for fp16 training)
-                     write an output that feeds only matmuls as float16 directly
+    float16.cu       the float16 stores of gelu_forward, layernorm_forward and softmax_parts, which
+                     (for fp16 training) write an output that feeds only matmuls as float16 directly
 
 The files are compiled as one program, written once with REAL for the element type, by NVRTC for
 float and for double when first used (the tensor-core attention, for fp16 training, for float
@@ -214,16 +214,19 @@ def softmax_backward(dprobs, probs):
     return ds
 
 
-def softmax_parts(logits, out=None):
+def softmax_parts(logits, out=None, out_dtype=None):
     """(exps, sumexp, shift) of logits (N,V): shift (N,) the row maxima, exps (N,V) = exp(logits -
-    shift) (written into `out`, which may be `logits`), sumexp (N,1) its row sums."""
+    shift) (written into `out`, which may be `logits`; see _output for `out_dtype`), sumexp (N,1)
+    its row sums, from the unrounded exps."""
     logits = _contiguous(logits)
     N, V = logits.shape
-    exps = _empty_like(logits) if out is None else out
-    assert exps.flags.c_contiguous and exps.shape == logits.shape, "out must be a C-contiguous (N,V) array"
     xp = array_module(logits)
+    kernel, dtype = _output("softmax_parts", logits, out_dtype)
+    exps = xp.empty((N, V), dtype=dtype) if out is None else out
+    assert exps.flags.c_contiguous and exps.shape == logits.shape and exps.dtype == dtype, \
+        f"out must be a C-contiguous (N,V) array of {dtype}"
     sumexp, shift = xp.empty((N, 1), dtype=logits.dtype), xp.empty((N,), dtype=logits.dtype)
-    _kernel("softmax_parts", logits.dtype)((N,), (THREADS,), (logits, exps, sumexp, shift, np.int32(V)))
+    kernel((N,), (THREADS,), (logits, exps, sumexp, shift, np.int32(V)))
     return exps, sumexp, shift
 
 

@@ -236,9 +236,10 @@ def test_a_training_steps_bookkeeping_is_one_launch_per_operation(monkeypatch):
 
 @needs_compiler
 def test_a_float16_forward_writes_the_matmul_operands_in_its_kernels(monkeypatch):
-    """Under fp16 matmuls the outputs of ln_1, ln_2 and GELU feed only matmuls: their kernels write
-    them as float16 (the `_half` variants), so no float32 copy is written and read again to be
-    rounded. ln_f stays float32: the classifier scales its output too. Under fp32 nothing changes."""
+    """Under fp16 matmuls the outputs of ln_1, ln_2 and GELU and the classifier's exps feed only
+    matmuls: their kernels write them as float16 (the `_half` variants), so no float32 copy is
+    written and read again to be rounded. ln_f stays float32: the classifier scales its output too.
+    Under fp32 nothing changes."""
     config = GPTConfig(vocab_size=64, block_size=8, n_layer=3, n_head=2, n_embd=16)
     idx = np.random.default_rng(0).integers(0, 64, (2, 9))
     launches = []
@@ -249,13 +250,15 @@ def test_a_float16_forward_writes_the_matmul_operands_in_its_kernels(monkeypatch
     for matmul_dtype in (None, "float16"):
         launches.clear()
         GPT(config, seed=0, matmul_dtype=matmul_dtype).forward(idx[:, :-1], idx[:, 1:])
-        counts[matmul_dtype] = {name: launches.count(name) for name in set(launches) if "gelu" in name or "layernorm" in name}
-    assert counts[None] == {"layernorm_forward": 7, "gelu_forward": 3}
-    assert counts["float16"] == {"layernorm_forward_half": 6, "layernorm_forward": 1, "gelu_forward_half": 3}
+        counts[matmul_dtype] = {name: launches.count(name) for name in set(launches)
+                                if name.startswith(("gelu_forward", "layernorm_forward", "softmax_parts"))}
+    assert counts[None] == {"layernorm_forward": 7, "gelu_forward": 3, "softmax_parts": 1}
+    assert counts["float16"] == {"layernorm_forward_half": 6, "layernorm_forward": 1, "gelu_forward_half": 3,
+                                 "softmax_parts_half": 1}
 
 
 @needs_compiler
-@pytest.mark.parametrize("layer", ["layernorm", "gelu"])
+@pytest.mark.parametrize("layer", ["layernorm", "gelu", "cross_entropy"])
 def test_the_float16_output_comparison_catches_a_kernel_that_rounds_wrongly(monkeypatch, layer):
     """Negative control: float16 stores one unit in the last place off fail the bitwise comparison
     of test_precision, which runs these kernels on the stand-in for CuPy."""

@@ -10,6 +10,7 @@ from gradcheck import relative_error
 from numgpt import GPT, AdamW, ConfigError, GPTConfig
 from numgpt.backend import cupy_available, get_xp, to_numpy
 from numgpt.layers.activations import ACTIVATIONS
+from numgpt.layers.cross_entropy import cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_forward
 from numgpt.layers.linear import linear_backward, linear_forward, sum_rows
 from numgpt.precision import DynamicLossScaler, all_finite, half_matmuls, matmul, set_tf32, using_half_matmuls
@@ -72,22 +73,38 @@ def test_a_linear_layer_rounds_each_operand_once_and_keeps_it_rounded(xp):
     assert not np.array_equal(to_numpy(dw), to_numpy(x.reshape(12, 16).T @ dy.reshape(12, 8)))   # rounded
 
 
-@pytest.mark.parametrize("layer", ["layernorm", *sorted(ACTIVATIONS)])
-def test_a_layer_asked_for_float16_gives_its_float32_output_rounded_once(xp, layer):
-    """A layer whose output feeds only matmuls (a block's layernorms, the MLP's activation) is asked
-    for it in float16 under fp16 matmuls: the numbers that rounding its float32 output gives, which
-    is what linear_forward would otherwise do (on CuPy its kernel writes them directly)."""
+def for_matmuls(xp, layer):
+    """(make, x): make(x, out_dtype) -> (what `layer` hands to matmuls, the arrays it keeps for its
+    backward): a layernorm's or an activation's output, or the cross-entropy's cached exps."""
     rng = np.random.default_rng(0)
     x, w, b = (xp.asarray(rng.standard_normal(shape) * 4, dtype=np.float32) for shape in ((3, 5, 40), (40,), (40,)))
     x[0, 0, 0] = 1e5                                                      # beyond float16: inf, quietly
-    forward = (lambda a, dtype: layernorm_forward(a, w, b, out_dtype=dtype)) if layer == "layernorm" else \
-        (lambda a, dtype: ACTIVATIONS[layer][0](a, out_dtype=dtype))
-    (wide, _), (half, half_cache) = forward(x, None), forward(x, np.float16)
+    targets = xp.asarray(rng.integers(0, 40, 15))
+
+    def make(a, dtype):
+        if layer == "layernorm":
+            y, (xhat, rstd, *_) = layernorm_forward(a, w, b, out_dtype=dtype)
+            return y, [xhat, rstd]
+        if layer == "cross_entropy":                                      # logits of unit spread
+            _, (exps, sumexp, *_) = cross_entropy_forward(a.reshape(15, 40) / 4, targets, exps_dtype=dtype)
+            return exps, [sumexp]
+        y, kept = ACTIVATIONS[layer][0](a, out_dtype=dtype)
+        return y, [kept]
+    return make, x
+
+
+@pytest.mark.parametrize("layer", ["layernorm", *sorted(ACTIVATIONS), "cross_entropy"])
+def test_a_layer_asked_for_float16_gives_its_float32_output_rounded_once(xp, layer):
+    """A layer whose output feeds only matmuls (a block's layernorms, the MLP's activation, the
+    classifier's exps) is asked for it in float16 under fp16 matmuls: the numbers that rounding its
+    float32 output gives, which matmul would otherwise do (on CuPy its kernel writes them
+    directly), while what it keeps for itself stays float32."""
+    make, x = for_matmuls(xp, layer)
+    (wide, _), (half, kept) = make(x, None), make(x, np.float16)
     assert wide.dtype == np.float32 and half.dtype == np.float16
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(to_numpy(half).view(np.uint16), to_numpy(wide).astype(np.float16).view(np.uint16))
-    kept = half_cache[:2] if layer == "layernorm" else [half_cache]      # xhat and rstd, or the input
-    assert all(a.dtype == np.float32 for a in kept)                       # the backward's cache stays float32
+    assert all(a.dtype == np.float32 for a in kept)
 
 
 def test_half_block_ends_on_an_exception():

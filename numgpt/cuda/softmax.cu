@@ -38,9 +38,10 @@ __device__ __forceinline__ void merge_max_sum(REAL& m, REAL& s, REAL m2, REAL s2
 }
 
 // one block per row of logits (rows, V): shift = row max, exps = exp(logits - shift) (may be the
-// logits' own memory), sumexp = row sum of exps. Each thread keeps a running max and sum of its
-// columns (one pass), the block merges them, and a second pass writes the exps.
-extern "C" __global__ void softmax_parts(const REAL* logits, REAL* exps, REAL* sumexp, REAL* shift, int V) {
+// logits' own memory; or, OUT = HALF, float16 for the classifier's matmuls), sumexp = row sum of
+// exps. Each thread keeps a running max and sum of its columns (one pass), the block merges them,
+// and a second pass writes the exps.
+template <class OUT> __device__ void softmax_parts_rows(const REAL* logits, OUT* exps, REAL* sumexp, REAL* shift, int V) {
     __shared__ REAL warp_m[32], warp_s[32];
     const REAL* row = logits + (long long)blockIdx.x * V;
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -55,7 +56,16 @@ extern "C" __global__ void softmax_parts(const REAL* logits, REAL* exps, REAL* s
     __syncthreads();
     m = warp_m[0]; s = warp_s[0];   // every thread merges the warps' parts: a few, from shared memory
     for (int w = 1; w < warps; ++w) merge_max_sum(m, s, warp_m[w], warp_s[w]);
-    REAL* out = exps + (long long)blockIdx.x * V;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) out[c] = exp(row[c] - m);
+    OUT* out = exps + (long long)blockIdx.x * V;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) store(&out[c], exp(row[c] - m));
     if (threadIdx.x == 0) { sumexp[blockIdx.x] = s; shift[blockIdx.x] = m; }
 }
+
+extern "C" __global__ void softmax_parts(const REAL* logits, REAL* exps, REAL* sumexp, REAL* shift, int V) {
+    softmax_parts_rows(logits, exps, sumexp, shift, V);
+}
+#if REAL_IS_FLOAT   // as gelu_forward_half
+extern "C" __global__ void softmax_parts_half(const REAL* logits, HALF* exps, REAL* sumexp, REAL* shift, int V) {
+    softmax_parts_rows(logits, exps, sumexp, shift, V);
+}
+#endif

@@ -9,7 +9,7 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 from numgpt import kernels
 from numgpt.backend import array_module, backend_name, scatter_add
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
-from numgpt.precision import matmul, matmul_operand, using_half_matmuls
+from numgpt.precision import matmul, matmul_operand, operand_dtype, using_half_matmuls
 
 # Logits per chunk, at most, by backend. CPU: 128 MiB in float32. Measured on a 2-core CPU at
 # V = 50257, the matmuls with one chunk run at ~20 GFLOP/s for 128 rows and ~95 for 512 (BLAS
@@ -64,23 +64,24 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=No
         chunk_logits = matmul(x[rows], w_m.T, out=chunk_buf[:rows.stop - start])    # (n,V)
         if return_logits:
             logits[rows] = chunk_logits
-        # the chunk's logits are not needed after this: the loss works in their memory
-        chunk_loss, ce_cache = cross_entropy_forward(chunk_logits, targets[rows], ignore_index, n_valid,
-                                                     overwrite=True, logits_bound=bound)
+        # the chunk's logits are not needed after this: the loss works in their memory, and the
+        # exps, which only the two matmuls below use, come as those take them (float16 under fp16)
+        chunk_loss, ce_cache = cross_entropy_forward(
+            chunk_logits, targets[rows], ignore_index, n_valid, overwrite=True, logits_bound=bound,
+            exps_dtype=operand_dtype(x.dtype) if requires_grad else None)
         loss = loss + chunk_loss
         if requires_grad:
             exps, sumexp, safe_targets, valid, _ = ce_cache                   # (n,V), (n,1), (n,), (n,)
             a = (row_weights(valid, n_valid) * grad_scale).astype(x.dtype)[:, None]   # (n,1)
             r = a / sumexp                                                     # (n,1)
-            exps_m = matmul_operand(exps)                                      # rounded once for dx and dw
-            dx_rows = matmul(exps_m, w_m, out=dx[rows])                        # (n,C)
+            dx_rows = matmul(exps, w_m, out=dx[rows])                          # (n,C)
             dx_rows *= r
             dx_rows -= w[safe_targets] * a                                     # the one-hot part
             x_scaled = x[rows] * r                                             # (n,C)
             if i == 0:
-                matmul(exps_m.T, x_scaled, out=dw)                             # (V,C)
+                matmul(exps.T, x_scaled, out=dw)                               # (V,C)
             else:
-                dw += matmul(exps_m.T, x_scaled, out=dw_part)
+                dw += matmul(exps.T, x_scaled, out=dw_part)
             scatter_add(dw, safe_targets, -(x[rows] * a))                      # targets repeat: add.at
     return loss, logits, (dx, dw) if requires_grad else None
 

@@ -2,6 +2,7 @@
 
 from numgpt import kernels
 from numgpt.backend import array_module
+from numgpt.precision import as_dtype
 
 IGNORE_INDEX = -100  # the target value that drops a position, as in torch and transformers
 
@@ -13,7 +14,7 @@ EXP_SAFE_BOUND = 60.0
 
 
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=None, overwrite=False,
-                          logits_bound=None):
+                          logits_bound=None, exps_dtype=None):
     """Mean negative log-likelihood.   logits (N,V), targets (N,) ints -> loss (0-d array), cache.
 
     loss = sum over kept rows of (logsumexp(logits_i) - logits_i[t_i]) / n_valid. Rows whose target
@@ -26,6 +27,9 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     that knows |logits| <= `logits_bound` <= EXP_SAFE_BOUND saves the two passes that find and
     subtract the max: the cache then holds exp(logits) itself. On a GPU one kernel finds the max,
     the exps and their sums together (numgpt.kernels.softmax_parts), and the bound is not used.
+    The cached exps come in `exps_dtype` when given (rounded once, after the sums: float16 for a
+    caller that only multiplies them in float16 matmuls, as the classifier does); `overwrite` then
+    has no memory to reuse.
     """
     xp = array_module(logits)
     N = logits.shape[0]
@@ -34,10 +38,10 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
         n_valid = int(valid.sum())
     safe_targets = xp.where(valid, targets, 0)                         # any in-range id for ignored rows
     target_logit = logits[xp.arange(N), safe_targets]                  # (N,) gathered before any overwrite
-    out = logits if overwrite else None
+    out = logits if overwrite and exps_dtype in (None, logits.dtype) else None
     if kernels.enabled(xp):
         # the code below is the kernel's twin
-        exps, sumexp, shift = kernels.softmax_parts(logits, out=out)  # (N,V), (N,1), (N,)
+        exps, sumexp, shift = kernels.softmax_parts(logits, out=out, out_dtype=exps_dtype)  # (N,V), (N,1), (N,)
     else:
         if logits_bound is not None and logits_bound <= EXP_SAFE_BOUND:
             shift = 0.0
@@ -52,7 +56,7 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     lse = xp.log(sumexp[:, 0]) + shift                                 # (N,) logsumexp
     nll = (lse - target_logit) * valid                                 # (N,)
     loss = nll.sum() / n_valid if n_valid else xp.asarray(float("nan"), dtype=logits.dtype)
-    return loss, (exps, sumexp, safe_targets, valid, n_valid)
+    return loss, (as_dtype(exps, exps_dtype), sumexp, safe_targets, valid, n_valid)
 
 
 def cross_entropy_backward(dloss, cache, overwrite=False):
