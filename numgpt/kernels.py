@@ -43,7 +43,8 @@ import numpy as np
 from numgpt.backend import array_module, backend_name
 
 WARP = 32                 # threads per row in the row kernels: a warp reduces with shuffles, no shared memory
-THREADS = 256             # threads per block in the elementwise, sum_rows, softmax_parts, multi-array and FMA flash kernels
+THREADS = 256             # threads per block in the elementwise, sum_rows, softmax_parts, multi-array and FMA
+                          # flash kernels
 MAX_BLOCKS = 65535        # per grid dimension: elementwise kernels loop over the rest (a grid-stride loop)
 DIMS = 16                 # head dims per thread in the FMA attention kernels: a row takes the least power of
                           # two >= hs / DIMS threads (_flash_launch; group_sum needs a power of two)
@@ -57,8 +58,8 @@ MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
 CUDA_DIR = pathlib.Path(__file__).with_name("cuda")
 # compiled as one source, in this order (warp.cu's reductions and float16.cu's stores come first:
 # the others use them)
-CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "sum_rows.cu", "softmax.cu", "flash_attention.cu",
-              "tensor_core_attention.cu", "multi_array.cu")
+CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "sum_rows.cu", "softmax.cu",
+              "flash_attention.cu", "tensor_core_attention.cu", "multi_array.cu")
 SOURCE = "\n".join((CUDA_DIR / name).read_text() for name in CUDA_FILES)
 
 ALL = "all"
@@ -216,15 +217,14 @@ def softmax_backward(dprobs, probs):
 
 def softmax_parts(logits, out=None, out_dtype=None):
     """(exps, sumexp, shift) of logits (N,V): shift (N,) the row maxima, exps (N,V) = exp(logits -
-    shift) (written into `out`, which may be `logits`; see _output for `out_dtype`), sumexp (N,1)
-    its row sums, from the unrounded exps."""
+    shift), sumexp (N,1) its row sums (of the unrounded exps). The exps are written into `out`
+    (which may be `logits`) unless `out_dtype` asks for another dtype (see _output)."""
     logits = _contiguous(logits)
     N, V = logits.shape
     xp = array_module(logits)
     kernel, dtype = _output("softmax_parts", logits, out_dtype)
-    exps = xp.empty((N, V), dtype=dtype) if out is None else out
-    assert exps.flags.c_contiguous and exps.shape == logits.shape and exps.dtype == dtype, \
-        f"out must be a C-contiguous (N,V) array of {dtype}"
+    exps = out if out is not None and out.dtype == dtype else xp.empty((N, V), dtype=dtype)
+    assert exps.flags.c_contiguous and exps.shape == logits.shape, "out must be a C-contiguous (N,V) array"
     sumexp, shift = xp.empty((N, 1), dtype=logits.dtype), xp.empty((N,), dtype=logits.dtype)
     kernel((N,), (THREADS,), (logits, exps, sumexp, shift, np.int32(V)))
     return exps, sumexp, shift

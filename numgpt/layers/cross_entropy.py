@@ -28,8 +28,8 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
     subtract the max: the cache then holds exp(logits) itself. On a GPU one kernel finds the max,
     the exps and their sums together (numgpt.kernels.softmax_parts), and the bound is not used.
     The cached exps come in `exps_dtype` when given (rounded once, after the sums: float16 for a
-    caller that only multiplies them in float16 matmuls, as the classifier does); `overwrite` then
-    has no memory to reuse.
+    caller that only multiplies them in float16 matmuls, as the classifier does); the kernel then
+    writes them apart from the logits, which it reads.
     """
     xp = array_module(logits)
     N = logits.shape[0]
@@ -38,7 +38,7 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
         n_valid = int(valid.sum())
     safe_targets = xp.where(valid, targets, 0)                         # any in-range id for ignored rows
     target_logit = logits[xp.arange(N), safe_targets]                  # (N,) gathered before any overwrite
-    out = logits if overwrite and exps_dtype in (None, logits.dtype) else None
+    out = logits if overwrite else None
     if kernels.enabled(xp):
         # the code below is the kernel's twin
         exps, sumexp, shift = kernels.softmax_parts(logits, out=out, out_dtype=exps_dtype)  # (N,V), (N,1), (N,)
