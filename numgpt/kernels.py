@@ -28,8 +28,8 @@ tc_attention_*):
                      (for fp16 training) write an output that feeds only matmuls as float16 directly
 
 The files are compiled as one program, written once with REAL for the element type, by NVRTC for
-float and for double when first used (the tensor-core attention, for fp16 training, for float
-only). Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before calling a kernel
+float and for double when first used (the tensor-core attention and the `_half` variants, for
+fp16 training, for float only). Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before calling a kernel
 here; `disabled()` turns them all off in a block, `disabled("flash_attention")` that one,
 `disabled("tensor_core_attention")` the fp16 attention's tensor cores (tests use them to run the
 twins on the GPU, benchmarks to compare).
@@ -189,8 +189,9 @@ def sum_rows(x, w=None):
         N = x.shape[0]
         groups = max(1, min(-(-N // SUM_ROWS_GROUP), MAX_BLOCKS))
         out = xp.empty((groups, C), dtype=x.dtype)                          # (G,C)
-        _kernel("sum_rows", x.dtype)((-(-C // WARP), groups), (THREADS,), (x, w, np.int32(has_w), out, np.int64(N),
-                                                                          np.int32(C), np.int64(-(-N // groups))))
+        grid = (-(-C // WARP), groups)   # a block per 32 columns (a warp's lanes) of each group
+        _kernel("sum_rows", x.dtype)(grid, (THREADS,), (x, w, np.int32(has_w), out, np.int64(N), np.int32(C),
+                                                        np.int64(-(-N // groups))))
         if groups == 1:
             return out.reshape(C)
         x, w, has_w = out, out, False

@@ -50,8 +50,9 @@ def operand_dtype(dtype):
     """The dtype matmul() multiplies an array of `dtype` in: float16 inside `half_matmuls`, else `dtype`.
 
     A layer whose output feeds only matmuls (ln_1 and ln_2 feed linear layers, the MLP's activation
-    its projection) writes that output in this dtype: the same numbers as rounding it afterwards,
-    and on a GPU its kernel writes float16 directly, one pass over the array instead of two."""
+    its projection, the loss's exps the classifier's two gradient products) writes that output in
+    this dtype: the same numbers as rounding it afterwards, and on a GPU its kernel writes float16
+    directly, one pass over the array instead of two."""
     return np.dtype(dtype if _matmul_dtype is None else _matmul_dtype)
 
 
