@@ -64,6 +64,8 @@ def read_prompt(args):
         return args.prompt
     try:
         if args.prompt_file == "-":
+            if sys.stdin is None:   # started with stdin closed (<&-): Python then has no sys.stdin
+                raise DataError("--prompt-file - reads the standard input, which is closed")
             return sys.stdin.read()
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read()
@@ -153,6 +155,9 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if sys.stdout is None:   # started with stdout closed (>&-): the samples would go nowhere
+        print("error: the standard output is closed: sample.py has nowhere to write its samples", file=sys.stderr)
+        return 1
     try:
         return run(args)
     except NumGPTError as e:

@@ -13,6 +13,7 @@ saved settings and lets you change only those that do not alter the run's past (
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import traceback
@@ -22,6 +23,8 @@ from numgpt.errors import NumGPTError
 # flags that --resume may change; anything else must match the saved run
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision", "out_dir",
              "cache_dir", "dataset", "data"}
+# the JSON kind (numgpt.checkpoint.JSON_KINDS) of a saved TrainConfig setting, by its annotation
+SETTING_KINDS = {str: "a string", int: "an integer", float: "a number", list: "a list of strings"}
 
 
 def parse_args(argv=None):
@@ -81,6 +84,7 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
+    from numgpt.checkpoint import JSON_KINDS
     from numgpt.train_state import damaged_state, load_train_state
     from numgpt.training import PRESETS, TrainConfig, with_checkpoint_shape
 
@@ -100,16 +104,20 @@ def resolve_config(args):
         unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
             raise damaged_state(out_dir, f"its train_config has settings this numgpt does not know: {unknown}")
+        for name, value in saved.items():   # a hand-edited value of the wrong kind, such as a string n_layer
+            kind = SETTING_KINDS[TrainConfig.__annotations__[name]]
+            if not JSON_KINDS[kind](value):
+                raise damaged_state(out_dir, f"its train_config's {name} is {json.dumps(value)}, not {kind}")
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "
                               f"or start a new run in another --out-dir")
-        try:
-            cfg = TrainConfig(**{**saved, **given})
-            cfg.validate()
-        except TypeError as e:   # a saved value of the wrong kind, such as a string n_layer
-            raise damaged_state(out_dir, f"its train_config: {e}") from None
+        if "data" in given or "dataset" in given:   # a data source given replaces the saved one
+            saved = {k: v for k, v in saved.items() if k not in ("data", "dataset")}
+        # the run lives where it was read from: a copied or moved out-dir is continued where it is now
+        cfg = TrainConfig(**{**saved, **given, "out_dir": out_dir})
+        cfg.validate()
         return cfg
     preset = dict(PRESETS[getattr(args, "preset", "default")])
     if "data" in given:   # your files replace the preset's dataset
@@ -122,6 +130,9 @@ def resolve_config(args):
 
 
 def main(argv=None):
+    # Python has no sys.stdout or sys.stderr when started with one closed (>&-): the run then
+    # goes on without its messages, instead of failing at the first one
+    sys.stdout, sys.stderr = (stream or open(os.devnull, "w") for stream in (sys.stdout, sys.stderr))
     args = parse_args(argv)
     from numgpt import distributed
 

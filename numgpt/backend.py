@@ -6,6 +6,7 @@ This file is also where dtypes are named and where arrays cross between host and
 """
 
 import math
+import os
 
 import numpy as np
 
@@ -55,6 +56,17 @@ def resolve_dtype(dtype="float32"):
     if name not in DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}: choose float32 (training) or float64 (checks)")
     return np.dtype(name)
+
+
+def memory_size(xp):
+    """Bytes of memory `xp`'s arrays live in: the GPU's for CuPy, the machine's RAM for NumPy;
+    None where it cannot be told."""
+    try:
+        if backend_name(xp) == "cupy":
+            return xp.cuda.Device().mem_info[1]
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf (Windows), or a name it lacks
+        return None
 
 
 def array_module(x):

@@ -35,6 +35,7 @@ JSON_KINDS = {
     "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "true or false": lambda v: isinstance(v, bool),
     "an object": lambda v: isinstance(v, dict),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
 }
 HF_FIELD_KINDS = {
     "model_type": "a string", "activation_function": "a string",
@@ -232,6 +233,9 @@ def load_pretrained(path):
             raise CheckpointError(f"{name} has shape {tuple(value.shape)} in {weights_path}, expected {shape}")
         if value.dtype.kind != "f":
             raise CheckpointError(f"{name} has dtype {value.dtype}; expected floating point weights")
+        if not np.isfinite(value).all():   # a model saved after its training diverged would print gibberish
+            raise CheckpointError(f"{name} in {weights_path} holds NaN or infinite numbers: the model it was "
+                                  f"saved from had diverged; use an earlier checkpoint")
         params[name] = value
     return config, params
 

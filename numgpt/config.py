@@ -1,6 +1,7 @@
 """GPTConfig: every architectural choice of a model, in one place."""
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 from numgpt.errors import ConfigError
 from numgpt.layers.activations import ACTIVATIONS
@@ -77,3 +78,13 @@ def param_shapes(config):
     if not config.tie_weights:
         shapes["lm_head.weight"] = (V, C)   # nn.Linear layout (out, in), as transformers stores it
     return shapes
+
+
+def num_params(config):
+    """How many numbers param_shapes(config) holds, counted from a one- and a two-layer model, so
+    that the count costs no time even for a mistyped n_layer of 10**18."""
+    def count(n_layer):
+        return sum(math.prod(shape) for shape in param_shapes(replace(config, n_layer=n_layer)).values())
+
+    one = count(1)
+    return one + (config.n_layer - 1) * (count(2) - one)

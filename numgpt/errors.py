@@ -21,3 +21,7 @@ class CheckpointError(NumGPTError):
 
 class DataError(NumGPTError):
     """A data source that is missing, empty, unreadable or too small."""
+
+
+class TrainingError(NumGPTError):
+    """A run that cannot go on, such as one whose loss became NaN."""

@@ -12,14 +12,16 @@ import os
 import numpy as np
 
 from numgpt.backend import to_numpy
-from numgpt.checkpoint import atomic_write
+from numgpt.checkpoint import JSON_KINDS, atomic_write
 from numgpt.errors import CheckpointError
 
 STATE_FILE = "train_state.safetensors"
 STATE_KEY = "numgpt_train_state"
 GROUPS = ("param", "adam_m", "adam_v")
-# what save_train_state's callers put in `info` (loss_scaler only for fp16 runs), and adam_step
-INFO_KEYS = {"step", "best_val_loss", "model_config", "train_config", "source", "data_rng", "adam_step"}
+# what save_train_state's callers put in `info` (and loss_scaler, in fp16 runs), and adam_step, with
+# the JSON kind (numgpt.checkpoint.JSON_KINDS) of each
+INFO_KINDS = {"step": "an integer", "best_val_loss": "a number", "model_config": "an object",
+              "train_config": "an object", "source": "a string", "data_rng": "an object", "adam_step": "an integer"}
 
 
 def save_train_state(out_dir, model, optimizer, info):
@@ -64,9 +66,16 @@ def load_train_state(out_dir):
     except Exception as e:   # truncated file, foreign file, missing metadata, bad JSON
         raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
                               f"Start over with --overwrite, or restore the file") from None
-    if not isinstance(info, dict) or not INFO_KEYS <= set(info):
-        missing = sorted(INFO_KEYS - set(info)) if isinstance(info, dict) else "everything"
+    if not isinstance(info, dict) or not set(INFO_KINDS) <= set(info):
+        missing = sorted(set(INFO_KINDS) - set(info)) if isinstance(info, dict) else "everything"
         raise damaged_state(out_dir, f"its metadata lacks {missing}")
+    for key, kind in INFO_KINDS.items():
+        if not JSON_KINDS[kind](info[key]):
+            raise damaged_state(out_dir, f"its {key} is {json.dumps(info[key])}, not {kind}")
+    # AdamW counts the steps it took; fp16 runs skip steps whose gradients overflowed, so it may lag
+    if not 0 <= info["adam_step"] <= info["step"]:
+        raise damaged_state(out_dir, f"its step {info['step']} and adam_step {info['adam_step']} are not "
+                                     f"0 <= adam_step <= step")
     if not arrays["param"] or not set(arrays["param"]) == set(arrays["adam_m"]) == set(arrays["adam_v"]):
         raise damaged_state(out_dir, "its parameters and AdamW moments do not name the same tensors")
     return arrays, info

@@ -28,12 +28,13 @@ import numpy as np
 
 from numgpt import checkpoint, foreach
 from numgpt.allocator import keep_freed_memory
-from numgpt.backend import backend_name, get_xp, to_numpy
-from numgpt.config import GPTConfig, param_shapes
+from numgpt.backend import backend_name, get_xp, memory_size, to_numpy
+from numgpt.config import GPTConfig, num_params, param_shapes
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
-from numgpt.errors import CheckpointError, ConfigError, DataError
+from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError
+from numgpt.layers.classifier import CHUNK_ELEMENTS
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_coefficient, no_decay_names
 from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
@@ -42,8 +43,6 @@ from numgpt.train_state import (GROUPS, STATE_FILE, damaged_state, load_train_st
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
-# what a run writes into its out-dir; --overwrite removes these and nothing else
-RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE)
 SAMPLE_PROMPT = "Once upon a time"
 
 
@@ -93,6 +92,12 @@ class TrainConfig:
     def validate(self):
         """Raise ConfigError naming the first setting that cannot work; it needs no data and no
         out-dir, so a mistake is reported before anything slow or lasting happens."""
+        for f in dataclasses.fields(self):
+            if f.type is int and getattr(self, f.name) >= 2**63:   # NumPy counts in int64
+                raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)} is too large: "
+                                  f"the limit is 2**63 - 1")
+        if not self.out_dir:
+            raise ConfigError("--out-dir is empty: name a directory")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size", "grad_accum",
                     "eval_interval", "eval_iters")
         for name in positive:
@@ -203,6 +208,35 @@ def with_checkpoint_shape(cfg, given):
     return dataclasses.replace(cfg, **{name: getattr(config, name) for name in CHECKPOINT_SHAPE})
 
 
+def memory_floor(cfg, config, backend="numpy", ranks=1):
+    """Bytes that one rank of a run with these settings surely holds at once, a floor below what
+    it needs: the weights, their gradients and AdamW's two moments; of every layer, the activations
+    its backward reads, at least 12 numbers a token (the block's input, q, k, v and the MLP's
+    hidden layer before and after its activation); a chunk of the classifier's logits, at least
+    half its budget when the logits exceed it; the fixed evaluation batches; the stories generated
+    at the end (their tokens and the keys and values cached for them)."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    params = num_params(config)
+    tokens = cfg.batch_size // ranks * cfg.block_size                    # one micro-batch on this rank
+    activations = config.n_layer * tokens * 12 * config.n_embd
+    logits = min(tokens * config.vocab_size, CHUNK_ELEMENTS[backend] // 2)
+    eval_ids = 2 * cfg.eval_iters * 2 * tokens * 8                       # train and val, x and y, int64
+    story_tokens = cfg.num_samples * cfg.sample_tokens
+    kv_caches = config.n_layer * 2 * min(story_tokens, cfg.num_samples * config.block_size) * config.n_embd
+    return itemsize * (4 * params + activations + logits + kv_caches) + eval_ids + 8 * story_tokens
+
+
+def check_memory(cfg, config, xp, ranks=1):
+    """ConfigError when a run with these settings cannot fit in `xp`'s memory, before it allocates
+    any of it (an allocation far beyond the machine may not fail: the system can kill the process)."""
+    floor, size = memory_floor(cfg, config, backend_name(xp), ranks), memory_size(xp)
+    if size is not None and floor > size:
+        raise ConfigError(f"these settings need more than {floor / 2**30:,.1f} GiB of memory, and this "
+                          f"{'GPU' if backend_name(xp) == 'cupy' else 'machine'} has {size / 2**30:,.1f} GiB: "
+                          f"use a smaller --batch-size, --block-size, --eval-iters, --num-samples or "
+                          f"--sample-tokens, or a smaller model (--n-layer, --n-embd)")
+
+
 def build_optimizer(model, cfg):
     """AdamW with nanoGPT's decay groups: biases, layernorms and embeddings are not decayed."""
     return AdamW(model.params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,
@@ -235,17 +269,27 @@ def generate_samples(model, n, max_new_tokens, seed, prompt=SAMPLE_PROMPT):
 # ---------------------------------------------------------------- the log
 
 def read_log(path):
-    """The rows of log.jsonl. A last line that is not JSON is left out: it is the half-written row
-    of a run killed while writing it (the row is lost, the run is not)."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
+    """The rows of log.jsonl, each a dict with an integer "step". A last line that is not JSON is
+    left out: it is the half-written row of a run killed while writing it (the row is lost, the
+    run is not). Any other damage is a CheckpointError naming the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e}): restore it, or delete it to start the "
+                              f"log anew") from None
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise CheckpointError(f"line {number} of {path} is not JSON: repair or delete that line") from None
+            if number == len(lines):
+                continue
+            raise CheckpointError(f"line {number} of {path} is not JSON: repair or delete that line") from None
+        if not (isinstance(row, dict) and checkpoint.JSON_KINDS["an integer"](row.get("step"))):
+            raise CheckpointError(f"line {number} of {path} is not a row of numgpt's log (an object with an "
+                                  f"integer \"step\"): repair or delete that line")
+        rows.append(row)
     return rows
 
 
@@ -286,9 +330,18 @@ def plot_losses(log_path, png_path):
 
 # ---------------------------------------------------------------- the out-dir
 
+def remove_files(directory, names):
+    """Delete the files `names` in `directory` that exist."""
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def refuse_previous_run(out_dir):
-    """ConfigError when `out_dir` already holds a training run (a state or a saved model)."""
-    if not any(os.path.exists(os.path.join(out_dir, name)) for name in (STATE_FILE, checkpoint.WEIGHTS_FILE)):
+    """ConfigError when `out_dir` already holds a training run (a state, a saved model or a log)."""
+    if not any(os.path.exists(os.path.join(out_dir, name)) for name in (STATE_FILE, checkpoint.WEIGHTS_FILE,
+                                                                        LOG_FILE)):
         return
     step = saved_step(out_dir)
     raise ConfigError(f"{out_dir}/ already holds a training run{'' if step is None else f' (step {step})'}: "
@@ -337,7 +390,8 @@ class Trainer:
         """Load the data and build the model and optimizer, fresh or from the out-dir's state.
 
         A fresh run refuses an out-dir that holds another run, unless `overwrite`: it would replace
-        that run's trained model with an untrained one and mix the two logs."""
+        that run's trained model with an untrained one and mix the two logs. With `overwrite`, the
+        old run's files are replaced by this run's first checkpoint (see `run`), not before."""
         cfg, comm = self.cfg, self.comm
         if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
             raise ConfigError(f"--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir")
@@ -348,16 +402,18 @@ class Trainer:
                               f"{comm.size} ranks: give a multiple of {comm.size}")
         if comm.size > 1:
             self.log(f"data-parallel: {comm.size} ranks, {cfg.batch_size // comm.size} rows of each batch on each")
+        state = load_train_state(cfg.out_dir) if resume else None
+        config = self._model_config(state)
+        check_memory(cfg, config, get_xp(cfg.backend), comm.size)   # before minutes of loading data
         os.makedirs(cfg.out_dir, exist_ok=True)
         if self.is_main:
             checkpoint.remove_stale_temp_files(cfg.out_dir)
-        state = load_train_state(cfg.out_dir) if resume else None
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again
         self.source = comm.broadcast(self._choose_source(state) if self.is_main else None)
         with main_first(comm):
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
-        self.model = build_model(cfg) if state is None else self._model_from_state(*state)
+        self.model = build_model(cfg) if state is None else self._model_from_state(state[0], config)
         if backend_name(self.model.xp) == "numpy":
             keep_freed_memory()   # every step reuses the last step's memory: no page faults (see there)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -377,14 +433,10 @@ class Trainer:
                                                  np.random.default_rng([cfg.seed, i, k])))
                     for k in range(cfg.eval_iters)]
             for i, (split, tokens) in enumerate((("train", self.train_tokens), ("val", self.val_tokens)))}
-        self.step, self.best_val = 0, float("inf")
-        if state is not None:
+        self.step, self.best_val, self.checkpoint_step = 0, float("inf"), None
+        self.resumed = state is not None
+        if self.resumed:
             self._restore(*state)
-        elif overwrite and self.is_main:   # only now: a run that failed to start leaves the old one whole
-            for name in RUN_FILES:
-                path = os.path.join(cfg.out_dir, name)
-                if os.path.exists(path):
-                    os.remove(path)
 
     def _choose_source(self, state):
         """choose_source's answer, except that a resumed --dataset auto run keeps the source it
@@ -393,6 +445,8 @@ class Trainer:
         if state is None or cfg.data or cfg.dataset != "auto":
             return choose_source(cfg, self.log)
         source = state[1]["source"]
+        if source == "files":   # the run trained on files, and --dataset auto replaced them
+            return choose_source(cfg, self.log)
         if source not in ("tinystories", "embedded"):
             raise damaged_state(cfg.out_dir, f"its data source {source!r} is not a dataset")
         if source == "tinystories":
@@ -402,11 +456,19 @@ class Trainer:
                                 f"Make it available again, or continue on other data with --dataset embedded")
         return source
 
-    def _model_from_state(self, arrays, info):
-        try:
-            config = GPTConfig(**info["model_config"])
-        except (TypeError, ConfigError) as e:
-            raise damaged_state(self.cfg.out_dir, f"its model_config: {e}") from None
+    def _model_config(self, state):
+        """The GPTConfig of the model this run trains: the saved one when it resumes."""
+        cfg = self.cfg
+        if state is not None:
+            try:
+                return GPTConfig(**state[1]["model_config"])
+            except (TypeError, ConfigError) as e:
+                raise damaged_state(cfg.out_dir, f"its model_config: {e}") from None
+        if cfg.init_from != "scratch":
+            return dataclasses.replace(checkpoint.load_config(cfg.init_from), dropout=cfg.dropout)
+        return cfg.model_config()
+
+    def _model_from_state(self, arrays, config):
         # every tensor is checked before any is copied: NumPy would broadcast some wrong shapes silently
         expected = param_shapes(config)
         for group in GROUPS:
@@ -422,6 +484,7 @@ class Trainer:
                 self.scaler.load_state_dict(info["loss_scaler"])
             self.batcher.set_state(info["data_rng"])
             self.step, self.best_val = int(info["step"]), float(info["best_val_loss"])
+            self.checkpoint_step = self.step
         except (TypeError, KeyError, ValueError) as e:
             raise damaged_state(self.cfg.out_dir, f"{type(e).__name__}: {e}") from None
         # outside the try: the moments' shapes were checked with the parameters', so an error here is
@@ -433,6 +496,7 @@ class Trainer:
 
     def save_state(self):
         """Write the training state (rank 0 only: every rank holds the same one)."""
+        self.checkpoint_step = self.step
         if not self.is_main:
             return
         info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
@@ -484,12 +548,16 @@ class Trainer:
             self.log(f"step {self.step}: float16 gradients overflowed; step skipped, loss scale now {self.scaler.scale:g}")
         return finite
 
-    def evaluate(self, log_file):
+    def evaluate(self):
+        """Estimate the train and val loss on the fixed batches, save the model if it is the best
+        so far, save the state; returns the log row."""
         # each rank evaluates its rows of the fixed batches; with equal rows, the mean of the ranks'
         # means is the mean over all rows
         local = [estimate_loss(self.model, batches) for batches in self.eval_batches.values()]
         mean = self.comm.allreduce_mean(self.model.xp.asarray(local, dtype=np.float64))
         losses = dict(zip(self.eval_batches, to_numpy(mean).tolist()))
+        for split, loss in losses.items():
+            self.check_finite(f"the {split} loss", loss)   # before a NaN model or state is saved
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]
@@ -497,9 +565,17 @@ class Trainer:
                 self.model.save_pretrained(self.cfg.out_dir)
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
-        log_file.write(json.dumps({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}) + "\n")
-        log_file.flush()
         self.save_state()
+        return {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+
+    def check_finite(self, what, loss):
+        """TrainingError when `loss` is NaN or infinite: the run diverged, and every later step
+        would only save NaN weights over the last good checkpoint."""
+        if not math.isfinite(loss):
+            kept = ("nothing of it was saved" if self.checkpoint_step is None else
+                    f"{self.cfg.out_dir}/ keeps its state of step {self.checkpoint_step} and its best model")
+            raise TrainingError(f"{what} is {loss} at step {self.step}: the run diverged, and {kept}. Start "
+                                f"again with a lower --lr (and --overwrite)")
 
     def run(self):
         """Train from self.step to max_iters; returns "done" or "interrupted"."""
@@ -511,29 +587,41 @@ class Trainer:
                  f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
         outcome = "done"
-        with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, self.stop, \
-                tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
-                     dynamic_ncols=True) as bar:
-            self.log = bar.write if self.progress else self.log
-            if self.step == 0:
-                self.evaluate(log_file)
-            while self.step < cfg.max_iters:
-                started = time.perf_counter()
-                loss, stop_requested = self.train_step()
-                elapsed = time.perf_counter() - started
-                self.step += 1
-                lr = learning_rate(self.step - 1, cfg)
-                log_file.write(json.dumps({"step": self.step, "loss": loss, "lr": lr,
-                                           "tokens_per_s": tokens_per_step / elapsed}) + "\n")
-                log_file.flush()   # so `tail -f log.jsonl` follows the run
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
-                bar.update(1)
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                    self.evaluate(log_file)
-                if stop_requested:
-                    self.save_state()
-                    outcome = "interrupted"
-                    break
+        with self.stop:
+            # a new run's first checkpoint holds its untrained model. Only once it is saved does the
+            # log start anew: a run that fails to start (bad data, a Ctrl-C) leaves an old run's log
+            # whole, which --overwrite would otherwise have removed
+            first_rows = [] if self.resumed else [self.evaluate()]
+            if first_rows and self.is_main:
+                remove_files(cfg.out_dir, (LOG_FILE, PLOT_FILE))
+            with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, \
+                    tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
+                         dynamic_ncols=True) as bar:
+                self.log = bar.write if self.progress else self.log
+
+                def write_row(row):
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()   # so `tail -f log.jsonl` follows the run
+
+                for row in first_rows:
+                    write_row(row)
+                while self.step < cfg.max_iters:
+                    started = time.perf_counter()
+                    loss, stop_requested = self.train_step()
+                    elapsed = time.perf_counter() - started
+                    self.step += 1
+                    lr = learning_rate(self.step - 1, cfg)
+                    write_row({"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed})
+                    if self.scaler is None:   # fp16 skips a step whose loss overflowed, and evaluates the rest
+                        self.check_finite("the training loss", loss)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+                    bar.update(1)
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                        write_row(self.evaluate())
+                    if stop_requested:
+                        self.save_state()
+                        outcome = "interrupted"
+                        break
         if self.is_main and plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
             self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
         return outcome

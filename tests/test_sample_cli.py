@@ -208,6 +208,29 @@ def test_a_corrupt_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
     assert code == 2 and "corrupt" in err
 
 
+def test_a_diverged_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
+    """NaN weights would print a page of one repeated token: say what is wrong instead."""
+    model = GPT.from_pretrained(ckpt)
+    model.params["h.1.mlp.c_fc.weight"][3, 5] = np.nan
+    model.save_pretrained(tmp_path)
+    code, _, err = run(capsys, "--ckpt", str(tmp_path))
+    assert code == 2 and "h.1.mlp.c_fc.weight" in err and "NaN" in err
+
+
+@pytest.mark.parametrize("closed, argv, message", [
+    ("stdout", [], "standard output is closed"),
+    ("stdin", ["--prompt-file", "-"], "standard input, which is closed"),
+])
+def test_a_closed_standard_stream_exits_without_a_traceback(ckpt, closed, argv, message):
+    """Started with `>&-` or `<&-`, Python has no sys.stdout or sys.stdin."""
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--max-new-tokens", "2",
+                             *argv], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: os.close(0 if closed == "stdin" else 1))
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_missing_checkpoint_exits_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "nothing")],
                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

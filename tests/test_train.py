@@ -4,10 +4,12 @@ fine-tuning, and every kind of bad input getting a short message and a non-zero 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from numgpt import GPT, GPTConfig
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
-from numgpt.training import PRESETS, TrainConfig, learning_rate
+from numgpt.training import PRESETS, TrainConfig, learning_rate, memory_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -77,6 +79,28 @@ def test_resume_is_exact_with_dropout(tmp_path, cache_dir, backend):
         np.testing.assert_array_equal(b.params[name], p)
 
 
+def test_resume_continues_the_out_dir_it_read(tmp_path, cache_dir, monkeypatch):
+    """A run copied elsewhere resumes where it is now (here ./out, the default --out-dir), and
+    leaves the directory it was saved from alone."""
+    assert run(tmp_path / "saved", cache_dir, "--max-iters", "1") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    shutil.copytree(tmp_path / "saved", tmp_path / "cwd" / "out")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert train.main([*TINY, "--cache-dir", cache_dir, "--resume", "--max-iters", "2"]) == 0
+    assert load_train_state(tmp_path / "cwd" / "out")[1]["step"] == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == before
+
+
+def test_a_resumed_run_may_change_its_data_source(tmp_path, cache_dir):
+    text = tmp_path / "stories.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat." * 5 for i in range(40)))
+    flags = [*TINY, "--out-dir", str(tmp_path / "o"), "--cache-dir", cache_dir]
+    assert train.main([*flags, "--data", str(text), "--max-iters", "1"]) == 0
+    assert train.main([*flags, "--resume", "--dataset", "embedded", "--max-iters", "2"]) == 0
+    info = load_train_state(tmp_path / "o")[1]
+    assert info["source"] == "embedded" and info["train_config"]["data"] == []
+
+
 def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     assert run(tmp_path, cache_dir, "--resume", "--n-embd", "32") == 2
@@ -98,6 +122,17 @@ def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
         numgpt.training.read_log(tmp_path / "log.jsonl")
 
 
+@pytest.mark.parametrize("damage", [b'{"loss": 2.0}', b"7", b'{"step": 1.5}', b"\xff\xfe"],
+                         ids=["no-step", "not-an-object", "float-step", "not-utf8"])
+def test_resume_with_a_damaged_log(tmp_path, cache_dir, capsys, damage):
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(damage + b"\n" + log.read_bytes())
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 2
+    err = capsys.readouterr().err
+    assert "log.jsonl" in err and "Traceback" not in err
+
+
 def test_a_new_run_refuses_an_out_dir_that_holds_a_run(tmp_path, cache_dir, monkeypatch, capsys):
     """Forgetting --resume must not replace a trained model with an untrained one."""
     assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
@@ -116,6 +151,34 @@ def test_a_new_run_refuses_an_out_dir_that_holds_a_run(tmp_path, cache_dir, monk
     assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
     assert [r["step"] for r in log_rows(tmp_path)] == [0, 1, 1]    # nothing of the old run's log
     assert load_train_state(tmp_path)[1]["step"] == 1
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path, cache_dir, monkeypatch, capsys):
+    """--overwrite replaces a run with the new run's first checkpoint: a new run that fails on its
+    first evaluation, or is stopped before it, leaves the old run whole."""
+    out = tmp_path / "o"
+    assert run(out, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    small = tmp_path / "small"   # the embedded stories' ids do not fit its 100-token vocabulary
+    GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0).save_pretrained(small)
+    assert run(out, cache_dir, "--overwrite", "--init-from", str(small)) == 2
+    assert "vocab_size" in capsys.readouterr().err
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(numgpt.training, "generate_samples", interrupted)   # Ctrl-C in "Before training:"
+    assert run(out, cache_dir, "--overwrite", "--num-samples", "1") == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+
+def test_a_log_alone_is_a_run_too(tmp_path, cache_dir, capsys):
+    """A fresh run must not append to, or silently replace, another run's log."""
+    (tmp_path / "log.jsonl").write_text('{"step": 0, "train_loss": 3.0, "val_loss": 3.1}\n')
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
+    assert [r["step"] for r in log_rows(tmp_path)] == [0, 1, 1]              # the old row is gone
 
 
 def test_resume_keeps_the_data_source_that_auto_chose(tmp_path, cache_dir, monkeypatch, capsys):
@@ -253,6 +316,12 @@ def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     (["--seed", "-1"], "--seed"),
     (["--grad-clip", "nan"], "--grad-clip"),
     (["--weight-decay", "inf"], "--weight-decay"),
+    (["--out-dir="], "--out-dir"),
+    (["--grad-accum", str(10**20)], "too large"),                   # beyond NumPy's int64
+    (["--batch-size", str(10**9)], "GiB of memory"),                # more than any machine holds
+    (["--n-layer", str(10**18)], "GiB of memory"),
+    (["--eval-iters", str(10**9)], "GiB of memory"),
+    (["--num-samples", str(10**17)], "GiB of memory"),
 ])
 def test_bad_hyperparameters(tmp_path, cache_dir, capsys, flags, message):
     assert run(tmp_path, cache_dir, "--max-iters", "1", *flags) == 2
@@ -260,11 +329,27 @@ def test_bad_hyperparameters(tmp_path, cache_dir, capsys, flags, message):
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags", [["--n-embd", "30", "--n-head", "4"], ["--dropout", "1.5"], ["--seed", "-1"]])
+@pytest.mark.parametrize("flags", [["--n-embd", "30", "--n-head", "4"], ["--dropout", "1.5"], ["--seed", "-1"],
+                                   ["--batch-size", str(10**9)]])
 def test_bad_settings_are_found_before_the_data_and_the_out_dir(tmp_path, cache_dir, monkeypatch, flags):
     monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
     assert run(tmp_path / "o", cache_dir, *flags) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir):
+    """check_memory refuses a run whose floor exceeds the machine: the floor must never be more
+    than a run really allocates (tracemalloc sees NumPy's arrays), or a run that fits is refused."""
+    flags = ["--n-layer", "2", "--batch-size", "32", "--block-size", "64", "--num-samples", "2", "--sample-tokens", "8"]
+    tracemalloc.start()
+    try:
+        assert run(tmp_path, cache_dir, "--max-iters", "1", *flags) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    cfg = TrainConfig(**load_train_state(tmp_path)[1]["train_config"])
+    floor = memory_floor(cfg, cfg.model_config())
+    assert peak / 4 < floor < peak    # a floor, and not a vacuous one
 
 
 def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, capsys):
@@ -320,11 +405,19 @@ def rewrite_state(out_dir, change):
     lambda arrays, info: info.update(data_rng={"bit_generator": "PCG64"}),
     lambda arrays, info: info["model_config"].update(rotary=True),
     lambda arrays, info: info.update(step="three"),
+    lambda arrays, info: info.update(step=1.0),
+    lambda arrays, info: info.update(step=-5),
+    lambda arrays, info: info.update(adam_step=-1),
+    lambda arrays, info: info.update(adam_step=2),
+    lambda arrays, info: info.update(best_val_loss="low"),
+    lambda arrays, info: info["train_config"].update(data="stories.txt"),
+    lambda arrays, info: info["train_config"].update(n_layer=1.0),
     lambda arrays, info: arrays["adam_m"].update({"wpe.weight": arrays["adam_m"]["wpe.weight"][:1]}),
     lambda arrays, info: arrays["param"].update({"ln_f.bias": arrays["param"]["ln_f.bias"][:1]}),
     lambda arrays, info: arrays["adam_v"].pop("ln_f.bias"),
 ], ids=["extra-setting", "not-a-table", "wrong-type", "no-data-rng", "bad-data-rng", "model-config",
-        "step", "moment-shape", "param-shape", "missing-moment"])
+        "step", "float-step", "negative-step", "negative-adam-step", "adam-step-ahead", "best-val-loss",
+        "data-not-a-list", "float-setting", "moment-shape", "param-shape", "missing-moment"])
 def test_resume_from_a_damaged_or_foreign_state(tmp_path, cache_dir, capsys, change):
     """A state from another numgpt version reads as safetensors but does not fit: say so, in one line."""
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
@@ -404,6 +497,16 @@ def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
     (tmp_path / ".tmp-notes.txt").write_text("the user's")
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     assert not (tmp_path / ".tmp-k1ll3d_x").exists() and (tmp_path / ".tmp-notes.txt").exists()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NumPy's overflow warnings, on the way to NaN
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "3", "--lr", "1e308") == 2
+    err = capsys.readouterr().err
+    assert "the run diverged" in err and "state of step 0" in err and "Traceback" not in err
+    arrays, info = load_train_state(tmp_path)
+    assert info["step"] == 0 and all(np.isfinite(a).all() for a in arrays["param"].values())
+    GPT.from_pretrained(tmp_path)                              # the saved model is the finite one
 
 
 def test_learning_rate_schedule():
