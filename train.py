@@ -145,26 +145,26 @@ def main(argv=None):
             world = distributed.mpi_world()
         cfg = resolve_config(args)
         comm = distributed.device_communicator(world, cfg.backend)
-        trainer = Trainer(cfg, progress=not getattr(args, "no_progress", False), comm=comm)
-        trainer.setup(resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
-        if trainer.step == 0 and cfg.num_samples and trainer.is_main:
-            print("\nBefore training:\n" + generate_samples(trainer.model, 1, 30, cfg.seed)[0])
-        outcome = trainer.run()
-        if not trainer.is_main:   # rank 0 reports for the job
-            return 130 if outcome == "interrupted" else 0
-        if outcome == "interrupted":
-            print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}. Continue with: "
-                  f"python train.py --resume --out-dir {cfg.out_dir}", file=sys.stderr)
-            return 130
-        print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
-              f"model in {cfg.out_dir}/ (python sample.py --ckpt {cfg.out_dir})")
-        if cfg.num_samples:
-            from numgpt.model import GPT
-            best = GPT.from_pretrained(cfg.out_dir, backend=cfg.backend, dtype=cfg.dtype)
-            print("\nAfter training:")
-            for text in generate_samples(best, cfg.num_samples, cfg.sample_tokens, cfg.seed):
-                print("\n" + text)
-        return 0
+        with Trainer(cfg, progress=not getattr(args, "no_progress", False), comm=comm) as trainer:
+            trainer.setup(resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))
+            if trainer.step == 0 and cfg.num_samples and trainer.is_main:
+                print("\nBefore training:\n" + generate_samples(trainer.model, 1, 30, cfg.seed)[0])
+            outcome = trainer.run()
+            if not trainer.is_main:   # rank 0 reports for the job
+                return 130 if outcome == "interrupted" else 0
+            if outcome == "interrupted":
+                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}. Continue with: "
+                      f"python train.py --resume --out-dir {cfg.out_dir}", file=sys.stderr)
+                return 130
+            print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
+                  f"model in {cfg.out_dir}/ (python sample.py --ckpt {cfg.out_dir})")
+            if cfg.num_samples:
+                from numgpt.model import GPT
+                best = GPT.from_pretrained(cfg.out_dir, backend=cfg.backend, dtype=cfg.dtype)
+                print("\nAfter training:")
+                for text in generate_samples(best, cfg.num_samples, cfg.sample_tokens, cfg.seed):
+                    print("\n" + text)
+            return 0
     # With several ranks, world.fail ends the whole job: the other ranks would otherwise wait
     # forever for this one. On its own, a process prints the message and exits with the code.
     except NumGPTError as e:

@@ -338,6 +338,28 @@ def remove_files(directory, names):
             os.remove(path)
 
 
+def lock_directory(path):
+    """An open descriptor of directory `path` that holds an exclusive flock on it, or ConfigError
+    when another process holds one: two runs in one out-dir would overwrite each other's
+    checkpoints and interleave their logs. None where flock is not to be had (Windows, some
+    network file systems): the run then goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another training run is using {path}/ now: wait until it ends, or choose "
+                          f"another --out-dir") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def refuse_previous_run(out_dir):
     """ConfigError when `out_dir` already holds a training run (a state, a saved model or a log)."""
     if not any(os.path.exists(os.path.join(out_dir, name)) for name in (STATE_FILE, checkpoint.WEIGHTS_FILE,
@@ -374,8 +396,9 @@ class StopRequest:
 # ---------------------------------------------------------------- the run
 
 class Trainer:
-    """One training run: `trainer = Trainer(cfg, log)`, then `trainer.setup()` (or
-    `setup(resume=True)`) to load the data and build the model, then `trainer.run()`. With `comm`
+    """One training run: `with Trainer(cfg, log) as trainer:`, then `trainer.setup()` (or
+    `setup(resume=True)`) to load the data and build the model, then `trainer.run()`. The out-dir
+    is locked against other runs from setup until the block ends. With `comm`
     (numgpt.distributed), one rank of a data-parallel run, in which cfg.batch_size is the global
     batch, split evenly across the ranks."""
 
@@ -385,6 +408,19 @@ class Trainer:
         self.log = log if self.is_main else (lambda message: None)
         self.progress = progress and self.is_main
         self.stop = StopRequest()
+        self.out_dir_lock = None
+
+    def close(self):
+        """Let another run use the out-dir (the lock goes with the process too, however it ends)."""
+        if self.out_dir_lock is not None:
+            os.close(self.out_dir_lock)
+            self.out_dir_lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def setup(self, resume=False, overwrite=False):
         """Load the data and build the model and optimizer, fresh or from the out-dir's state.
@@ -405,8 +441,13 @@ class Trainer:
         state = load_train_state(cfg.out_dir) if resume else None
         config = self._model_config(state)
         check_memory(cfg, config, get_xp(cfg.backend), comm.size)   # before minutes of loading data
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:   # a path through a file, a directory without write permission
+            raise ConfigError(f"cannot create --out-dir {cfg.out_dir}: {e.strerror}") from None
         if self.is_main:
+            # first the lock, then the cleanup: another run's temporary files are not stale
+            self.out_dir_lock = lock_directory(cfg.out_dir)
             checkpoint.remove_stale_temp_files(cfg.out_dir)
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again

@@ -492,6 +492,30 @@ def test_a_failed_first_save_does_not_claim_a_checkpoint(tmp_path, cache_dir, mo
     assert "disk full" in err and "intact" not in err
 
 
+def test_two_runs_cannot_share_an_out_dir(tmp_path, cache_dir, capsys):
+    """While one run holds the out-dir, another (here a --resume started twice) is refused before
+    it touches a file; once the first ends, the out-dir is free again."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    holder = numgpt.training.lock_directory(str(tmp_path))
+    if holder is None:
+        pytest.skip("no flock on this file system")
+    try:
+        assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 2
+    finally:
+        os.close(holder)
+    assert "another training run is using" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+
+
+def test_an_out_dir_that_cannot_be_made_is_one_line(tmp_path, cache_dir, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert run(tmp_path / "afile" / "sub", cache_dir, "--max-iters", "1") == 2
+    err = capsys.readouterr().err
+    assert "cannot create --out-dir" in err and "Not a directory" in err and "Errno" not in err
+
+
 def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
     (tmp_path / ".tmp-k1ll3d_x").write_bytes(b"half a checkpoint")
     (tmp_path / ".tmp-notes.txt").write_text("the user's")
