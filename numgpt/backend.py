@@ -95,9 +95,16 @@ def scatter_add(target, index, values):
 
     target (V, C), index (N,) integers, values (N, C). A fancy-index `target[index] += values`
     would keep only the last write for a repeated id. NumPy >= 1.25 gives `np.add.at` a fast path
-    for this pattern; CuPy's `cupyx.scatter_add` uses atomic adds on the GPU.
+    for this pattern. On a GPU, numgpt.kernels.scatter_add_rows adds the rows of each id in the
+    same order, so a step's gradients are the same on every run; its twin, CuPy's
+    `cupyx.scatter_add`, adds them with atomic adds, in whatever order the threads arrive.
     """
-    if array_module(target) is np:
+    from numgpt import kernels   # here, not at the top: kernels imports this module
+
+    xp = array_module(target)
+    if kernels.enabled(xp):
+        kernels.scatter_add_rows(target, index, values)
+    elif xp is np:
         np.add.at(target, index, values)
     else:
         import cupyx

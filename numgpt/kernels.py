@@ -14,6 +14,7 @@ tc_attention_*):
     gelu.cu          gelu_forward, gelu_backward          elementwise, one thread per element
     layernorm.cu     layernorm_forward, layernorm_dx      one warp (32 threads) per row of C
     sum_rows.cu      sum_rows                             a block per 32 columns of SUM_ROWS_GROUP rows
+    scatter_add.cu   scatter_add_rows                     a block per run of one id in the sorted ids
     softmax.cu       causal_softmax, softmax_backward     one warp per row of attention scores
                      softmax_parts                        one block per row of logits: the
                                                           cross-entropy's max, exp and sum
@@ -58,7 +59,7 @@ MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
 CUDA_DIR = pathlib.Path(__file__).with_name("cuda")
 # compiled as one source, in this order (warp.cu's reductions and float16.cu's stores come first:
 # the others use them)
-CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "sum_rows.cu", "softmax.cu",
+CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "sum_rows.cu", "scatter_add.cu", "softmax.cu",
               "flash_attention.cu", "tensor_core_attention.cu", "multi_array.cu")
 SOURCE = "\n".join((CUDA_DIR / name).read_text() for name in CUDA_FILES)
 
@@ -195,6 +196,21 @@ def sum_rows(x, w=None):
         if groups == 1:
             return out.reshape(C)
         x, w, has_w = out, out, False
+
+
+def scatter_add_rows(target, index, values):
+    """target (V,C) += values (N,C) at rows index (N,), in place, the rows of one id added in their
+    order: the same sums, to the bit, on every run (see scatter_add.cu)."""
+    xp = array_module(target)
+    N, C = values.shape
+    if N == 0:
+        return
+    index = xp.ascontiguousarray(index, dtype=np.int64)
+    # the keys are unique, so any sort gives the one order: by id, and within an id by row
+    order = xp.argsort(index * N + xp.arange(N, dtype=np.int64))
+    _kernel("scatter_add_rows", target.dtype)((N, -(-C // THREADS)), (THREADS,),
+                                              (target, _contiguous(values.astype(target.dtype, copy=False)),
+                                               index, order, np.int64(N), np.int32(C)))
 
 
 def causal_softmax(scores):

@@ -19,7 +19,7 @@ import cuda_emulator
 from gradcheck import relative_error
 from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels
 from numgpt.optim import clip_coefficient
-from numgpt.backend import cupy_available, get_xp, to_numpy
+from numgpt.backend import cupy_available, get_xp, scatter_add, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
 from numgpt.layers.attention import (attention_backward, attention_forward, causal_attention_backward,
                                     causal_attention_forward, causal_softmax, softmax_backward)
@@ -156,6 +156,38 @@ def test_the_sum_rows_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, V, C", [(0, 3, 4), (1, 1, 1), (50, 7, 300), (2000, 1000, 3)])
+def test_scatter_add_kernel_matches_np_add_at_to_the_bit(xp, dtype, N, V, C):
+    """Embedding and classifier weight gradients: the kernel adds the rows of each id in their order,
+    as np.add.at does, so it gives np.add.at's sums exactly, and the same sums on every run (CuPy's
+    atomic adds do neither). Ids repeat, some never occur, one occurs in long runs."""
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, V, size=N)
+    index[: N // 2] = V - 1                                        # a run as long as half the rows
+    rng.shuffle(index)
+    target, values = random(xp, (V, C), dtype, 1), random(xp, (N, C), dtype, 2)
+    expected = to_numpy(target).copy()
+    np.add.at(expected, index, to_numpy(values))
+    fused, twin = fused_and_twin(lambda t: (scatter_add(t, xp.asarray(index), values), t)[1], target)
+    np.testing.assert_array_equal(to_numpy(fused), expected)
+    assert_same(twin, expected, dtype)
+
+
+@needs_compiler
+@pytest.mark.parametrize("mutation", [
+    ("(r > 0 && index[order[r - 1]] == id)", "(false)"),             # every position starts a run: rows added twice
+    ("s < N && index[order[s]] == id", "s < N"),                     # a run goes on into the next id's rows
+    ("sum += values[order[s] * C + c]", "sum += values[s * C + c]"),   # the rows in the wrong order
+])
+def test_the_scatter_add_comparison_catches_a_wrong_kernel(monkeypatch, mutation):
+    """Negative controls: each wrong scatter_add_rows kernel fails the comparison above."""
+    assert kernels.SOURCE.count(mutation[0]) == 1
+    monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
+    with cuda_emulator.emulated(), pytest.raises(AssertionError):
+        test_scatter_add_kernel_matches_np_add_at_to_the_bit(np, "float64", 50, 7, 300)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Tq, Tk", [(1, 1), (5, 5), (70, 70), (1, 9), (3, 40)])
 def test_softmax_kernels_match_their_twin(xp, dtype, Tq, Tk):
     scores, dprobs = random(xp, (2, 3, Tq, Tk), dtype, 0, 4.0), random(xp, (2, 3, Tq, Tk), dtype, 1)
@@ -196,7 +228,7 @@ def test_multi_array_kernels_match_their_twins(xp, dtype, monkeypatch):
     (set_, dsts, total, finite), (set_twin, dsts_twin, total_twin, finite_twin) = results
     for a, b in zip(set_ + dsts, set_twin + dsts_twin):
         assert_same(a, b, dtype)
-    np.testing.assert_allclose(total, total_twin, rtol=TOLERANCE[dtype])
+    np.testing.assert_allclose(to_numpy(total), to_numpy(total_twin), rtol=TOLERANCE[dtype])
     assert finite == finite_twin == [True, False, False]
 
 
@@ -463,14 +495,15 @@ def tensor_core_reference(qkv, dy, n_head, unrounded=()):
 
 @pytest.mark.parametrize("T, n_head, hs", TC_SHAPES)
 def test_tensor_core_attention_rounds_only_where_it_says(xp, T, n_head, hs, unrounded=()):
-    """The same output and gradient within 3e-5 of tensor_core_reference, which rounds where the
-    kernels do (measured under the emulator: at most 1.0e-5; the kernels differ from float64 by
-    5e-4, and leaving out any one rounding moves the reference 0.9-3.6e-4 where T > 1). What is left is float32
-    arithmetic that moves a few values across a float16 rounding boundary."""
+    """The same output and gradient within 7e-5 of tensor_core_reference, which rounds where the
+    kernels do (measured: at most 1.0e-5 under the emulator, 5.4e-5 on an H100, whose MMAs add in
+    their own order; the kernels differ from float64 by 5e-4, and leaving out any one rounding
+    moves the reference 0.9-3.6e-4 where T > 1). What is left is float32 arithmetic that moves a
+    few values across a float16 rounding boundary."""
     qkv, dy, y, dqkv = tensor_core_attention(xp, T, n_head, hs)
     y_ref, dqkv_ref = tensor_core_reference(qkv, dy, n_head, unrounded)
-    assert relative_error(y, y_ref) < 3e-5
-    assert relative_error(dqkv, dqkv_ref) < 3e-5
+    assert relative_error(y, y_ref) < 7e-5
+    assert relative_error(dqkv, dqkv_ref) < 7e-5
 
 
 @needs_compiler

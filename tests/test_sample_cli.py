@@ -19,6 +19,8 @@ from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.inspection import TextStream, format_prob, token_label, top_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
+# the scripts find numgpt at the repository root, and whatever else (the tokenizer's data) where we do
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 TINY = dict(vocab_size=50257, block_size=16, n_layer=2, n_head=2, n_embd=8)
 
 
@@ -225,7 +227,7 @@ def test_a_closed_standard_stream_exits_without_a_traceback(ckpt, closed, argv, 
     """Started with `>&-` or `<&-`, Python has no sys.stdout or sys.stdin."""
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--max-new-tokens", "2",
                              *argv], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            env=SCRIPT_ENV,
                             preexec_fn=lambda: os.close(0 if closed == "stdin" else 1))
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -233,7 +235,7 @@ def test_a_closed_standard_stream_exits_without_a_traceback(ckpt, closed, argv, 
 
 def test_a_missing_checkpoint_exits_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "nothing")],
-                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, cwd=ROOT, env=SCRIPT_ENV)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -241,7 +243,7 @@ def test_a_missing_checkpoint_exits_without_a_traceback(tmp_path):
 def test_runs_as_a_script(ckpt):
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--prompt", "Hi",
                              "--max-new-tokens", "3", "--seed", "0", "--no-stop-at-eot"],
-                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            capture_output=True, text=True, cwd=ROOT, env=SCRIPT_ENV)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hi") and result.stdout.endswith(f"{sample.SEPARATOR}\n")
 
