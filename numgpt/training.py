@@ -632,8 +632,8 @@ class Trainer:
             # a new run's first checkpoint holds its untrained model. Only once it is saved does the
             # log start anew: a run that fails to start (bad data, a Ctrl-C) leaves an old run's log
             # whole, which --overwrite would otherwise have removed
-            first_rows = [] if self.resumed else [self.evaluate()]
-            if first_rows and self.is_main:
+            first_row = None if self.resumed else self.evaluate()
+            if first_row is not None and self.is_main:
                 remove_files(cfg.out_dir, (LOG_FILE, PLOT_FILE))
             with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, \
                     tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
@@ -644,8 +644,8 @@ class Trainer:
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()   # so `tail -f log.jsonl` follows the run
 
-                for row in first_rows:
-                    write_row(row)
+                if first_row is not None:
+                    write_row(first_row)
                 while self.step < cfg.max_iters:
                     started = time.perf_counter()
                     loss, stop_requested = self.train_step()
