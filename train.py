@@ -13,7 +13,6 @@ saved settings and lets you change only those that do not alter the run's past (
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import traceback
@@ -84,7 +83,7 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
-    from numgpt.checkpoint import JSON_KINDS
+    from numgpt.checkpoint import kind_mismatch
     from numgpt.train_state import damaged_state, load_train_state
     from numgpt.training import PRESETS, TrainConfig, with_checkpoint_shape
 
@@ -104,10 +103,10 @@ def resolve_config(args):
         unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
             raise damaged_state(out_dir, f"its train_config has settings this numgpt does not know: {unknown}")
-        for name, value in saved.items():   # a hand-edited value of the wrong kind, such as a string n_layer
-            kind = SETTING_KINDS[TrainConfig.__annotations__[name]]
-            if not JSON_KINDS[kind](value):
-                raise damaged_state(out_dir, f"its train_config's {name} is {json.dumps(value)}, not {kind}")
+        # a hand-edited value of the wrong kind, such as a string n_layer
+        mismatch = kind_mismatch({name: SETTING_KINDS[TrainConfig.__annotations__[name]] for name in saved}, saved)
+        if mismatch:
+            raise damaged_state(out_dir, f"its train_config's {mismatch}")
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "

@@ -48,6 +48,17 @@ HF_FIELD_KINDS = {
 }
 
 
+
+
+def kind_mismatch(kinds, values):
+    """"<field> must be <kind>, got <its JSON>" for the first field of the dict `values` that `kinds`
+    ({field: a name in JSON_KINDS}) names and whose value is not of that kind; None when all are."""
+    for field, kind in kinds.items():
+        if field in values and not JSON_KINDS[kind](values[field]):
+            return f"{field} must be {kind}, got {json.dumps(values[field])}"
+    return None
+
+
 # the temporary files atomic_writer makes: tempfile.mkstemp adds 8 characters of [a-z0-9_] to the prefix
 TEMP_PREFIX = ".tmp-"
 TEMP_FILE = re.compile(re.escape(TEMP_PREFIX) + r"[a-z0-9_]{8}")
@@ -168,10 +179,9 @@ def _read_config(path):
         raise CheckpointError(f"cannot read {path}: {e}. Is the checkpoint complete?") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
-    for field, kind in HF_FIELD_KINDS.items():
-        if field in hf and not JSON_KINDS[kind](hf[field]):
-            raise CheckpointError(f"{path}: {field} must be {kind}, got {json.dumps(hf[field])}; "
-                                  f"correct it or re-save the checkpoint")
+    mismatch = kind_mismatch(HF_FIELD_KINDS, hf)
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}; correct it or re-save the checkpoint")
     return hf
 
 

@@ -12,14 +12,14 @@ import os
 import numpy as np
 
 from numgpt.backend import to_numpy
-from numgpt.checkpoint import JSON_KINDS, atomic_write
+from numgpt.checkpoint import atomic_write, kind_mismatch
 from numgpt.errors import CheckpointError
 
 STATE_FILE = "train_state.safetensors"
 STATE_KEY = "numgpt_train_state"
 GROUPS = ("param", "adam_m", "adam_v")
 # what save_train_state's callers put in `info` (and loss_scaler, in fp16 runs), and adam_step, with
-# the JSON kind (numgpt.checkpoint.JSON_KINDS) of each
+# the kind of JSON value (numgpt.checkpoint.JSON_KINDS) each holds
 INFO_KINDS = {"step": "an integer", "best_val_loss": "a number", "model_config": "an object",
               "train_config": "an object", "source": "a string", "data_rng": "an object", "adam_step": "an integer"}
 
@@ -69,9 +69,9 @@ def load_train_state(out_dir):
     if not isinstance(info, dict) or not set(INFO_KINDS) <= set(info):
         missing = sorted(set(INFO_KINDS) - set(info)) if isinstance(info, dict) else "everything"
         raise damaged_state(out_dir, f"its metadata lacks {missing}")
-    for key, kind in INFO_KINDS.items():
-        if not JSON_KINDS[kind](info[key]):
-            raise damaged_state(out_dir, f"its {key} is {json.dumps(info[key])}, not {kind}")
+    mismatch = kind_mismatch(INFO_KINDS, info)
+    if mismatch:
+        raise damaged_state(out_dir, f"its {mismatch}")
     # AdamW counts the steps it took; fp16 runs skip steps whose gradients overflowed, so it may lag
     if not 0 <= info["adam_step"] <= info["step"]:
         raise damaged_state(out_dir, f"its step {info['step']} and adam_step {info['adam_step']} are not "
