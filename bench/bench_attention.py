@@ -4,15 +4,18 @@ scaled_dot_product_attention when torch is installed. Same qkv, same gradients.
 
     python bench/bench_attention.py                          # GPT-2 124M's heads: B=8, T=1024, 12 x 64
     python bench/bench_attention.py --precision fp16         # as --precision fp16 trains
+    python bench/bench_attention.py --precision tf32         # as --precision tf32 trains
     python bench/bench_attention.py --batch-size 16 --block-size 2048
 
-fp32: everything in float32 (torch picks its memory-efficient SDPA kernel). fp16: numgpt inside
-half_matmuls, as training with --precision fp16 runs it, where "flash" is the tensor-core kernels
-and "flash fma" the float32 FMA kernels they replace; torch gets float16 q, k, v (what its
-autocast hands attention) and picks FlashAttention-2.
+"flash" is the tensor-core kernels, "flash fma" the float32 FMA kernels they replace. fp32:
+everything in float32, numgpt's tensor cores at float32's accuracy (three TF32 products), torch's
+memory-efficient SDPA kernel (CUTLASS's 3xTF32, the same). fp16: numgpt inside half_matmuls, as
+training with --precision fp16 runs it; torch gets float16 q, k, v (what its autocast hands
+attention) and picks FlashAttention-2. tf32: numgpt after set_tf32, TF32 operands; torch float32
+with TF32 matmuls allowed.
 
 The flash kernels are on by default wherever CuPy runs (`kernels.disabled("flash_attention")`
-turns them off, `kernels.disabled("tensor_core_attention")` the fp16 ones); this is the
+turns them off, `kernels.disabled("tensor_core_attention")` the tensor-core ones); this is the
 measurement that says whether they should be. Memory is what each path held beyond its inputs
 (CuPy's pool, torch's allocator), so the (B,nh,T,T) arrays show.
 """
@@ -29,7 +32,7 @@ from bench.common import append_result, device_name, device_sync, median_ms, tim
 from numgpt import kernels  # noqa: E402
 from numgpt.backend import cupy_available, get_xp  # noqa: E402
 from numgpt.layers.attention import causal_attention_backward, causal_attention_forward  # noqa: E402
-from numgpt.precision import half_matmuls  # noqa: E402
+from numgpt.precision import half_matmuls, set_tf32  # noqa: E402
 
 
 def measure(step, sync, repeats):
@@ -62,13 +65,22 @@ def torch_step(qkv, dy, n_head, dtype):
     return step
 
 
+def torch_tf32(enabled):
+    """torch's float32 matmuls on TF32 tensor cores or not (as bench_train.py sets them), where torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--n-head", type=int, default=12)
     p.add_argument("--head-size", type=int, default=64)
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "tf32", "fp16"), default="fp32")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args()
@@ -84,11 +96,11 @@ def main():
     # forward, twice that backward, halved by the mask (what a kernel that skips masked tiles does)
     flops = 3 * 4 * B * nh * T * T * hs / 2
     half = args.precision == "fp16"
+    set_tf32(cp, args.precision == "tf32")
+    torch_tf32(args.precision == "tf32")
     turned_off = {"flash": (), "flash fma": ("tensor_core_attention",), "matrix": ("flash_attention",)}
     rows = {}
     for name in ("flash", "flash fma", "matrix", "torch sdpa"):
-        if name == "flash fma" and not half:
-            continue   # in fp32 "flash" is the FMA kernels
         if name == "torch sdpa":
             try:
                 import torch

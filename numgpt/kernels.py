@@ -19,8 +19,8 @@ tc_attention_*):
                      softmax_parts                        one block per row of logits: the
                                                           cross-entropy's max, exp and sum
     flash_attention.cu         flash_attention_forward,   causal attention that never forms the
-    tensor_core_attention.cu   flash_attention_backward   (T,T) matrix: in FMAs, or (fp16) on tensor
-                                                          cores with mma.sync, FlashAttention-2 style
+    tensor_core_attention.cu   flash_attention_backward   (T,T) matrix: in FMAs (float64), or on
+                                                          tensor cores with mma.sync, FlashAttention-2 style
     multi_array.cu   scale_all, accumulate_all,           one launch over many arrays (every
                      sum_of_squares_all, all_finite_all,  parameter or gradient), each block doing
                      adamw_all                            one chunk of one array (PyTorch's foreach)
@@ -29,10 +29,10 @@ tc_attention_*):
                      (for fp16 training) write an output that feeds only matmuls as float16 directly
 
 The files are compiled as one program, written once with REAL for the element type, by NVRTC for
-float and for double when first used (the tensor-core attention and the `_half` variants, for
+float and for double when first used (the tensor-core attention, and the `_half` variants for
 fp16 training, for float only). Layers ask `enabled(xp)` (or `enabled(xp, "flash_attention")`) before calling a kernel
 here; `disabled()` turns them all off in a block, `disabled("flash_attention")` that one,
-`disabled("tensor_core_attention")` the fp16 attention's tensor cores (tests use them to run the
+`disabled("tensor_core_attention")` the attention's tensor cores (tests use them to run the
 twins on the GPU, benchmarks to compare).
 """
 
@@ -52,6 +52,8 @@ DIMS = 16                 # head dims per thread in the FMA attention kernels: a
 TC_HEAD_SIZES = (16, 32, 64)  # head sizes the tensor-core attention kernels are compiled for (GPT-2's is 64)
 TC_ROWS = 64                  # rows per block in those kernels (MMA_ROWS in the source): warps of 16 rows
 TC_THREADS = TC_ROWS // 16 * 32
+# the operand formats of those kernels (precision.tensor_core_operands) -> their names' part
+TC_OPERANDS = {"float16": "half", "tf32": "tf32", "float32": "tf32x3"}
 SUM_ROWS_GROUP = 256      # rows per block in sum_rows: GPT-2's 16 x 1024 rows of 768 make 24 x 64 blocks
 CHUNK = 1 << 14           # elements per block in the multi-array kernels: GPT-2 124M's parameters are ~7600 blocks
 MAX_TABLES = 8            # chunk tables kept for reuse (see _chunk_table)
@@ -253,9 +255,9 @@ def flash_attention_supports(head_size):
 
 
 def tensor_core_attention_supports(xp, head_size):
-    """Whether the tensor-core attention kernels (float16 operands) take heads of this size on
-    this device: they are compiled for TC_HEAD_SIZES, and mma.sync.m16n8k16 needs compute
-    capability 8.0 (Ampere) or newer."""
+    """Whether the tensor-core attention kernels take heads of this size on this device: they are
+    compiled for TC_HEAD_SIZES, and mma.sync's float16 and TF32 shapes need compute capability 8.0
+    (Ampere) or newer."""
     if head_size not in TC_HEAD_SIZES:
         return False
     return backend_name(xp) != "cupy" or int(xp.cuda.Device().compute_capability) >= 80   # else: the emulator
@@ -270,23 +272,26 @@ def _flash_launch(T, n_head, B, head_size):
     return G, (-(-T // rows), n_head, B), (THREADS,)
 
 
-def _tensor_core_launch(T, n_head, B, head_size):
-    """(name suffix, grid, block) of the tensor-core attention kernels: 4 warps of 16 rows a block."""
-    return f"_{head_size}", (-(-T // TC_ROWS), n_head, B), (TC_THREADS,)
+def _tensor_core_launch(operands, T, n_head, B, head_size):
+    """(name suffix, grid, block) of the tensor-core attention kernels for `operands` (a key of
+    TC_OPERANDS): 4 warps of 16 rows a block."""
+    return f"_{TC_OPERANDS[operands]}_{head_size}", (-(-T // TC_ROWS), n_head, B), (TC_THREADS,)
 
 
-def flash_attention_forward(qkv, n_head, scale, tensor_cores=False):
+def flash_attention_forward(qkv, n_head, scale, operands=None):
     """Causal attention of qkv (B,T,3C) -> y (B,T,C) with heads merged, lse (B,nh,T) for the backward.
 
-    With tensor_cores (float32 arrays, see tensor_core_attention_supports), the matrix products
-    take float16 operands on tensor cores; the softmax and every sum stay float32."""
+    With operands None the kernels multiply in the arrays' dtype, in FMAs. With operands "float16"
+    or "tf32" (float32 arrays, see tensor_core_attention_supports) the matrix products run on tensor
+    cores with their operands rounded to that format, with "float32" on TF32 tensor cores at
+    float32's accuracy (three products each); the softmax and every sum stay float32."""
     qkv = _contiguous(qkv)
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     hs, xp, t = C // n_head, array_module(qkv), qkv.dtype
     y, lse = xp.empty((B, T, C), dtype=t), xp.empty((B, n_head, T), dtype=t)
-    if tensor_cores:
+    if operands is not None:
         assert t == np.float32, "the tensor-core attention takes float32 arrays"
-        suffix, grid, block = _tensor_core_launch(T, n_head, B, hs)
+        suffix, grid, block = _tensor_core_launch(operands, T, n_head, B, hs)
         _kernel("tc_attention_forward" + suffix, t)(grid, block, (qkv, y, lse, np.int32(T), np.int32(n_head),
                                                                   np.float32(scale)))
         return y, lse
@@ -296,17 +301,17 @@ def flash_attention_forward(qkv, n_head, scale, tensor_cores=False):
     return y, lse
 
 
-def flash_attention_backward(dy, qkv, y, lse, n_head, scale, tensor_cores=False):
+def flash_attention_backward(dy, qkv, y, lse, n_head, scale, operands=None):
     """dqkv (B,T,3C) of flash_attention_forward for upstream dy (B,T,C): two kernels, over the
     queries (dq, and D = dy . y per row) and over the keys (dk, dv), each recomputing the
-    probabilities it needs; on tensor cores as the forward did, with dy rounded to float16 too."""
+    probabilities it needs; with the forward's `operands`, and dy rounded to them too."""
     dy, qkv, y = _contiguous(dy), _contiguous(qkv), _contiguous(y)
     B, T, C = dy.shape
     hs, xp, t = C // n_head, array_module(dy), dy.dtype
     D, dqkv = xp.empty((B, n_head, T), dtype=t), _empty_like(qkv)      # D (B,nh,T): written by the dq kernel
-    if tensor_cores:
+    if operands is not None:
         assert t == np.float32, "the tensor-core attention takes float32 arrays"
-        suffix, grid, block = _tensor_core_launch(T, n_head, B, hs)
+        suffix, grid, block = _tensor_core_launch(operands, T, n_head, B, hs)
         shape = (np.int32(T), np.int32(n_head), np.float32(scale))
         _kernel("tc_attention_dq" + suffix, t)(grid, block, (qkv, dy, y, lse, D, dqkv, *shape))
         _kernel("tc_attention_dkv" + suffix, t)(grid, block, (qkv, dy, lse, D, dqkv, *shape))

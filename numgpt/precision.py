@@ -3,9 +3,10 @@
 Three precisions, train.py's --precision:
 
     fp32   every operation in float32 (the default, and the only choice that is exact enough for
-           the gradient checks, which run in float64 anyway)
-    tf32   float32 arrays, but cuBLAS rounds matmul inputs to TF32 (10-bit mantissa) on tensor
-           cores; everything else is unchanged (CuPy only)
+           the gradient checks, which run in float64 anyway); the attention kernels' products as
+           three TF32 products on tensor cores, which miss float32's by about 2^-21 (as torch's)
+    tf32   float32 arrays, but matmul inputs are rounded to TF32 (10-bit mantissa) on tensor cores:
+           by cuBLAS, and by the attention kernels; everything else is unchanged (CuPy only)
     fp16   mixed precision (Micikevicius et al. 2018): the parameters and the AdamW moments stay
            float32, and every activation is computed in float32; only the matmuls run in float16:
            their operands are rounded to float16 (by the layer that makes one, when it feeds
@@ -33,6 +34,8 @@ PRECISIONS = ("fp32", "tf32", "fp16")
 
 # the dtype matmul() multiplies in, None for none: set by `half_matmuls`
 _matmul_dtype = None
+# whether float32 matmuls round their operands to TF32: set by `set_tf32`
+_tf32 = False
 
 
 @contextlib.contextmanager
@@ -110,16 +113,30 @@ def using_half_matmuls():
     return _matmul_dtype is not None
 
 
+def tensor_core_operands():
+    """The format float32 matmuls take their operands in: "float16" inside `half_matmuls`, "tf32"
+    after set_tf32(xp, True), else "float32". The attention kernels multiply on tensor cores in it
+    (numgpt.kernels.TC_OPERANDS): "float32" as three TF32 products, at float32's accuracy, as
+    torch's float32 attention does on compute capability 8.0 and newer (CUTLASS's 3xTF32)."""
+    if _matmul_dtype is not None:
+        return np.dtype(_matmul_dtype).name
+    return "tf32" if _tf32 else "float32"
+
+
 def set_tf32(xp, enabled):
     """Let cuBLAS run float32 matmuls on TF32 tensor cores (CuPy on an Ampere or newer GPU).
 
     CuPy reads CUPY_TF32 at its first float32 matmul and keeps the answer; set_compute_type
-    changes it afterwards. On NumPy, asking for TF32 is an error: the CPU has no such mode.
+    changes it afterwards. The attention kernels follow (tensor_core_operands). On NumPy, asking for
+    TF32 is an error: the CPU has no such mode.
     """
+    global _tf32
     if backend_name(xp) == "numpy":
         if enabled:
             raise ConfigError("--precision tf32 is a mode of NVIDIA tensor cores: use it with --backend cupy")
+        _tf32 = False
         return
+    _tf32 = bool(enabled)
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
     from cupy._core import _routines_linalg as linalg   # where CuPy keeps the setting
     linalg.set_compute_type(xp.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import cupy_standin
+from numgpt import precision
 from numgpt.backend import cupy_available, get_xp
 
 # train.py and sample.py live at the repository root, beside the package
@@ -40,3 +41,16 @@ def backend(request):
 def xp(backend):
     """The array module of the backend under test."""
     return get_xp(backend)
+
+
+@pytest.fixture(autouse=True)
+def tf32_off_after_each_test():
+    """set_tf32(xp, True) holds for the process (train.py --precision tf32 and the benchmarks turn it
+    on): off again after each test, or the matmuls and attention kernels of later tests would round
+    to TF32 too."""
+    yield
+    if precision.tensor_core_operands() == "tf32":
+        if GPU:
+            precision.set_tf32(get_xp("cupy"), False)
+        else:
+            precision._tf32 = False   # the stand-in's CuPy, and its setting, left with its test

@@ -98,14 +98,31 @@ inline float half_at(unsigned bits, int which) {   // the low (0) or high (1) ha
     return h;
 }
 
-// mma.sync.m16n8k16 with float16 A, B and float32 C, D: every lane of the warp posts its fragments;
-// when all 32 have, each computes its four elements of D = A B + C from them. Which lane holds which
-// element is PTX's layout (see the kernels' comment); the products of two float16 are exact in float,
-// and the sum runs over k in order (a tensor core may add in another order).
+// x rounded to TF32 (a 10-bit mantissa), to nearest with ties away from zero, as cvt.rna.tf32.f32:
+// adding half a unit of the 13 dropped bits to the magnitude carries into the kept ones
+inline unsigned tf32_bits(float x) {
+    unsigned bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & ~0x1fffu;   // inf and nan stay
+    return bits;
+}
+
+inline float tf32_at(unsigned bits) {   // a TF32 register's value (the kernels round it with tf32_bits first)
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+// mma.sync.m16n8kK with float32 C, D: every lane of the warp posts its fragments; when all 32 have,
+// each computes its four elements of D = A B + C from them, A(row, k) and B(k, col) reading the
+// posted fragments in the layout of the instruction's operand type (see the kernels' comment). The
+// products of two float16 or two TF32 are exact in float, and the sum runs over k in order (a
+// tensor core may add in another order).
 inline unsigned mma_a_slots[1024][4], mma_b_slots[1024][2];
 inline bool partial_warp = false;   // an mma reached by fewer than 32 live lanes: the launch fails
 
-inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
+template <int K, class ReadA, class ReadB>
+inline void mma(float* c, const unsigned* a, const unsigned* b, ReadA A, ReadB B) {
     int me = current, first = me & ~31, g = (me & 31) / 4, t = me % 4;
     std::memcpy(mma_a_slots[me], a, sizeof mma_a_slots[me]);
     std::memcpy(mma_b_slots[me], b, sizeof mma_b_slots[me]);
@@ -115,20 +132,32 @@ inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
             if (!partial_warp) std::fprintf(stderr, "cuda emulator: mma.sync without all 32 lanes of warp %d\n", me / 32);
             partial_warp = true;
         }
-    auto A = [&](int row, int k) {   // lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8)
-        return half_at(mma_a_slots[first + 4 * (row % 8) + k % 8 / 2][row / 8 + 2 * (k / 8)], k % 2);
-    };
-    auto B = [&](int k, int col) {   // lane 4 col + (k % 8) / 2, register k / 8
-        return half_at(mma_b_slots[first + 4 * col + k % 8 / 2][k / 8], k % 2);
-    };
     float d[4];
     for (int i = 0; i < 4; ++i) {
         int row = g + 8 * (i / 2), col = 2 * t + i % 2;
         d[i] = c[i];
-        for (int k = 0; k < 16; ++k) d[i] += A(row, k) * B(k, col);
+        for (int k = 0; k < K; ++k) d[i] += A(mma_a_slots + first, row, k) * B(mma_b_slots + first, k, col);
     }
     wait(AT_WARP_BARRIER);   // every lane has read the slots before any posts new fragments
     std::memcpy(c, d, sizeof d);
+}
+
+// float16 A (16x16) and B (16x8), two to a register
+inline void mma_16x8x16(float* c, const unsigned* a, const unsigned* b) {
+    mma<16>(c, a, b,
+            // lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8), half k % 2
+            [](unsigned (*slots)[4], int row, int k) { return half_at(slots[4 * (row % 8) + k % 8 / 2][row / 8 + 2 * (k / 8)], k % 2); },
+            // lane 4 col + (k % 8) / 2, register k / 8
+            [](unsigned (*slots)[2], int k, int col) { return half_at(slots[4 * col + k % 8 / 2][k / 8], k % 2); });
+}
+
+// TF32 A (16x8) and B (8x8), one to a register
+inline void mma_16x8x8(float* c, const unsigned* a, const unsigned* b) {
+    mma<8>(c, a, b,
+           // lane 4 (row % 8) + k % 4, register row / 8 + 2 (k / 4)
+           [](unsigned (*slots)[4], int row, int k) { return tf32_at(slots[4 * (row % 8) + k % 4][row / 8 + 2 * (k / 4)]); },
+           // lane 4 col + k % 4, register k / 4
+           [](unsigned (*slots)[2], int k, int col) { return tf32_at(slots[4 * col + k % 4][k / 4]); });
 }
 
 // a fiber runs the kernel once per block: after the body it waits as EXITED, and the next block
@@ -249,6 +278,9 @@ inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
 #define __shared__ static
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, value, lane_mask) emu::shfl_xor((value), (lane_mask))
+
+inline unsigned __float_as_uint(float x) { unsigned bits; std::memcpy(&bits, &x, sizeof bits); return bits; }
+inline float __uint_as_float(unsigned bits) { float x; std::memcpy(&x, &bits, sizeof x); return x; }
 
 using std::exp;
 using std::isfinite;

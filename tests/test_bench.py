@@ -27,7 +27,7 @@ def test_bench_train_times_a_numgpt_step_on_cupy(monkeypatch, precision):
     assert all(t > 0 for part in times.values() for t in part) and memory >= 0
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
 def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, precision):
     cupy_standin.install(monkeypatch)
     monkeypatch.setitem(sys.modules, "torch", None)   # the stand-in has no CUDA for torch: its row is left out
@@ -35,7 +35,7 @@ def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, preci
                                       "2", "--precision", precision, "--repeats", "1", "--no-save"])
     bench_attention.main()
     rows = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()]
-    assert rows == (["flash", "flash fma", "matrix"] if precision == "fp16" else ["flash", "matrix"])
+    assert rows == ["flash", "flash fma", "matrix"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -17,7 +17,7 @@ import pytest
 
 import cuda_emulator
 from gradcheck import relative_error
-from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels
+from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels, precision
 from numgpt.optim import clip_coefficient
 from numgpt.backend import cupy_available, get_xp, scatter_add, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
@@ -27,7 +27,7 @@ from numgpt.layers.classifier import classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
 from numgpt.layers.linear import sum_rows
-from numgpt.precision import half_matmuls
+from numgpt.precision import half_matmuls, set_tf32
 
 DTYPES = ["float32", "float64"]
 TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
@@ -50,6 +50,44 @@ def xp(request):
 def as_float16(x):
     """x rounded to float16, held in float64."""
     return np.asarray(x).astype(np.float16).astype(np.float64)
+
+
+def as_tf32(x):
+    """x rounded to TF32 (float32's exponent, 10 mantissa bits: to nearest, ties away from zero, as
+    cvt.rna.tf32.f32), held in float64. Rounded from float64 directly, as as_float16 is: through
+    float32 a value just off a tie could land on it (and then go the other way), once in 8192."""
+    bits = np.asarray(x, dtype=np.float64).view(np.uint64)
+    dropped = np.uint64(52 - 10)   # float64's mantissa bits beyond TF32's; adding half their unit rounds the magnitude
+    return ((bits + (np.uint64(1) << (dropped - np.uint64(1)))) >> dropped << dropped).view(np.float64)
+
+
+# the tensor-core attention's operand formats (kernels.TC_OPERANDS): what each rounds an operand to
+ROUNDED = {"float16": as_float16, "tf32": as_tf32, "float32": lambda x: np.asarray(x, dtype=np.float64)}
+ROUNDING_FORMATS = ("float16", "tf32")   # "float32" rounds nowhere (three TF32 products miss by 2^-21)
+
+
+@contextlib.contextmanager
+def tensor_core_matmuls(xp, operands):
+    """Within the block matmuls round their operands to `operands` ("float16" or "tf32"; "float32":
+    nowhere), and so do the attention kernels. On a GPU "tf32" is train.py's --precision tf32; under the emulator it
+    reaches the kernels alone (NumPy's matmuls have no TF32)."""
+    if operands == "float16":
+        with half_matmuls("float16"):
+            yield
+    elif operands == "float32":   # the default
+        yield
+    elif xp is np:
+        precision._tf32 = True
+        try:
+            yield
+        finally:
+            precision._tf32 = False
+    else:
+        set_tf32(xp, True)
+        try:
+            yield
+        finally:
+            set_tf32(xp, False)
 
 
 def tensor_cores_or_skip(xp, head_size):
@@ -380,45 +418,60 @@ def test_the_flash_attention_comparison_catches_a_wrong_kernel(monkeypatch, muta
 
 
 MMA_LAYOUTS = r"""
-// c (16,8) = a (16,16) . bt^T, with bt's rows read through b_from_rows; d (16,8) = [c | a . b] . b,
-// with b (16,8) read through b_from_columns and the accumulators [c | a . b] through a_from_accumulators
-extern "C" __global__ void mma_layouts(const float* a, const float* bt, const float* b, float* c, float* d) {
-    __shared__ unsigned rows[MMA_TILE][MMA_LD(16)], columns[MMA_TILE][MMA_LD(8)];
-    unsigned af[1][4], bf[2], pf[4];
-    load_a_fragments<16>(af, a, 16, 0, 16, 1.0f);
-    load_half_tile<16>(rows, bt, 16, 0, 8, 1.0f);
-    load_half_tile<8>(columns, b, 8, 0, 16, 1.0f);
+// c (16,16) = a (16,16) . bt^T, with bt's rows read through b_from_rows; d (16,8) = c . b, with the
+// accumulators c read through F::a_from_accumulators and b (16,8) through F::b_from_columns:
+// mma.sync's fragment layouts of operand format F
+template <class F>
+__device__ void mma_layouts(const float* a, const float* bt, const float* b, float* c, float* d) {
+    __shared__ Tile<F, 16> rows;
+    __shared__ Tile<F, 8> columns;
+    unsigned af[16 / F::K][4], bf[2], pf[4];
+    load_a_fragments<F, 16>(af, a, 16, 0, 16, 1.0f);
+    load_tile<F, 16>(rows, bt, 16, 0, 16, 1.0f);
+    load_tile<F, 8>(columns, b, 8, 0, 16, 1.0f);
     __syncthreads();
-    float acc[2][4] = {}, out[1][4] = {};
-    b_from_rows<16>(bf, rows, 0, 0);
-    mma_16x8x16(acc[0], af[0], bf);
-    b_from_columns<8>(bf, columns, 0, 0);
-    mma_16x8x16(acc[1], af[0], bf);
-    store_accumulators<8>(c, 8, acc, 0, 16, 1.0f, 1.0f);
-    a_from_accumulators(pf, acc[0], acc[1]);
-    mma_16x8x16(out[0], pf, bf);
+    float acc[F::TILE / 8][4], out[1][4] = {};
+    products_with_rows<F, 16>(acc, af, rows);   // F::TILE rows: the first 16 are bt's
+    store_accumulators<16>(c, 16, acc, 0, 16, 1.0f, 1.0f);
+    for (int kk = 0; kk < 16 / F::K; ++kk) {
+        F::a_from_accumulators(pf, acc + F::K / 8 * kk);
+        F::b_from_columns(bf, columns, F::K * kk, threadIdx.x / 4);
+        F::mma(out[0], pf, bf);
+    }
     store_accumulators<8>(d, 8, out, 0, 16, 1.0f, 1.0f);
+}
+extern "C" __global__ void mma_layouts_half(const float* a, const float* bt, const float* b, float* c, float* d) {
+    mma_layouts<Half>(a, bt, b, c, d);
+}
+extern "C" __global__ void mma_layouts_tf32(const float* a, const float* bt, const float* b, float* c, float* d) {
+    mma_layouts<Tf32>(a, bt, b, c, d);
+}
+extern "C" __global__ void mma_layouts_tf32x3(const float* a, const float* bt, const float* b, float* c, float* d) {
+    mma_layouts<Tf32x3>(a, bt, b, c, d);
 }"""
 
 
-def test_mma_fragment_layouts(xp):
+@pytest.mark.parametrize("operands", kernels.TC_OPERANDS)
+def test_mma_fragment_layouts(xp, operands):
     """One warp's mma.sync through the tensor-core attention's fragment helpers equals NumPy's
-    products of the float16-rounded matrices: on a GPU this checks the helpers against the
-    hardware's layout (PTX's table), under the emulator against the emulator's reading of it."""
+    products of the matrices rounded to the operand format: on a GPU this checks the helpers
+    against the hardware's layout (PTX's table), under the emulator against the emulator's reading
+    of it."""
     source = kernels.source("float32") + MMA_LAYOUTS
+    name = "mma_layouts_" + kernels.TC_OPERANDS[operands]
     if xp is np:
-        kernel = cuda_emulator.kernel_from(source, "mma_layouts")
+        kernel = cuda_emulator.kernel_from(source, name)
     else:
         import cupy
         tensor_cores_or_skip(xp, 16)
-        kernel = cupy.RawModule(code=source).get_function("mma_layouts")
+        kernel = cupy.RawModule(code=source).get_function(name)
     rng = np.random.default_rng(0)
-    a, bt, b = (rng.standard_normal(shape).astype(np.float32) for shape in [(16, 16), (8, 16), (16, 8)])
-    c, d = xp.zeros((16, 8), dtype=np.float32), xp.zeros((16, 8), dtype=np.float32)
+    a, bt, b = (rng.standard_normal(shape).astype(np.float32) for shape in [(16, 16), (16, 16), (16, 8)])
+    c, d = xp.zeros((16, 16), dtype=np.float32), xp.zeros((16, 8), dtype=np.float32)
     kernel((1,), (32,), tuple(xp.asarray(m) for m in (a, bt, b)) + (c, d))
-    a16, bt16, b16 = (as_float16(m) for m in (a, bt, b))
-    c_ref = a16 @ bt16.T
-    d_ref = as_float16(np.concatenate([c_ref, a16 @ b16], axis=1)) @ b16
+    rounded = ROUNDED[operands]
+    c_ref = rounded(a) @ rounded(bt).T
+    d_ref = rounded(c_ref) @ rounded(b)
     np.testing.assert_allclose(to_numpy(c), c_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(d), d_ref, rtol=1e-4, atol=1e-4)
 
@@ -426,43 +479,52 @@ def test_mma_fragment_layouts(xp):
 TC_SHAPES = [(1, 1, 16), (5, 2, 16), (70, 2, 32), (130, 1, 64)]   # one query block or three, one key tile or three
 
 
-def tensor_core_attention(xp, T, n_head, hs):
-    """qkv, dy (float32 NumPy), and y, dqkv of causal attention through the tensor-core kernels."""
+def tensor_core_attention(xp, T, n_head, hs, operands):
+    """qkv, dy (float32 NumPy), and y, dqkv of causal attention through the tensor-core kernels
+    with `operands` ("float16" or "tf32")."""
     tensor_cores_or_skip(xp, hs)
     C = n_head * hs
     qkv, dy = random(np, (2, T, 3 * C), "float32", 0), random(np, (2, T, C), "float32", 1)
-    with half_matmuls("float16"):
+    with tensor_core_matmuls(xp, operands):
         y, cache = causal_attention_forward(xp.asarray(qkv), n_head)
-        assert cache[0] == "flash" and cache[-1] is True      # the tensor-core kernels ran
+        assert cache[0] == "flash" and cache[-1] == operands      # the tensor-core kernels ran
         dqkv = causal_attention_backward(xp.asarray(dy), cache)
     assert y.dtype == dqkv.dtype == np.float32
     return qkv, dy, y, dqkv
 
 
+TC_ERROR = {"float16": 1e-3, "tf32": 1e-3, "float32": 1e-5}   # test_tensor_core_attention_is_as_close_to_float64
+
+
+@pytest.mark.parametrize("operands", kernels.TC_OPERANDS)
 @pytest.mark.parametrize("T, n_head, hs", TC_SHAPES)
-def test_tensor_core_attention_is_as_close_to_float64_as_float16_matmuls_are(xp, T, n_head, hs):
-    """Under fp16 matmuls the attention kernels run on tensor cores with float16 operands. Their
-    output and gradient stay within float16's rounding of the float64 result (measured: at most
-    5e-4 relative, less than the twin's float16 matmuls err, which also round the scores)."""
-    qkv, dy, y, dqkv = tensor_core_attention(xp, T, n_head, hs)
+def test_tensor_core_attention_is_as_close_to_float64_as_its_operands_allow(xp, T, n_head, hs, operands):
+    """Under fp16 matmuls (or TF32) the attention kernels run on tensor cores with float16 (TF32)
+    operands. Their output and gradient stay within that rounding of the float64 result
+    (measured: at most 5e-4 relative, less than the twin's float16 matmuls err, which also round
+    the scores; TF32 keeps float16's 10 mantissa bits). In float32 (three TF32 products) they stay
+    within float32's: at most 5.5e-7 measured under the emulator, where the FMA kernels err by up
+    to 3.1e-7, and leaving out one of the three products 3.7e-4."""
+    qkv, dy, y, dqkv = tensor_core_attention(xp, T, n_head, hs, operands)
     with kernels.disabled():
         y64, cache64 = causal_attention_forward(qkv.astype(np.float64), n_head)
         dqkv64 = causal_attention_backward(dy.astype(np.float64), cache64)
-    assert relative_error(y, y64) < 1e-3
-    assert relative_error(dqkv, dqkv64) < 1e-3
+    assert relative_error(y, y64) < TC_ERROR[operands]
+    assert relative_error(dqkv, dqkv64) < TC_ERROR[operands]
 
 
 TC_ROUNDINGS = ("q", "k", "v", "dy", "P", "P for dv", "dS")
 
 
-def tensor_core_reference(qkv, dy, n_head, unrounded=()):
-    """y (B,T,C), dqkv (B,T,3C) of causal attention in float64, rounded to float16 exactly where the
-    tensor-core kernels round (TC_ROUNDINGS, less those named in `unrounded`: negative controls):
+def tensor_core_reference(qkv, dy, n_head, operands, unrounded=()):
+    """y (B,T,C), dqkv (B,T,3C) of causal attention in float64, rounded to `operands` (float16 or
+    TF32) exactly where the tensor-core kernels round (TC_ROUNDINGS, less those named in
+    `unrounded`: negative controls):
     q scale (multiplied in float32), k, v and dy; the probabilities P of the forward's key tiles,
     each exp(s - m) with m the running max after that tile; the backward's P = exp(s - lse) for dv
     and dS = P (dP - D) for dq and dk. Everything else (the scores, the sums, the softmax) is
     float64 here and float32 there."""
-    rounded = lambda name, x: x if name in unrounded else as_float16(x)
+    rounded = lambda name, x: x if name in unrounded else ROUNDED[operands](x)
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_head
@@ -493,71 +555,87 @@ def tensor_core_reference(qkv, dy, n_head, unrounded=()):
     return merge(y), np.concatenate([merge(dq), merge(dk), merge(dv)], axis=-1)
 
 
+@pytest.mark.parametrize("operands", ROUNDING_FORMATS)
 @pytest.mark.parametrize("T, n_head, hs", TC_SHAPES)
-def test_tensor_core_attention_rounds_only_where_it_says(xp, T, n_head, hs, unrounded=()):
+def test_tensor_core_attention_rounds_only_where_it_says(xp, T, n_head, hs, operands, unrounded=()):
     """The same output and gradient within 7e-5 of tensor_core_reference, which rounds where the
     kernels do (measured: at most 1.0e-5 under the emulator, 5.4e-5 on an H100, whose MMAs add in
     their own order; the kernels differ from float64 by 5e-4, and leaving out any one rounding
     moves the reference 0.9-3.6e-4 where T > 1). What is left is float32 arithmetic that moves a
     few values across a float16 rounding boundary."""
-    qkv, dy, y, dqkv = tensor_core_attention(xp, T, n_head, hs)
-    y_ref, dqkv_ref = tensor_core_reference(qkv, dy, n_head, unrounded)
+    qkv, dy, y, dqkv = tensor_core_attention(xp, T, n_head, hs, operands)
+    y_ref, dqkv_ref = tensor_core_reference(qkv, dy, n_head, operands, unrounded)
     assert relative_error(y, y_ref) < 7e-5
     assert relative_error(dqkv, dqkv_ref) < 7e-5
 
 
 @needs_compiler
+@pytest.mark.parametrize("operands", ROUNDING_FORMATS)
 @pytest.mark.parametrize("rounding", TC_ROUNDINGS)
-def test_the_rounding_comparison_sees_each_rounding(rounding):
+def test_the_rounding_comparison_sees_each_rounding(rounding, operands):
     """Negative controls: against a reference that leaves out any one of the kernels' roundings to
-    float16, the comparison above fails (at this shape each moves the output or the gradient by
-    at least 1.4e-4)."""
+    float16 or TF32, the comparison above fails (at this shape each moves the output or the
+    gradient by at least 1.4e-4)."""
     with cuda_emulator.emulated(), pytest.raises(AssertionError):
-        test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64, unrounded=(rounding,))
+        test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64, operands, unrounded=(rounding,))
+
+
+TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong code)
+    (TC_FORMATS := tuple(kernels.TC_OPERANDS), "if (key > row || key >= T) s[n][i] = -1e30f;",
+     "if (key > row + 1 || key >= T) s[n][i] = -1e30f;"),                                  # sees one key too many
+    (TC_FORMATS, "acc[n][2 * r] *= rescale; acc[n][2 * r + 1] *= rescale;", ""),          # forgets the online rescale
+    (TC_FORMATS, "b[0] = tile[n0 + g][k0 / F::PER_WORD + t];", "b[0] = tile[n0 + t][k0 / F::PER_WORD + g];"),  # B's lanes transposed
+    (TC_FORMATS, "exp(s[n][i] - L[i / 2]) * (dp[n][i] - Dr[i / 2])", "exp(s[n][i] - L[i / 2]) * dp[n][i]"),   # dq without D
+    (TC_FORMATS, "bool masked = start + query < key ||", "bool masked = start + query < key - 1 ||"),         # dk, dv see one more
+    (("float16",), "a[1] = pack_half2(p[0][2], p[0][3]);\n        a[2] = pack_half2(p[1][0], p[1][1]);",
+     "a[2] = pack_half2(p[0][2], p[0][3]);\n        a[1] = pack_half2(p[1][0], p[1][1]);"),      # P's A fragment
+    (("tf32", "float32"), "a[1] = Self::operand(p[0][2]);\n        a[2] = Self::operand(p[0][1]);",
+     "a[1] = Self::operand(p[0][1]);\n        a[2] = Self::operand(p[0][2]);"),  # P's A fragment without the reordered keys
+    (("tf32", "float32"), "b[0] = tile[k0 + 2 * t][col];\n        b[1] = tile[k0 + 2 * t + 1][col];",
+     "b[0] = tile[k0 + t][col];\n        b[1] = tile[k0 + t + 4][col];"),    # V's B fragment without them
+    (("float32",), "Tf32::mma(c, a_big, b_small);", ""),                    # two TF32 products of three
+]
+TC_CHECKS = [(check, operands, mutation) for formats, *mutation in TC_MUTATIONS for operands in formats
+             for check in ["is_as_close_to_float64_as_its_operands_allow", "rounds_only_where_it_says"]
+             if operands in ROUNDING_FORMATS or check.startswith("is_as_close")]
 
 
 @needs_compiler
-@pytest.mark.parametrize("check", [test_tensor_core_attention_is_as_close_to_float64_as_float16_matmuls_are,
-                                   test_tensor_core_attention_rounds_only_where_it_says])
-@pytest.mark.parametrize("mutation", [
-    ("if (key > row || key >= T) s[n][i] = -1e30f;", "if (key > row + 1 || key >= T) s[n][i] = -1e30f;"),
-    ("acc[n][2 * r] *= rescale; acc[n][2 * r + 1] *= rescale;", ""),              # forgets the online rescale
-    ("b[0] = tile[n0 + g][k0 / 2 + t];", "b[0] = tile[n0 + t][k0 / 2 + g];"),     # B's lanes transposed
-    ("a[1] = pack_half2(left[2], left[3]);\n    a[2] = pack_half2(right[0], right[1]);",
-     "a[2] = pack_half2(left[2], left[3]);\n    a[1] = pack_half2(right[0], right[1]);"),   # P's A fragment
-    ("exp(s[n][i] - L[i / 2]) * (dp[n][i] - Dr[i / 2])", "exp(s[n][i] - L[i / 2]) * dp[n][i]"),   # dq without D
-    ("bool masked = start + query < key ||", "bool masked = start + query < key - 1 ||"),   # dk, dv see one more
-])
-def test_the_tensor_core_attention_comparisons_catch_a_wrong_kernel(monkeypatch, check, mutation):
+@pytest.mark.parametrize("check, operands, mutation", TC_CHECKS)
+def test_the_tensor_core_attention_comparisons_catch_a_wrong_kernel(monkeypatch, check, operands, mutation):
     """Negative controls: each wrong tensor-core kernel fails both comparisons above (the fragment
     layouts' too: the emulator computes what PTX's layout says, not what the helpers assume)."""
     assert kernels.SOURCE.count(mutation[0]) == 1
     monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
     with cuda_emulator.emulated(), pytest.raises(AssertionError):
-        check(np, 130, 1, 64)
+        globals()["test_tensor_core_attention_" + check](np, 130, 1, 64, operands)
 
 
-def test_a_float16_step_with_every_kernel_stays_as_close_to_float32_as_the_twins(xp, monkeypatch):
-    """A small GPT under fp16 matmuls and a loss scale, with every kernel on (attention on tensor
-    cores): loss and gradients as close to float32's as the twins' float16 step is (measured:
-    every gradient within 0.07% of float32's, both ways)."""
+@pytest.mark.parametrize("operands", ROUNDING_FORMATS)
+def test_a_reduced_precision_step_with_every_kernel_stays_as_close_to_float32_as_the_twins(xp, monkeypatch, operands):
+    """A small GPT under fp16 matmuls and a loss scale (or under TF32), with every kernel on
+    (attention on tensor cores): loss and gradients as close to float32's as the twins' step is
+    (measured: every gradient within 0.07% of float32's, both ways). Under the emulator the twins'
+    TF32 step is float32's itself (NumPy has no TF32), and the bound 0.2%."""
     config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
     tensor_cores_or_skip(xp, 16)
     idx = np.random.default_rng(0).integers(0, 64, (4, 17))
     backend = "cupy" if xp is not np else "numpy"
-    tensor_cores = []
+    used = []   # the attention kernels' operand formats
     forward = kernels.flash_attention_forward
-    monkeypatch.setattr(kernels, "flash_attention_forward",
-                        lambda *args: tensor_cores.append(args[-1]) or forward(*args))
+    monkeypatch.setattr(kernels, "flash_attention_forward", lambda *args: used.append(args[-1]) or forward(*args))
+    matmul_dtype, loss_scale = ("float16", 2.0 ** 12) if operands == "float16" else (None, 1.0)
     results = {}
-    for name, matmul_dtype, context in [("float32", None, kernels.disabled()),
-                                        ("twins", "float16", kernels.disabled()),
-                                        ("kernels", "float16", contextlib.nullcontext())]:
-        with context:
-            model = GPT(config, backend=backend, seed=3, matmul_dtype=matmul_dtype)
-            _, loss = model.forward(idx[:, :-1], idx[:, 1:], return_logits=False, loss_scale=2.0 ** 12)
+    for name, reduced, kernels_on in [("float32", False, False), ("twins", True, False), ("kernels", True, True)]:
+        with contextlib.ExitStack() as stack:
+            if not kernels_on:
+                stack.enter_context(kernels.disabled())
+            if reduced and operands == "tf32":
+                stack.enter_context(tensor_core_matmuls(xp, "tf32"))
+            model = GPT(config, backend=backend, seed=3, matmul_dtype=matmul_dtype if reduced else None)
+            _, loss = model.forward(idx[:, :-1], idx[:, 1:], return_logits=False, loss_scale=loss_scale)
             results[name] = loss, {name: to_numpy(g) for name, g in model.backward().items()}
-    assert tensor_cores == [True, True]   # both layers' attention, in the kernels' step only
+    assert used == [operands, operands]   # both layers' attention, in the kernels' step only
     (ref_loss, ref), (twin_loss, twin), (loss, grads) = results["float32"], results["twins"], results["kernels"]
     assert loss == pytest.approx(ref_loss, rel=1e-3) and twin_loss == pytest.approx(ref_loss, rel=1e-3)
     for name in ref:
@@ -672,7 +750,7 @@ extern "C" __global__ void half_warp_mma(REAL* x) {
     if (threadIdx.x >= 16) return;
     float c[4] = {};
     unsigned a[4] = {}, b[2] = {};
-    mma_16x8x16(c, a, b);
+    Half::mma(c, a, b);
     x[threadIdx.x] = c[0];
 }"""
     kernel = cuda_emulator.kernel_from(source, "half_warp_mma")
@@ -730,8 +808,8 @@ def barrier_offsets(text):
             if "//" not in text[text.rfind("\n", 0, m.start()) + 1:m.start()]]
 
 
-ATTENTION_FILES = {"flash_attention.cu": lambda: test_flash_attention_kernels_match_their_twin(np, "float32", 130, 1, 64),
-                   "tensor_core_attention.cu": lambda: test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64)}
+ATTENTION_FILES = {"flash_attention.cu": lambda: test_flash_attention_kernels_match_their_twin(np, "float32", 130, 1, 17),
+                   "tensor_core_attention.cu": lambda: test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64, "float16")}
 
 
 @needs_compiler

@@ -11,7 +11,7 @@ c_proj.bias (C,); the biases are absent in a bias-free model.
 On a GPU the middle two lines are one kernel that never forms the (B,nh,T,T) matrix: it walks
 the keys a tile at a time keeping each row's running max and sum of exps (FlashAttention, Dao et
 al. 2022), and the backward recomputes the probabilities from q, k and each row's log-sum-exp.
-Under fp16 matmuls its products run on tensor cores (FlashAttention-2's layout of the work), for
+On float32 arrays its products run on tensor cores (FlashAttention-2's layout of the work), for
 head sizes 16, 32 and 64 (kernels.TC_HEAD_SIZES) on compute capability 8.0 or newer.
 The matrix code here is its twin, and serves dropout, generation and the attention maps.
 
@@ -26,7 +26,7 @@ from numgpt import kernels
 from numgpt.backend import array_module
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.linear import linear_backward, linear_forward, named_grads
-from numgpt.precision import matmul, using_half_matmuls
+from numgpt.precision import matmul, tensor_core_operands
 
 
 def split_heads(x, n_head):
@@ -117,9 +117,10 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
 
     On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
     probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin. The kernel
-    multiplies in the arrays' dtype; under fp16 matmuls, on a GPU with tensor cores, its products
-    take float16 operands (q k v, the probabilities, dy) as the twin's matmuls do, while the
-    softmax stays float32 (as in torch's fused attention, FlashAttention-2).
+    multiplies in the arrays' dtype; on float32 arrays, on a GPU with tensor cores, its products
+    run there: under fp16 matmuls or TF32 with their operands (q k v, the probabilities, dy) rounded
+    to float16 or TF32 as the twin's matmuls do, else at float32's accuracy (three TF32 products),
+    while the softmax stays float32 (as in torch's fused attention, FlashAttention-2).
     """
     xp = array_module(qkv)
     C = qkv.shape[-1] // 3
@@ -127,10 +128,12 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     scale = 1.0 / math.sqrt(hs)
     fused = kernels.enabled(xp, "flash_attention") and kernels.flash_attention_supports(hs)
     if fused and kv_cache is None and (rng is None or dropout == 0):
-        tensor_cores = (using_half_matmuls() and qkv.dtype == xp.float32 and kernels.enabled(xp, "tensor_core_attention")
-                        and kernels.tensor_core_attention_supports(xp, hs))
-        y, lse = kernels.flash_attention_forward(qkv, n_head, scale, tensor_cores)
-        return y, ("flash", qkv, y, lse, n_head, scale, tensor_cores)
+        operands = tensor_core_operands()   # "float16", "tf32" or "float32"
+        if not (qkv.dtype == xp.float32 and kernels.enabled(xp, "tensor_core_attention")
+                and kernels.tensor_core_attention_supports(xp, hs)):
+            operands = None                  # products in FMAs, in the arrays' dtype (float64 among them)
+        y, lse = kernels.flash_attention_forward(qkv, n_head, scale, operands)
+        return y, ("flash", qkv, y, lse, n_head, scale, operands)
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
@@ -165,8 +168,8 @@ def attention_backward(dout, cache):
 def causal_attention_backward(dy, cache):
     """Gradient of causal_attention_forward.   dy (B,T,C) -> dqkv (B,T,3C)."""
     if cache[0] == "flash":
-        _, qkv, y, lse, n_head, scale, tensor_cores = cache
-        return kernels.flash_attention_backward(dy, qkv, y, lse, n_head, scale, tensor_cores)
+        _, qkv, y, lse, n_head, scale, operands = cache
+        return kernels.flash_attention_backward(dy, qkv, y, lse, n_head, scale, operands)
     _, q, k, v, att, att_drop, att_drop_cache, n_head, scale = cache
     xp = array_module(dy)
     dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
