@@ -593,7 +593,7 @@ TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong c
      "a[1] = Self::operand(p[0][1]);\n        a[2] = Self::operand(p[0][2]);"),  # P's A fragment without the reordered keys
     (("tf32", "float32"), "b[0] = tile[k0 + 2 * t][col];\n        b[1] = tile[k0 + 2 * t + 1][col];",
      "b[0] = tile[k0 + t][col];\n        b[1] = tile[k0 + t + 4][col];"),    # V's B fragment without them
-    (("float32",), "Tf32::mma(c, a_big, b_small);", ""),                    # two TF32 products of three
+    (("float32",), "mma_sync<K>(c, a_big, b_small);", ""),                   # two TF32 products of three
 ]
 TC_CHECKS = [(check, operands, mutation) for formats, *mutation in TC_MUTATIONS for operands in formats
              for check in ["is_as_close_to_float64_as_its_operands_allow", "rounds_only_where_it_says"]

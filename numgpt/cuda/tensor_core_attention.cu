@@ -59,6 +59,28 @@ __device__ __forceinline__ unsigned tf32_bits(float x) {
 #endif
 }
 
+// c (16x8, float32) += a (16xK) b (Kx8), one warp: every lane must call it. K = 16: float16
+// operands, two to a register; K = 8: TF32, one to a register
+template <int K>
+__device__ __forceinline__ void mma_sync(float* c, const unsigned* a, const unsigned* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MMA_REGISTERS : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) \
+                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1])
+    if constexpr (K == 16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};" MMA_REGISTERS);
+    else
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};" MMA_REGISTERS);
+#undef MMA_REGISTERS
+#elif defined(__CUDA_ARCH__)
+    __trap();
+#else
+    if constexpr (K == 16) emu::mma_16x8x16(c, a, b);
+    else emu::mma_16x8x8(c, a, b);
+#endif
+}
+
 struct Half {
     static constexpr int K = 16, PER_WORD = 2, TILE = MMA_ROWS;   // dims one mma sums over; operands per register
 
@@ -66,19 +88,7 @@ struct Half {
         return pack_half2(x[0] * factor, x[1] * factor);
     }
 
-    // c (16x8, float32) += a (16x16) b (16x8), one warp: every lane must call it
-    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                     "{%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#elif defined(__CUDA_ARCH__)
-        __trap();
-#else
-        emu::mma_16x8x16(c, a, b);
-#endif
-    }
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) { mma_sync<K>(c, a, b); }
 
     // B = X for the rows [k0, k0 + 16) and column col of a tile X: the halves of each register
     // come from two rows
@@ -134,19 +144,7 @@ struct Tf32Layout {
 struct Tf32 : Tf32Layout<Tf32> {
     static __device__ __forceinline__ unsigned operand(float x) { return tf32_bits(x); }
 
-    // c (16x8, float32) += a (16x8) b (8x8), one warp: every lane must call it
-    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                     "{%8, %9}, {%0, %1, %2, %3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#elif defined(__CUDA_ARCH__)
-        __trap();
-#else
-        emu::mma_16x8x8(c, a, b);
-#endif
-    }
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) { mma_sync<K>(c, a, b); }
 };
 
 // --precision fp32: float32's accuracy from TF32 tensor cores, as CUTLASS's 3xTF32
@@ -173,9 +171,9 @@ struct Tf32x3 : Tf32Layout<Tf32x3> {
         unsigned a_big[4], a_small[4], b_big[2], b_small[2];
         split<4>(a, a_big, a_small);
         split<2>(b, b_big, b_small);
-        Tf32::mma(c, a_small, b_big);   // the small terms first: added to c before the big one
-        Tf32::mma(c, a_big, b_small);
-        Tf32::mma(c, a_big, b_big);
+        mma_sync<K>(c, a_small, b_big);   // the small terms first: added to c before the big one
+        mma_sync<K>(c, a_big, b_small);
+        mma_sync<K>(c, a_big, b_big);
     }
 };
 
