@@ -12,7 +12,8 @@ everything in float32, numgpt's tensor cores at float32's accuracy (three TF32 p
 memory-efficient SDPA kernel (CUTLASS's 3xTF32, the same). fp16: numgpt inside half_matmuls, as
 training with --precision fp16 runs it; torch gets float16 q, k, v (what its autocast hands
 attention) and picks FlashAttention-2. tf32: numgpt after set_tf32, TF32 operands; torch float32
-with TF32 matmuls allowed.
+with TF32 matmuls allowed, which its SDPA kernel ignores (it runs 3xTF32 either way), so torch's
+tf32 row is its fp32 row.
 
 The flash kernels are on by default wherever CuPy runs (`kernels.disabled("flash_attention")`
 turns them off, `kernels.disabled("tensor_core_attention")` the tensor-core ones); this is the

@@ -19,8 +19,9 @@ tc_attention_*):
                      softmax_parts                        one block per row of logits: the
                                                           cross-entropy's max, exp and sum
     flash_attention.cu         flash_attention_forward,   causal attention that never forms the
-    tensor_core_attention.cu   flash_attention_backward   (T,T) matrix: in FMAs (float64), or on
-                                                          tensor cores with mma.sync, FlashAttention-2 style
+    tensor_core_attention.cu   flash_attention_backward   (T,T) matrix: on tensor cores with mma.sync,
+                                                          FlashAttention-2 style (float32 arrays), or in
+                                                          FMAs (float64, other head sizes, older GPUs)
     multi_array.cu   scale_all, accumulate_all,           one launch over many arrays (every
                      sum_of_squares_all, all_finite_all,  parameter or gradient), each block doing
                      adamw_all                            one chunk of one array (PyTorch's foreach)

@@ -2,9 +2,10 @@
 
 Three precisions, train.py's --precision:
 
-    fp32   every operation in float32 (the default, and the only choice that is exact enough for
-           the gradient checks, which run in float64 anyway); the attention kernels' products as
-           three TF32 products on tensor cores, which miss float32's by about 2^-21 (as torch's)
+    fp32   float32 arrays and arithmetic (the default, and the only choice that is exact enough for
+           the gradient checks, which run in float64 anyway); on a GPU the attention kernels make
+           each product of three TF32 ones on tensor cores, within about 2^-21 of float32's (as
+           torch's float32 attention does)
     tf32   float32 arrays, but matmul inputs are rounded to TF32 (10-bit mantissa) on tensor cores:
            by cuBLAS, and by the attention kernels; everything else is unchanged (CuPy only)
     fp16   mixed precision (Micikevicius et al. 2018): the parameters and the AdamW moments stay

@@ -107,7 +107,8 @@ inline unsigned tf32_bits(float x) {
     return bits;
 }
 
-inline float tf32_at(unsigned bits) {   // a TF32 register's value (the kernels round it with tf32_bits first)
+inline float tf32_at(unsigned bits) {   // a TF32 register's value: the tensor core ignores its low 13 bits
+    bits &= ~0x1fffu;
     float x;
     std::memcpy(&x, &bits, sizeof x);
     return x;

@@ -115,6 +115,19 @@ def test_kernels_compile(dtype, arch):
         pytest.fail(nvrtc.getProgramLog(program))
 
 
+@pytest.mark.skipif(not cupy_available(), reason="CuPy with a GPU is not available")
+def test_the_tensor_core_kernels_do_not_spill():
+    """NVRTC's build of the tensor-core attention (what runs) keeps every kernel in registers: no
+    local memory. dkv is near the 255-register limit (DEVELOPERS.md), and a spill there is slow."""
+    xp = get_xp("cupy")
+    tensor_cores_or_skip(xp, 64)
+    for operands, name in kernels.TC_OPERANDS.items():
+        for hs in kernels.TC_HEAD_SIZES:
+            for part in ("forward", "dq", "dkv"):
+                kernel = kernels._kernel(f"tc_attention_{part}_{name}_{hs}", "float32")
+                assert kernel.local_size_bytes == 0, (operands, hs, part, kernel.num_regs)
+
+
 def fused_and_twin(fn, *args):
     """fn(*args) with the kernels on and off, as NumPy; the arguments are copied for each call
     (some functions work in place)."""
@@ -392,17 +405,23 @@ def test_flash_attention_kernels_match_their_twin(xp, dtype, T, n_head, hs):
     std = C ** -0.5   # q . k / sqrt(hs) of order 1, as after a layernorm: no row is one-hot
     params = {"c_attn.weight": random(xp, (C, 3 * C), dtype, 2, std), "c_attn.bias": random(xp, (3 * C,), dtype, 3),
               "c_proj.weight": random(xp, (C, C), dtype, 4, std), "c_proj.bias": random(xp, (C,), dtype, 5)}
-    (out, cache), (out_twin, cache_twin) = fused_and_twin(lambda a: attention_forward(a, params, n_head), x)
-    assert cache[1][0] == "flash" and cache_twin[1][0] == "matrix"
+    with kernels.disabled():
+        out_twin, cache_twin = attention_forward(x, params, n_head)
+        dx_twin, grads_twin = attention_backward(dout, cache_twin)
+    assert cache_twin[1][0] == "matrix"
     with kernels.disabled("flash_attention"):   # the other kernels stay on: the matrix path with fused softmaxes
         assert attention_forward(x, params, n_head)[1][1][0] == "matrix"
-    assert_same(out, out_twin, dtype)
-    dx, grads = attention_backward(dout, cache)
-    with kernels.disabled():
-        dx_twin, grads_twin = attention_backward(dout, cache_twin)
-    assert_same(dx, dx_twin, dtype)
-    for name in grads_twin:
-        assert_same(grads[name], grads_twin[name], dtype)
+    # float32 heads of TC_HEAD_SIZES go to the tensor cores (three TF32 products): the FMA kernels too
+    tensor_cores = dtype == "float32" and hs in kernels.TC_HEAD_SIZES and kernels.tensor_core_attention_supports(xp, hs)
+    for operands in ("float32", None) if tensor_cores else (None,):
+        with kernels.disabled("tensor_core_attention") if operands is None else contextlib.nullcontext():
+            out, cache = attention_forward(x, params, n_head)
+            assert cache[1][0] == "flash" and cache[1][-1] == operands
+            dx, grads = attention_backward(dout, cache)
+        assert_same(out, out_twin, dtype)
+        assert_same(dx, dx_twin, dtype)
+        for name in grads_twin:
+            assert_same(grads[name], grads_twin[name], dtype)
 
 
 @needs_compiler
@@ -481,7 +500,7 @@ TC_SHAPES = [(1, 1, 16), (5, 2, 16), (70, 2, 32), (130, 1, 64)]   # one query bl
 
 def tensor_core_attention(xp, T, n_head, hs, operands):
     """qkv, dy (float32 NumPy), and y, dqkv of causal attention through the tensor-core kernels
-    with `operands` ("float16" or "tf32")."""
+    with `operands` (a key of kernels.TC_OPERANDS)."""
     tensor_cores_or_skip(xp, hs)
     C = n_head * hs
     qkv, dy = random(np, (2, T, 3 * C), "float32", 0), random(np, (2, T, C), "float32", 1)
@@ -536,7 +555,7 @@ def tensor_core_reference(qkv, dy, n_head, operands, unrounded=()):
     s = np.where(np.tril(np.ones((T, T), bool)), q @ k.swapaxes(-1, -2), -np.inf)         # (B,nh,T,T)
     m, l = np.full(s.shape[:-1], -np.inf), np.zeros(s.shape[:-1])
     acc = np.zeros(q.shape)
-    for start in range(0, T, kernels.TC_ROWS):        # the key tiles (MMA_TILE = MMA_ROWS), online softmax
+    for start in range(0, T, kernels.TC_ROWS):        # the key tiles (Half's and Tf32's TILE = MMA_ROWS), online softmax
         tile = s[..., start:start + kernels.TC_ROWS]
         m_new = np.maximum(m, tile.max(-1))
         p = np.exp(tile - m_new[..., None])
@@ -580,8 +599,9 @@ def test_the_rounding_comparison_sees_each_rounding(rounding, operands):
         test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64, operands, unrounded=(rounding,))
 
 
+TC_FORMATS = tuple(kernels.TC_OPERANDS)
 TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong code)
-    (TC_FORMATS := tuple(kernels.TC_OPERANDS), "if (key > row || key >= T) s[n][i] = -1e30f;",
+    (TC_FORMATS, "if (key > row || key >= T) s[n][i] = -1e30f;",
      "if (key > row + 1 || key >= T) s[n][i] = -1e30f;"),                                  # sees one key too many
     (TC_FORMATS, "acc[n][2 * r] *= rescale; acc[n][2 * r + 1] *= rescale;", ""),          # forgets the online rescale
     (TC_FORMATS, "b[0] = tile[n0 + g][k0 / F::PER_WORD + t];", "b[0] = tile[n0 + t][k0 / F::PER_WORD + g];"),  # B's lanes transposed
@@ -594,10 +614,12 @@ TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong c
     (("tf32", "float32"), "b[0] = tile[k0 + 2 * t][col];\n        b[1] = tile[k0 + 2 * t + 1][col];",
      "b[0] = tile[k0 + t][col];\n        b[1] = tile[k0 + t + 4][col];"),    # V's B fragment without them
     (("float32",), "mma_sync<K>(c, a_big, b_small);", ""),                   # two TF32 products of three
+    (("float32",), "split<4>(a, a_big, a_small);", "split<4>(a, a_big, a_small); a_big[0] = a[0];"),  # one not split
 ]
 TC_CHECKS = [(check, operands, mutation) for formats, *mutation in TC_MUTATIONS for operands in formats
-             for check in ["is_as_close_to_float64_as_its_operands_allow", "rounds_only_where_it_says"]
-             if operands in ROUNDING_FORMATS or check.startswith("is_as_close")]
+             for check in [test_tensor_core_attention_is_as_close_to_float64_as_its_operands_allow,
+                           test_tensor_core_attention_rounds_only_where_it_says]
+             if operands in ROUNDING_FORMATS or check is test_tensor_core_attention_is_as_close_to_float64_as_its_operands_allow]
 
 
 @needs_compiler
@@ -608,7 +630,7 @@ def test_the_tensor_core_attention_comparisons_catch_a_wrong_kernel(monkeypatch,
     assert kernels.SOURCE.count(mutation[0]) == 1
     monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation))
     with cuda_emulator.emulated(), pytest.raises(AssertionError):
-        globals()["test_tensor_core_attention_" + check](np, 130, 1, 64, operands)
+        check(np, 130, 1, 64, operands)
 
 
 @pytest.mark.parametrize("operands", ROUNDING_FORMATS)

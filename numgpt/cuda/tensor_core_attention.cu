@@ -92,8 +92,8 @@ struct Half {
 
     // B = X for the rows [k0, k0 + 16) and column col of a tile X: the halves of each register
     // come from two rows
-    template <class Tile>
-    static __device__ __forceinline__ void b_from_columns(unsigned* b, Tile& tile, int k0, int col) {
+    template <class Rows>   // a Tile<Half, HS>
+    static __device__ __forceinline__ void b_from_columns(unsigned* b, Rows& tile, int k0, int col) {
         int t = threadIdx.x % 4, shift = 16 * (col % 2);
         #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -124,8 +124,8 @@ struct Tf32Layout {
     static __device__ __forceinline__ unsigned word(const float* x, float factor) { return Self::operand(x[0] * factor); }
 
     // B = X for the rows [k0, k0 + 8) and column col of a tile X, in the reordered keys: b[i] is row k0 + 2t + i
-    template <class Tile>
-    static __device__ __forceinline__ void b_from_columns(unsigned* b, Tile& tile, int k0, int col) {
+    template <class Rows>   // a Tile<Self, HS>
+    static __device__ __forceinline__ void b_from_columns(unsigned* b, Rows& tile, int k0, int col) {
         int t = threadIdx.x % 4;
         b[0] = tile[k0 + 2 * t][col];
         b[1] = tile[k0 + 2 * t + 1][col];
@@ -150,7 +150,7 @@ struct Tf32 : Tf32Layout<Tf32> {
 // --precision fp32: float32's accuracy from TF32 tensor cores, as CUTLASS's 3xTF32
 // (OpMultiplyAddFastF32, which torch's float32 attention runs on compute capability 8.0+). The
 // registers hold float32 operands; each product splits x = big + small, big = tf32(x) and small =
-// tf32(x - big) (x - big is exact, and small misses x by at most 2^-22 |x|), and adds
+// tf32(x - big) (x - big is exact, and big + small misses x by at most 2^-22 |x|), and adds
 // a_small b_big + a_big b_small + a_big b_big: three mma, leaving out a_small b_small (< 2^-22 |a b|)
 struct Tf32x3 : Tf32Layout<Tf32x3> {
     // half a block's rows a tile: the splits' registers leave no room for tc_attention_dkv's 64 x 64 tiles
@@ -181,6 +181,8 @@ struct Tf32x3 : Tf32Layout<Tf32x3> {
 // `factor`, into a tile of words; rows at or past T are zeros
 template <class F, int HS>
 __device__ void load_tile(Tile<F, HS>& tile, const float* x, long long stride, int start, int T, float factor) {
+    // every kernel loads tiles: the shapes its loops assume, checked once here
+    static_assert(MMA_ROWS % F::TILE == 0 && F::TILE % F::K == 0, "tiles must fit the blocks and the mma shape");
     constexpr int WORDS = HS / F::PER_WORD;
     for (int e = threadIdx.x; e < F::TILE * WORDS; e += blockDim.x) {
         int r = e / WORDS, w = e % WORDS;
