@@ -512,7 +512,8 @@ def tensor_core_attention(xp, T, n_head, hs, operands):
     return qkv, dy, y, dqkv
 
 
-TC_ERROR = {"float16": 1e-3, "tf32": 1e-3, "float32": 1e-5}   # test_tensor_core_attention_is_as_close_to_float64
+# the bound of the test below, for each operand format
+TC_ERROR = {"float16": 1e-3, "tf32": 1e-3, "float32": 1e-5}
 
 
 @pytest.mark.parametrize("operands", kernels.TC_OPERANDS)

@@ -82,7 +82,8 @@ __device__ __forceinline__ void mma_sync(float* c, const unsigned* a, const unsi
 }
 
 struct Half {
-    static constexpr int K = 16, PER_WORD = 2, TILE = MMA_ROWS;   // dims one mma sums over; operands per register
+    // dims one mma sums over; operands per register; rows per shared-memory tile
+    static constexpr int K = 16, PER_WORD = 2, TILE = MMA_ROWS;
 
     static __device__ __forceinline__ unsigned word(const float* x, float factor) {   // x[0], x[1] times factor
         return pack_half2(x[0] * factor, x[1] * factor);
@@ -123,6 +124,8 @@ struct Tf32Layout {
 
     static __device__ __forceinline__ unsigned word(const float* x, float factor) { return Self::operand(x[0] * factor); }
 
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) { mma_sync<K>(c, a, b); }
+
     // B = X for the rows [k0, k0 + 8) and column col of a tile X, in the reordered keys: b[i] is row k0 + 2t + i
     template <class Rows>   // a Tile<Self, HS>
     static __device__ __forceinline__ void b_from_columns(unsigned* b, Rows& tile, int k0, int col) {
@@ -143,8 +146,6 @@ struct Tf32Layout {
 // --precision tf32: the operands rounded to TF32, one mma each
 struct Tf32 : Tf32Layout<Tf32> {
     static __device__ __forceinline__ unsigned operand(float x) { return tf32_bits(x); }
-
-    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) { mma_sync<K>(c, a, b); }
 };
 
 // --precision fp32: float32's accuracy from TF32 tensor cores, as CUTLASS's 3xTF32
@@ -167,7 +168,7 @@ struct Tf32x3 : Tf32Layout<Tf32x3> {
         }
     }
 
-    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {
+    static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) {   // hides the layout's
         unsigned a_big[4], a_small[4], b_big[2], b_small[2];
         split<4>(a, a_big, a_small);
         split<2>(b, b_big, b_small);
