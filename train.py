@@ -11,13 +11,22 @@ Settings come from the defaults, then --preset, then the flags you give; --resum
 saved settings and lets you change only those that do not alter the run's past (e.g. --max-iters).
 """
 
-import argparse
-import dataclasses
-import os
-import sys
-import traceback
+import signal
 
-from numgpt.errors import NumGPTError
+if __name__ == "__main__":
+    # until main() takes over, a Ctrl-C ends the program quietly, as any command's does, instead of
+    # in a traceback from whichever of NumPy's modules was being imported
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+from numgpt.errors import NumGPTError  # noqa: E402
 
 # flags that --resume may change; anything else must match the saved run
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision", "out_dir",
@@ -88,6 +97,8 @@ def resolve_config(args):
     from numgpt.training import PRESETS, TrainConfig, with_checkpoint_shape
 
     given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "overwrite", "ddp", "no_progress")}
+    if "data" in given:   # saved with the run, which may be resumed from another directory
+        given["data"] = [os.path.abspath(path) for path in given["data"]]
     if getattr(args, "resume", False):
         if getattr(args, "overwrite", False):
             raise NumGPTError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
@@ -121,6 +132,9 @@ def resolve_config(args):
     preset = dict(PRESETS[getattr(args, "preset", "default")])
     if "data" in given:   # your files replace the preset's dataset
         preset.pop("dataset", None)
+    if "lr" in given and "min_lr" in preset and "min_lr" not in given:
+        # a preset's min_lr is a fraction of its lr (1 for a constant rate): your --lr scales it alike
+        preset["min_lr"] *= given["lr"] / preset.get("lr", TrainConfig.lr)
     cfg = TrainConfig(**{**preset, **given})
     if cfg.init_from != "scratch":
         cfg = with_checkpoint_shape(cfg, given)
@@ -128,12 +142,29 @@ def resolve_config(args):
     return cfg
 
 
+def resume_hint(cfg):
+    """" Continue with: python train.py --resume --out-dir DIR" when cfg's out-dir holds a state with
+    steps left to train, else ""."""
+    from numgpt.train_state import saved_step
+
+    step = saved_step(cfg.out_dir)
+    if step is None or step >= cfg.max_iters:
+        return ""
+    return f" Continue with: python train.py --resume --out-dir {shlex.quote(cfg.out_dir)}"
+
+
 def main(argv=None):
     # Python has no sys.stdout or sys.stderr when started with one closed (>&-): the run then
     # goes on without its messages, instead of failing at the first one
     sys.stdout, sys.stderr = (stream or open(os.devnull, "w") for stream in (sys.stdout, sys.stderr))
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):   # a story's "é" shows as "?" on an ASCII terminal
+            stream.reconfigure(errors="replace")
     args = parse_args(argv)
     from numgpt import distributed
+
+    # the imports are done: from here on a Ctrl-C is numgpt's to handle (it saves, then stops)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     world = distributed.Communicator()   # this process alone, unless --ddp finds others
     cfg = None
@@ -152,8 +183,7 @@ def main(argv=None):
             if not trainer.is_main:   # rank 0 reports for the job
                 return 130 if outcome == "interrupted" else 0
             if outcome == "interrupted":
-                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}. Continue with: "
-                      f"python train.py --resume --out-dir {cfg.out_dir}", file=sys.stderr)
+                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(cfg)}", file=sys.stderr)
                 return 130
             print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
                   f"model in {cfg.out_dir}/ (python sample.py --ckpt {cfg.out_dir})")
@@ -171,12 +201,13 @@ def main(argv=None):
     except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint, if any, is intact
         from numgpt.train_state import STATE_FILE
         saved = cfg is not None and os.path.isfile(os.path.join(cfg.out_dir, STATE_FILE))
-        return world.fail(f"error: {e}" + (". The last checkpoint saved in the out-dir is intact" if saved else ""), 1)
+        return world.fail(f"error: {e}" + (f". The last checkpoint saved in the out-dir is intact."
+                                           f"{resume_hint(cfg)}" if saved else ""), 1)
     except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
         return world.fail(f"error: out of memory: {e}. Use a smaller --batch-size or --block-size, "
                           f"or a smaller model (--n-layer, --n-embd)", 1)
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
-        return world.fail("\nStopped.", 130)
+        return world.fail("\nStopped." + (resume_hint(cfg) if cfg is not None else ""), 130)
     except Exception:   # a bug in numgpt: keep its traceback, and with several ranks, end the job
         if world.size == 1:
             raise

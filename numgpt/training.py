@@ -43,6 +43,8 @@ from numgpt.train_state import (GROUPS, STATE_FILE, damaged_state, load_train_st
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
+# every file a run writes in its out-dir: a new run refuses an out-dir that holds one (unless --overwrite)
+RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE)
 SAMPLE_PROMPT = "Once upon a time"
 
 
@@ -199,13 +201,17 @@ CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "activation")
 
 def with_checkpoint_shape(cfg, given):
     """cfg with the shape of its --init-from model, so the log and the saved config describe the
-    model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape."""
+    model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape. A
+    block size not typed is cut to the checkpoint's, when that is shorter than the default."""
     config = checkpoint.load_config(cfg.init_from)   # config.json alone: build_model reads the weights
     for name in CHECKPOINT_SHAPE:
         if name in given and given[name] != getattr(config, name):
             raise ConfigError(f"--{name.replace('_', '-')} comes from the --init-from checkpoint "
                               f"({getattr(config, name)}); drop it")
-    return dataclasses.replace(cfg, **{name: getattr(config, name) for name in CHECKPOINT_SHAPE})
+    shape = {name: getattr(config, name) for name in CHECKPOINT_SHAPE}
+    if "block_size" not in given:
+        shape["block_size"] = min(cfg.block_size, config.block_size)
+    return dataclasses.replace(cfg, **shape)
 
 
 def memory_floor(cfg, config, backend="numpy", ranks=1):
@@ -361,10 +367,14 @@ def lock_directory(path):
 
 
 def refuse_previous_run(out_dir):
-    """ConfigError when `out_dir` already holds a training run (a state, a saved model or a log)."""
-    if not any(os.path.exists(os.path.join(out_dir, name)) for name in (STATE_FILE, checkpoint.WEIGHTS_FILE,
-                                                                        LOG_FILE)):
+    """ConfigError when `out_dir` holds a file that a run writes: a training run (its state, model or
+    log), or a config.json or loss.png of something else, which the first checkpoint would replace."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+    if not found:
         return
+    if set(found) <= {checkpoint.CONFIG_FILE, PLOT_FILE}:
+        raise ConfigError(f"{out_dir}/ holds {' and '.join(found)}, which this run would overwrite: choose "
+                          f"another --out-dir, or give --overwrite to replace {'them' if len(found) > 1 else 'it'}")
     step = saved_step(out_dir)
     raise ConfigError(f"{out_dir}/ already holds a training run{'' if step is None else f' (step {step})'}: "
                       f"continue it with --resume, start over with --overwrite, or choose another --out-dir")
@@ -373,11 +383,15 @@ def refuse_previous_run(out_dir):
 # ---------------------------------------------------------------- Ctrl-C
 
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step (so the state saved is a
-    whole step, never a half-applied update); a second one aborts at once."""
+    """The first Ctrl-C asks the loop to stop after the current step or evaluation (so the state
+    saved is a whole step, never a half-applied update); a second one aborts at once. With
+    `notice`, the first says so on stderr."""
 
-    def __init__(self):
+    NOTICE = b"\nCtrl-C: stopping after this step, then saving (press it again to stop at once)\n"
+
+    def __init__(self, notice=True):
         self.requested = False
+        self.notice = notice
         self._previous = None
 
     def __enter__(self):
@@ -391,6 +405,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.notice:
+            # os.write, not print: a signal handler that prints while the interrupted code is
+            # printing too would fail with "reentrant call" on the stream's lock
+            os.write(2, self.NOTICE)
 
 
 # ---------------------------------------------------------------- the run
@@ -407,7 +425,7 @@ class Trainer:
         self.is_main = self.comm.rank == 0
         self.log = log if self.is_main else (lambda message: None)
         self.progress = progress and self.is_main
-        self.stop = StopRequest()
+        self.stop = StopRequest(notice=self.is_main)
         self.out_dir_lock = None
 
     def close(self):
@@ -591,12 +609,18 @@ class Trainer:
 
     def evaluate(self):
         """Estimate the train and val loss on the fixed batches, save the model if it is the best
-        so far, save the state; returns the log row."""
+        so far, save the state; returns (the log row, whether any rank was asked to stop).
+
+        A Ctrl-C during a new run's first evaluation stops it before it saves anything: that
+        checkpoint would hold an untrained model, and with --overwrite would replace the old run."""
         # each rank evaluates its rows of the fixed batches; with equal rows, the mean of the ranks'
-        # means is the mean over all rows
+        # means is the mean over all rows. A Ctrl-C travels with them, so all ranks agree on it.
         local = [estimate_loss(self.model, batches) for batches in self.eval_batches.values()]
-        mean = self.comm.allreduce_mean(self.model.xp.asarray(local, dtype=np.float64))
-        losses = dict(zip(self.eval_batches, to_numpy(mean).tolist()))
+        local.append(float(self.stop.requested))
+        mean = to_numpy(self.comm.allreduce_mean(self.model.xp.asarray(local, dtype=np.float64))).tolist()
+        losses, stop = dict(zip(self.eval_batches, mean[:-1])), mean[-1] > 0
+        if stop and self.checkpoint_step is None:
+            raise KeyboardInterrupt
         for split, loss in losses.items():
             self.check_finite(f"the {split} loss", loss)   # before a NaN model or state is saved
         improved = losses["val"] < self.best_val
@@ -607,7 +631,7 @@ class Trainer:
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
         self.save_state()
-        return {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+        return {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}, stop
 
     def check_finite(self, what, loss):
         """TrainingError when `loss` is NaN or infinite: the run diverged, and every later step
@@ -627,12 +651,11 @@ class Trainer:
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
                  f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
-        outcome = "done"
         with self.stop:
             # a new run's first checkpoint holds its untrained model. Only once it is saved does the
             # log start anew: a run that fails to start (bad data, a Ctrl-C) leaves an old run's log
             # whole, which --overwrite would otherwise have removed
-            first_row = None if self.resumed else self.evaluate()
+            first_row, stop_requested = (None, False) if self.resumed else self.evaluate()
             if first_row is not None and self.is_main:
                 remove_files(cfg.out_dir, (LOG_FILE, PLOT_FILE))
             with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, \
@@ -646,7 +669,7 @@ class Trainer:
 
                 if first_row is not None:
                     write_row(first_row)
-                while self.step < cfg.max_iters:
+                while self.step < cfg.max_iters and not stop_requested:
                     started = time.perf_counter()
                     loss, stop_requested = self.train_step()
                     elapsed = time.perf_counter() - started
@@ -658,11 +681,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
                     bar.update(1)
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                        write_row(self.evaluate())
-                    if stop_requested:
+                        row, stop_in_eval = self.evaluate()   # it saves the state
+                        write_row(row)
+                        stop_requested = stop_requested or stop_in_eval
+                    elif stop_requested:
                         self.save_state()
-                        outcome = "interrupted"
-                        break
         if self.is_main and plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
             self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
-        return outcome
+        return "interrupted" if self.step < cfg.max_iters else "done"

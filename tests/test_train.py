@@ -181,6 +181,70 @@ def test_a_log_alone_is_a_run_too(tmp_path, cache_dir, capsys):
     assert [r["step"] for r in log_rows(tmp_path)] == [0, 1, 1]              # the old row is gone
 
 
+def test_a_new_run_refuses_a_config_json_or_plot_it_would_overwrite(tmp_path, cache_dir, capsys):
+    """An out-dir holding another program's config.json (or a loss.png) is not a numgpt run, but
+    the first checkpoint would replace it all the same."""
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
+    assert "holds config.json, which this run would overwrite" in capsys.readouterr().err
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
+    GPT.from_pretrained(tmp_path)
+
+
+def ctrl_c_in_evaluation(monkeypatch, evaluation):
+    """Send this process a SIGINT while the `evaluation`-th evaluation (1 = the first) estimates its
+    train loss, as a Ctrl-C there would."""
+    estimate_loss, calls = numgpt.training.estimate_loss, []
+
+    def estimate_with_ctrl_c(model, batches):
+        calls.append(batches)
+        if len(calls) == 2 * evaluation - 1:   # each evaluation estimates two losses, train then val
+            os.kill(os.getpid(), signal.SIGINT)
+        return estimate_loss(model, batches)
+
+    monkeypatch.setattr(numgpt.training, "estimate_loss", estimate_with_ctrl_c)
+
+
+def test_ctrl_c_in_the_first_evaluation_keeps_the_old_run(tmp_path, cache_dir, monkeypatch, capfd):
+    """Its checkpoint would hold an untrained model and, with --overwrite, replace the old run."""
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    ctrl_c_in_evaluation(monkeypatch, 1)
+    assert run(tmp_path, cache_dir, "--max-iters", "4", "--overwrite") == 130
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+    assert "Stopped." in capfd.readouterr().err
+
+
+def test_ctrl_c_in_a_later_evaluation_stops_after_it(tmp_path, cache_dir, monkeypatch, capfd):
+    """It stops there, not a step later; it says what it does and how to go on, with an out-dir
+    quoted as the shell needs it."""
+    out = tmp_path / "my run"
+    ctrl_c_in_evaluation(monkeypatch, 2)
+    assert run(out, cache_dir, "--max-iters", "10", "--eval-interval", "2") == 130
+    assert load_train_state(out)[1]["step"] == 2 and max(step_losses(out)) == 2
+    err = capfd.readouterr().err
+    assert "Ctrl-C: stopping after this step" in err
+    assert f"Continue with: python train.py --resume --out-dir '{out}'" in err
+
+
+def test_ctrl_c_at_the_last_step_finishes_the_run(tmp_path, cache_dir, monkeypatch, capfd):
+    ctrl_c_in_evaluation(monkeypatch, 2)
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    assert "Done: 2 steps" in capfd.readouterr().out
+
+
+def test_relative_data_paths_are_saved_absolute(tmp_path, cache_dir, monkeypatch):
+    """So the run resumes from any directory."""
+    (tmp_path / "stories.txt").write_text("The cat sat on the mat and was happy. " * 200)
+    monkeypatch.chdir(tmp_path)
+    assert train.main([*TINY, "--data", "stories.txt", "--out-dir", "o", "--cache-dir", cache_dir,
+                       "--max-iters", "1"]) == 0
+    assert load_train_state(tmp_path / "o")[1]["train_config"]["data"] == [str(tmp_path / "stories.txt")]
+    monkeypatch.chdir(tmp_path / "o")
+    assert train.main(["--resume", "--out-dir", ".", "--max-iters", "2", "--no-progress"]) == 0
+
+
 def test_resume_keeps_the_data_source_that_auto_chose(tmp_path, cache_dir, monkeypatch, capsys):
     """A --dataset auto run started without TinyStories must not switch to it when resumed."""
     auto = [*TINY, "--out-dir", str(tmp_path), "--cache-dir", cache_dir]
@@ -469,6 +533,27 @@ def test_min_lr_follows_a_lower_lr_and_resumes_unchanged(tmp_path, cache_dir):
     assert load_train_state(tmp_path)[1]["train_config"]["min_lr"] == pytest.approx(3e-6)
     assert TrainConfig().min_lr == 1e-4                        # the presets' values are the old ones
     assert TrainConfig(**PRESETS["tinystories-tutorial"]).min_lr == 1e-3
+
+
+def test_a_presets_min_lr_scales_with_the_lr_given():
+    """tinystories-tutorial's constant rate stays constant at another --lr (its min_lr 1e-3 would
+    otherwise exceed a lower --lr and be refused)."""
+    cfg = train.resolve_config(train.parse_args(["--preset", "tinystories-tutorial", "--lr", "3e-4"]))
+    assert cfg.lr == cfg.min_lr == pytest.approx(3e-4)
+    cfg = train.resolve_config(train.parse_args(["--preset", "tinystories-tutorial", "--lr", "3e-4",
+                                                 "--min-lr", "1e-5"]))
+    assert cfg.min_lr == 1e-5
+
+
+def test_fine_tuning_a_model_of_a_shorter_context_takes_its_block_size(tmp_path, cache_dir, capsys):
+    """The default --block-size (64) exceeds this checkpoint's 16: it is cut to 16 unless typed."""
+    assert run(tmp_path / "base", cache_dir, "--max-iters", "1") == 0    # TINY's block size is 16
+    tune = ["--init-from", str(tmp_path / "base"), "--dataset", "embedded", "--cache-dir", cache_dir,
+            "--batch-size", "4", "--eval-iters", "2", "--num-samples", "0", "--no-progress", "--max-iters", "1"]
+    assert train.main([*tune, "--out-dir", str(tmp_path / "tuned")]) == 0
+    assert load_train_state(tmp_path / "tuned")[1]["train_config"]["block_size"] == 16
+    assert train.main([*tune, "--out-dir", str(tmp_path / "long"), "--block-size", "32"]) == 2
+    assert "--block-size 32 exceeds the block size 16" in capsys.readouterr().err
 
 
 def test_out_dir_that_is_a_file_and_preset_with_resume(tmp_path, cache_dir, capsys):
