@@ -9,19 +9,27 @@ The text streams to the terminal as the tokens come. Generation stops at <|endof
 --no-stop-at-eot; an empty prompt starts from <|endoftext|>, as a new document would.
 """
 
-import argparse
-import os
-import sys
+import signal
 
-import numpy as np
+if __name__ == "__main__":
+    # until main() takes over, a Ctrl-C ends the program quietly, as any command's does, instead of
+    # in a traceback from whichever of NumPy's modules was being imported
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-from numgpt.backend import backend_name, to_numpy
-from numgpt.data.tokenizer import EOT, get_tokenizer
-from numgpt.errors import ConfigError, DataError, NumGPTError
-from numgpt.inspection import (IMAGE_FORMATS, PROBS_HEADER, TextStream, check_image_path, plot_attention, probs_row,
-                               token_label, token_table)
-from numgpt.model import GPT
-from numgpt.sampling import check_sampling_args, next_token_probs
+import argparse  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from numgpt.backend import backend_name, to_numpy  # noqa: E402
+from numgpt.data.tokenizer import EOT, get_tokenizer  # noqa: E402
+from numgpt.errors import ConfigError, DataError, NumGPTError  # noqa: E402
+from numgpt.inspection import (IMAGE_FORMATS, PROBS_HEADER, TextStream, check_image_path,  # noqa: E402
+                               plot_attention, probs_row, token_label, token_table)
+from numgpt.model import GPT  # noqa: E402
+from numgpt.sampling import check_sampling_args, next_token_probs  # noqa: E402
 
 SEPARATOR = "-" * 15
 
@@ -154,10 +162,13 @@ def run(args):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # the imports are done: Ctrl-C is ours
     args = parse_args(argv)
     if sys.stdout is None:   # started with stdout closed (>&-): the samples would go nowhere
         print("error: the standard output is closed: sample.py has nowhere to write its samples", file=sys.stderr)
         return 1
+    if isinstance(sys.stdout, io.TextIOWrapper):   # "é" shows as "?" on an ASCII terminal, not as an error
+        sys.stdout.reconfigure(errors="replace")
     try:
         return run(args)
     except NumGPTError as e:

@@ -4,6 +4,7 @@ short message with a non-zero exit, never a traceback."""
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,34 @@ def test_a_missing_checkpoint_exits_without_a_traceback(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, env=SCRIPT_ENV)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_ascii_terminal_gets_question_marks_not_an_error(ckpt):
+    """A story's "é" cannot be encoded on an ASCII (LANG=C) terminal: it prints as "?"."""
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--prompt", "Caf\u00e9",
+                             "--max-new-tokens", "2", "--seed", "0"], capture_output=True, cwd=ROOT,
+                            env={**SCRIPT_ENV, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.startswith(b"Caf?")
+
+
+@pytest.mark.parametrize("script", ["sample.py", "train.py"])
+def test_ctrl_c_while_importing_ends_quietly(script, tmp_path):
+    """A Ctrl-C while the scripts import NumPy ends them as it ends any command, without a traceback.
+    `-X importtime` reports each import as it completes ("import time: 12 | 34 | numgpt.errors"):
+    the first of numgpt's modules says the script's own imports are under way."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(ROOT / script), "--help"], cwd=tmp_path,
+                            env=SCRIPT_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.split("|")[-1].strip().startswith("numgpt."):
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(lines) + proc.stderr.read()
+    proc.wait(timeout=60)
+    assert "numgpt." in lines[-1], err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
 def test_runs_as_a_script(ckpt):
