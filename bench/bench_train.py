@@ -13,9 +13,10 @@ appends rows to bench/results.jsonl. Two fractions of a peak: `roofline`, agains
 rate measured here in the same run (sgemm on the CPU; on the GPU cuBLAS in the chosen precision),
 and on GPUs whose datasheet we know `mfu`, against its dense peak (PaLM's model FLOPs utilization).
 On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls, or autocast to float16 with a
-GradScaler; --torch-compile compiles its model as well. `--batch-size max` runs each side with
-batches of 8, 16, 32, ... (from the shape's) until it runs out of memory, and compares them at the
-largest that fits both.
+GradScaler; --torch-compile compiles its model as well. `--batch-size max` finds each side's
+largest batch among 8, 16, 32, ... (from the shape's) with runs of three steps, compares the two at
+the largest that fits both, and times a side that fits more at its own largest too
+(`largest_batch_tok_s`, `ratio_vs_torch_at_largest`).
 """
 
 import argparse
@@ -234,18 +235,60 @@ def child_args(name, args, batch_size):
             "--batch-size", str(batch_size), *(["--torch-compile"] if args.torch_compile else [])]
 
 
-def results_until_out_of_memory(impl, name, args, start):
-    """{batch size: result} of `impl` at shape `name` with batch sizes start, 2 start, 4 start, ...,
-    each a whole benchmark run, until one runs out of memory (an empty dict when `start` does)."""
-    results, batch_size = {}, start
+def run_side(impl, name, args, batch_size):
+    """The result of a child run of `impl` at shape `name` and batch size `batch_size` (the rest of its
+    command line from `args`), its batch size included; ChildOutOfMemory when it runs out of memory."""
+    return {**run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)]), "batch_size": batch_size}
+
+
+# --batch-size max probes a batch size with one warmup step, one timed and (on the GPU) one pipelined:
+# three steps allocate all that a step ever holds (AdamW's moments appear in the first; from the second
+# on, a step starts while numgpt still holds the previous one's gradients), in a fraction of a whole run
+PROBE = {"warmup": 1, "steps": 1}
+
+
+def largest_batch(impl, name, args, start):
+    """The largest of the batch sizes start, 2 start, 4 start, ... with which `impl` runs shape `name`:
+    each is probed with a short run until one runs out of memory. ChildOutOfMemory when `start` does."""
+    probe = argparse.Namespace(**{**vars(args), **PROBE})
+    batch_size = start
     while True:
         try:
-            results[batch_size] = run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)])
+            run_side(impl, name, probe, batch_size)
         except ChildOutOfMemory:
+            if batch_size == start:
+                raise
             print(f"{impl}: batch size {batch_size} runs out of memory")
-            return results
+            return batch_size // 2
         print(f"{impl}: batch size {batch_size} fits")
         batch_size *= 2
+
+
+def runs_at_largest(name, args, impls):
+    """--batch-size max: ({impl: timed run} at the largest batch that fits every side, the comparison;
+    {impl: timed run} at each side's own largest batch), the batches doubled from the shape's.
+
+    The side that fits the least has its comparison run there. A side that fits more runs again at its
+    own largest, and is left out of the second if that run runs out of memory: a whole run can need a
+    little more memory than the probe did."""
+    largest = {impl: largest_batch(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
+    batch_size = min(largest.values())
+    results = {impl: run_side(impl, name, args, batch_size) for impl in impls}
+    at_largest = {}
+    for impl, size in largest.items():
+        try:
+            at_largest[impl] = results[impl] if size == batch_size else run_side(impl, name, args, size)
+        except ChildOutOfMemory:
+            print(f"{impl}: batch size {size} fit the probe but runs out of memory in a whole run: left out")
+    return results, at_largest
+
+
+def add_rates(result, name):
+    """Add tokens/s and GFLOP/s to `result`, a run of shape `name` at its own batch size."""
+    shape = {**SHAPES[name], "batch_size": result["batch_size"]}
+    seconds = result["step_ms"] / 1000
+    result.update(tok_s=shape["batch_size"] * shape["block_size"] / seconds,
+                  gflops=flops_per_step(shape) / seconds / 1e9)
 
 
 def main():
@@ -257,7 +300,8 @@ def main():
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"], help="tf32 and fp16: GPU only")
     p.add_argument("--batch-size", type=batch_size_arg,
-                   help="override the shape's batch size; 'max': the largest (doubling) that fits both sides")
+                   help="override the shape's batch size; 'max': compare at the largest (doubling) that fits "
+                        "both sides, and time each side at its own largest too")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
     p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
     p.add_argument("--threads", type=int, default=blas_threads(), help="threads for BLAS and torch")
@@ -282,43 +326,37 @@ def main():
     peak = matmul_peak_gflops(args.backend, args.precision)
     datasheet = datasheet_gflops(device, args.precision)
     memory = "RSS MiB" if args.backend == "numpy" else "GPU MiB"
-    header = f"{'shape':<12} {'impl':<7} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>6} " \
-             f"{'GFLOP/s':>8} {'roofline':>8} {'MFU':>5} {memory:>8}"
+    header = f"{'shape':<12} {'impl':<7} {'batch':>5} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} " \
+             f"{'opt':>6} {'GFLOP/s':>8} {'roofline':>8} {'MFU':>5} {memory:>8}"
     for name in args.shape or CPU_SHAPES:
-        largest = None
-        if args.batch_size == "max":   # every size that fits is a whole run: the comparison needs no other
-            runs = {impl: results_until_out_of_memory(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
-            largest = {impl: max(sizes, default=None) for impl, sizes in runs.items()}
-            if None in largest.values():
-                print(f"{name}: batch size {SHAPES[name]['batch_size']} does not fit every side {largest}: skipped")
-                continue
-            batch_size = min(largest.values())   # every side doubled from the same start: both ran it
-            results = {impl: sizes[batch_size] for impl, sizes in runs.items()}
-        else:
-            batch_size = args.batch_size or SHAPES[name]["batch_size"]
-            try:
-                results = {impl: run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)])
-                           for impl in impls}
-            except ChildOutOfMemory as error:
-                print(f"{name}: {error}; try a smaller --batch-size, or --batch-size max: skipped")
-                continue
-        shape = {**SHAPES[name], "batch_size": batch_size}
+        try:
+            if args.batch_size == "max":
+                results, at_largest = runs_at_largest(name, args, impls)
+            else:
+                batch_size = args.batch_size or SHAPES[name]["batch_size"]
+                results, at_largest = {impl: run_side(impl, name, args, batch_size) for impl in impls}, {}
+        except ChildOutOfMemory as error:
+            hint = "" if args.batch_size == "max" else "; try a smaller --batch-size, or --batch-size max"
+            print(f"{name}: {error}{hint}: skipped")
+            continue
+        # the comparison's runs, then those of a side at a larger batch of its own
+        runs = [*results.items(), *((impl, r) for impl, r in at_largest.items() if r is not results[impl])]
+        for _, r in runs:
+            add_rates(r, name)
         # a shared machine's speed drifts: the roofline is the best matmul rate seen before and right
         # after the run, so a slow moment of the machine never inflates the fraction
         peak = max(peak, matmul_peak_gflops(args.backend, args.precision))
         print(f"matmul peak: {peak:.1f} GFLOP/s measured"
               + (f", {datasheet:.0f} on the datasheet" if datasheet else "")
               + f" ({args.precision}, {device}, {args.threads} CPU threads)")
-        tokens = shape["batch_size"] * shape["block_size"]
         print(header)
-        for impl, r in results.items():
-            r["tok_s"] = tokens / (r["step_ms"] / 1000)
-            r["gflops"] = flops_per_step(shape) / (r["step_ms"] / 1000) / 1e9
+        for impl, r in runs:
             mfu = f"{r['gflops'] / datasheet:.0%}" if datasheet else "-"
-            print(f"{name:<12} {impl:<7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['forward_ms']:>7.1f} "
-                  f"{r['backward_ms']:>7.1f} {r['optimizer_ms']:>6.1f} {r['gflops']:>8.1f} "
+            print(f"{name:<12} {impl:<7} {r['batch_size']:>5} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} "
+                  f"{r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['optimizer_ms']:>6.1f} {r['gflops']:>8.1f} "
                   f"{r['gflops'] / peak:>8.0%} {mfu:>5} {r['peak_mem_mib']:>8.0f}")
         ours, ref = results["numgpt"], results.get("torch")
+        shape = {**SHAPES[name], "batch_size": ours["batch_size"]}
         memory_key = "peak_rss_mib" if args.backend == "numpy" else "peak_gpu_mib"
         row = {"backend": args.backend, "device": device, "bench": "train",
                "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB},
@@ -328,8 +366,10 @@ def main():
                "roofline": round(ours["gflops"] / peak, 3), "matmul_peak_gflops": round(peak, 1)}
         if datasheet:
             row.update(mfu=round(ours["gflops"] / datasheet, 3), datasheet_peak_gflops=datasheet)
-        if largest:
-            row.update(largest_batch=largest)
+        if at_largest:   # --batch-size max: what each side does with all the memory it can use (a side
+            # whose whole run at its largest ran out of memory has no entry: no run measured it there)
+            row.update(largest_batch={impl: r["batch_size"] for impl, r in at_largest.items()},
+                       largest_batch_tok_s={impl: round(r["tok_s"], 1) for impl, r in at_largest.items()})
         if ref:
             row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 1),
                        torch_compile=args.torch_compile,
@@ -338,6 +378,11 @@ def main():
                 row.update(torch_mfu=round(ref["gflops"] / datasheet, 3))
             print(f"{name}: numgpt / torch = {row['ratio_vs_torch']:.2f}x tokens/s, "
                   f"{row['memory_ratio_vs_torch']:.2f}x peak memory")
+        if {"numgpt", "torch"} <= at_largest.keys():
+            ours_largest, ref_largest = at_largest["numgpt"], at_largest["torch"]
+            row.update(ratio_vs_torch_at_largest=round(ours_largest["tok_s"] / ref_largest["tok_s"], 3))
+            print(f"{name}: numgpt / torch = {row['ratio_vs_torch_at_largest']:.2f}x tokens/s, each at its "
+                  f"largest batch ({ours_largest['batch_size']} / {ref_largest['batch_size']})")
         if not args.no_save:
             append_result(row)
 

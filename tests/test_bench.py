@@ -1,7 +1,9 @@
 """The benchmarks' GPU side runs, here on the CuPy stand-in: a lent GPU's few minutes should
-measure, not meet a typo. (Their numbers mean nothing here; the benchmarks report them on a GPU.)"""
+measure, not meet a typo. (Their numbers mean nothing here; the benchmarks report them on a GPU.)
+bench_train's `--batch-size max` search runs against made-up child runs."""
 
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,8 @@ import bench_attention  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_train  # noqa: E402
 
-pytestmark = cupy_standin.needs_compiler
 
-
+@cupy_standin.needs_compiler
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
 def test_bench_train_times_a_numgpt_step_on_cupy(monkeypatch, precision):
     monkeypatch.setenv("CUPY_TF32", "0")   # tf32 sets it
@@ -27,6 +28,7 @@ def test_bench_train_times_a_numgpt_step_on_cupy(monkeypatch, precision):
     assert all(t > 0 for part in times.values() for t in part) and memory >= 0
 
 
+@cupy_standin.needs_compiler
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "fp16"])
 def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, precision):
     cupy_standin.install(monkeypatch)
@@ -38,6 +40,7 @@ def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, preci
     assert rows == ["flash", "flash fma", "matrix"]
 
 
+@cupy_standin.needs_compiler
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_bench_layers_times_each_layer_with_and_without_the_kernels_on_cupy(monkeypatch, capsys, precision):
     cupy_standin.install(monkeypatch)
@@ -53,3 +56,77 @@ def test_bench_layers_times_each_layer_with_and_without_the_kernels_on_cupy(monk
     rows = [line.split() for line in lines[header + 1:]]   # layer, fwd ms, bwd ms, GFLOP/s, twins ms, ...
     assert [row[0] for row in rows] == ["embedding", "layernorm", "attention", "mlp", "classifier+loss"]
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows)
+
+
+# made-up medians of the fake children below: step milliseconds by side and batch size
+STEP_MS = {("numgpt", 16): 200.0, ("numgpt", 64): 400.0, ("torch", 16): 160.0}
+
+
+def search_largest_batches(monkeypatch, fits, fits_whole_run):
+    """bench_train's main() with --batch-size max, --steps 5 and --warmup 2, its children replaced by
+    fakes: a side runs out of memory above batch size fits[side], and in a whole run (not a probe) above
+    fits_whole_run[side]. ([(side, batch size, warmup, steps) of each child], the results row)."""
+    children, rows = [], []
+
+    def fake_child(script, args):
+        options = dict(zip(args[::2], args[1::2]))   # "--impl", impl, "--shape", name, ...
+        impl, batch_size = options["--impl"], int(options["--batch-size"])
+        warmup, steps = int(options["--warmup"]), int(options["--steps"])
+        children.append((impl, batch_size, warmup, steps))
+        probe = (warmup, steps) == (1, 1)
+        if batch_size > (fits if probe else fits_whole_run)[impl]:
+            raise bench_train.ChildOutOfMemory(f"{impl} ran out of memory at batch size {batch_size}")
+        return {"forward_ms": 1.0, "backward_ms": 2.0, "optimizer_ms": 0.5, "peak_mem_mib": 1000.0 * batch_size,
+                "step_ms": STEP_MS.get((impl, batch_size), 999.0)}   # a probe's figures are not read
+
+    for module in ("torch", "transformers"):   # main() only checks that the reference is installed
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+    monkeypatch.setattr(bench_train, "run_child", fake_child)
+    monkeypatch.setattr(bench_train, "device_name", lambda backend: "a GPU")
+    monkeypatch.setattr(bench_train, "matmul_peak_gflops", lambda backend, precision: 1000.0)
+    monkeypatch.setattr(bench_train, "append_result", rows.append)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--backend", "cupy", "--shape", "gpt2-124m-1k",
+                                      "--batch-size", "max", "--steps", "5", "--warmup", "2"])
+    bench_train.main()
+    assert all((warmup, steps) in {(1, 1), (2, 5)} for _, _, warmup, steps in children)
+    [row] = rows
+    return children, row
+
+
+def probed_and_timed(children):
+    """The (side, batch size) of the probes, 3 steps each, and of the whole runs."""
+    return ([(impl, batch) for impl, batch, warmup, steps in children if (warmup, steps) == (1, 1)],
+            [(impl, batch) for impl, batch, warmup, steps in children if (warmup, steps) == (2, 5)])
+
+
+def tok_s(impl, batch_size):
+    return batch_size * 1024 / (STEP_MS[impl, batch_size] / 1000)   # gpt2-124m-1k: blocks of 1024 tokens
+
+
+def test_batch_size_max_probes_short_then_times_the_comparison_and_each_sides_largest(monkeypatch, capsys):
+    children, row = search_largest_batches(monkeypatch, fits={"numgpt": 64, "torch": 16},
+                                           fits_whole_run={"numgpt": 64, "torch": 16})
+    probed, timed = probed_and_timed(children)
+    assert probed == [("numgpt", 8), ("numgpt", 16), ("numgpt", 32), ("numgpt", 64), ("numgpt", 128),
+                      ("torch", 8), ("torch", 16), ("torch", 32)]
+    assert timed == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]   # torch's largest is the comparison
+    assert row["shape"]["batch_size"] == 16
+    assert row["tok_s"] == tok_s("numgpt", 16) and row["torch_tok_s"] == tok_s("torch", 16)
+    assert row["ratio_vs_torch"] == round(tok_s("numgpt", 16) / tok_s("torch", 16), 3) == 0.8
+    assert row["largest_batch"] == {"numgpt": 64, "torch": 16}
+    assert row["largest_batch_tok_s"] == {"numgpt": tok_s("numgpt", 64), "torch": tok_s("torch", 16)}
+    assert row["ratio_vs_torch_at_largest"] == round(tok_s("numgpt", 64) / tok_s("torch", 16), 3) == 1.6
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("gpt2-124m-1k ")]
+    assert [(impl, int(batch)) for _, impl, batch, *_ in table] == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]
+
+
+def test_batch_size_max_leaves_out_a_largest_batch_whose_whole_run_runs_out_of_memory(monkeypatch, capsys):
+    children, row = search_largest_batches(monkeypatch, fits={"numgpt": 64, "torch": 16},
+                                           fits_whole_run={"numgpt": 32, "torch": 16})
+    assert probed_and_timed(children)[1] == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]
+    assert row["shape"]["batch_size"] == 16 and row["ratio_vs_torch"] == 0.8   # the comparison stands
+    assert row["largest_batch"] == {"torch": 16}
+    assert row["largest_batch_tok_s"] == {"torch": tok_s("torch", 16)}
+    assert "ratio_vs_torch_at_largest" not in row
+    assert "numgpt: batch size 64 fit the probe but runs out of memory in a whole run: left out" \
+        in capsys.readouterr().out
