@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, get_xp, memory_size, to_numpy
 from numgpt.config import GPTConfig, num_params, param_shapes
 from numgpt.data import dataset
-from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError
 from numgpt.layers.classifier import CHUNK_ELEMENTS
@@ -128,7 +129,7 @@ class TrainConfig:
 
     def model_config(self):
         """The GPTConfig of a model trained from scratch with these settings (GPTConfig checks them)."""
-        return GPTConfig(vocab_size=50257, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+        return GPTConfig(vocab_size=VOCAB_SIZE, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
                          n_embd=self.n_embd, dropout=self.dropout, activation=self.activation)
 
 
@@ -204,6 +205,10 @@ def with_checkpoint_shape(cfg, given):
     model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape. A
     block size not typed is cut to the checkpoint's, when that is shorter than the default."""
     config = checkpoint.load_config(cfg.init_from)   # config.json alone: build_model reads the weights
+    if config.vocab_size < VOCAB_SIZE:   # found now, not after minutes of tokenizing
+        raise ConfigError(f"{cfg.init_from} has a vocabulary of {config.vocab_size} tokens, and the training "
+                          f"data are GPT-2 tokens (ids up to {VOCAB_SIZE - 1}): fine-tune a model with "
+                          f"GPT-2's vocabulary")
     for name in CHECKPOINT_SHAPE:
         if name in given and given[name] != getattr(config, name):
             raise ConfigError(f"--{name.replace('_', '-')} comes from the --init-from checkpoint "
@@ -344,6 +349,15 @@ def remove_files(directory, names):
             os.remove(path)
 
 
+def check_writable(path):
+    """ConfigError when no file can be made in directory `path` (read-only, or a full disk): found
+    before the data are loaded, not at the first checkpoint."""
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ConfigError(f"cannot write in --out-dir {path}: {e.strerror}") from None
+
+
 def lock_directory(path):
     """An open descriptor of directory `path` that holds an exclusive flock on it, or ConfigError
     when another process holds one: two runs in one out-dir would overwrite each other's
@@ -464,6 +478,7 @@ class Trainer:
         except OSError as e:   # a path through a file, a directory without write permission
             raise ConfigError(f"cannot create --out-dir {cfg.out_dir}: {e.strerror}") from None
         if self.is_main:
+            check_writable(cfg.out_dir)
             # first the lock, then the cleanup: another run's temporary files are not stale
             self.out_dir_lock = lock_directory(cfg.out_dir)
             checkpoint.remove_stale_temp_files(cfg.out_dir)

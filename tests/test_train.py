@@ -1,6 +1,7 @@
 """train.py end to end on tiny models: logs and checkpoints, exact resume with dropout on, Ctrl-C,
 fine-tuning, and every kind of bad input getting a short message and a non-zero exit."""
 
+import errno
 import json
 import math
 import os
@@ -159,10 +160,11 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path, cache_dir
     out = tmp_path / "o"
     assert run(out, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
     old = {p.name: p.read_bytes() for p in out.iterdir()}
-    small = tmp_path / "small"   # the embedded stories' ids do not fit its 100-token vocabulary
-    GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0).save_pretrained(small)
-    assert run(out, cache_dir, "--overwrite", "--init-from", str(small)) == 2
-    assert "vocab_size" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(numgpt.training, "estimate_loss", lambda model, batches: math.nan)
+        assert run(out, cache_dir, "--overwrite") == 2
+    assert "the train loss is nan at step 0" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
 
     def interrupted(*args):
         raise KeyboardInterrupt
@@ -599,6 +601,25 @@ def test_an_out_dir_that_cannot_be_made_is_one_line(tmp_path, cache_dir, capsys)
     assert run(tmp_path / "afile" / "sub", cache_dir, "--max-iters", "1") == 2
     err = capsys.readouterr().err
     assert "cannot create --out-dir" in err and "Not a directory" in err and "Errno" not in err
+
+
+def test_an_out_dir_that_cannot_be_written_is_found_before_the_data(tmp_path, cache_dir, monkeypatch, capsys):
+    def read_only(dir=None):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
+    monkeypatch.setattr(numgpt.training.tempfile, "TemporaryFile", read_only)
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
+    assert f"cannot write in --out-dir {tmp_path}: Read-only file system" in capsys.readouterr().err
+
+
+def test_fine_tuning_a_model_of_another_vocabulary_is_refused_before_the_data(tmp_path, cache_dir, monkeypatch,
+                                                                              capsys):
+    small = tmp_path / "small"
+    GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0).save_pretrained(small)
+    monkeypatch.setattr(numgpt.training, "load_data", None)
+    assert run(tmp_path / "o", cache_dir, "--init-from", str(small)) == 2
+    assert "has a vocabulary of 100 tokens" in capsys.readouterr().err
 
 
 def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
