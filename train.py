@@ -204,7 +204,8 @@ def main(argv=None):
         return world.fail(f"error: {e}" + (f". The last checkpoint saved in the out-dir is intact."
                                            f"{resume_hint(cfg)}" if saved else ""), 1)
     except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
-        return world.fail(f"error: out of memory: {e}. Use a smaller --batch-size or --block-size, "
+        reason = f": {e}" if str(e) else ""   # Python's own MemoryError has no message
+        return world.fail(f"error: out of memory{reason}. Use a smaller --batch-size or --block-size, "
                           f"or a smaller model (--n-layer, --n-embd)", 1)
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
         return world.fail("\nStopped." + (resume_hint(cfg) if cfg is not None else ""), 130)

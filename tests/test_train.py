@@ -418,14 +418,19 @@ def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir):
     assert peak / 4 < floor < peak    # a floor, and not a vacuous one
 
 
-def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("error, message", [
+    (MemoryError("Unable to allocate 13.4 GiB for an array with shape (60000, 60000)"),
+     "error: out of memory: Unable to allocate 13.4 GiB"),
+    (MemoryError(), "error: out of memory. Use"),   # Python's own, from reading the data, says nothing
+])
+def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, capsys, error, message):
     def huge(*args):
-        raise MemoryError("Unable to allocate 13.4 GiB for an array with shape (60000, 60000)")
+        raise error
 
     monkeypatch.setattr(numgpt.training, "build_model", huge)
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
     err = capsys.readouterr().err
-    assert "out of memory: Unable to allocate 13.4 GiB" in err and "--batch-size" in err and "Traceback" not in err
+    assert message in err and "--batch-size" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("content", [None, b"", b"  \n<|endoftext|>\n  "], ids=["missing", "empty", "separators"])
