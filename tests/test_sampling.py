@@ -53,6 +53,18 @@ def test_temperature_sharpens_and_zero_is_greedy():
     assert sample_next(logits, temperature=0)[0] == 1
 
 
+@pytest.mark.parametrize("temperature", [1e-8, 1e-30, 1e-308, 5e-324])
+@pytest.mark.parametrize("filters", [{}, dict(top_k=2), dict(top_p=0.5)])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature, filters):
+    """Logits of size ~100 divided by a temperature near float64's smallest overflow to inf, and
+    inf - inf is NaN: the logits must be shifted by their maximum before they are divided."""
+    logits = np.array([[100.0, 99.0, -100.0], [-3.0, 98.5, 99.0]], dtype=np.float32)
+    probs = next_token_probs(logits, temperature=temperature, **filters)
+    np.testing.assert_array_equal(probs, [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(sample_next(logits, temperature=temperature, **filters, rng=np.random.default_rng(0)),
+                                  [0, 2])
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_k=0), dict(top_k=1.5), dict(top_p=0.0),
                                     dict(top_p=1.01), dict(temperature="hot"),
                                     dict(temperature=float("inf")), dict(temperature=float("nan")),
