@@ -8,6 +8,7 @@ Every file is written atomically, so a crash mid-save leaves the previous file i
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -185,13 +186,65 @@ def _read_config(path):
     return hf
 
 
-def _read_safetensors(path):
-    from safetensors.numpy import load_file
+def _bfloat16_to_float32(bits):
+    """bfloat16 is the high half of a float32 (the same sign and exponent, a 7-bit mantissa): its
+    16 bits, shifted into the high half of a 32-bit word, are that float32, exactly."""
+    wide = bits.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
+
+
+# The dtypes a checkpoint's weights may be stored in: safetensors' name -> (the little-endian NumPy
+# dtype its bytes are read as, the function that turns those into floats, or None when they are).
+# NumPy has no bfloat16, in which many HuggingFace checkpoints are published: it is read as uint16.
+SAFETENSORS_FLOATS = {
+    "F16": ("<f2", None),
+    "BF16": ("<u2", _bfloat16_to_float32),
+    "F32": ("<f4", None),
+    "F64": ("<f8", None),
+}
+
+
+def _read_safetensors(path, skip=()):
+    """{name: float NumPy array} from the safetensors file at `path`, in the dtype it was stored in
+    (bfloat16 becomes float32), leaving the tensors whose names end with one of `skip` unread; or
+    CheckpointError naming what is wrong.
+
+    We read the format ourselves, as safetensors.numpy cannot read bfloat16: an 8-byte little-endian
+    header size, a JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}} (and
+    "__metadata__"), then the tensors' bytes, their offsets counted from the header's end."""
     try:
-        return load_file(path)
-    except Exception as e:   # safetensors raises its own error types for truncated or foreign files
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 0 < header_size <= file_size - 8:
+                raise ValueError(f"its header size {header_size} does not fit in the file's {file_size} bytes")
+            header = json.loads(f.read(header_size))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            header.pop("__metadata__", None)
+            return {name: _read_tensor(f, name, entry, data_start=8 + header_size, file_size=file_size)
+                    for name, entry in header.items() if not name.endswith(skip)}
+    # a truncated or foreign file, or a header whose entries lack a field or hold the wrong kind of value
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt or not safetensors; "
                               f"re-save the checkpoint") from None
+
+
+def _read_tensor(f, name, entry, data_start, file_size):
+    """The tensor that the header `entry` of the open safetensors file `f` describes."""
+    if entry["dtype"] not in SAFETENSORS_FLOATS:
+        raise CheckpointError(f"{name} in {f.name} is stored as {entry['dtype']}, which numgpt cannot read "
+                              f"(it reads {', '.join(SAFETENSORS_FLOATS)}): convert the weights to one of them")
+    stored, to_float = SAFETENSORS_FLOATS[entry["dtype"]]
+    shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+    count = math.prod(shape)
+    if end - begin != count * np.dtype(stored).itemsize or not 0 <= begin <= end <= file_size - data_start:
+        raise ValueError(f"{name}'s data_offsets {[begin, end]} do not hold its shape {list(shape)} in "
+                         f"{entry['dtype']} within the file")
+    f.seek(data_start + begin)
+    array = np.fromfile(f, dtype=stored, count=count).reshape(shape)
+    return array if to_float is None else to_float(array)
 
 
 def load_config(path):
@@ -220,11 +273,13 @@ def _check_checkpoint_dir(path):
 
 
 def load_pretrained(path):
-    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory."""
+    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory. The arrays keep
+    the file's float dtype (bfloat16 becomes float32, exactly); GPT converts them to its own."""
     config = load_config(path)
     weights_path = os.path.join(os.fspath(path), WEIGHTS_FILE)
-    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in _read_safetensors(weights_path).items()}
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(MASK_BUFFERS)}
+    # the causal masks are buffers, not weights, which some files store as booleans: left unread
+    tensors = _read_safetensors(weights_path, skip=MASK_BUFFERS)
+    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
     if config.tie_weights:
         tensors.pop("lm_head.weight", None)   # transformers ties it to wte on load, and so do we
     if not config.bias:
@@ -241,8 +296,6 @@ def load_pretrained(path):
         value = tensors[name]
         if tuple(value.shape) != shape:
             raise CheckpointError(f"{name} has shape {tuple(value.shape)} in {weights_path}, expected {shape}")
-        if value.dtype.kind != "f":
-            raise CheckpointError(f"{name} has dtype {value.dtype}; expected floating point weights")
         if not np.isfinite(value).all():   # a model saved after its training diverged would print gibberish
             raise CheckpointError(f"{name} in {weights_path} holds NaN or infinite numbers: the model it was "
                                   f"saved from had diverged; use an earlier checkpoint")

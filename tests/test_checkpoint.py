@@ -105,6 +105,103 @@ def test_weights_that_do_not_match_the_config(saved):
         GPT.from_pretrained(path)
 
 
+def write_safetensors(path, tensors):
+    """Write {name: (safetensors dtype name, array of its bits)} as a safetensors file, by hand:
+    NumPy, and so safetensors.numpy, has no bfloat16."""
+    header, data = {}, b""
+    for name, (dtype, bits) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(bits.shape), "data_offsets": [len(data), len(data) + bits.nbytes]}
+        data += bits.tobytes()
+    header = json.dumps(header).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+def store_as(path, dtype, encode):
+    """Rewrite the checkpoint at `path` with every tensor stored as `dtype`, its bits encode(float32 array)."""
+    from safetensors.numpy import load_file
+    weights = path / "model.safetensors"
+    write_safetensors(weights, {name: (dtype, encode(a)) for name, a in load_file(str(weights)).items()})
+
+
+def bfloat16_bits(a):
+    """float32 -> bfloat16 by truncation: the high 16 bits of each value."""
+    return (a.view(np.uint32) >> 16).astype("<u2")
+
+
+def truncated_to_bfloat16(a):
+    """The float32 numbers bfloat16_bits(a) stands for: the low 16 bits cleared."""
+    return (a.view(np.uint32) & 0xFFFF0000).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype, encode, decode", [
+    ("F32", lambda a: a, lambda a: a),
+    ("F64", lambda a: a.astype("<f8"), lambda a: a),
+    ("F16", lambda a: a.astype("<f2"), lambda a: a.astype(np.float16).astype(np.float32)),
+    ("BF16", bfloat16_bits, truncated_to_bfloat16),
+])
+def test_weights_in_any_float_dtype_load_into_the_models_dtype(saved, backend, dtype, encode, decode):
+    """HuggingFace checkpoints are often published in bfloat16 (or float16): each loads, exactly,
+    and becomes the model's float32."""
+    model, path = saved
+    store_as(path, dtype, encode)
+    loaded = GPT.from_pretrained(path, backend=backend)
+    for name, p in model.params.items():
+        assert loaded.params[name].dtype == np.float32
+        np.testing.assert_array_equal(to_numpy(loaded.params[name]), decode(to_numpy(p)), err_msg=name)
+    if dtype == "BF16":   # the truncation changed the numbers, so the comparison above could fail
+        assert not np.array_equal(truncated_to_bfloat16(to_numpy(model.params["wte.weight"])),
+                                  to_numpy(model.params["wte.weight"]))
+
+
+@pytest.mark.parametrize("dtype, encode", [
+    ("F8_E4M3", lambda a: (a.view(np.uint32) >> 24).astype(np.uint8)),
+    ("I32", lambda a: a.view("<i4")),
+])
+def test_an_unsupported_dtype_is_named(saved, dtype, encode):
+    _, path = saved
+    store_as(path, dtype, encode)
+    with pytest.raises(CheckpointError, match=f"{dtype}.*F16, BF16, F32, F64"):
+        GPT.from_pretrained(path)
+
+
+def test_causal_mask_buffers_are_skipped_in_any_dtype(saved):
+    """Older files carry the attention's causal masks, some as booleans: buffers, not weights, so
+    they are skipped unread whatever their dtype."""
+    from safetensors.numpy import load_file
+    model, path = saved
+    weights = path / "model.safetensors"
+    tensors = {name: ("F32", a) for name, a in load_file(str(weights)).items()}
+    mask = np.tril(np.ones((1, 1, CONFIG.block_size, CONFIG.block_size), dtype=np.uint8))
+    for i in range(CONFIG.n_layer):
+        tensors[f"transformer.h.{i}.attn.bias"] = ("BOOL", mask)
+        tensors[f"transformer.h.{i}.attn.masked_bias"] = ("F32", np.array(-1e4, dtype=np.float32))
+    write_safetensors(weights, tensors)
+    loaded = GPT.from_pretrained(path)
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(loaded.params[name], p)
+
+
+@pytest.mark.parametrize("damage", ["offsets-past-the-end", "offsets-not-the-shape", "header-not-json"])
+def test_a_damaged_safetensors_header_is_reported_as_corrupt(saved, damage):
+    from safetensors.numpy import load_file
+    _, path = saved
+    weights = path / "model.safetensors"
+    tensors = {name: ("F32", a) for name, a in load_file(str(weights)).items()}
+    write_safetensors(weights, tensors)
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    entry = header["transformer.wte.weight"]
+    if damage == "offsets-past-the-end":
+        entry["data_offsets"][1] += len(data)
+    elif damage == "offsets-not-the-shape":
+        entry["shape"][0] += 1
+    new = json.dumps(header).encode() if damage != "header-not-json" else b"{" * size
+    weights.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + size:])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        GPT.from_pretrained(path)
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "f.bin"
     atomic_write(target, b"old")
