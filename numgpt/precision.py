@@ -23,6 +23,7 @@ step is skipped) and doubling it after a long run of good ones.
 """
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -175,4 +176,16 @@ class DynamicLossScaler:
         return {"scale": self.scale, "good_steps": self.good_steps}
 
     def load_state_dict(self, state):
-        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+        """Continue from a state_dict(), or raise ValueError naming the field that no scaler could
+        have saved: a scale that is not a finite number > 0 would scale every loss to inf or NaN, and
+        a count of good steps outside [0, growth_interval) would never reach the interval again
+        (update grows the scale when the count equals it). A resume reports the ValueError as a
+        damaged training state."""
+        scale, good_steps = state["scale"], state["good_steps"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"the loss scaler's scale must be a finite number > 0, got {scale!r}")
+        if (isinstance(good_steps, bool) or not isinstance(good_steps, int)
+                or not 0 <= good_steps < self.growth_interval):
+            raise ValueError(f"the loss scaler's good_steps must be an integer in [0, {self.growth_interval}), "
+                             f"got {good_steps!r}")
+        self.scale, self.good_steps = float(scale), good_steps

@@ -76,8 +76,17 @@ def load_train_state(out_dir):
     if not 0 <= info["adam_step"] <= info["step"]:
         raise damaged_state(out_dir, f"its step {info['step']} and adam_step {info['adam_step']} are not "
                                      f"0 <= adam_step <= step")
+    # a cross-entropy is >= 0; JSON's NaN, which would never be improved on, fails the comparison too
+    if not info["best_val_loss"] >= 0:
+        raise damaged_state(out_dir, f"its best_val_loss {info['best_val_loss']} is not a number >= 0")
     if not arrays["param"] or not set(arrays["param"]) == set(arrays["adam_m"]) == set(arrays["adam_v"]):
         raise damaged_state(out_dir, "its parameters and AdamW moments do not name the same tensors")
+    # a run stops before it saves a diverged state (Trainer.check_finite), so NaN or inf here came
+    # later; resumed, it would spread to every parameter at the first step
+    non_finite = next((f"{group} tensor {name}" for group in GROUPS for name, a in arrays[group].items()
+                       if not np.isfinite(a).all()), None)
+    if non_finite:
+        raise damaged_state(out_dir, f"its {non_finite} holds NaN or infinite numbers")
     return arrays, info
 
 

@@ -559,7 +559,7 @@ class Trainer:
             self.batcher.set_state(info["data_rng"])
             self.step, self.best_val = int(info["step"]), float(info["best_val_loss"])
             self.checkpoint_step = self.step
-        except (TypeError, KeyError, ValueError) as e:
+        except (TypeError, KeyError, ValueError, OverflowError) as e:   # OverflowError: rng integers out of range
             raise damaged_state(self.cfg.out_dir, f"{type(e).__name__}: {e}") from None
         # outside the try: the moments' shapes were checked with the parameters', so an error here is
         # numgpt's, not the file's, and must not be reported as a damaged state

@@ -192,6 +192,28 @@ def test_dynamic_loss_scaler():
         DynamicLossScaler(scale=0.0)
 
 
+@pytest.mark.parametrize("state, message", [
+    ({"scale": float("nan"), "good_steps": 0}, "scale"),
+    ({"scale": float("inf"), "good_steps": 0}, "scale"),
+    ({"scale": 0.0, "good_steps": 0}, "scale"),
+    ({"scale": -1024.0, "good_steps": 0}, "scale"),
+    ({"scale": "1024", "good_steps": 0}, "scale"),
+    ({"scale": True, "good_steps": 0}, "scale"),
+    ({"scale": 1024.0, "good_steps": -1}, "good_steps"),
+    ({"scale": 1024.0, "good_steps": 3}, "good_steps"),      # the growth interval: it would never grow again
+    ({"scale": 1024.0, "good_steps": 1.5}, "good_steps"),
+    ({"scale": 1024.0, "good_steps": False}, "good_steps"),
+], ids=["nan", "inf", "zero", "negative", "string", "bool", "negative-count", "count-at-interval",
+        "float-count", "bool-count"])
+def test_a_damaged_loss_scaler_state_is_refused(state, message):
+    """A hand-edited or damaged state would scale every loss by NaN, or never grow the scale again:
+    a ValueError naming the field, which a resume reports as a damaged training state."""
+    scaler = DynamicLossScaler(scale=512.0, growth_interval=3)
+    with pytest.raises(ValueError, match=f"loss scaler's {message} must be"):
+        scaler.load_state_dict(state)
+    assert scaler.state_dict() == {"scale": 512.0, "good_steps": 0}   # left as it was
+
+
 def test_an_overflowing_backward_is_reported_not_hidden():
     """A scale far too large makes float16 products overflow: the gradients come back non-finite
     for the caller (the scaler) to see, instead of silently wrong."""

@@ -468,6 +468,19 @@ def rewrite_state(out_dir, change):
     (Path(out_dir) / STATE_FILE).write_bytes(save(tensors, {STATE_KEY: json.dumps(info)}))
 
 
+def with_one(a, value):
+    """A copy of `a` whose first element is `value`."""
+    a = a.copy()
+    a.flat[0] = value
+    return a
+
+
+def as_fp16_run(info, loss_scaler):
+    """Make the saved run an fp16 one, whose resume restores `loss_scaler`."""
+    info["train_config"]["precision"] = "fp16"
+    info["loss_scaler"] = loss_scaler
+
+
 @pytest.mark.parametrize("change", [
     lambda arrays, info: info["train_config"].update(flash_attention=True),
     lambda arrays, info: info.update(train_config=[1, 2]),
@@ -486,9 +499,23 @@ def rewrite_state(out_dir, change):
     lambda arrays, info: arrays["adam_m"].update({"wpe.weight": arrays["adam_m"]["wpe.weight"][:1]}),
     lambda arrays, info: arrays["param"].update({"ln_f.bias": arrays["param"]["ln_f.bias"][:1]}),
     lambda arrays, info: arrays["adam_v"].pop("ln_f.bias"),
+    lambda arrays, info: info["data_rng"]["state"].update(state=2 ** 200),
+    lambda arrays, info: info["data_rng"].update(uinteger=-1),
+    lambda arrays, info: info.update(best_val_loss=float("nan")),
+    lambda arrays, info: info.update(best_val_loss=-1.0),
+    lambda arrays, info: arrays["param"].update({"wte.weight": with_one(arrays["param"]["wte.weight"], np.nan)}),
+    lambda arrays, info: arrays["adam_m"].update({"ln_f.bias": with_one(arrays["adam_m"]["ln_f.bias"], np.inf)}),
+    lambda arrays, info: arrays["adam_v"].update({"wpe.weight": with_one(arrays["adam_v"]["wpe.weight"], -np.inf)}),
+    lambda arrays, info: as_fp16_run(info, {"scale": float("nan"), "good_steps": 0}),
+    lambda arrays, info: as_fp16_run(info, {"scale": 0.0, "good_steps": 0}),
+    lambda arrays, info: as_fp16_run(info, {"scale": 1024.0, "good_steps": -3}),
+    lambda arrays, info: as_fp16_run(info, {"scale": "big", "good_steps": 0}),
 ], ids=["extra-setting", "not-a-table", "wrong-type", "no-data-rng", "bad-data-rng", "model-config",
         "step", "float-step", "negative-step", "negative-adam-step", "adam-step-ahead", "best-val-loss",
-        "data-not-a-list", "float-setting", "moment-shape", "param-shape", "missing-moment"])
+        "data-not-a-list", "float-setting", "moment-shape", "param-shape", "missing-moment",
+        "rng-state-too-large", "rng-negative", "nan-best-val-loss", "negative-best-val-loss", "nan-param",
+        "inf-moment", "minus-inf-moment", "nan-loss-scale", "zero-loss-scale", "negative-good-steps",
+        "string-loss-scale"])
 def test_resume_from_a_damaged_or_foreign_state(tmp_path, cache_dir, capsys, change):
     """A state from another numgpt version reads as safetensors but does not fit: say so, in one line."""
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
