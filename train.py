@@ -133,8 +133,9 @@ def resolve_config(args):
     if "data" in given:   # your files replace the preset's dataset
         preset.pop("dataset", None)
     if "lr" in given and "min_lr" in preset and "min_lr" not in given:
-        # a preset's min_lr is a fraction of its lr (1 for a constant rate): your --lr scales it alike
-        preset["min_lr"] *= given["lr"] / preset.get("lr", TrainConfig.lr)
+        # a preset's min_lr is a fraction of its lr (1 for a constant rate): your --lr scales it alike.
+        # The fraction first: 1e-3 * (x / 1e-3) can round to just above x, which validate() refuses
+        preset["min_lr"] = given["lr"] * (preset["min_lr"] / preset.get("lr", TrainConfig.lr))
     cfg = TrainConfig(**{**preset, **given})
     if cfg.init_from != "scratch":
         cfg = with_checkpoint_shape(cfg, given)
@@ -142,15 +143,13 @@ def resolve_config(args):
     return cfg
 
 
-def resume_hint(cfg):
-    """" Continue with: python train.py --resume --out-dir DIR" when cfg's out-dir holds a state with
-    steps left to train, else ""."""
-    from numgpt.train_state import saved_step
-
-    step = saved_step(cfg.out_dir)
-    if step is None or step >= cfg.max_iters:
+def resume_hint(trainer):
+    """The command that continues `trainer`'s run, when it saved (or resumed) a state with steps left
+    to train; else "". The out-dir's state alone says nothing: it may be the run --overwrite was
+    about to replace."""
+    if trainer is None or trainer.checkpoint_step is None or trainer.checkpoint_step >= trainer.cfg.max_iters:
         return ""
-    return f" Continue with: python train.py --resume --out-dir {shlex.quote(cfg.out_dir)}"
+    return f" Continue with: python train.py --resume --out-dir {shlex.quote(trainer.cfg.out_dir)}"
 
 
 def main(argv=None):
@@ -167,7 +166,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     world = distributed.Communicator()   # this process alone, unless --ddp finds others
-    cfg = None
+    trainer = None
     try:
         from numgpt.training import Trainer, generate_samples
 
@@ -183,7 +182,7 @@ def main(argv=None):
             if not trainer.is_main:   # rank 0 reports for the job
                 return 130 if outcome == "interrupted" else 0
             if outcome == "interrupted":
-                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(cfg)}", file=sys.stderr)
+                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}", file=sys.stderr)
                 return 130
             print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
                   f"model in {cfg.out_dir}/ (python sample.py --ckpt {cfg.out_dir})")
@@ -199,16 +198,15 @@ def main(argv=None):
     except NumGPTError as e:
         return world.fail(f"error: {e}", 2)
     except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint, if any, is intact
-        from numgpt.train_state import STATE_FILE
-        saved = cfg is not None and os.path.isfile(os.path.join(cfg.out_dir, STATE_FILE))
+        saved = trainer is not None and trainer.checkpoint_step is not None
         return world.fail(f"error: {e}" + (f". The last checkpoint saved in the out-dir is intact."
-                                           f"{resume_hint(cfg)}" if saved else ""), 1)
+                                           f"{resume_hint(trainer)}" if saved else ""), 1)
     except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
         reason = f": {e}" if str(e) else ""   # Python's own MemoryError has no message
         return world.fail(f"error: out of memory{reason}. Use a smaller --batch-size or --block-size, "
                           f"or a smaller model (--n-layer, --n-embd)", 1)
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
-        return world.fail("\nStopped." + (resume_hint(cfg) if cfg is not None else ""), 130)
+        return world.fail("\nStopped." + resume_hint(trainer), 130)
     except Exception:   # a bug in numgpt: keep its traceback, and with several ranks, end the job
         if world.size == 1:
             raise

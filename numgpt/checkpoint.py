@@ -205,6 +205,9 @@ SAFETENSORS_FLOATS = {
 }
 
 
+MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit: a larger size is a damaged file, not a header
+
+
 def _read_safetensors(path, skip=()):
     """{name: float NumPy array} from the safetensors file at `path`, in the dtype it was stored in
     (bfloat16 becomes float32), leaving the tensors whose names end with one of `skip` unread; or
@@ -217,16 +220,18 @@ def _read_safetensors(path, skip=()):
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
             header_size = int.from_bytes(f.read(8), "little")
-            if not 0 < header_size <= file_size - 8:
-                raise ValueError(f"its header size {header_size} does not fit in the file's {file_size} bytes")
+            if not 0 < header_size <= min(file_size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"its header size {header_size} does not fit in the file's {file_size} bytes "
+                                 f"(or exceeds safetensors' limit, {MAX_HEADER_BYTES:,})")
             header = json.loads(f.read(header_size))
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
             header.pop("__metadata__", None)
             return {name: _read_tensor(f, name, entry, data_start=8 + header_size, file_size=file_size)
                     for name, entry in header.items() if not name.endswith(skip)}
-    # a truncated or foreign file, or a header whose entries lack a field or hold the wrong kind of value
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    # a truncated or foreign file, or a header whose entries lack a field or hold the wrong kind of
+    # value; RecursionError: JSON nested deeper than Python's stack ("[[[[...")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt or not safetensors; "
                               f"re-save the checkpoint") from None
 

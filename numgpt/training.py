@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -350,8 +351,8 @@ def remove_files(directory, names):
 
 
 def check_writable(path):
-    """ConfigError when no file can be made in directory `path` (read-only, or a full disk): found
-    before the data are loaded, not at the first checkpoint."""
+    """ConfigError when no file can be made in directory `path` (a read-only file system, no
+    permission): found before the data are loaded, not at the first checkpoint."""
     try:
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
@@ -401,7 +402,7 @@ class StopRequest:
     saved is a whole step, never a half-applied update); a second one aborts at once. With
     `notice`, the first says so on stderr."""
 
-    NOTICE = b"\nCtrl-C: stopping after this step, then saving (press it again to stop at once)\n"
+    NOTICE = b"\nCtrl-C: stopping after this step (press it again to stop at once)\n"
 
     def __init__(self, notice=True):
         self.requested = False
@@ -421,8 +422,12 @@ class StopRequest:
         self.requested = True
         if self.notice:
             # os.write, not print: a signal handler that prints while the interrupted code is
-            # printing too would fail with "reentrant call" on the stream's lock
-            os.write(2, self.NOTICE)
+            # printing too would fail with "reentrant call" on the stream's lock. A notice that
+            # cannot be written (stderr closed, or captured without a descriptor) must not stop the step.
+            try:
+                os.write(sys.stderr.fileno(), self.NOTICE)
+            except (OSError, ValueError):
+                pass
 
 
 # ---------------------------------------------------------------- the run
@@ -570,9 +575,11 @@ class Trainer:
 
     def save_state(self):
         """Write the training state (rank 0 only: every rank holds the same one)."""
-        self.checkpoint_step = self.step
-        if not self.is_main:
-            return
+        if self.is_main:
+            self._write_state()
+        self.checkpoint_step = self.step   # only once written: a failed save claims no checkpoint
+
+    def _write_state(self):
         info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
                 "train_config": dataclasses.asdict(self.cfg), "source": self.source, "data_rng": self.batcher.state()}
         if self.scaler is not None:
@@ -703,4 +710,4 @@ class Trainer:
                         self.save_state()
         if self.is_main and plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
             self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
-        return "interrupted" if self.step < cfg.max_iters else "done"
+        return "interrupted" if stop_requested else "done"

@@ -181,7 +181,8 @@ def test_causal_mask_buffers_are_skipped_in_any_dtype(saved):
         np.testing.assert_array_equal(loaded.params[name], p)
 
 
-@pytest.mark.parametrize("damage", ["offsets-past-the-end", "offsets-not-the-shape", "header-not-json"])
+@pytest.mark.parametrize("damage", ["offsets-past-the-end", "offsets-not-the-shape", "header-not-json",
+                                    "header-nested-too-deep"])
 def test_a_damaged_safetensors_header_is_reported_as_corrupt(saved, damage):
     from safetensors.numpy import load_file
     _, path = saved
@@ -196,7 +197,8 @@ def test_a_damaged_safetensors_header_is_reported_as_corrupt(saved, damage):
         entry["data_offsets"][1] += len(data)
     elif damage == "offsets-not-the-shape":
         entry["shape"][0] += 1
-    new = json.dumps(header).encode() if damage != "header-not-json" else b"{" * size
+    new = {"header-not-json": b"{" * size, "header-nested-too-deep": b"[" * 100_000}.get(damage)
+    new = new or json.dumps(header).encode()
     weights.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + size:])
     with pytest.raises(CheckpointError, match="corrupt"):
         GPT.from_pretrained(path)

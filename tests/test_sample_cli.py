@@ -265,8 +265,8 @@ def test_ctrl_c_while_importing_ends_quietly(script, tmp_path):
             break
     err = "".join(lines) + proc.stderr.read()
     proc.wait(timeout=60)
-    assert "numgpt." in lines[-1], err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert proc.returncode == -signal.SIGINT   # ended by the signal, as a command is, and not after it
 
 
 def test_runs_as_a_script(ckpt):

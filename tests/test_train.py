@@ -215,7 +215,8 @@ def test_ctrl_c_in_the_first_evaluation_keeps_the_old_run(tmp_path, cache_dir, m
     ctrl_c_in_evaluation(monkeypatch, 1)
     assert run(tmp_path, cache_dir, "--max-iters", "4", "--overwrite") == 130
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
-    assert "Stopped." in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "Stopped." in err and "Continue with" not in err   # --resume would continue the old run
 
 
 def test_ctrl_c_in_a_later_evaluation_stops_after_it(tmp_path, cache_dir, monkeypatch, capfd):
@@ -230,10 +231,12 @@ def test_ctrl_c_in_a_later_evaluation_stops_after_it(tmp_path, cache_dir, monkey
     assert f"Continue with: python train.py --resume --out-dir '{out}'" in err
 
 
-def test_ctrl_c_at_the_last_step_finishes_the_run(tmp_path, cache_dir, monkeypatch, capfd):
+def test_ctrl_c_at_the_last_step_stops_without_samples_or_resume_hint(tmp_path, cache_dir, monkeypatch, capfd):
     ctrl_c_in_evaluation(monkeypatch, 2)
-    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
-    assert "Done: 2 steps" in capfd.readouterr().out
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2", "--num-samples", "1") == 130
+    out, err = capfd.readouterr()
+    assert "Interrupted: saved step 2" in err and "Continue with" not in err and "After training" not in out
+    assert load_train_state(tmp_path)[1]["step"] == 2
 
 
 def test_relative_data_paths_are_saved_absolute(tmp_path, cache_dir, monkeypatch):
@@ -263,10 +266,14 @@ def test_resume_keeps_the_data_source_that_auto_chose(tmp_path, cache_dir, monke
     assert "trained on TinyStories, which cannot be used now: offline" in capsys.readouterr().err
 
 
-def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir):
+@pytest.mark.parametrize("closed", [False, True], ids=["streams", "stdin-and-stderr-closed"])
+def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir, closed):
+    """With stdin and stderr closed (0<&- 2>&-), the descriptor 2 is the next file opened, not a
+    stream: the Ctrl-C notice must not be written there, nor fail the step."""
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
            "--max-iters", "100000", "--eval-interval", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=(lambda: (os.close(0), os.close(2))) if closed else None)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "log.jsonl").exists() or len(step_losses(tmp_path)) < 3:
         time.sleep(0.2)
@@ -274,8 +281,9 @@ def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "--resume" in err
+    assert closed or ("Traceback" not in err and "--resume" in err)
     stopped_at = max(step_losses(tmp_path))
+    assert load_train_state(tmp_path)[1]["step"] == stopped_at
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", str(stopped_at + 2)) == 0
     assert max(step_losses(tmp_path)) == stopped_at + 2
 
@@ -572,8 +580,9 @@ def test_min_lr_follows_a_lower_lr_and_resumes_unchanged(tmp_path, cache_dir):
 def test_a_presets_min_lr_scales_with_the_lr_given():
     """tinystories-tutorial's constant rate stays constant at another --lr (its min_lr 1e-3 would
     otherwise exceed a lower --lr and be refused)."""
-    cfg = train.resolve_config(train.parse_args(["--preset", "tinystories-tutorial", "--lr", "3e-4"]))
-    assert cfg.lr == cfg.min_lr == pytest.approx(3e-4)
+    for lr in (3e-4, 2.25e-3):   # 1e-3 * (2.25e-3 / 1e-3) rounds to just above 2.25e-3
+        cfg = train.resolve_config(train.parse_args(["--preset", "tinystories-tutorial", "--lr", str(lr)]))
+        assert cfg.lr == cfg.min_lr == lr
     cfg = train.resolve_config(train.parse_args(["--preset", "tinystories-tutorial", "--lr", "3e-4",
                                                  "--min-lr", "1e-5"]))
     assert cfg.min_lr == 1e-5
