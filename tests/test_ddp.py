@@ -48,6 +48,25 @@ GPT.backward = crash_on_third
 sys.exit(train.main(sys.argv[1:]))
 """
 
+# rank 1 of the Ctrl-C tests: train.py that sends itself a SIGINT while its EVALUATION-th evaluation
+# estimates its train loss (each evaluation estimates two losses, train then val)
+CTRL_C_IN_EVALUATION = """
+import os, signal, sys
+import numgpt.training
+import train
+
+estimate_loss, calls = numgpt.training.estimate_loss, []
+
+def estimate_with_ctrl_c(model, batches):
+    calls.append(batches)
+    if len(calls) == 2 * EVALUATION - 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return estimate_loss(model, batches)
+
+numgpt.training.estimate_loss = estimate_with_ctrl_c
+sys.exit(train.main(sys.argv[1:]))
+"""
+
 
 @pytest.fixture(scope="module")
 def mpiexec():
@@ -174,6 +193,20 @@ def test_a_failing_rank_ends_the_job(mpiexec, cache_dir, tmp_path):
     code, err = run([*rank0, ":", "-n", "1", *rank1])
     assert code != 0
     assert "rank 1: Traceback" in err and "injected failure" in err
+
+
+@pytest.mark.parametrize("evaluation", [1, 2], ids=["first-evaluation", "at-step-3"])
+def test_a_ctrl_c_on_one_rank_in_an_evaluation_stops_every_rank_there(mpiexec, cache_dir, tmp_path, evaluation):
+    """The stop flag travels with the evaluation's losses: both ranks stop after it, having saved
+    the state of step 3, or, in a new run's first evaluation, having saved nothing."""
+    rank0 = train_cmd(1, mpiexec, tmp_path, cache_dir, "--max-iters", "100")
+    rank1 = [sys.executable, "-c", CTRL_C_IN_EVALUATION.replace("EVALUATION", str(evaluation)), *rank0[5:]]
+    code, err = run([*rank0, ":", "-n", "1", *rank1])
+    assert code == 130, err
+    if evaluation == 1:
+        assert not os.path.exists(tmp_path / "train_state.safetensors"), err
+    else:
+        assert load_train_state(tmp_path)[1]["step"] == 3 and len(step_losses(tmp_path)) == 3
 
 
 def test_flat_buffer_and_shards():
