@@ -576,15 +576,13 @@ class Trainer:
     def save_state(self):
         """Write the training state (rank 0 only: every rank holds the same one)."""
         if self.is_main:
-            self._write_state()
+            info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
+                    "train_config": dataclasses.asdict(self.cfg), "source": self.source,
+                    "data_rng": self.batcher.state()}
+            if self.scaler is not None:
+                info["loss_scaler"] = self.scaler.state_dict()
+            save_train_state(self.cfg.out_dir, self.model, self.optimizer, info)
         self.checkpoint_step = self.step   # only once written: a failed save claims no checkpoint
-
-    def _write_state(self):
-        info = {"step": self.step, "best_val_loss": self.best_val, "model_config": self.model.config.to_dict(),
-                "train_config": dataclasses.asdict(self.cfg), "source": self.source, "data_rng": self.batcher.state()}
-        if self.scaler is not None:
-            info["loss_scaler"] = self.scaler.state_dict()
-        save_train_state(self.cfg.out_dir, self.model, self.optimizer, info)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches of this rank's rows, the gradients
