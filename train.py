@@ -93,7 +93,7 @@ def parse_args(argv=None):
 def resolve_config(args):
     """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
     from numgpt.checkpoint import kind_mismatch
-    from numgpt.train_state import damaged_state, load_train_state
+    from numgpt.train_state import damaged_state, load_train_info
     from numgpt.training import PRESETS, TrainConfig, with_checkpoint_shape
 
     given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "overwrite", "ddp", "no_progress")}
@@ -105,7 +105,7 @@ def resolve_config(args):
         if getattr(args, "preset", None):
             raise NumGPTError("--resume takes the saved run's settings, not a --preset's: drop --preset")
         out_dir = given.get("out_dir", TrainConfig.out_dir)
-        _, info = load_train_state(out_dir)
+        info = load_train_info(out_dir)   # the tensors wait for the trainer: read once, not twice
         saved = info["train_config"]
         if not isinstance(saved, dict):
             raise damaged_state(out_dir, "its train_config is not a table of settings")

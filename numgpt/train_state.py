@@ -50,6 +50,26 @@ def saved_step(out_dir):
 
 def load_train_state(out_dir):
     """({group: {name: array}}, info) from `out_dir`, or CheckpointError saying what is wrong."""
+    arrays, info = _read_state(out_dir, read_tensors=True)
+    # a run stops before it saves a diverged state (Trainer.check_finite), so NaN or inf here came
+    # later; resumed, it would spread to every parameter at the first step
+    non_finite = next((f"{group} tensor {name}" for group in GROUPS for name, a in arrays[group].items()
+                       if not np.isfinite(a).all()), None)
+    if non_finite:
+        raise damaged_state(out_dir, f"its {non_finite} holds NaN or infinite numbers")
+    return arrays, info
+
+
+def load_train_info(out_dir):
+    """The metadata (info) of the training state in `out_dir`, checked as load_train_state checks
+    it, its tensors left unread: what --resume needs to settle the run's settings, before the
+    trainer reads the tensors once."""
+    return _read_state(out_dir, read_tensors=False)[1]
+
+
+def _read_state(out_dir, read_tensors):
+    """(arrays, info) of the state in `out_dir` after every check of its metadata and tensor names;
+    each array is None unless `read_tensors`."""
     from safetensors import safe_open
 
     path = os.path.join(out_dir, STATE_FILE)
@@ -62,7 +82,7 @@ def load_train_state(out_dir):
             arrays = {group: {} for group in GROUPS}
             for key in f.keys():
                 group, name = key.split("/", 1)
-                arrays[group][name] = f.get_tensor(key)
+                arrays[group][name] = f.get_tensor(key) if read_tensors else None
     except Exception as e:   # truncated file, foreign file, missing metadata, bad JSON
         raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
                               f"Start over with --overwrite, or restore the file") from None
@@ -81,12 +101,6 @@ def load_train_state(out_dir):
         raise damaged_state(out_dir, f"its best_val_loss {info['best_val_loss']} is not a number >= 0")
     if not arrays["param"] or not set(arrays["param"]) == set(arrays["adam_m"]) == set(arrays["adam_v"]):
         raise damaged_state(out_dir, "its parameters and AdamW moments do not name the same tensors")
-    # a run stops before it saves a diverged state (Trainer.check_finite), so NaN or inf here came
-    # later; resumed, it would spread to every parameter at the first step
-    non_finite = next((f"{group} tensor {name}" for group in GROUPS for name, a in arrays[group].items()
-                       if not np.isfinite(a).all()), None)
-    if non_finite:
-        raise damaged_state(out_dir, f"its {non_finite} holds NaN or infinite numbers")
     return arrays, info
 
 
