@@ -36,15 +36,17 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
         probs = np.zeros_like(logits)
         probs[np.arange(B), logits.argmax(axis=-1)] = 1.0
         return probs
+    # Top-k compares the logits as given: after the shift below, 1e-224 and 0 would both round to
+    # the same value beside a maximum of 1, and a token outside the k could tie with the k-th.
+    if top_k is not None and top_k < V:
+        kth = np.partition(logits, V - top_k, axis=-1)[:, V - top_k, None]   # (B,1) k-th largest
+        logits = np.where(logits < kth, -np.inf, logits)
     # Shifted by its maximum first, a row's largest logit is 0 and the rest are negative, so a tiny
     # temperature can only send them towards -inf (probability 0). Divided first, the largest would
     # overflow to inf, and inf - inf is NaN. The shift leaves the softmax unchanged.
     logits = logits - logits.max(axis=-1, keepdims=True)
     with np.errstate(over="ignore"):   # -inf is the intended limit
         logits = logits / temperature
-    if top_k is not None and top_k < V:
-        kth = np.partition(logits, V - top_k, axis=-1)[:, V - top_k, None]   # (B,1) k-th largest
-        logits = np.where(logits < kth, -np.inf, logits)
     probs = np.exp(logits)                                                     # the maximum, 0, survives top-k
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1.0:
