@@ -153,6 +153,20 @@ def test_weights_in_any_float_dtype_load_into_the_models_dtype(saved, backend, d
                                   to_numpy(model.params["wte.weight"]))
 
 
+def test_float64_weights_beyond_float32s_range_are_refused(saved):
+    """Cast to the model's float32, 1e39 would become inf, which the NaN check had already passed."""
+    _, path = saved
+
+    def huge(a):
+        a = a.astype("<f8")
+        if a.ndim == 2:
+            a[0, 0] = 1e39
+        return a
+    store_as(path, "F64", huge)
+    with pytest.raises(CheckpointError, match="beyond float32's range"):
+        GPT.from_pretrained(path)
+
+
 @pytest.mark.parametrize("dtype, encode", [
     ("F8_E4M3", lambda a: (a.view(np.uint32) >> 24).astype(np.uint8)),
     ("I32", lambda a: a.view("<i4")),
