@@ -17,12 +17,11 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from numgpt import console  # noqa: E402
 from numgpt.backend import backend_name, to_numpy  # noqa: E402
 from numgpt.data.tokenizer import EOT, get_tokenizer  # noqa: E402
 from numgpt.errors import ConfigError, DataError, NumGPTError  # noqa: E402
@@ -167,15 +166,13 @@ def main(argv=None):
     if sys.stdout is None:   # started with stdout closed (>&-): the samples would go nowhere
         print("error: the standard output is closed: sample.py has nowhere to write its samples", file=sys.stderr)
         return 1
-    if isinstance(sys.stdout, io.TextIOWrapper):   # "é" shows as "?" on an ASCII terminal, not as an error
-        sys.stdout.reconfigure(errors="replace")
+    sys.stdout, sys.stderr = console.standard_streams()   # their write errors name them (see there)
     try:
         return run(args)
     except NumGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:          # the reader went away (python sample.py | head): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit's flush is quiet
         return 0
     except OSError as e:             # e.g. --attention-png into a missing directory
         print(f"error: {e}", file=sys.stderr)

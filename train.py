@@ -20,7 +20,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import io  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -153,14 +152,10 @@ def resume_hint(trainer):
 
 
 def main(argv=None):
-    # Python has no sys.stdout or sys.stderr when started with one closed (>&-): the run then
-    # goes on without its messages, instead of failing at the first one
-    sys.stdout, sys.stderr = (stream or open(os.devnull, "w") for stream in (sys.stdout, sys.stderr))
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):   # a story's "é" shows as "?" on an ASCII terminal
-            stream.reconfigure(errors="replace")
+    from numgpt import console, distributed
+
+    sys.stdout, sys.stderr = console.standard_streams()   # closed ones go to os.devnull (see there)
     args = parse_args(argv)
-    from numgpt import distributed
 
     # the imports are done: from here on a Ctrl-C is numgpt's to handle (it saves, then stops)
     signal.signal(signal.SIGINT, signal.default_int_handler)

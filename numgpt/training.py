@@ -446,6 +446,7 @@ class Trainer:
         self.progress = progress and self.is_main
         self.stop = StopRequest(notice=self.is_main)
         self.out_dir_lock = None
+        self.checkpoint_step = None   # the step of the state saved or resumed in the out-dir, if any
 
     def close(self):
         """Let another run use the out-dir (the lock goes with the process too, however it ends)."""
@@ -512,7 +513,7 @@ class Trainer:
                                                  np.random.default_rng([cfg.seed, i, k])))
                     for k in range(cfg.eval_iters)]
             for i, (split, tokens) in enumerate((("train", self.train_tokens), ("val", self.val_tokens)))}
-        self.step, self.best_val, self.checkpoint_step = 0, float("inf"), None
+        self.step, self.best_val = 0, float("inf")
         self.resumed = state is not None
         if self.resumed:
             self._restore(*state)

@@ -220,6 +220,16 @@ def test_a_diverged_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
     assert code == 2 and "h.1.mlp.c_fc.weight" in err and "NaN" in err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_output_that_cannot_be_written_is_named(ckpt):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--max-new-tokens", "2"],
+                                stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=SCRIPT_ENV)
+    assert result.returncode == 1
+    assert "cannot write to the standard output: No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
 @pytest.mark.parametrize("closed, argv, message", [
     ("stdout", [], "standard output is closed"),
     ("stdin", ["--prompt-file", "-"], "standard input, which is closed"),

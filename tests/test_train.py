@@ -288,6 +288,19 @@ def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir, closed):
     assert max(step_losses(tmp_path)) == stopped_at + 2
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_output_that_cannot_be_written_is_named(tmp_path, cache_dir):
+    """`> /dev/full`: every write fails with ENOSPC, as on a full disk. The error must say that it
+    was the output, not a checkpoint, and fail before any state exists without a traceback."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path),
+           "--cache-dir", cache_dir, "--max-iters", "2"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 1
+    assert "cannot write to the standard output: No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
 def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):
     assert run(tmp_path / "base", cache_dir, "--max-iters", "2") == 0
     assert run(tmp_path / "tuned", cache_dir, "--init-from", str(tmp_path / "base"), "--max-iters", "2") == 0

@@ -1,0 +1,56 @@
+"""The scripts' standard output and error: present, tolerant of what a terminal cannot show, and
+named in their errors."""
+
+import io
+import os
+import sys
+
+
+class NamedStream:
+    """A text stream whose write errors say which stream failed: "[Errno 28] No space left on
+    device" alone could as well be a checkpoint's. Everything else is the stream's own."""
+
+    def __init__(self, stream, name):
+        self.stream, self.name = stream, name
+
+    def __getattr__(self, attr):   # isatty, fileno, encoding, ... as the stream has them
+        return getattr(self.stream, attr)
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, error):
+        """The error to raise, naming the stream (OSError(EPIPE, ...) is a BrokenPipeError). The
+        stream's file becomes os.devnull: its unwritten text would fail again in the flush at exit,
+        which prints "Exception ignored" after the script's own message."""
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):   # no file behind it (a test's capture)
+            pass
+        return OSError(error.errno, f"cannot write to the {self.name}: {error.strerror}")
+
+
+def standard_streams():
+    """(stdout, stderr) for a script to install as sys.stdout and sys.stderr.
+
+    A stream closed at start (`>&-`, which leaves Python None) becomes os.devnull, so the script
+    goes on without those messages instead of failing at the first; a character the terminal's
+    encoding lacks (a story's "é" on an ASCII terminal) shows as "?" instead of raising."""
+    streams = []
+    for stream, name in ((sys.stdout, "standard output"), (sys.stderr, "standard error")):
+        if isinstance(stream, NamedStream):   # main() run twice in one process, as the tests do
+            stream = stream.stream
+        stream = stream or open(os.devnull, "w")
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+        streams.append(NamedStream(stream, name))
+    return tuple(streams)
