@@ -97,6 +97,8 @@ def resolve_config(args):
 
     given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "overwrite", "ddp", "no_progress")}
     if "data" in given:   # saved with the run, which may be resumed from another directory
+        if "" in given["data"]:   # an unset shell variable, say: abspath would make it the current directory
+            raise NumGPTError("--data has an empty path: name a text file")
         given["data"] = [os.path.abspath(path) for path in given["data"]]
     if getattr(args, "resume", False):
         if getattr(args, "overwrite", False):
@@ -180,7 +182,7 @@ def main(argv=None):
                 print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}", file=sys.stderr)
                 return 130
             print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
-                  f"model in {cfg.out_dir}/ (python sample.py --ckpt {cfg.out_dir})")
+                  f"model in {cfg.out_dir}/ (python sample.py --ckpt {shlex.quote(cfg.out_dir)})")
             if cfg.num_samples:
                 from numgpt.model import GPT
                 best = GPT.from_pretrained(cfg.out_dir, backend=cfg.backend, dtype=cfg.dtype)

@@ -100,8 +100,9 @@ class TrainConfig:
             if f.type is int and getattr(self, f.name) >= 2**63:   # NumPy counts in int64
                 raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)} is too large: "
                                   f"the limit is 2**63 - 1")
-        if not self.out_dir:
-            raise ConfigError("--out-dir is empty: name a directory")
+        for name in ("out_dir", "cache_dir"):   # "" names no directory (the cache's would be the current one)
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is empty: name a directory")
         positive = ("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size", "grad_accum",
                     "eval_interval", "eval_iters")
         for name in positive:

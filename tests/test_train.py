@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -229,6 +230,12 @@ def test_ctrl_c_in_a_later_evaluation_stops_after_it(tmp_path, cache_dir, monkey
     err = capfd.readouterr().err
     assert "Ctrl-C: stopping after this step" in err
     assert f"Continue with: python train.py --resume --out-dir '{out}'" in err
+
+
+def test_the_sample_command_at_the_end_is_quoted_as_the_shell_needs_it(tmp_path, cache_dir, capsys):
+    out = tmp_path / "my run"
+    assert run(out, cache_dir, "--max-iters", "1") == 0
+    assert f"(python sample.py --ckpt '{out}')" in capsys.readouterr().out
 
 
 def test_ctrl_c_at_the_last_step_stops_without_samples_or_resume_hint(tmp_path, cache_dir, monkeypatch, capfd):
@@ -665,6 +672,37 @@ def test_an_out_dir_that_cannot_be_written_is_found_before_the_data(tmp_path, ca
     monkeypatch.setattr(numgpt.training.tempfile, "TemporaryFile", read_only)
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
     assert f"cannot write in --out-dir {tmp_path}: Read-only file system" in capsys.readouterr().err
+
+
+def test_a_cache_dir_that_cannot_be_written_is_found_before_the_data(tmp_path, monkeypatch, capsys):
+    """A --cache-dir without write permission (simulated: root may write anywhere) is named in one
+    line before the stories are read and tokenized, not in the [Errno 13] of a temporary file."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def refused_in_cache(make):
+        def make_file(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == cache:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            return make(*args, dir=dir, **kwargs)
+        return make_file
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused_in_cache(tempfile.mkstemp))
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused_in_cache(tempfile.TemporaryFile))
+    monkeypatch.setattr(numgpt.data.stories, "embedded_corpus", None)   # calling it would be a TypeError
+    assert run(tmp_path / "o", str(cache), "--max-iters", "1") == 2
+    assert f"cannot write in the cache directory '{cache}' (Permission denied)" in capsys.readouterr().err
+
+
+def test_an_empty_cache_dir_or_data_path_is_refused(tmp_path, cache_dir, monkeypatch, capsys):
+    """"" (an unset shell variable) is no directory or file: as a --cache-dir it would quietly put
+    the token cache in the current directory, and as a --data path read that directory as data."""
+    monkeypatch.chdir(tmp_path)
+    assert run(tmp_path / "o", cache_dir, "--max-iters", "1", "--cache-dir=") == 2
+    assert "--cache-dir is empty: name a directory" in capsys.readouterr().err
+    assert train.main([*TINY, "--data", "", "--out-dir", str(tmp_path / "o"), "--cache-dir", cache_dir]) == 2
+    assert "--data has an empty path: name a text file" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_fine_tuning_a_model_of_another_vocabulary_is_refused_before_the_data(tmp_path, cache_dir, monkeypatch,

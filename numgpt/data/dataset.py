@@ -34,6 +34,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -308,7 +309,7 @@ def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str)
         expected = {"tokenizer": TOKENIZER_NAME, "source": source_key, "split": split,
                     "dtype": np.dtype(TOKEN_DTYPE).name, "version": CACHE_VERSION}
         mismatched = sorted(k for k, v in expected.items() if meta.get(k) != v)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: int(inf)
         return f"unreadable metadata ({type(e).__name__}: {e})"
     if mismatched:
         return f"metadata does not match in {', '.join(mismatched)}"
@@ -366,6 +367,11 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
         bin_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the cache directory '{bin_path.parent}' ({e.strerror or e}): "
+                        f"choose a writable cache directory") from e
+    try:   # found now, not after minutes of downloading and tokenizing, and named
+        tempfile.TemporaryFile(dir=bin_path.parent).close()
+    except OSError as e:
+        raise DataError(f"cannot write in the cache directory '{bin_path.parent}' ({e.strerror or e}): "
                         f"choose a writable cache directory") from e
     documents = documents_fn()
     if not documents:
