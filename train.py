@@ -129,6 +129,9 @@ def resolve_config(args):
         # the run lives where it was read from: a copied or moved out-dir is continued where it is now
         cfg = TrainConfig(**{**saved, **given, "out_dir": out_dir})
         cfg.validate()
+        if cfg.max_iters < info["step"]:   # it would train nothing and say "Done" at the saved step
+            raise NumGPTError(f"--max-iters {cfg.max_iters} is below the saved run's step {info['step']}: "
+                              f"give a larger --max-iters to train on")
         return cfg
     preset = dict(PRESETS[getattr(args, "preset", "default")])
     if "data" in given:   # your files replace the preset's dataset
@@ -176,11 +179,14 @@ def main(argv=None):
             if trainer.step == 0 and cfg.num_samples and trainer.is_main:
                 print("\nBefore training:\n" + generate_samples(trainer.model, 1, 30, cfg.seed)[0])
             outcome = trainer.run()
+            # stopped by a signal, the shell's status for it: 130 for Ctrl-C, 143 for SIGTERM (a rank
+            # that did not receive it itself stopped with the others: Ctrl-C's)
+            stopped = 128 + (trainer.stop.signum or signal.SIGINT)
             if not trainer.is_main:   # rank 0 reports for the job
-                return 130 if outcome == "interrupted" else 0
+                return stopped if outcome == "interrupted" else 0
             if outcome == "interrupted":
                 print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}", file=sys.stderr)
-                return 130
+                return stopped
             print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
                   f"model in {cfg.out_dir}/ (python sample.py --ckpt {shlex.quote(cfg.out_dir)})")
             if cfg.num_samples:

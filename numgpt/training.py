@@ -396,37 +396,44 @@ def refuse_previous_run(out_dir):
                       f"continue it with --resume, start over with --overwrite, or choose another --out-dir")
 
 
-# ---------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
 
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop after the current step or evaluation (so the state
-    saved is a whole step, never a half-applied update); a second one aborts at once. With
-    `notice`, the first says so on stderr."""
+    """The first Ctrl-C (SIGINT), or SIGTERM (what `kill`, `timeout` and batch schedulers send
+    before they kill), asks the loop to stop after the current step or evaluation, so the state
+    saved is a whole step, never a half-applied update; a second one aborts at once. With
+    `notice`, the first says so on stderr. `signum` is the signal that asked, or None."""
 
-    NOTICE = b"\nCtrl-C: stopping after this step (press it again to stop at once)\n"
+    NOTICES = {signal.SIGINT: b"\nCtrl-C: stopping after this step (press it again to stop at once)\n",
+               signal.SIGTERM: b"\nSIGTERM: stopping after this step (send it again to stop at once)\n"}
 
     def __init__(self, notice=True):
-        self.requested = False
+        self.signum = None
         self.notice = notice
-        self._previous = None
+        self._previous = {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.NOTICES}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
         if self.notice:
             # os.write, not print: a signal handler that prints while the interrupted code is
             # printing too would fail with "reentrant call" on the stream's lock. A notice that
             # cannot be written (stderr closed, or captured without a descriptor) must not stop the step.
             try:
-                os.write(sys.stderr.fileno(), self.NOTICE)
+                os.write(sys.stderr.fileno(), self.NOTICES[signum])
             except (OSError, ValueError):
                 pass
 

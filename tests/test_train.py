@@ -103,6 +103,13 @@ def test_a_resumed_run_may_change_its_data_source(tmp_path, cache_dir):
     assert info["source"] == "embedded" and info["train_config"]["data"] == []
 
 
+def test_resume_refuses_a_max_iters_below_the_saved_step(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "2") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "1") == 2
+    assert "--max-iters 1 is below the saved run's step 2" in capsys.readouterr().err
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0   # nothing left to train: done
+
+
 def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     assert run(tmp_path, cache_dir, "--resume", "--n-embd", "32") == 2
@@ -273,10 +280,12 @@ def test_resume_keeps_the_data_source_that_auto_chose(tmp_path, cache_dir, monke
     assert "trained on TinyStories, which cannot be used now: offline" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("closed", [False, True], ids=["streams", "stdin-and-stderr-closed"])
-def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir, closed):
-    """With stdin and stderr closed (0<&- 2>&-), the descriptor 2 is the next file opened, not a
-    stream: the Ctrl-C notice must not be written there, nor fail the step."""
+@pytest.mark.parametrize("closed, signum", [(False, signal.SIGINT), (True, signal.SIGINT), (False, signal.SIGTERM)],
+                         ids=["ctrl-c", "ctrl-c-stdin-and-stderr-closed", "sigterm"])
+def test_a_stop_signal_saves_and_resumes(tmp_path, cache_dir, closed, signum):
+    """Ctrl-C, or the SIGTERM of `kill`, `timeout` or a batch scheduler, saves the step it finishes.
+    With stdin and stderr closed (0<&- 2>&-), the descriptor 2 is the next file opened, not a
+    stream: the notice must not be written there, nor fail the step."""
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
            "--max-iters", "100000", "--eval-interval", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -285,10 +294,10 @@ def test_ctrl_c_saves_and_resumes(tmp_path, cache_dir, closed):
     while time.time() < deadline and not (tmp_path / "log.jsonl").exists() or len(step_losses(tmp_path)) < 3:
         time.sleep(0.2)
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert closed or ("Traceback" not in err and "--resume" in err)
+    assert proc.returncode == 128 + signum, err
+    assert closed or ("Traceback" not in err and "--resume" in err and "stopping after this step" in err)
     stopped_at = max(step_losses(tmp_path))
     assert load_train_state(tmp_path)[1]["step"] == stopped_at
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", str(stopped_at + 2)) == 0
