@@ -31,6 +31,9 @@ from numgpt.model import GPT  # noqa: E402
 from numgpt.sampling import check_sampling_args, next_token_probs  # noqa: E402
 
 SEPARATOR = "-" * 15
+# A prompt is a few thousand characters (GPT-2 sees the last 1024 tokens of it). A file far longer is
+# a mistake, such as a training corpus or /dev/zero, that would fill the memory and then the terminal.
+MAX_PROMPT_CHARS = 10_000_000
 
 
 def parse_args(argv=None):
@@ -66,18 +69,24 @@ def parse_args(argv=None):
 
 
 def read_prompt(args):
-    """The prompt text: --prompt, or the whole of --prompt-file ('-' reads stdin)."""
+    """The prompt text: --prompt, or the whole of --prompt-file ('-' reads stdin), up to
+    MAX_PROMPT_CHARS characters."""
     if args.prompt_file is None:
         return args.prompt
     try:
         if args.prompt_file == "-":
             if sys.stdin is None:   # started with stdin closed (<&-): Python then has no sys.stdin
                 raise DataError("--prompt-file - reads the standard input, which is closed")
-            return sys.stdin.read()
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+            text = sys.stdin.read(MAX_PROMPT_CHARS + 1)
+        else:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read(MAX_PROMPT_CHARS + 1)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read the prompt file {args.prompt_file!r}: {e}") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise DataError(f"the prompt file {args.prompt_file!r} holds more than {MAX_PROMPT_CHARS:,} characters: "
+                        f"give a prompt (the model sees only its last block_size tokens), not a corpus")
+    return text
 
 
 def encode_prompt(enc, text, vocab_size):
@@ -174,7 +183,7 @@ def main(argv=None):
         return 2
     except BrokenPipeError:          # the reader went away (python sample.py | head): not an error
         return 0
-    except OSError as e:             # e.g. --attention-png into a missing directory
+    except OSError as e:             # e.g. --attention-png into a read-only directory
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

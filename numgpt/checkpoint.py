@@ -290,6 +290,11 @@ def load_pretrained(path):
     if not config.bias:
         config, tensors = _drop_zero_biases(config, tensors)
 
+    # the layers are counted first: for a mistyped n_layer of 10**15, param_shapes would list names for ever
+    layers = {name.split(".")[1] for name in tensors if name.startswith("h.")}
+    if len(layers) != config.n_layer:
+        raise CheckpointError(f"{weights_path} holds {len(layers)} layers, but its config.json says "
+                              f"n_layer = {config.n_layer}")
     expected = param_shapes(config)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -95,13 +95,19 @@ def check_matplotlib():
 
 
 def check_image_path(path):
-    """Raise NumGPTError unless plot_attention can write `path`: matplotlib is installed and the
-    file's extension names a format it writes. Cheap, so callers check before any long work."""
+    """Raise NumGPTError unless plot_attention can write `path`: matplotlib is installed, the
+    file's extension names a format it writes, and its directory exists. Cheap, so callers check
+    before any long work."""
     check_matplotlib()
     extension = os.path.splitext(path)[1].lstrip(".").lower()
     if extension not in IMAGE_FORMATS:
         raise ConfigError(f"cannot write the attention image {path!r}: name it with one of the extensions "
                           f"{', '.join('.' + f for f in IMAGE_FORMATS)}")
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ConfigError(f"cannot write the attention image {path!r}: there is no directory {directory!r}")
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write the attention image {path!r}: it is a directory")
 
 
 def plot_attention(maps, labels, path):

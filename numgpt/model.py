@@ -51,6 +51,24 @@ def init_params(config, seed=0):
     return params
 
 
+def is_count(value):
+    """Whether `value` is an integer >= 0, NumPy's included; a bool is not one."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def check_params(config, params):
+    """ConfigError unless `params` holds exactly the parameters of `config`, in their shapes: a
+    missing one would fail only in the first forward, and a bias of the wrong shape would broadcast
+    there, silently computing something else."""
+    expected = param_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"params do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if params[name].shape != shape:
+            raise ConfigError(f"params[{name!r}] has shape {params[name].shape}; the config needs {shape}")
+
+
 def module_of(ids):
     """The array module that holds `ids`: NumPy for lists and other host data."""
     return array_module(ids) if hasattr(ids, "shape") else np
@@ -80,6 +98,8 @@ class GPT:
     def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None):
         if not isinstance(config, GPTConfig):
             raise ConfigError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if not is_count(seed):   # NumPy's own error for -1 names no argument
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
         self.config = config
         self.xp = get_xp(backend)
         self.dtype = resolve_dtype(dtype)
@@ -89,6 +109,7 @@ class GPT:
         host_params = init_params(config, seed) if params is None else params
         # copies: the model owns its parameters and updates them in place
         self.params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
+        check_params(config, self.params)
         self.dropout_rng = np.random.default_rng([seed, 1])   # host generator behind every dropout mask
         self.training = True
         self._cache = None
@@ -129,7 +150,11 @@ class GPT:
 
         The ids are checked where they are, then moved: a batch from the host costs one transfer
         to the GPU and no wait for it (reading a device array's min and max back would)."""
-        ids = to_device(ids, module_of(ids))
+        try:
+            ids = to_device(ids, module_of(ids))
+        except ValueError as e:   # rows of different lengths
+            raise ConfigError(f"{name} must be a (batch, time) array of token ids; NumPy cannot make one of it "
+                              f"({e})") from None
         if ids.ndim != 2:
             raise ConfigError(f"{name} must be a (batch, time) array of token ids, got shape {ids.shape}")
         if ids.dtype.kind not in "iu":
@@ -161,6 +186,8 @@ class GPT:
         reading it would make the host wait for the whole forward (the trainer reads it once a step).
         """
         cfg, p = self.config, self.params
+        if not (isinstance(loss_scale, (int, float)) and 0 < loss_scale < math.inf):   # backward divides by it
+            raise ConfigError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
         # checked (and the targets counted) where they are: on the host that is no wait for the GPU
         idx = self._as_ids(idx, "idx", xp=module_of(idx))
         B, T = idx.shape
@@ -282,8 +309,10 @@ class GPT:
         use_cache=False, which runs forward over the whole context every step (the reference).
         """
         check_sampling_args(temperature, top_k, top_p)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not is_count(max_new_tokens):
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not (seed is None or isinstance(seed, np.random.Generator) or is_count(seed)):
+            raise ConfigError(f"seed must be an integer >= 0, a NumPy Generator or None, got {seed!r}")
         tokens = self._as_ids(idx, "idx", xp=np, any_length=True)          # (B,T) on the host: tiny
         # a plain method returning the generator, so that the checks above run now, not at the first step
         return self._steps(tokens, max_new_tokens, (temperature, top_k, top_p), np.random.default_rng(seed),

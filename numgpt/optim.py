@@ -36,12 +36,14 @@ class AdamW:
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, exclude_from_decay=()):
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ConfigError(f"learning rate must be > 0, got {lr!r}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ConfigError(f"betas must be in [0, 1), got {betas!r}")
-        if not eps > 0 or not weight_decay >= 0:
-            raise ConfigError(f"eps must be > 0 and weight_decay >= 0, got {eps!r}, {weight_decay!r}")
+        # an infinite lr, eps or weight_decay would turn every parameter into NaN, or freeze it
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf):
+            raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not 0 < eps < math.inf or not 0 <= weight_decay < math.inf:
+            raise ConfigError(f"eps must be finite and > 0 and weight_decay finite and >= 0, got {eps!r}, "
+                              f"{weight_decay!r}")
         unknown = set(exclude_from_decay) - set(params)
         if unknown:
             raise ConfigError(f"exclude_from_decay names unknown parameters: {sorted(unknown)[:5]}")
@@ -137,6 +139,13 @@ class AdamW:
                 buffer[...] = to_device(saved[name], array_module(buffer), dtype=buffer.dtype)
 
 
+def check_max_norm(max_norm):
+    """ConfigError unless max_norm > 0 (inf: never clip): a negative one would flip every gradient's
+    sign, and NaN would skip the clipping, silently."""
+    if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
+        raise ConfigError(f"max_norm must be a number > 0 (inf never clips), got {max_norm!r}")
+
+
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients ({name: array}) in place so their global L2 norm is at most max_norm;
     return the norm before clipping (as torch.nn.utils.clip_grad_norm_: coefficient
@@ -145,6 +154,7 @@ def clip_grad_norm(grads, max_norm):
     The squares are summed in float64 where the gradients are, and read back once: on a GPU, one
     wait for the device, and one kernel launch each for the sum and the scaling. A training loop
     need not wait: clip_coefficient and AdamW.step(grads, grad_scale=...) do the same on the device."""
+    check_max_norm(max_norm)
     total = math.sqrt(foreach.sum_of_squares(list(grads.values())))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
@@ -155,6 +165,7 @@ def clip_grad_norm(grads, max_norm):
 def clip_coefficient(grads, max_norm):
     """min(1, max_norm / (norm + 1e-6)), the factor clip_grad_norm scales the gradients by, as a
     0-d float64 value where the gradients are: on a GPU, computed without a wait for the device."""
+    check_max_norm(max_norm)
     xp = array_module(next(iter(grads.values())))
     total = xp.sqrt(foreach.sum_of_squares(list(grads.values())))
     return xp.minimum(max_norm / (total + 1e-6), 1.0)

@@ -8,18 +8,24 @@ import math
 
 import numpy as np
 
-from numgpt.errors import ConfigError
+from numgpt.errors import ConfigError, NumGPTError
+
+
+def is_number(value):
+    """Whether `value` is an int or a float, NumPy's (np.float32) included; a bool is not one,
+    though Python makes True an int."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
     """Raise ConfigError for a temperature that is not a finite number >= 0, a top_k < 1 or a top_p
     outside (0, 1]. NaN fails every comparison, so the range checks reject it too; an infinite
     temperature would turn every logit into 0 or NaN."""
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+    if not is_number(temperature) or not 0 <= temperature < math.inf:
         raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
@@ -32,6 +38,11 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """
     logits = np.asarray(logits, dtype=np.float64)
     B, V = logits.shape
+    # NaN and +inf carry through the maximum, and a row all -inf has no token: any of them would
+    # make the draw token 0 every time, silently
+    if not np.isfinite(logits.max(axis=-1)).all():
+        raise NumGPTError("the model's logits hold NaN or infinite numbers: its arithmetic overflowed, as a "
+                          "diverged model's does; use an earlier checkpoint, or try dtype float64")
     if temperature == 0:
         probs = np.zeros_like(logits)
         probs[np.arange(B), logits.argmax(axis=-1)] = 1.0

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from numgpt import GPT, CheckpointError, GPTConfig
+from numgpt import GPT, CheckpointError, GPTConfig, checkpoint
 from numgpt.backend import to_numpy
 from numgpt.checkpoint import atomic_write
 
@@ -98,10 +98,26 @@ def test_weights_that_do_not_match_the_config(saved):
     _, path = saved
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="holds 2 layers, but its config.json says n_layer = 3"):
         GPT.from_pretrained(path)
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": 31}))
     with pytest.raises(CheckpointError, match="shape"):
+        GPT.from_pretrained(path)
+
+
+def test_a_mistyped_huge_n_layer_is_refused_at_once(saved, monkeypatch):
+    """n_layer = 10**15 is a valid GPTConfig; listing its parameters' names would never end."""
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "n_layer": 10**15}))
+    listed = checkpoint.param_shapes
+
+    def param_shapes(config):
+        assert config.n_layer < 1000, "param_shapes was asked for every layer of n_layer = 10**15"
+        return listed(config)
+
+    monkeypatch.setattr(checkpoint, "param_shapes", param_shapes)
+    with pytest.raises(CheckpointError, match="n_layer = 1000000000000000"):
         GPT.from_pretrained(path)
 
 

@@ -24,6 +24,7 @@ import numgpt.data.dataset as dataset
 import numgpt.data.tokenizer as tokenizer
 from numgpt.data import (
     EOT,
+    VOCAB_SIZE,
     Batcher,
     cache_paths,
     decode,
@@ -96,6 +97,13 @@ def test_decode_unicode_and_numpy_ids():
     text = "Caf\u00e9 na\u00efve \u2014 \u4f60\u597d \U0001f642\n\ttabs"
     ids = np.array(encode(text), dtype=np.uint16)
     assert decode(ids) == text
+
+
+@pytest.mark.parametrize("bad", [VOCAB_SIZE, -1, 2**40, 1.7, True, np.array([1, 2])])
+def test_decode_refuses_what_is_not_a_token_id(bad):
+    """1.7 would decode as id 1; 50257 and up are a padded model's ids, which have no text."""
+    with pytest.raises(ConfigError, match="cannot decode"):
+        decode([5, bad])
 
 
 def test_fallback_without_bundled_files_uses_tiktoken(monkeypatch, fresh_tokenizer):

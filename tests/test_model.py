@@ -233,6 +233,20 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(RuntimeError, match="forward"):
         model.forward(np.array([[1, 2]]))   # no targets: nothing to differentiate
         model.backward()
+    for loss_scale in (0.0, float("nan"), float("inf")):   # backward divides by it
+        with pytest.raises(ConfigError, match="loss_scale"):
+            model.forward(np.array([[1, 2]]), np.array([[2, 3]]), loss_scale=loss_scale)
+
+
+def test_params_that_do_not_fit_the_config_are_refused():
+    config = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    params = GPT(config).params
+    with pytest.raises(ConfigError, match=r"missing \['ln_f.bias'\]"):
+        GPT(config, params={name: p for name, p in params.items() if name != "ln_f.bias"})
+    with pytest.raises(ConfigError, match=r"unexpected \['lm_head.weight'\]"):
+        GPT(config, params={**params, "lm_head.weight": params["wte.weight"]})   # the config ties them
+    with pytest.raises(ConfigError, match=r"'ln_f.bias'\] has shape \(1,\)"):
+        GPT(config, params={**params, "ln_f.bias": np.zeros(1)})   # would broadcast in forward, silently
 
 
 def test_dropout_only_in_training_mode(backend):
@@ -278,9 +292,21 @@ def test_adamw_matches_the_textbook_update(xp):
 def test_adamw_rejects_bad_hyperparameters():
     params = {"w": np.zeros(3)}
     for kwargs in (dict(lr=0), dict(lr=-1e-3), dict(lr=1e-3, betas=(0.9, 1.0)), dict(lr=1e-3, eps=0),
-                   dict(lr=1e-3, weight_decay=-1), dict(lr=1e-3, exclude_from_decay={"nope"})):
+                   dict(lr=1e-3, weight_decay=-1), dict(lr=1e-3, exclude_from_decay={"nope"}),
+                   dict(lr=float("inf")), dict(lr=True), dict(lr=1e-3, betas=(0.9,)),
+                   dict(lr=1e-3, eps=float("inf")), dict(lr=1e-3, weight_decay=float("inf"))):
         with pytest.raises(ConfigError):
             AdamW(params, **kwargs)
+
+
+@pytest.mark.parametrize("clip", [clip_grad_norm, clip_coefficient])
+def test_clipping_rejects_a_max_norm_that_is_not_positive(clip):
+    grads = {"w": np.array([3.0, 4.0])}
+    for max_norm in (-1.0, 0.0, float("nan")):   # -1 would flip the gradients, NaN skip the clipping
+        with pytest.raises(ConfigError, match="max_norm"):
+            clip(grads, max_norm)
+    np.testing.assert_array_equal(grads["w"], [3.0, 4.0])
+    assert float(clip(grads, float("inf"))) in (5.0, 1.0)   # never clips: the norm, or the coefficient 1
 
 
 def test_no_decay_names_follow_nanogpt():
@@ -369,3 +395,17 @@ def test_generate_rejects_bad_sampling_values():
             model.generate([[1]], 2, **kwargs)
     with pytest.raises(ConfigError):
         model.generate([[1]], -1)
+
+
+def test_generate_checks_seeds_and_ids_and_takes_numpy_numbers():
+    config = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    model = GPT(config)
+    for seed in (-1, 1.5, "a", True):
+        with pytest.raises(ConfigError, match="seed"):
+            model.generate([[1]], 2, seed=seed)
+        with pytest.raises(ConfigError, match="seed"):
+            GPT(config, seed=seed)
+    with pytest.raises(ConfigError, match="idx must be a \\(batch, time\\) array"):
+        model.generate([[1, 2], [3]], 2)   # rows of different lengths
+    out = model.generate([[1]], np.int64(2), temperature=np.float32(0.5), top_p=np.float32(0.9), seed=np.int64(0))
+    np.testing.assert_array_equal(out, model.generate([[1]], 2, temperature=0.5, top_p=0.9, seed=0))

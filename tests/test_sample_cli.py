@@ -130,6 +130,20 @@ def test_prompt_from_a_file_and_from_stdin(ckpt, capsys, monkeypatch, tmp_path):
     assert run(capsys, *common, "--prompt-file", "-")[1] == from_file
 
 
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_a_prompt_file_too_long_to_be_a_prompt_is_refused(ckpt, capsys, monkeypatch, tmp_path, source):
+    """Read whole, /dev/zero or a corpus by mistake would fill the memory, then the terminal."""
+    monkeypatch.setattr(sample, "MAX_PROMPT_CHARS", 100)
+    text, corpus = "x" * 101, tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))
+    code, out, err = run(capsys, "--ckpt", ckpt, "--prompt-file", "-" if source == "stdin" else str(corpus))
+    assert code == 2 and "more than 100 characters" in err and out == ""
+    corpus.write_text(text[:100])   # at the limit: read whole
+    code, out, _ = run(capsys, "--ckpt", ckpt, "--prompt-file", str(corpus), "--max-new-tokens", "1")
+    assert code == 0 and out.startswith(text[:100])
+
+
 def test_a_small_vocabulary_model_works_within_it(capsys, tmp_path):
     GPT(GPTConfig(**{**TINY, "vocab_size": 300}), seed=0).save_pretrained(tmp_path)
     code, out, _ = run(capsys, "--ckpt", str(tmp_path), "--prompt", "a b", "--max-new-tokens", "5", "--seed", "0")
@@ -182,6 +196,15 @@ def test_attention_png_with_an_unknown_extension_fails_before_loading(capsys, tm
     assert code == 2 and "a.txt" in err and ".png" in err and "does not exist" not in err
 
 
+@pytest.mark.parametrize("name, message", [("missing/a.png", "there is no directory"),
+                                           ("dir.png", "it is a directory")])
+def test_attention_png_that_cannot_be_written_fails_before_loading(capsys, tmp_path, name, message):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "dir.png").mkdir()
+    code, _, err = run(capsys, "--ckpt", str(tmp_path / "not-loaded"), "--attention-png", str(tmp_path / name))
+    assert code == 2 and message in err and "not-loaded" not in err
+
+
 # ---------------------------------------------------------------- user mistakes
 
 @pytest.mark.parametrize("argv, message", [
@@ -218,6 +241,17 @@ def test_a_diverged_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
     model.save_pretrained(tmp_path)
     code, _, err = run(capsys, "--ckpt", str(tmp_path))
     assert code == 2 and "h.1.mlp.c_fc.weight" in err and "NaN" in err
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_checkpoint_that_overflows_float32_is_a_clear_error(ckpt, capsys, tmp_path):
+    """Finite weights whose products overflow give NaN logits, which would draw token 0, '!', every step."""
+    model = GPT.from_pretrained(ckpt)
+    model.params["h.0.mlp.c_fc.weight"][:] = 1e30
+    model.params["h.0.mlp.c_proj.weight"][:] = 1e30
+    model.save_pretrained(tmp_path)
+    code, out, err = run(capsys, "--ckpt", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "3")
+    assert code == 2 and "NaN or infinite" in err and out == "Hi"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from numgpt import ConfigError
+from numgpt import ConfigError, NumGPTError
 from numgpt.sampling import check_sampling_args, next_token_probs, sample_next
 
 logits_rows = st.integers(2, 40).flatmap(lambda V: st.lists(
@@ -69,7 +69,26 @@ def test_a_tiny_temperature_is_greedy_not_nan(temperature, filters):
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_k=0), dict(top_k=1.5), dict(top_p=0.0),
                                     dict(top_p=1.01), dict(temperature="hot"),
                                     dict(temperature=float("inf")), dict(temperature=float("nan")),
-                                    dict(top_p=float("nan")), dict(top_p=float("inf"))])
+                                    dict(top_p=float("nan")), dict(top_p=float("inf")),
+                                    dict(temperature=True), dict(top_p=True)])
 def test_bad_values_raise(kwargs):
     with pytest.raises(ConfigError):
         check_sampling_args(**kwargs)
+
+
+def test_numpy_numbers_are_good_values():
+    check_sampling_args(np.float32(0.7), np.int64(5), np.float32(0.9))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_logits_that_overflowed_are_an_error_not_token_0(bad):
+    logits = np.array([[1.0, 2.0, 3.0], [1.0, bad, 0.0]])
+    for temperature in (1.0, 0.0):
+        with pytest.raises(NumGPTError, match="NaN or infinite"):
+            sample_next(logits, temperature, rng=np.random.default_rng(0))
+    with pytest.raises(NumGPTError, match="NaN or infinite"):
+        next_token_probs(np.array([[-np.inf, -np.inf]]))   # a row with no token to draw
+
+
+def test_minus_inf_masks_a_token():
+    np.testing.assert_array_equal(next_token_probs(np.array([[-np.inf, 0.0, 0.0]])), [[0.0, 0.5, 0.5]])

@@ -20,11 +20,12 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from numgpt.errors import DataError
+from numgpt.errors import ConfigError, DataError
 
 EOT = 50256                 # <|endoftext|>: separates documents in the token stream
 VOCAB_SIZE = 50257
@@ -119,5 +120,12 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: Iterable[int]) -> str:
-    """The text of token ids (any ints, numpy ones included); invalid UTF-8 becomes U+FFFD."""
+    """The text of token ids (any ints, numpy ones included); invalid UTF-8 becomes U+FFFD.
+
+    ConfigError for anything that is not a token id: int() would turn 1.7 into the id 1, and the
+    extra ids of a model with a padded vocabulary (50304) have no text."""
+    ids = list(ids)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < VOCAB_SIZE]
+    if bad:
+        raise ConfigError(f"cannot decode {bad[0]!r}: GPT-2's token ids are the integers 0 to {VOCAB_SIZE - 1}")
     return get_tokenizer().decode([int(i) for i in ids])
