@@ -177,7 +177,10 @@ def main(argv=None):
         return 1
     sys.stdout, sys.stderr = console.standard_streams()   # their write errors name them (see there)
     try:
-        return run(args)
+        # a model whose arithmetic overflows is reported once, from its logits (numgpt.sampling):
+        # NumPy's warnings would come first, each quoting a line of numgpt's code
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return run(args)
     except NumGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -680,7 +680,9 @@ class Trainer:
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
                  f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
-        with self.stop:
+        # a diverging run's inf and NaN are caught in its losses (check_finite), with one message that
+        # says what to do: NumPy's warnings would come first, each quoting a line of numgpt's code
+        with self.stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             # a new run's first checkpoint holds its untrained model. Only once it is saved does the
             # log start anew: a run that fails to start (bad data, a Ctrl-C) leaves an old run's log
             # whole, which --overwrite would otherwise have removed

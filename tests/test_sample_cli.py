@@ -243,7 +243,7 @@ def test_a_diverged_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
     assert code == 2 and "h.1.mlp.c_fc.weight" in err and "NaN" in err
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("error::RuntimeWarning")   # NumPy's overflow warnings would come before the message
 def test_a_checkpoint_that_overflows_float32_is_a_clear_error(ckpt, capsys, tmp_path):
     """Finite weights whose products overflow give NaN logits, which would draw token 0, '!', every step."""
     model = GPT.from_pretrained(ckpt)

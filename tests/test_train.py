@@ -730,7 +730,7 @@ def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
     assert not (tmp_path / ".tmp-k1ll3d_x").exists() and (tmp_path / ".tmp-notes.txt").exists()
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NumPy's overflow warnings, on the way to NaN
+@pytest.mark.filterwarnings("error::RuntimeWarning")   # NumPy's overflow warnings would come before the message
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, cache_dir, capsys):
     assert run(tmp_path, cache_dir, "--max-iters", "3", "--lr", "1e308") == 2
     err = capsys.readouterr().err
