@@ -156,6 +156,14 @@ def resume_hint(trainer):
     return f" Continue with: python train.py --resume --out-dir {shlex.quote(trainer.cfg.out_dir)}"
 
 
+def stop_status(trainer):
+    """The shell's exit status for a run that a signal stopped, named by the first one: 130 for
+    Ctrl-C, 143 for SIGTERM. A rank that did not receive it itself stopped with the others, as for a
+    Ctrl-C."""
+    signum = None if trainer is None else trainer.stop.signum
+    return 128 + (signum or signal.SIGINT)
+
+
 def main(argv=None):
     from numgpt import console, distributed
 
@@ -179,14 +187,11 @@ def main(argv=None):
             if trainer.step == 0 and cfg.num_samples and trainer.is_main:
                 print("\nBefore training:\n" + generate_samples(trainer.model, 1, 30, cfg.seed)[0])
             outcome = trainer.run()
-            # stopped by a signal, the shell's status for it: 130 for Ctrl-C, 143 for SIGTERM (a rank
-            # that did not receive it itself stopped with the others: Ctrl-C's)
-            stopped = 128 + (trainer.stop.signum or signal.SIGINT)
             if not trainer.is_main:   # rank 0 reports for the job
-                return stopped if outcome == "interrupted" else 0
+                return stop_status(trainer) if outcome == "interrupted" else 0
             if outcome == "interrupted":
                 print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}", file=sys.stderr)
-                return stopped
+                return stop_status(trainer)
             print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
                   f"model in {cfg.out_dir}/ (python sample.py --ckpt {shlex.quote(cfg.out_dir)})")
             if cfg.num_samples:
@@ -195,6 +200,7 @@ def main(argv=None):
                 print("\nAfter training:")
                 for text in generate_samples(best, cfg.num_samples, cfg.sample_tokens, cfg.seed):
                     print("\n" + text)
+            sys.stdout.flush()   # here a write error is one named line; in the flush at exit, "Exception ignored"
             return 0
     # With several ranks, world.fail ends the whole job: the other ranks would otherwise wait
     # forever for this one. On its own, a process prints the message and exits with the code.
@@ -208,8 +214,8 @@ def main(argv=None):
         reason = f": {e}" if str(e) else ""   # Python's own MemoryError has no message
         return world.fail(f"error: out of memory{reason}. Use a smaller --batch-size or --block-size, "
                           f"or a smaller model (--n-layer, --n-embd)", 1)
-    except KeyboardInterrupt:   # a second Ctrl-C, or one before training began: the saved state is intact
-        return world.fail("\nStopped." + resume_hint(trainer), 130)
+    except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM, or one before training began: the saved state is intact
+        return world.fail("\nStopped." + resume_hint(trainer), stop_status(trainer))
     except Exception:   # a bug in numgpt: keep its traceback, and with several ranks, end the job
         if world.size == 1:
             raise

@@ -310,7 +310,7 @@ def load_pretrained(path):
             raise CheckpointError(f"{name} in {weights_path} holds NaN or infinite numbers: the model it was "
                                   f"saved from had diverged; use an earlier checkpoint")
         if value.dtype == np.float64 and np.abs(value).max(initial=0.0) > np.finfo(np.float32).max:
-            # float32 is the working precision: these would load as inf and print gibberish
+            # weights this large come only from a diverged run; in float32, the default dtype, they would be inf
             raise CheckpointError(f"{name} in {weights_path} holds numbers beyond float32's range "
                                   f"(|x| > 3.4e38): the model it was saved from had diverged")
         params[name] = value

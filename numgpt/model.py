@@ -19,7 +19,7 @@ import numpy as np
 from numgpt import checkpoint, foreach
 from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
 from numgpt.config import GPTConfig, param_shapes
-from numgpt.errors import ConfigError
+from numgpt.errors import ConfigError, is_count, is_number
 from numgpt.layers.attention import KVCache
 from numgpt.layers.block import block_attention_probs, block_backward, block_forward, sub_params
 from numgpt.layers.classifier import classifier_backward, classifier_forward
@@ -49,11 +49,6 @@ def init_params(config, seed=0):
             std = INIT_STD / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else INIT_STD
             params[name] = rng.normal(0.0, std, size=shape)
     return params
-
-
-def is_count(value):
-    """Whether `value` is an integer >= 0, NumPy's included; a bool is not one."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
 def check_params(config, params):
@@ -186,7 +181,7 @@ class GPT:
         reading it would make the host wait for the whole forward (the trainer reads it once a step).
         """
         cfg, p = self.config, self.params
-        if not (isinstance(loss_scale, (int, float)) and 0 < loss_scale < math.inf):   # backward divides by it
+        if not (is_number(loss_scale) and 0 < loss_scale < math.inf):   # backward divides by it
             raise ConfigError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
         # checked (and the targets counted) where they are: on the host that is no wait for the GPU
         idx = self._as_ids(idx, "idx", xp=module_of(idx))

@@ -10,7 +10,7 @@ import math
 
 from numgpt import foreach, kernels
 from numgpt.backend import array_module, backend_name, to_device
-from numgpt.errors import ConfigError
+from numgpt.errors import ConfigError, is_number
 
 # On the CPU each parameter is updated in blocks of this many elements: the dozen elementwise
 # passes of an update then work on blocks of p, g, m, v and the scratch (256 KiB each in float32)
@@ -37,11 +37,11 @@ class AdamW:
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, exclude_from_decay=()):
         # an infinite lr, eps or weight_decay would turn every parameter into NaN, or freeze it
-        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf):
+        if not (is_number(lr) and 0 < lr < math.inf):
             raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if len(betas) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not 0 < eps < math.inf or not 0 <= weight_decay < math.inf:
+        if not (is_number(eps) and 0 < eps < math.inf and is_number(weight_decay) and 0 <= weight_decay < math.inf):
             raise ConfigError(f"eps must be finite and > 0 and weight_decay finite and >= 0, got {eps!r}, "
                               f"{weight_decay!r}")
         unknown = set(exclude_from_decay) - set(params)
@@ -142,7 +142,7 @@ class AdamW:
 def check_max_norm(max_norm):
     """ConfigError unless max_norm > 0 (inf: never clip): a negative one would flip every gradient's
     sign, and NaN would skip the clipping, silently."""
-    if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
+    if not (is_number(max_norm) and max_norm > 0):
         raise ConfigError(f"max_norm must be a number > 0 (inf never clips), got {max_norm!r}")
 
 

@@ -8,13 +8,7 @@ import math
 
 import numpy as np
 
-from numgpt.errors import ConfigError, NumGPTError
-
-
-def is_number(value):
-    """Whether `value` is an int or a float, NumPy's (np.float32) included; a bool is not one,
-    though Python makes True an int."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+from numgpt.errors import ConfigError, NumGPTError, is_count, is_number
 
 
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
@@ -23,7 +17,7 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
     temperature would turn every logit into 0 or NaN."""
     if not is_number(temperature) or not 0 <= temperature < math.inf:
         raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    if top_k is not None and not (is_count(top_k) and top_k >= 1):
         raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")

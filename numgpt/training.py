@@ -615,7 +615,8 @@ class Trainer:
             micro_grads = model.backward()
             foreach.accumulate_(list(grads.values()), [micro_grads[name] for name in grads], cfg.grad_accum,
                                 add=micro_step > 0)
-        # the loss and a Ctrl-C travel with the gradients, so all ranks agree on when to stop
+        # the loss and a stop request (Ctrl-C, SIGTERM) travel with the gradients, so all ranks agree
+        # on when to stop
         self.flat_grads[-2], self.flat_grads[-1] = total_loss, float(self.stop.requested)
         self.comm.allreduce_mean(self.flat_grads)
         if self.gradients_usable():
@@ -640,10 +641,10 @@ class Trainer:
         """Estimate the train and val loss on the fixed batches, save the model if it is the best
         so far, save the state; returns (the log row, whether any rank was asked to stop).
 
-        A Ctrl-C during a new run's first evaluation stops it before it saves anything: that
-        checkpoint would hold an untrained model, and with --overwrite would replace the old run."""
+        A Ctrl-C or SIGTERM during a new run's first evaluation stops it before it saves anything:
+        that checkpoint would hold an untrained model, and with --overwrite would replace the old run."""
         # each rank evaluates its rows of the fixed batches; with equal rows, the mean of the ranks'
-        # means is the mean over all rows. A Ctrl-C travels with them, so all ranks agree on it.
+        # means is the mean over all rows. A stop request travels with them, so all ranks agree on it.
         local = [estimate_loss(self.model, batches) for batches in self.eval_batches.values()]
         local.append(float(self.stop.requested))
         mean = to_numpy(self.comm.allreduce_mean(self.model.xp.asarray(local, dtype=np.float64))).tolist()

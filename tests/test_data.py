@@ -99,6 +99,13 @@ def test_decode_unicode_and_numpy_ids():
     assert decode(ids) == text
 
 
+def test_decode_takes_the_ids_of_either_backend(xp):
+    """A CuPy array's elements are 0-d arrays, not ints: the array is read back whole."""
+    assert decode(xp.asarray(encode("Once upon a time"))) == "Once upon a time"
+    with pytest.raises(ConfigError, match=f"cannot decode {VOCAB_SIZE}"):
+        decode(xp.asarray([5, VOCAB_SIZE]))   # a padded model's id, from an array as from a list
+
+
 @pytest.mark.parametrize("bad", [VOCAB_SIZE, -1, 2**40, 1.7, True, np.array([1, 2])])
 def test_decode_refuses_what_is_not_a_token_id(bad):
     """1.7 would decode as id 1; 50257 and up are a padded model's ids, which have no text."""

@@ -233,9 +233,10 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(RuntimeError, match="forward"):
         model.forward(np.array([[1, 2]]))   # no targets: nothing to differentiate
         model.backward()
-    for loss_scale in (0.0, float("nan"), float("inf")):   # backward divides by it
+    for loss_scale in (0.0, float("nan"), float("inf"), True):   # backward divides by it
         with pytest.raises(ConfigError, match="loss_scale"):
             model.forward(np.array([[1, 2]]), np.array([[2, 3]]), loss_scale=loss_scale)
+    model.forward(np.array([[1, 2]]), np.array([[2, 3]]), loss_scale=np.float32(2.0))
 
 
 def test_params_that_do_not_fit_the_config_are_refused():
@@ -294,9 +295,13 @@ def test_adamw_rejects_bad_hyperparameters():
     for kwargs in (dict(lr=0), dict(lr=-1e-3), dict(lr=1e-3, betas=(0.9, 1.0)), dict(lr=1e-3, eps=0),
                    dict(lr=1e-3, weight_decay=-1), dict(lr=1e-3, exclude_from_decay={"nope"}),
                    dict(lr=float("inf")), dict(lr=True), dict(lr=1e-3, betas=(0.9,)),
-                   dict(lr=1e-3, eps=float("inf")), dict(lr=1e-3, weight_decay=float("inf"))):
+                   dict(lr=1e-3, eps=float("inf")), dict(lr=1e-3, weight_decay=float("inf")),
+                   dict(lr=1e-3, eps=True), dict(lr=1e-3, weight_decay=True), dict(lr=1e-3, betas=(False, 0.9)),
+                   dict(lr=1e-3, eps="1e-8")):
         with pytest.raises(ConfigError):
             AdamW(params, **kwargs)
+    AdamW(params, lr=np.float32(1e-3), betas=(np.float32(0.9), 0.999), eps=np.float32(1e-8),
+          weight_decay=np.float32(0.1))   # NumPy's numbers are numbers
 
 
 @pytest.mark.parametrize("clip", [clip_grad_norm, clip_coefficient])
@@ -307,6 +312,7 @@ def test_clipping_rejects_a_max_norm_that_is_not_positive(clip):
             clip(grads, max_norm)
     np.testing.assert_array_equal(grads["w"], [3.0, 4.0])
     assert float(clip(grads, float("inf"))) in (5.0, 1.0)   # never clips: the norm, or the coefficient 1
+    assert float(clip(grads, np.float32(10.0))) in (5.0, 1.0)   # NumPy's numbers are numbers
 
 
 def test_no_decay_names_follow_nanogpt():

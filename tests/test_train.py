@@ -2,6 +2,7 @@
 fine-tuning, and every kind of bad input getting a short message and a non-zero exit."""
 
 import errno
+import io
 import json
 import math
 import os
@@ -202,26 +203,28 @@ def test_a_new_run_refuses_a_config_json_or_plot_it_would_overwrite(tmp_path, ca
     GPT.from_pretrained(tmp_path)
 
 
-def ctrl_c_in_evaluation(monkeypatch, evaluation):
-    """Send this process a SIGINT while the `evaluation`-th evaluation (1 = the first) estimates its
-    train loss, as a Ctrl-C there would."""
+def ctrl_c_in_evaluation(monkeypatch, evaluation, signum=signal.SIGINT):
+    """Send this process a SIGINT (or `signum`) while the `evaluation`-th evaluation (1 = the first)
+    estimates its train loss, as a Ctrl-C there would."""
     estimate_loss, calls = numgpt.training.estimate_loss, []
 
     def estimate_with_ctrl_c(model, batches):
         calls.append(batches)
         if len(calls) == 2 * evaluation - 1:   # each evaluation estimates two losses, train then val
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return estimate_loss(model, batches)
 
     monkeypatch.setattr(numgpt.training, "estimate_loss", estimate_with_ctrl_c)
 
 
-def test_ctrl_c_in_the_first_evaluation_keeps_the_old_run(tmp_path, cache_dir, monkeypatch, capfd):
-    """Its checkpoint would hold an untrained model and, with --overwrite, replace the old run."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_the_first_evaluation_keeps_the_old_run(tmp_path, cache_dir, monkeypatch, capfd, signum):
+    """Its checkpoint would hold an untrained model and, with --overwrite, replace the old run.
+    SIGTERM does the same, and the exit status says which signal it was."""
     assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
     old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    ctrl_c_in_evaluation(monkeypatch, 1)
-    assert run(tmp_path, cache_dir, "--max-iters", "4", "--overwrite") == 130
+    ctrl_c_in_evaluation(monkeypatch, 1, signum)
+    assert run(tmp_path, cache_dir, "--max-iters", "4", "--overwrite") == 128 + signum
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
     err = capfd.readouterr().err
     assert "Stopped." in err and "Continue with" not in err   # --resume would continue the old run
@@ -315,6 +318,16 @@ def test_an_output_that_cannot_be_written_is_named(tmp_path, cache_dir):
     assert result.returncode == 1
     assert "cannot write to the standard output: No space left on device" in result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
+def test_an_output_that_fails_only_when_flushed_is_named(tmp_path, cache_dir, monkeypatch, capsys):
+    """A file on a disk that fills up by the end of the run: its buffered text fails at the flush."""
+    class FullAtFlush(io.StringIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(sys, "stdout", FullAtFlush())
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
+    assert "cannot write to the standard output: No space left on device" in capsys.readouterr().err
 
 
 def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):

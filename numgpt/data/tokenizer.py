@@ -20,12 +20,12 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
 
-from numgpt.errors import ConfigError, DataError
+from numgpt.backend import to_numpy
+from numgpt.errors import ConfigError, DataError, is_count
 
 EOT = 50256                 # <|endoftext|>: separates documents in the token stream
 VOCAB_SIZE = 50257
@@ -124,8 +124,10 @@ def decode(ids: Iterable[int]) -> str:
 
     ConfigError for anything that is not a token id: int() would turn 1.7 into the id 1, and the
     extra ids of a model with a padded vocabulary (50304) have no text."""
+    if hasattr(ids, "shape"):   # an array, CuPy's too: its elements would be 0-d arrays, not ints
+        ids = to_numpy(ids).tolist()
     ids = list(ids)
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < VOCAB_SIZE]
+    bad = [i for i in ids if not (is_count(i) and i < VOCAB_SIZE)]
     if bad:
         raise ConfigError(f"cannot decode {bad[0]!r}: GPT-2's token ids are the integers 0 to {VOCAB_SIZE - 1}")
     return get_tokenizer().decode([int(i) for i in ids])
