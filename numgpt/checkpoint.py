@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from numgpt.config import GPTConfig, param_shapes
+from numgpt.config import GPTConfig, param_shapes, params_mismatch
 from numgpt.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
@@ -295,17 +295,11 @@ def load_pretrained(path):
     if len(layers) != config.n_layer:
         raise CheckpointError(f"{weights_path} holds {len(layers)} layers, but its config.json says "
                               f"n_layer = {config.n_layer}")
-    expected = param_shapes(config)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_path} does not match its config.json: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    params = {}
-    for name, shape in expected.items():
-        value = tensors[name]
-        if tuple(value.shape) != shape:
-            raise CheckpointError(f"{name} has shape {tuple(value.shape)} in {weights_path}, expected {shape}")
+    problem = params_mismatch(config, tensors)
+    if problem:
+        raise CheckpointError(f"{weights_path} does not match its config.json: {problem}")
+    params = {name: tensors[name] for name in param_shapes(config)}   # in GPT-2's order, as init_params makes them
+    for name, value in params.items():
         if not np.isfinite(value).all():   # a model saved after its training diverged would print gibberish
             raise CheckpointError(f"{name} in {weights_path} holds NaN or infinite numbers: the model it was "
                                   f"saved from had diverged; use an earlier checkpoint")
@@ -313,7 +307,6 @@ def load_pretrained(path):
             # weights this large come only from a diverged run; in float32, the default dtype, they would be inf
             raise CheckpointError(f"{name} in {weights_path} holds numbers beyond float32's range "
                                   f"(|x| > 3.4e38): the model it was saved from had diverged")
-        params[name] = value
     return config, params
 
 

@@ -80,6 +80,19 @@ def param_shapes(config):
     return shapes
 
 
+def params_mismatch(config, params):
+    """Why `params` ({name: array}) are not the parameters of `config`, in words, or None: the names
+    missing or unexpected, or the first of a wrong shape (NumPy would broadcast some silently)."""
+    expected = param_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+    wrong = next((name for name, shape in expected.items() if tuple(params[name].shape) != shape), None)
+    if wrong is not None:
+        return f"params[{wrong!r}] has shape {tuple(params[wrong].shape)}, expected {expected[wrong]}"
+    return None
+
+
 def num_params(config):
     """How many numbers param_shapes(config) holds, counted from a one- and a two-layer model, so
     that the count costs no time even for a mistyped n_layer of 10**18."""

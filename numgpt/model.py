@@ -18,7 +18,7 @@ import numpy as np
 
 from numgpt import checkpoint, foreach
 from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
-from numgpt.config import GPTConfig, param_shapes
+from numgpt.config import GPTConfig, param_shapes, params_mismatch
 from numgpt.errors import ConfigError, is_count, is_number
 from numgpt.layers.attention import KVCache
 from numgpt.layers.block import block_attention_probs, block_backward, block_forward, sub_params
@@ -49,19 +49,6 @@ def init_params(config, seed=0):
             std = INIT_STD / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else INIT_STD
             params[name] = rng.normal(0.0, std, size=shape)
     return params
-
-
-def check_params(config, params):
-    """ConfigError unless `params` holds exactly the parameters of `config`, in their shapes: a
-    missing one would fail only in the first forward, and a bias of the wrong shape would broadcast
-    there, silently computing something else."""
-    expected = param_shapes(config)
-    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or unexpected:
-        raise ConfigError(f"params do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, shape in expected.items():
-        if params[name].shape != shape:
-            raise ConfigError(f"params[{name!r}] has shape {params[name].shape}; the config needs {shape}")
 
 
 def module_of(ids):
@@ -104,7 +91,9 @@ class GPT:
         host_params = init_params(config, seed) if params is None else params
         # copies: the model owns its parameters and updates them in place
         self.params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
-        check_params(config, self.params)
+        problem = params_mismatch(config, self.params)
+        if problem:   # a missing one would fail only in the first forward, a wrong bias shape broadcast
+            raise ConfigError(f"params do not match the config: {problem}")
         self.dropout_rng = np.random.default_rng([seed, 1])   # host generator behind every dropout mask
         self.training = True
         self._cache = None

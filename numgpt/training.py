@@ -31,7 +31,7 @@ import numpy as np
 from numgpt import checkpoint, foreach
 from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, get_xp, memory_size, to_numpy
-from numgpt.config import GPTConfig, num_params, param_shapes
+from numgpt.config import GPTConfig, num_params, params_mismatch
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
@@ -558,10 +558,10 @@ class Trainer:
 
     def _model_from_state(self, arrays, config):
         # every tensor is checked before any is copied: NumPy would broadcast some wrong shapes silently
-        expected = param_shapes(config)
         for group in GROUPS:
-            if {name: arrays[group][name].shape for name in arrays[group]} != expected:
-                raise damaged_state(self.cfg.out_dir, f"its {group} tensors do not have its model_config's shapes")
+            problem = params_mismatch(config, arrays[group])
+            if problem:
+                raise damaged_state(self.cfg.out_dir, f"its {group} tensors do not match its model_config: {problem}")
         return build_model(self.cfg, params=arrays["param"], config=config)
 
     def _restore(self, arrays, info):
