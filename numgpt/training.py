@@ -45,7 +45,8 @@ from numgpt.train_state import (GROUPS, STATE_FILE, damaged_state, load_train_st
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
-# every file a run writes in its out-dir: a new run refuses an out-dir that holds one (unless --overwrite)
+# every file a run writes in its out-dir: a new run refuses an out-dir that holds one (unless --overwrite);
+# the state first, as the first checkpoint removes them (Trainer.evaluate)
 RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE)
 SAMPLE_PROMPT = "Once upon a time"
 
@@ -653,6 +654,12 @@ class Trainer:
             raise KeyboardInterrupt
         for split, loss in losses.items():
             self.check_finite(f"the {split} loss", loss)   # before a NaN model or state is saved
+        if self.checkpoint_step is None and self.is_main:
+            # a new run's first checkpoint: an --overwrite run removes the old run's files first, its
+            # state first of all, so a kill while this one is written (a second Ctrl-C) leaves part
+            # of one run or the other, never the old state beside the new model, which --resume
+            # would continue with the wrong weights as its best model
+            remove_files(self.cfg.out_dir, RUN_FILES)
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]
@@ -684,12 +691,9 @@ class Trainer:
         # a diverging run's inf and NaN are caught in its losses (check_finite), with one message that
         # says what to do: NumPy's warnings would come first, each quoting a line of numgpt's code
         with self.stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            # a new run's first checkpoint holds its untrained model. Only once it is saved does the
-            # log start anew: a run that fails to start (bad data, a Ctrl-C) leaves an old run's log
-            # whole, which --overwrite would otherwise have removed
+            # a new run's first evaluation saves its untrained model, and only then replaces an
+            # --overwrite run's files: a run that fails to start (bad data, a Ctrl-C) leaves them whole
             first_row, stop_requested = (None, False) if self.resumed else self.evaluate()
-            if first_row is not None and self.is_main:
-                remove_files(cfg.out_dir, (LOG_FILE, PLOT_FILE))
             with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, \
                     tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
                          dynamic_ncols=True) as bar:

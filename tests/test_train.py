@@ -183,6 +183,26 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_saves(tmp_path, cache_dir
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
 
 
+def test_a_kill_during_the_first_checkpoint_of_overwrite_leaves_no_old_state_beside_the_new_model(
+        tmp_path, cache_dir, monkeypatch, capsys):
+    """A second Ctrl-C between the new model and the new state: --resume must not continue the old
+    run's state with the new, untrained model as its best one."""
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    old_weights = (tmp_path / "model.safetensors").read_bytes()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(numgpt.training, "save_train_state", killed)
+        assert run(tmp_path, cache_dir, "--overwrite", "--seed", "7") == 130
+    assert (tmp_path / "model.safetensors").read_bytes() != old_weights   # the new run's model
+    assert not (tmp_path / "train_state.safetensors").exists() and not (tmp_path / "log.jsonl").exists()
+    capsys.readouterr()
+    assert run(tmp_path, cache_dir, "--resume") == 2
+    assert "train_state.safetensors does not exist" in capsys.readouterr().err
+
+
 def test_a_log_alone_is_a_run_too(tmp_path, cache_dir, capsys):
     """A fresh run must not append to, or silently replace, another run's log."""
     (tmp_path / "log.jsonl").write_text('{"step": 0, "train_loss": 3.0, "val_loss": 3.1}\n')
