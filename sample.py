@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from numgpt import console  # noqa: E402
 from numgpt.backend import backend_name, to_numpy  # noqa: E402
 from numgpt.data.tokenizer import EOT, get_tokenizer  # noqa: E402
-from numgpt.errors import ConfigError, DataError, NumGPTError  # noqa: E402
+from numgpt.errors import ConfigError, DataError, NumGPTError, describe_os_error  # noqa: E402
 from numgpt.inspection import (IMAGE_FORMATS, PROBS_HEADER, TextStream, check_image_path,  # noqa: E402
                                plot_attention, probs_row, token_label, token_table)
 from numgpt.model import GPT  # noqa: E402
@@ -187,7 +187,7 @@ def main(argv=None):
     except BrokenPipeError:          # the reader went away (python sample.py | head): not an error
         return 0
     except OSError as e:             # e.g. --attention-png into a read-only directory
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nStopped.", file=sys.stderr)

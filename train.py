@@ -25,7 +25,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 
-from numgpt.errors import NumGPTError  # noqa: E402
+from numgpt.errors import NumGPTError, describe_os_error  # noqa: E402
 
 # flags that --resume may change; anything else must match the saved run
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision", "out_dir",
@@ -208,7 +208,7 @@ def main(argv=None):
         return world.fail(f"error: {e}", 2)
     except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint, if any, is intact
         saved = trainer is not None and trainer.checkpoint_step is not None
-        return world.fail(f"error: {e}" + (f". The last checkpoint saved in the out-dir is intact."
+        return world.fail(f"error: {describe_os_error(e)}" + (f". The last checkpoint saved in the out-dir is intact."
                                            f"{resume_hint(trainer)}" if saved else ""), 1)
     except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
         reason = f": {e}" if str(e) else ""   # Python's own MemoryError has no message

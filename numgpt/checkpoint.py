@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 
 from numgpt.config import GPTConfig, param_shapes, params_mismatch
-from numgpt.errors import CheckpointError, ConfigError
+from numgpt.errors import CheckpointError, ConfigError, saying
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -72,13 +72,15 @@ def atomic_writer(path):
     fsyncs that file, renames it over `path` and fsyncs the directory. An exception or a crash
     half-way leaves the old file, or none. Streams, so a large file need not fit in memory."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    with saying(f"cannot write {path}"):   # the OSErrors say "No space left on device", not where
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            with saying(f"cannot write {path}"):
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -93,7 +95,7 @@ def atomic_writer(path):
 
 def atomic_write(path, data):
     """Write the bytes `data` to `path` all or nothing (see atomic_writer)."""
-    with atomic_writer(path) as f:
+    with atomic_writer(path) as f, saying(f"cannot write {path}"):
         f.write(data)
 
 

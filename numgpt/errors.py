@@ -4,8 +4,11 @@ Every problem a user can cause (a bad flag, a missing file, a corrupt checkpoint
 subclass of `NumGPTError` whose message names the problem and the fix. The command-line fronts
 (train.py, sample.py) catch `NumGPTError`, print its message and exit non-zero, so a user never sees
 a traceback for their own mistake; anything else is a bug in numgpt and keeps its traceback.
-is_count and is_number are the type checks that many of those messages start from.
+is_count and is_number are the type checks that many of those messages start from; saying and
+describe_os_error put the operating system's errors (a full disk) in the same words.
 """
+
+import contextlib
 
 import numpy as np
 
@@ -39,3 +42,19 @@ def is_count(value):
 def is_number(value):
     """Whether `value` is an int or a float, NumPy's (np.float32) included; a bool is not one."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@contextlib.contextmanager
+def saying(doing):
+    """Re-raise an OSError of the block as one that says what failed: under saying("cannot write
+    out/x"), a full disk is "cannot write out/x: No space left on device" (same errno, same subclass)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{doing}: {e.strerror or e}") from None
+
+
+def describe_os_error(error):
+    """An OSError in a user's words: its reason and file, without Python's "[Errno 28]"."""
+    reason = error.strerror or str(error)
+    return f"{reason}: {error.filename}" if error.filename else reason

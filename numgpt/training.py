@@ -35,7 +35,7 @@ from numgpt.config import GPTConfig, num_params, params_mismatch
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
-from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError
+from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_coefficient, no_decay_names
@@ -700,8 +700,9 @@ class Trainer:
                 self.log = bar.write if self.progress else self.log
 
                 def write_row(row):
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()   # so `tail -f log.jsonl` follows the run
+                    with saying(f"cannot write {log_path}"):
+                        log_file.write(json.dumps(row) + "\n")
+                        log_file.flush()   # so `tail -f log.jsonl` follows the run
 
                 if first_row is not None:
                     write_row(first_row)

@@ -673,13 +673,30 @@ def test_out_dir_that_is_a_file_and_preset_with_resume(tmp_path, cache_dir, caps
 
 
 def test_a_failed_first_save_does_not_claim_a_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
+    """A full disk names the file it could not write, in words: no "[Errno 28]"."""
     def crash(fd):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(numgpt.checkpoint.os, "fsync", crash)
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
     err = capsys.readouterr().err
-    assert "disk full" in err and "intact" not in err
+    assert f"error: cannot write {tmp_path / 'model.safetensors'}: No space left on device" in err
+    assert "intact" not in err and "Errno" not in err
+
+
+def test_a_log_that_cannot_be_written_is_named(tmp_path, cache_dir, monkeypatch, capsys):
+    class FullFile(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_full_log(path, *args, **kwargs):
+        return FullFile() if path.endswith("log.jsonl") else open(path, *args, **kwargs)
+
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    monkeypatch.setattr(numgpt.training, "open", open_full_log, raising=False)
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--resume") == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write {tmp_path / 'log.jsonl'}: No space left on device" in err and "intact" in err
 
 
 def test_two_runs_cannot_share_an_out_dir(tmp_path, cache_dir, capsys):
