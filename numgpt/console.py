@@ -7,8 +7,8 @@ import sys
 
 
 class NamedStream:
-    """A text stream whose write errors say which stream failed: "[Errno 28] No space left on
-    device" alone could as well be a checkpoint's. Everything else is the stream's own."""
+    """A text stream whose write errors say which stream failed: "No space left on device" alone
+    could as well be a checkpoint's. Everything else is the stream's own."""
 
     def __init__(self, stream, name):
         self.stream, self.name = stream, name
@@ -33,9 +33,13 @@ class NamedStream:
         stream's file becomes os.devnull: its unwritten text would fail again in the flush at exit,
         which prints "Exception ignored" after the script's own message."""
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            fd = self.stream.fileno()
         except (OSError, ValueError, io.UnsupportedOperation):   # no file behind it (a test's capture)
-            pass
+            fd = None
+        if fd is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
         return OSError(error.errno, f"cannot write to the {self.name}: {error.strerror}")
 
 
