@@ -21,7 +21,7 @@ from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_d
 from numgpt.config import GPTConfig, param_shapes, params_mismatch
 from numgpt.errors import ConfigError, is_count, is_number
 from numgpt.layers.attention import KVCache
-from numgpt.layers.block import block_attention_probs, block_backward, block_forward, sub_params
+from numgpt.layers.block import block_attention_probs, block_backward, block_forward, sub_params, with_prefix
 from numgpt.layers.classifier import classifier_backward, classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX
 from numgpt.layers.dropout import dropout_backward, dropout_forward
@@ -35,9 +35,9 @@ INIT_STD = 0.02
 
 
 def init_params(config, seed=0):
-    """GPT-2's initialisation as float64 NumPy arrays: weights ~ N(0, 0.02), the residual
-    projections (c_proj) ~ N(0, 0.02 / sqrt(2 n_layer)) so the residual stream's variance does not
-    grow with depth, biases 0, layernorm gains 1."""
+    """GPT-2's initialisation as float64 NumPy arrays: weights normal with mean 0 and std 0.02, the
+    residual projections (c_proj) with std 0.02 / sqrt(2 n_layer) so the residual stream's variance
+    does not grow with depth (each block adds to it twice), biases 0, layernorm gains 1."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
@@ -222,7 +222,7 @@ class GPT:
         grads = named_grads("ln_f", dw, db)
         for i in reversed(range(cfg.n_layer)):
             dx, block_grads = block_backward(dx, block_caches[i])
-            grads.update({f"h.{i}.{name}": g for name, g in block_grads.items()})
+            grads.update(with_prefix(block_grads, f"h.{i}."))
         dx = dropout_backward(dx, drop_cache)
         if cfg.tie_weights:
             # wte is used twice, by the output layer and by the embedding: its gradient is the sum,

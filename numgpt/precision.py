@@ -2,10 +2,9 @@
 
 Three precisions, train.py's --precision:
 
-    fp32   float32 arrays and arithmetic (the default, and the only choice that is exact enough for
-           the gradient checks, which run in float64 anyway); on a GPU the attention kernels make
-           each product of three TF32 ones on tensor cores, within about 2^-21 of float32's (as
-           torch's float32 attention does)
+    fp32   float32 arrays and arithmetic, the default (the gradient checks use its plain matmuls,
+           on float64 arrays); on a GPU the attention kernels make each product of three TF32 ones
+           on tensor cores, within about 2^-21 of float32's (as torch's float32 attention does)
     tf32   float32 arrays, but matmul inputs are rounded to TF32 (10-bit mantissa) on tensor cores:
            by cuBLAS, and by the attention kernels; everything else is unchanged (CuPy only)
     fp16   mixed precision (Micikevicius et al. 2018): the parameters and the AdamW moments stay

@@ -116,11 +116,11 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     """The heads' attention.   qkv (B,T,3C) -> y (B,T,C) with heads merged, cache.
 
     On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
-    probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin. The kernel
-    multiplies in the arrays' dtype; on float32 arrays, on a GPU with tensor cores, its products
-    run there: under fp16 matmuls or TF32 with their operands (q k v, the probabilities, dy) rounded
-    to float16 or TF32 as the twin's matmuls do, else at float32's accuracy (three TF32 products),
-    while the softmax stays float32 (as in torch's fused attention, FlashAttention-2).
+    probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin. On float32
+    arrays, for the head sizes and GPUs of the module docstring, the kernel's products run on
+    tensor cores with operands in the format the twin's matmuls would use (tensor_core_operands:
+    float16 under fp16 matmuls, TF32 under tf32, else float32 as three TF32 products) while its
+    softmax stays float32, as in torch's fused attention; otherwise it multiplies in the arrays' dtype.
     """
     xp = array_module(qkv)
     C = qkv.shape[-1] // 3
@@ -151,7 +151,7 @@ def attention_probs(cache):
     core_cache = cache[1]
     if core_cache[0] != "matrix":
         raise ValueError("the fused attention kernel keeps no probabilities: pass a kv_cache, as decode does")
-    return core_cache[4]
+    return core_cache[4]                 # ("matrix", q, k, v, att, ...): see causal_attention_forward
 
 
 def attention_backward(dout, cache):

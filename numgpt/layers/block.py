@@ -20,6 +20,11 @@ def sub_params(params, prefix):
     return {name[n:]: value for name, value in params.items() if name.startswith(prefix)}
 
 
+def with_prefix(grads, prefix):
+    """The entries of `grads` with `prefix` ("attn.") put before each name: sub_params' inverse."""
+    return {prefix + name: value for name, value in grads.items()}
+
+
 def block_forward(x, params, n_head, activation="gelu", dropout=0.0, rng=None, *, kv_cache=None):
     """x (B,T,C) -> y (B,T,C), cache. With a `kv_cache`, x holds the positions after the cached ones
     (see attention_forward) and the cache serves block_attention_probs only, not a backward."""
@@ -46,10 +51,10 @@ def block_backward(dy, cache):
     dh, mlp_grads = mlp_backward(dh, mlp_cache)
     dh, dw, db = layernorm_backward(dh, ln_2_cache)
     dx = dx + dh                                         # the residual joins the normalised path
-    grads = {**named_grads("ln_2", dw, db), **{f"mlp.{k}": g for k, g in mlp_grads.items()}}
+    grads = {**named_grads("ln_2", dw, db), **with_prefix(mlp_grads, "mlp.")}
     dx, dh = residual_backward(dx)
     dh, attn_grads = attention_backward(dh, attn_cache)
     dh, dw, db = layernorm_backward(dh, ln_1_cache)
     dx = dx + dh
-    grads.update({**named_grads("ln_1", dw, db), **{f"attn.{k}": g for k, g in attn_grads.items()}})
+    grads.update({**named_grads("ln_1", dw, db), **with_prefix(attn_grads, "attn.")})
     return dx, grads

@@ -9,8 +9,8 @@ from numgpt.backend import array_module, scatter_add
 def embedding_forward(idx, wte, wpe, start=0):
     """x = wte[idx] + wpe[start:start+T].   idx (B,T) ints, wte (V,C), wpe (block_size,C) -> x (B,T,C)."""
     T = idx.shape[1]
-    x = wte[idx]                                       # (B,T,C): a gather, one row per token
-    x += wpe[start:start + T]                          # broadcast over the batch
+    x = wte[idx]                                       # (B,T,C): a gather, one row per token (a copy)
+    x += wpe[start:start + T]                          # (T,C) broadcast over B, into the copy
     return x, (idx, wte.shape, wpe.shape, start)
 
 
