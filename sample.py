@@ -81,8 +81,11 @@ def read_prompt(args):
         else:
             with open(args.prompt_file, encoding="utf-8") as f:
                 text = f.read(MAX_PROMPT_CHARS + 1)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the prompt file {args.prompt_file!r}: {e}") from None
+    except OSError as e:   # its reason alone: Python's "[Errno 2] ...: 'p.txt'" would repeat the path
+        raise DataError(f"cannot read the prompt file {args.prompt_file!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:   # its byte position counts from a chunk of the file, not from its start
+        raise DataError(f"cannot read the prompt file {args.prompt_file!r}: it is not UTF-8 text; "
+                        f"save it as UTF-8") from None
     if len(text) > MAX_PROMPT_CHARS:
         raise DataError(f"the prompt file {args.prompt_file!r} holds more than {MAX_PROMPT_CHARS:,} characters: "
                         f"give a prompt (the model sees only its last block_size tokens), not a corpus")
@@ -136,7 +139,7 @@ def sample(model, enc, ids, prompt, rng, args):
 
 
 def run(args):
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, flags=True)
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:

@@ -180,6 +180,9 @@ def main(argv=None):
 
         if getattr(args, "ddp", False):
             world = distributed.mpi_world()
+            if world.size == 1:   # it trains, as the plain run: say so, or it looks data-parallel
+                print("note: --ddp found only this process, so it trains alone; start several with "
+                      "mpiexec -n N python train.py --ddp", file=sys.stderr)
         cfg = resolve_config(args)
         comm = distributed.device_communicator(world, cfg.backend)
         with Trainer(cfg, progress=not getattr(args, "no_progress", False), comm=comm) as trainer:

@@ -268,7 +268,9 @@ def _check_checkpoint_dir(path):
         raise CheckpointError(f"{path!r} is a file, not a checkpoint directory: give the directory that holds "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE} (a train.py out-dir)")
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist: give a train.py out-dir, or a "
+                              f"HuggingFace GPT-2 directory with {CONFIG_FILE} and {WEIGHTS_FILE} on this "
+                              f"machine (numgpt does not download models)")
     config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for needed in (config_path, weights_path):
         if not os.path.isfile(needed):

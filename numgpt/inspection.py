@@ -121,7 +121,8 @@ def plot_attention(maps, labels, path):
     from matplotlib.figure import Figure   # the object API: no pyplot, no global backend state
 
     n_layer, n_head, T = len(maps), maps[0].shape[0], maps[0].shape[-1]
-    fig = Figure(figsize=(1.6 * n_head + 1.0, 1.6 * n_layer + 0.8), layout="constrained")
+    # as wide as the heads need, and never narrower than the title (~6 inches): with few heads it was cut off
+    fig = Figure(figsize=(max(1.6 * n_head + 1.0, 6.5), 1.6 * n_layer + 0.8), layout="constrained")
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     for layer, att in enumerate(maps):
         for head in range(n_head):

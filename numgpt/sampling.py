@@ -11,16 +11,18 @@ import numpy as np
 from numgpt.errors import ConfigError, NumGPTError, is_count, is_number
 
 
-def check_sampling_args(temperature=1.0, top_k=None, top_p=None):
+def check_sampling_args(temperature=1.0, top_k=None, top_p=None, flags=False):
     """Raise ConfigError for a temperature that is not a finite number >= 0, a top_k < 1 or a top_p
     outside (0, 1]. NaN fails every comparison, so the range checks reject it too; an infinite
-    temperature would turn every logit into 0 or NaN."""
+    temperature would turn every logit into 0 or NaN. With `flags`, the messages name them as a
+    command line does (--top-k), else as the arguments they are (top_k)."""
+    names = ("--temperature", "--top-k", "--top-p") if flags else ("temperature", "top_k", "top_p")
     if not is_number(temperature) or not 0 <= temperature < math.inf:
-        raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+        raise ConfigError(f"{names[0]} must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and not (is_count(top_k) and top_k >= 1):
-        raise ConfigError(f"top_k must be an integer >= 1, got {top_k!r}")
+        raise ConfigError(f"{names[1]} must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise ConfigError(f"{names[2]} must be in (0, 1], got {top_p!r}")
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):

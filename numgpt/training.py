@@ -185,8 +185,8 @@ def load_data(cfg, source, log):
 
 def build_model(cfg, params=None, config=None):
     """A fresh model, one initialised from a HuggingFace GPT-2 directory (--init-from), or, given
-    `params` and `config`, the model of a saved training state; in cfg's precision."""
-    set_tf32(get_xp(cfg.backend), cfg.precision == "tf32")
+    `params` and `config`, the model of a saved training state; in cfg's precision (Trainer.setup
+    has switched TF32 on or off)."""
     kwargs = dict(backend=cfg.backend, dtype=cfg.dtype, matmul_dtype="float16" if cfg.precision == "fp16" else None)
     if params is not None:
         return GPT(config, params=params, **kwargs)
@@ -487,7 +487,9 @@ class Trainer:
             self.log(f"data-parallel: {comm.size} ranks, {cfg.batch_size // comm.size} rows of each batch on each")
         state = load_train_state(cfg.out_dir) if resume else None
         config = self._model_config(state)
-        check_memory(cfg, config, get_xp(cfg.backend), comm.size)   # before minutes of loading data
+        xp = get_xp(cfg.backend)
+        set_tf32(xp, cfg.precision == "tf32")   # which refuses tf32 on NumPy: before the data, as the rest
+        check_memory(cfg, config, xp, comm.size)   # before minutes of loading data
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
         except OSError as e:   # a path through a file, a directory without write permission

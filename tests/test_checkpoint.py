@@ -42,7 +42,9 @@ def test_saved_keys_are_transformers_style(saved):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    """Named, with what to give instead: sample.py's default `out` before any training, or a hub
+    name such as `gpt2`, which numgpt does not download."""
+    with pytest.raises(CheckpointError, match="does not exist: give a train.py out-dir.*does not download"):
         GPT.from_pretrained(tmp_path / "nope")
 
 

@@ -162,6 +162,7 @@ def test_two_ranks_train_what_one_process_trains(mpiexec, cache_dir, one_process
 def test_ddp_without_mpiexec_is_the_plain_run(mpiexec, cache_dir, one_process, tmp_path):
     code, err = run([*train_cmd(None, mpiexec, tmp_path, cache_dir, "--max-iters", str(STEPS)), "--ddp"])
     assert code == 0, err
+    assert "--ddp found only this process" in err and "mpiexec -n N" in err   # not silently one process
     assert_same_training(one_process, tmp_path, exact=True)
 
 

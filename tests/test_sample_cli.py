@@ -130,6 +130,18 @@ def test_prompt_from_a_file_and_from_stdin(ckpt, capsys, monkeypatch, tmp_path):
     assert run(capsys, *common, "--prompt-file", "-")[1] == from_file
 
 
+@pytest.mark.parametrize("name, reason", [("missing.txt", "No such file or directory"), (".", "Is a directory"),
+                                          ("latin1.txt", "not UTF-8")])
+def test_an_unreadable_prompt_file_is_named_once_in_words(ckpt, capsys, tmp_path, name, reason):
+    """'cannot read the prompt file 'p.txt': No such file or directory', without Python's
+    '[Errno 2] ...: 'p.txt'' repeating the path."""
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    path = str(tmp_path / name)
+    code, _, err = run(capsys, "--ckpt", ckpt, "--prompt-file", path)
+    assert code == 2 and err.count(path) == 1 and reason in err and "[Errno" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("source", ["file", "stdin"])
 def test_a_prompt_file_too_long_to_be_a_prompt_is_refused(ckpt, capsys, monkeypatch, tmp_path, source):
     """Read whole, /dev/zero or a corpus by mistake would fill the memory, then the terminal."""
@@ -184,6 +196,26 @@ def test_attention_png(ckpt, capsys, tmp_path, backend):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize("n_head", [1, 2, 3])
+def test_attention_png_title_fits_a_model_of_few_heads(tmp_path, monkeypatch, n_head):
+    """The figure is as wide as its heads, but never narrower than its title: with 2 heads the
+    title was cut off at both edges."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from numgpt.inspection import plot_attention
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k)))
+    att = np.tril(np.ones((n_head, 3, 3))) / np.arange(1, 4)[:, None]
+    plot_attention([att, att], ["'a'", "'b'", "'c'"], str(tmp_path / "a.png"))
+    fig = figures[0]
+    title = fig.get_suptitle()
+    box = next(t for t in fig.texts if t.get_text() == title).get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+
+
 def test_attention_png_without_matplotlib_is_a_clear_error(ckpt, capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)       # import matplotlib now raises ImportError
     code, _, err = run(capsys, "--ckpt", ckpt, "--attention-png", str(tmp_path / "a.png"))
@@ -208,13 +240,13 @@ def test_attention_png_that_cannot_be_written_fails_before_loading(capsys, tmp_p
 # ---------------------------------------------------------------- user mistakes
 
 @pytest.mark.parametrize("argv, message", [
-    (["--temperature", "-1"], "temperature"),
+    (["--temperature", "-1"], "--temperature must"),   # named as the flags the user typed
     (["--temperature", "inf"], "finite"),
     (["--temperature", "nan"], "finite"),
-    (["--top-p", "nan"], "top_p"),
+    (["--top-p", "nan"], "--top-p must"),
     (["--seed", "-1"], "--seed"),
-    (["--top-k", "0"], "top_k"),
-    (["--top-p", "1.5"], "top_p"),
+    (["--top-k", "0"], "--top-k must"),
+    (["--top-p", "1.5"], "--top-p must"),
     (["--num-samples", "0"], "--num-samples"),
     (["--max-new-tokens", "-3"], "--max-new-tokens"),
     (["--prompt-file", "/no/such/prompt.txt"], "prompt file"),

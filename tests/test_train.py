@@ -466,7 +466,7 @@ def test_bad_hyperparameters(tmp_path, cache_dir, capsys, flags, message):
 
 
 @pytest.mark.parametrize("flags", [["--n-embd", "30", "--n-head", "4"], ["--dropout", "1.5"], ["--seed", "-1"],
-                                   ["--batch-size", str(10**9)]])
+                                   ["--batch-size", str(10**9)], ["--precision", "tf32"]])
 def test_bad_settings_are_found_before_the_data_and_the_out_dir(tmp_path, cache_dir, monkeypatch, flags):
     monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
     assert run(tmp_path / "o", cache_dir, *flags) == 2
