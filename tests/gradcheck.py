@@ -6,7 +6,8 @@ passes when |analytic - numeric| <= ATOL + RTOL * scale, where scale is the larg
 in that array: normalising by the tensor's scale, not by the entry, keeps gradients that are
 exactly zero by symmetry (the K part of the qkv bias) from failing on round-off. An entry that
 fails is measured again, to fourth order in the step and at a larger step (see
-gradient_mismatches).
+gradient_mismatches). A gradient or loss that is not finite (nan, inf) never passes: nan
+compares false with every tolerance.
 """
 
 import numpy as np
@@ -43,14 +44,18 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
     bad = {}
     for name, array in arrays.items():
         assert analytic[name].shape == array.shape, f"{name}: gradient shape {analytic[name].shape} != {array.shape}"
+        full = to_numpy(analytic[name])
+        if not np.all(np.isfinite(full)):   # anywhere, sampled or not: it would also make `scale` nan or inf
+            bad[name] = float("inf")
+            continue
         n = array.size
         coords = rng.choice(n, size=min(n, max_coords), replace=False)
         num = numeric_grad(loss_fn, array, coords)
-        ana = to_numpy(analytic[name]).reshape(-1)[coords]
-        scale = float(np.abs(to_numpy(analytic[name])).max())
+        ana = full.reshape(-1)[coords]
+        scale = float(np.abs(full).max())
         tol = ATOL + RTOL * scale
-        err = np.abs(ana - num)
-        if np.any(err > tol):
+        err = np.abs(ana - num)   # nan where the loss was: `not err <= tol` counts it as a mismatch
+        if not np.all(err <= tol):
             # Central differences err in two ways: truncation, c eps^2 (c a sixth of the third
             # derivative), and round-off in L, ~1e-16 |L| / eps. A failing entry is measured again
             # for each: at eps/2, combined with D(eps) by Richardson, (4 D(eps/2) - D(eps)) / 3,
@@ -58,12 +63,12 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
             # whose variance is near its own eps); and at 10 eps, where round-off is 10x smaller
             # (for a large |L| with small gradients). It passes if either agrees: a wrong gradient
             # is wrong at every step.
-            retry = err > tol
+            retry = ~(err <= tol)
             richardson = (4 * numeric_grad(loss_fn, array, coords[retry], eps=EPS / 2) - num[retry]) / 3
             wide = numeric_grad(loss_fn, array, coords[retry], eps=10 * EPS)
             err[retry] = np.minimum(np.abs(ana[retry] - richardson), np.abs(ana[retry] - wide))
-        if np.any(err > tol):
-            bad[name] = float(err.max() / max(scale, 1e-30))
+        if not np.all(err <= tol):
+            bad[name] = float(np.max(err) / max(scale, 1e-30))
     return bad
 
 

@@ -86,6 +86,31 @@ def test_logits_loss_and_gradients_match(checkpoint_pair, backend):
         assert rel_err(g, ref_grads[name]) < 1e-8, name
 
 
+@pytest.mark.parametrize("ignored", ["some", "all"])
+def test_ignored_targets_match_torch(tmp_path, backend, ignored):
+    """Targets of -100 leave the mean (its count too), as in torch's cross_entropy; with none left
+    the loss is nan and every gradient 0 in both. The gradient check cannot see a wrong count:
+    forward and backward would share it."""
+    hf = tiny_hf_model()
+    hf.save_pretrained(str(tmp_path))
+    model = GPT.from_pretrained(tmp_path, backend=backend, dtype="float64").eval()
+    rng = np.random.default_rng(4)
+    idx, targets = rng.integers(0, V, size=(2, T)), rng.integers(0, V, size=(2, T))
+    targets[rng.random(targets.shape) < 0.4] = -100
+    if ignored == "all":
+        targets[:] = -100
+    _, loss = model.forward(idx, targets)
+    grads = model.backward()
+    _, ref_loss, ref_grads = hf_loss_and_grads(hf, idx, targets)
+    if ignored == "all":
+        assert np.isnan(loss) and np.isnan(ref_loss)
+        assert all(not np.any(to_numpy(g)) and not np.any(ref_grads[name]) for name, g in grads.items())
+        return
+    assert abs(loss - ref_loss) / ref_loss < 1e-8
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 1e-8, name
+
+
 def test_twenty_adamw_steps_track_torch(checkpoint_pair, backend):
     hf, path = checkpoint_pair
     model = GPT.from_pretrained(path, backend=backend, dtype="float64").train()

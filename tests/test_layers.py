@@ -85,6 +85,23 @@ def test_linear_without_bias(xp):
     assert not mismatches(run, grads, arrays, rng)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_the_check_catches_a_gradient_or_loss_that_is_not_finite(xp, bad):
+    """nan compares false with every tolerance and an inf entry makes the tolerance inf: before the
+    checker looked for them, a backward that returned nan or inf (and a nan loss) passed."""
+    rng = np.random.default_rng(0)
+    arrays = linear_arrays(xp, rng, 2, 3, 4, 5, 1.0)
+    out, cache = run_linear(arrays)
+    dout = draw(xp, rng, out.shape)
+    loss = lambda: dot_loss(run_linear(arrays)[0], dout)
+    assert not gradient_mismatches(loss, arrays, linear_grads(dout, cache), rng)
+    for entry in [(0, 0), (3, 4)]:   # with one coordinate sampled, one of them is not
+        grads = linear_grads(dout, cache)
+        grads["w"][entry] = bad
+        assert "w" in gradient_mismatches(loss, arrays, grads, rng, max_coords=1)
+    assert "w" in gradient_mismatches(lambda: loss() * bad, arrays, linear_grads(dout, cache), rng)
+
+
 # ---------------------------------------------------------------- embedding
 
 def run_embedding(idx, start=0):

@@ -44,8 +44,9 @@ def scaled_model(config, backend, seed, scale):
     return model
 
 
-def model_mismatches(model, idx, targets, rng, max_coords=6):
-    """Gradient-check every parameter of `model` on one batch; dropout masks are replayed exactly."""
+def model_mismatches(model, idx, targets, rng, max_coords=6, loss_scale=1.0):
+    """Gradient-check every parameter of `model` on one batch; dropout masks are replayed exactly.
+    The analytic pass runs with `loss_scale` (its gradients must still be those of the loss)."""
     dropout_state = model.dropout_rng.bit_generator.state
 
     def loss():
@@ -54,7 +55,7 @@ def model_mismatches(model, idx, targets, rng, max_coords=6):
 
     loss()                                      # draws the masks once more, then the analytic pass
     model.dropout_rng.bit_generator.state = dropout_state
-    model.forward(idx, targets)
+    model.forward(idx, targets, loss_scale=loss_scale)
     grads = model.backward()
     assert list(grads) == list(model.params)
     return gradient_mismatches(loss, model.params, grads, rng, max_coords=max_coords)
@@ -80,6 +81,19 @@ def test_model_gradients(backend, case, scale, seed):
     if B * T == 1:
         targets[0, 0] = 0
     assert not model_mismatches(model, idx, targets, rng)
+
+
+@pytest.mark.parametrize("loss_scale", [3.0, 2.0 ** 20])
+def test_model_gradients_under_a_loss_scale(backend, loss_scale):
+    """A loss scale multiplies inside the backward and divides the finished gradients: checked in
+    float64 against the unscaled loss, for a scale that is not a power of two (test_precision
+    checks powers of two to the bit) and a large one, with dropout and an ignored target."""
+    config = GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=4, dropout=0.2, tie_weights=False)
+    rng = np.random.default_rng(0)
+    model = scaled_model(config, backend, 0, 0.5)
+    idx, targets = batch(config, 2, 4, rng)
+    targets[1, 2] = -100
+    assert not model_mismatches(model, idx, targets, rng, max_coords=16, loss_scale=loss_scale)
 
 
 @given(case=model_case(), seed=seeds)

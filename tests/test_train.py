@@ -23,6 +23,7 @@ import numgpt.checkpoint
 import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
+from numgpt.backend import to_numpy
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
@@ -798,3 +799,30 @@ def test_learning_rate_schedule():
     assert lrs[60] == pytest.approx(0.5 * (1e-3 + 1e-4))
     assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_grad_accum_steps_on_the_gradient_of_the_mean_over_every_micro_batch(backend):
+    """--grad-accum k: AdamW gets the mean of the k micro-batches' gradients, which (every row
+    keeping its targets) is the gradient of the mean loss over all k batches' rows, and the step's
+    loss is their mean. Nothing else asserts it: a step on the last micro-batch alone, or on the
+    sum of the k, trained and resumed exactly too."""
+    cfg = TrainConfig(batch_size=2, block_size=8, grad_accum=3, grad_clip=0.0, backend=backend, dtype="float64")
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 50, size=(2, 8)), rng.integers(0, 50, size=(2, 8))) for _ in range(3)]
+    trainer = numgpt.training.Trainer(cfg, log=lambda message: None, progress=False)
+    trainer.model = GPT(config, backend=backend, dtype="float64", seed=1)
+    trainer.flat_grads, trainer.grads = numgpt.training.flat_buffer(trainer.model.params, extra=2)
+    trainer.batcher = type("Batches", (), {"next_batch": iter(batches).__next__})()
+    stepped = []
+    trainer.optimizer = type("Recorder", (), {"step": lambda self, grads, grad_scale=None: stepped.append(
+        ({name: to_numpy(g).copy() for name, g in grads.items()}, grad_scale))})()
+    trainer.scaler, trainer.step = None, 0
+    loss, stop = trainer.train_step()
+    (grads, grad_scale), = stepped
+    _, ref_loss = trainer.model.forward(np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+    ref_grads = trainer.model.backward()
+    assert loss == pytest.approx(ref_loss, rel=1e-12) and not stop and grad_scale is None
+    for name, ref in ref_grads.items():
+        ref = to_numpy(ref)
+        np.testing.assert_allclose(grads[name], ref, rtol=0, atol=1e-12 * np.abs(ref).max(), err_msg=name)
