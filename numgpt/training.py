@@ -16,6 +16,7 @@ takes its rows of every batch and rank 0 alone logs and writes files. Nothing sa
 so a run can resume with another number of ranks.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -455,13 +456,19 @@ class Trainer:
         self.progress = progress and self.is_main
         self.stop = StopRequest(notice=self.is_main)
         self.out_dir_lock = None
+        self.made_out_dir = False     # whether setup created the out-dir
         self.checkpoint_step = None   # the step of the state saved or resumed in the out-dir, if any
 
     def close(self):
-        """Let another run use the out-dir (the lock goes with the process too, however it ends)."""
+        """Let another run use the out-dir (the lock goes with the process too, however it ends),
+        and remove the out-dir that setup made if the run failed before it saved anything there."""
         if self.out_dir_lock is not None:
             os.close(self.out_dir_lock)
             self.out_dir_lock = None
+        if self.made_out_dir and self.checkpoint_step is None and self.is_main:
+            with contextlib.suppress(OSError):   # not empty: a file of someone else's, or a partial save
+                os.rmdir(self.cfg.out_dir)
+            self.made_out_dir = False
 
     def __enter__(self):
         return self
@@ -490,6 +497,7 @@ class Trainer:
         xp = get_xp(cfg.backend)
         set_tf32(xp, cfg.precision == "tf32")   # which refuses tf32 on NumPy: before the data, as the rest
         check_memory(cfg, config, xp, comm.size)   # before minutes of loading data
+        self.made_out_dir = not os.path.exists(cfg.out_dir)
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
         except OSError as e:   # a path through a file, a directory without write permission

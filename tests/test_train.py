@@ -20,6 +20,7 @@ import pytest
 
 import cupy_standin
 import numgpt.checkpoint
+import numgpt.errors
 import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
@@ -202,6 +203,29 @@ def test_a_kill_during_the_first_checkpoint_of_overwrite_leaves_no_old_state_bes
     capsys.readouterr()
     assert run(tmp_path, cache_dir, "--resume") == 2
     assert "train_state.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_before_it_saves_leaves_no_out_dir_it_made(tmp_path, cache_dir, monkeypatch, capsys):
+    """Bad data, or a Ctrl-C in the first evaluation: the out-dir the run created goes again, empty;
+    one that was there before stays, with what it holds."""
+    def bad_data(*args):
+        raise numgpt.errors.DataError("no stories here")
+
+    with monkeypatch.context() as m:
+        m.setattr(numgpt.training, "load_data", bad_data)
+        assert run(tmp_path / "new" / "run", cache_dir) == 2
+        assert "no stories here" in capsys.readouterr().err
+        assert not (tmp_path / "new" / "run").exists()
+        (tmp_path / "mine").mkdir()
+        assert run(tmp_path / "mine", cache_dir) == 2
+        assert (tmp_path / "mine").is_dir()
+
+    def interrupted(model, batches):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(numgpt.training, "estimate_loss", interrupted)
+    assert run(tmp_path / "stopped", cache_dir, "--num-samples", "0") == 130
+    assert not (tmp_path / "stopped").exists()
 
 
 def test_a_log_alone_is_a_run_too(tmp_path, cache_dir, capsys):
