@@ -211,8 +211,8 @@ def main(argv=None):
         return world.fail(f"error: {e}", 2)
     except OSError as e:   # a full disk, a read-only out-dir: the last saved checkpoint, if any, is intact
         saved = trainer is not None and trainer.checkpoint_step is not None
-        return world.fail(f"error: {describe_os_error(e)}" + (f". The last checkpoint saved in the out-dir is intact."
-                                           f"{resume_hint(trainer)}" if saved else ""), 1)
+        intact = f". The last checkpoint saved in the out-dir is intact.{resume_hint(trainer)}" if saved else ""
+        return world.fail(f"error: {describe_os_error(e)}{intact}", 1)
     except MemoryError as e:   # numpy's "Unable to allocate 13.4 GiB for an array ...", or the GPU's
         reason = f": {e}" if str(e) else ""   # Python's own MemoryError has no message
         return world.fail(f"error: out of memory{reason}. Use a smaller --batch-size or --block-size, "

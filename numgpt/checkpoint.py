@@ -72,13 +72,14 @@ def atomic_writer(path):
     fsyncs that file, renames it over `path` and fsyncs the directory. An exception or a crash
     half-way leaves the old file, or none. Streams, so a large file need not fit in memory."""
     directory = os.path.dirname(os.path.abspath(path))
-    with saying(f"cannot write {path}"):   # the OSErrors say "No space left on device", not where
+    failed = f"cannot write {path}"   # what its OSErrors say first: alone, "No space left on device" says not where
+    with saying(failed):
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             yield f
-            with saying(f"cannot write {path}"):
+            with saying(failed):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
