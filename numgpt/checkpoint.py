@@ -100,6 +100,16 @@ def atomic_write(path, data):
         f.write(data)
 
 
+def cannot_write_in(directory):
+    """Why no file can be made in `directory` ("Permission denied", "Read-only file system"), or None
+    when one can: asked before long work, so that work is not lost at its first write."""
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def remove_stale_temp_files(directory):
     """Delete the temporary files of atomic writes that a killed process left half-written in
     `directory`; only names of exactly that pattern, so no file of the user's is touched."""

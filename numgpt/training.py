@@ -23,7 +23,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -353,15 +352,6 @@ def remove_files(directory, names):
             os.remove(path)
 
 
-def check_writable(path):
-    """ConfigError when no file can be made in directory `path` (a read-only file system, no
-    permission): found before the data are loaded, not at the first checkpoint."""
-    try:
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise ConfigError(f"cannot write in --out-dir {path}: {e.strerror}") from None
-
-
 def lock_directory(path):
     """An open descriptor of directory `path` that holds an exclusive flock on it, or ConfigError
     when another process holds one: two runs in one out-dir would overwrite each other's
@@ -503,7 +493,9 @@ class Trainer:
         except OSError as e:   # a path through a file, a directory without write permission
             raise ConfigError(f"cannot create --out-dir {cfg.out_dir}: {e.strerror}") from None
         if self.is_main:
-            check_writable(cfg.out_dir)
+            problem = checkpoint.cannot_write_in(cfg.out_dir)   # before the data, not at the first checkpoint
+            if problem:
+                raise ConfigError(f"cannot write in --out-dir {cfg.out_dir}: {problem}")
             # first the lock, then the cleanup: another run's temporary files are not stale
             self.out_dir_lock = lock_directory(cfg.out_dir)
             checkpoint.remove_stale_temp_files(cfg.out_dir)

@@ -753,7 +753,7 @@ def test_an_out_dir_that_cannot_be_written_is_found_before_the_data(tmp_path, ca
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
-    monkeypatch.setattr(numgpt.training.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
     assert f"cannot write in --out-dir {tmp_path}: Read-only file system" in capsys.readouterr().err
 

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -46,7 +45,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from numgpt.checkpoint import atomic_writer
+from numgpt.checkpoint import atomic_writer, cannot_write_in
 from numgpt.data import stories
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.errors import ConfigError, DataError
@@ -368,11 +367,10 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
     except OSError as e:
         raise DataError(f"cannot create the cache directory '{bin_path.parent}' ({e.strerror or e}): "
                         f"choose a writable cache directory") from e
-    try:   # found now, not after minutes of downloading and tokenizing, and named
-        tempfile.TemporaryFile(dir=bin_path.parent).close()
-    except OSError as e:
-        raise DataError(f"cannot write in the cache directory '{bin_path.parent}' ({e.strerror or e}): "
-                        f"choose a writable cache directory") from e
+    problem = cannot_write_in(bin_path.parent)   # found now, not after minutes of downloading and tokenizing
+    if problem:
+        raise DataError(f"cannot write in the cache directory '{bin_path.parent}' ({problem}): "
+                        f"choose a writable cache directory")
     documents = documents_fn()
     if not documents:
         raise DataError(f"the {source_key} source has no documents in its {split} split: give more data")
