@@ -32,11 +32,17 @@ def draw(xp, rng, shape, scale=1.0):
     return to_device(rng.normal(0.0, scale, size=shape), xp)
 
 
+def without_biases(arrays):
+    """The arrays of the same layer in a bias-free model (GPTConfig(bias=False))."""
+    return {name: a for name, a in arrays.items() if name != "b" and not name.endswith(".bias")}
+
+
 def mismatches(run, backward, arrays, rng):
     """Gradient-check one layer. run(arrays) -> (out, cache); backward(dout, cache) -> {name: grad}."""
     out, cache = run(arrays)
     dout = draw(array_module(out), rng, out.shape)          # the upstream gradient, drawn independently
     analytic = backward(dout, cache)
+    assert set(analytic) == set(arrays)                     # no gradient for an absent bias
     return gradient_mismatches(lambda: dot_loss(run(arrays)[0], dout), arrays, analytic, rng)
 
 
@@ -100,6 +106,21 @@ def test_the_check_catches_a_gradient_or_loss_that_is_not_finite(xp, bad):
         grads["w"][entry] = bad
         assert "w" in gradient_mismatches(loss, arrays, grads, rng, max_coords=1)
     assert "w" in gradient_mismatches(lambda: loss() * bad, arrays, linear_grads(dout, cache), rng)
+
+
+def test_one_large_gradient_does_not_widen_the_tolerance_of_the_rest(xp):
+    """L = sum(a * c) with c[0] a million times the rest: a backward that is right at c[0] and
+    wrong by 1e-4 elsewhere must fail. Scaled by its array's largest gradient, the tolerance
+    (1e-6 of it) was 100 times that error."""
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=32) + 2.0
+    c[0] = 1e6
+    arrays = {"a": draw(xp, rng, (32,))}
+    loss = lambda: float((to_numpy(arrays["a"]) * c).sum())
+    assert not gradient_mismatches(loss, arrays, {"a": to_device(c, xp)}, rng)
+    wrong = c * (1 + 1e-4)
+    wrong[0] = c[0]
+    assert "a" in gradient_mismatches(loss, arrays, {"a": to_device(wrong, xp)}, rng)
 
 
 # ---------------------------------------------------------------- embedding
@@ -169,11 +190,11 @@ def test_embedding_backward_accumulates_into_a_given_gradient(xp):
 # ---------------------------------------------------------------- layernorm
 
 def run_layernorm(a):
-    return layernorm_forward(a["x"], a["w"], a["b"])
+    return layernorm_forward(a["x"], a["w"], a.get("b"))
 
 
 def layernorm_grads(dout, cache):
-    return dict(zip(("x", "w", "b"), layernorm_backward(dout, cache)))
+    return {name: g for name, g in zip(("x", "w", "b"), layernorm_backward(dout, cache)) if g is not None}
 
 
 def layernorm_grads_missing_variance_path(dout, cache):
@@ -185,11 +206,14 @@ def layernorm_grads_missing_variance_path(dout, cache):
     return grads
 
 
-@given(B=sizes, T=sizes, C=st.integers(2, 9), scale=scales, shift=st.sampled_from([0.0, 5.0]), seed=seeds)
-@example(B=4, T=5, C=2, scale=1.0, shift=5.0, seed=17429127)   # FD round-off above the tolerance at eps
-def test_layernorm_gradients(xp, B, T, C, scale, shift, seed):
+@given(B=sizes, T=sizes, C=st.integers(2, 9), scale=scales, shift=st.sampled_from([0.0, 5.0]),
+       bias=st.booleans(), seed=seeds)
+@example(B=4, T=5, C=2, scale=1.0, shift=5.0, bias=True, seed=17429127)   # FD round-off above the tolerance at eps
+def test_layernorm_gradients(xp, B, T, C, scale, shift, bias, seed):
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (B, T, C), scale) + shift, "w": draw(xp, rng, (C,)), "b": draw(xp, rng, (C,))}
+    if not bias:
+        arrays = without_biases(arrays)
     assert not mismatches(run_layernorm, layernorm_grads, arrays, rng)
 
 
@@ -224,10 +248,12 @@ def attention_grads(dout, cache):
 
 
 @given(B=st.integers(1, 3), T=st.integers(1, 6), n_head=st.integers(1, 3), head_size=st.integers(1, 4),
-       dropout=st.sampled_from([0.0, 0.3]), scale=scales, seed=seeds)
-def test_attention_gradients(xp, B, T, n_head, head_size, dropout, scale, seed):
+       dropout=st.sampled_from([0.0, 0.3]), scale=scales, bias=st.booleans(), seed=seeds)
+def test_attention_gradients(xp, B, T, n_head, head_size, dropout, scale, bias, seed):
     rng = np.random.default_rng(seed)
     arrays = attention_arrays(xp, rng, B, T, n_head, head_size, scale)
+    if not bias:
+        arrays = without_biases(arrays)
     assert not mismatches(run_attention(n_head, dropout, seed), attention_grads, arrays, rng)
 
 
@@ -284,12 +310,14 @@ def away_from_kinks(x):
 
 
 @given(B=sizes, T=sizes, C=sizes, activation=st.sampled_from(sorted(ACTIVATIONS)),
-       dropout=st.sampled_from([0.0, 0.25]), scale=scales, seed=seeds)
-def test_mlp_gradients(xp, B, T, C, activation, dropout, scale, seed):
+       dropout=st.sampled_from([0.0, 0.25]), scale=scales, bias=st.booleans(), seed=seeds)
+def test_mlp_gradients(xp, B, T, C, activation, dropout, scale, bias, seed):
     rng = np.random.default_rng(seed)
     arrays = mlp_arrays(xp, rng, B, T, C, scale)
+    if not bias:
+        arrays = without_biases(arrays)
     if activation == "relu":   # finite differences must not straddle ReLU's kink at 0
-        h = to_numpy(arrays["x"]).reshape(-1, C) @ to_numpy(arrays["c_fc.weight"]) + to_numpy(arrays["c_fc.bias"])
+        h = to_numpy(arrays["x"]).reshape(-1, C) @ to_numpy(arrays["c_fc.weight"]) + to_numpy(arrays.get("c_fc.bias", 0.0))
         assume(np.abs(h).min() > 1e-4)
     assert not mismatches(run_mlp(activation, dropout, seed), mlp_grads, arrays, rng)
 

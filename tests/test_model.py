@@ -44,7 +44,7 @@ def scaled_model(config, backend, seed, scale):
     return model
 
 
-def model_mismatches(model, idx, targets, rng, max_coords=6, loss_scale=1.0):
+def model_mismatches(model, idx, targets, rng, max_coords=16, loss_scale=1.0):
     """Gradient-check every parameter of `model` on one batch; dropout masks are replayed exactly.
     The analytic pass runs with `loss_scale` (its gradients must still be those of the loss)."""
     dropout_state = model.dropout_rng.bit_generator.state
