@@ -100,7 +100,7 @@ def encode_prompt(enc, text, vocab_size):
     if too_big:
         start = " (an empty prompt starts from <|endoftext|>)" if not text else ""
         raise ConfigError(f"the prompt holds token {too_big[0]} = {token_label(enc, too_big[0])}{start}, but this "
-                          f"model's vocabulary has only {vocab_size} tokens: use a prompt within it")
+                          f"model's vocabulary has only {console.counted(vocab_size, 'token')}: use a prompt within it")
     return ids
 
 
@@ -152,20 +152,20 @@ def run(args):
     enc = get_tokenizer()
     model = GPT.from_pretrained(args.ckpt, backend=args.backend, dtype=args.dtype).eval()
     cfg = model.config
-    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {cfg.n_layer} layers, {cfg.n_head} heads, "
+    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {console.counted(cfg.n_layer, 'layer')}, {console.counted(cfg.n_head, 'head')}, "
           f"context {cfg.block_size}, vocabulary {cfg.vocab_size}; {backend_name(model.xp)} {model.dtype}",
           file=sys.stderr)
     ids = encode_prompt(enc, prompt, cfg.vocab_size)
     if len(ids) > cfg.block_size:
-        print(f"note: the prompt has {len(ids)} tokens; the model sees the last {cfg.block_size}", file=sys.stderr)
+        print(f"note: the prompt has {console.counted(len(ids), 'token')}; the model sees the last {cfg.block_size}", file=sys.stderr)
     if args.show_tokens:
-        print(f"prompt: {len(ids)} tokens\n{token_table(enc, ids)}\n")
+        print(f"prompt: {console.counted(len(ids), 'token')}\n{token_table(enc, ids)}\n")
     if args.attention_png:
         window = ids[-cfg.block_size:]
         maps = [to_numpy(att[0]) for att in model.attention_maps(np.array([window]))]   # (nh,T,T) per layer
         plot_attention(maps, [token_label(enc, i) for i in window], args.attention_png)
-        print(f"wrote {args.attention_png}: attention of {cfg.n_layer} layers x {cfg.n_head} heads over "
-              f"{len(window)} prompt tokens", file=sys.stderr)
+        print(f"wrote {args.attention_png}: attention of {console.counted(cfg.n_layer, 'layer')} x {console.counted(cfg.n_head, 'head')} over "
+              f"{console.counted(len(window), 'prompt token')}", file=sys.stderr)
     rng = np.random.default_rng(args.seed)                # one stream of draws across the samples
     for _ in range(args.num_samples):
         sample(model, enc, ids, prompt, rng, args)

@@ -25,6 +25,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 
+from numgpt import console  # noqa: E402
 from numgpt.errors import NumGPTError, describe_os_error  # noqa: E402
 
 # flags that --resume may change; anything else must match the saved run
@@ -165,7 +166,7 @@ def stop_status(trainer):
 
 
 def main(argv=None):
-    from numgpt import console, distributed
+    from numgpt import distributed
 
     sys.stdout, sys.stderr = console.standard_streams()   # closed ones go to os.devnull (see there)
     args = parse_args(argv)
@@ -195,7 +196,7 @@ def main(argv=None):
             if outcome == "interrupted":
                 print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}", file=sys.stderr)
                 return stop_status(trainer)
-            print(f"\nDone: {trainer.step} steps, best val loss {trainer.best_val:.4f}; "
+            print(f"\nDone: {console.counted(trainer.step, 'step')}, best val loss {trainer.best_val:.4f}; "
                   f"model in {cfg.out_dir}/ (python sample.py --ckpt {shlex.quote(cfg.out_dir)})")
             if cfg.num_samples:
                 from numgpt.model import GPT

@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 
 from numgpt.config import GPTConfig, param_shapes, params_mismatch
+from numgpt.console import counted
 from numgpt.errors import CheckpointError, ConfigError, saying
 
 CONFIG_FILE = "config.json"
@@ -308,7 +309,7 @@ def load_pretrained(path):
     # the layers are counted first: for a mistyped n_layer of 10**15, param_shapes would list names for ever
     layers = {name.split(".")[1] for name in tensors if name.startswith("h.")}
     if len(layers) != config.n_layer:
-        raise CheckpointError(f"{weights_path} holds {len(layers)} layers, but its config.json says "
+        raise CheckpointError(f"{weights_path} holds {counted(len(layers), 'layer')}, but its config.json says "
                               f"n_layer = {config.n_layer}")
     problem = params_mismatch(config, tensors)
     if problem:

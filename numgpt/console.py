@@ -6,6 +6,11 @@ import os
 import sys
 
 
+def counted(n, noun):
+    """"1 layer", "12 layers", "50,257 tokens": a count and its (regular) noun, agreeing."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 class NamedStream:
     """A text stream whose write errors say which stream failed: "No space left on device" alone
     could as well be a checkpoint's. Everything else is the stream's own."""

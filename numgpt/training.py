@@ -32,6 +32,7 @@ from numgpt import checkpoint, foreach
 from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, get_xp, memory_size, to_numpy
 from numgpt.config import GPTConfig, num_params, params_mismatch
+from numgpt.console import counted
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
@@ -176,7 +177,7 @@ def load_data(cfg, source, log):
     splits = [dataset.load_split_tokens(source, split, cfg.cache_dir, cfg.data, log) for split in ("train", "val")]
     for split, tokens in zip(("train", "val"), splits):
         if len(tokens) <= cfg.block_size:
-            raise DataError(f"the {split} split has {len(tokens)} tokens but --block-size is {cfg.block_size}: "
+            raise DataError(f"the {split} split has {counted(len(tokens), 'token')} but --block-size is {cfg.block_size}: "
                             f"use a smaller --block-size or more data")
     return splits
 
@@ -209,7 +210,7 @@ def with_checkpoint_shape(cfg, given):
     block size not typed is cut to the checkpoint's, when that is shorter than the default."""
     config = checkpoint.load_config(cfg.init_from)   # config.json alone: build_model reads the weights
     if config.vocab_size < VOCAB_SIZE:   # found now, not after minutes of tokenizing
-        raise ConfigError(f"{cfg.init_from} has a vocabulary of {config.vocab_size} tokens, and the training "
+        raise ConfigError(f"{cfg.init_from} has a vocabulary of {counted(config.vocab_size, 'token')}, and the training "
                           f"data are GPT-2 tokens (ids up to {VOCAB_SIZE - 1}): fine-tune a model with "
                           f"GPT-2's vocabulary")
     for name in CHECKPOINT_SHAPE:
@@ -687,7 +688,7 @@ class Trainer:
 
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {counted(cfg.n_layer, 'layer')}, "
                  f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
         # a diverging run's inf and NaN are caught in its losses (check_finite), with one message that

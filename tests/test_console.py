@@ -1,11 +1,12 @@
-"""numgpt.console: the scripts' streams name themselves when a write fails, then go quiet."""
+"""numgpt.console: the scripts' streams name themselves when a write fails, then go quiet; counts
+agree with their nouns."""
 
 import errno
 import os
 
 import pytest
 
-from numgpt.console import NamedStream
+from numgpt.console import NamedStream, counted
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -25,3 +26,8 @@ def test_a_failed_write_names_the_stream_then_writes_go_to_devnull():
         assert os.path.samefile(f"/proc/self/fd/{full.fileno()}", os.devnull)
     if fds is not None:
         assert os.listdir("/proc/self/fd") == fds
+
+
+def test_a_count_agrees_with_its_noun():
+    assert [counted(n, "layer") for n in (0, 1, 2)] == ["0 layers", "1 layer", "2 layers"]
+    assert counted(50257, "token") == "50,257 tokens"

@@ -389,7 +389,7 @@ def test_fine_tuning_takes_the_model_shape_from_the_checkpoint(tmp_path, cache_d
     assert train.main([*tune, "--n-layer", "3"]) == 2
     assert "--n-layer comes from the --init-from checkpoint (1); drop it" in capsys.readouterr().err
     assert train.main(tune) == 0
-    assert "1 layers, 16 wide" in capsys.readouterr().out          # not the defaults' 4 layers, 128 wide
+    assert "1 layer, 16 wide" in capsys.readouterr().out          # not the defaults' 4 layers, 128 wide
     saved = load_train_state(tmp_path / "tuned")[1]["train_config"]
     assert (saved["n_layer"], saved["n_head"], saved["n_embd"], saved["activation"]) == (1, 2, 16, "relu")
 

@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from numgpt.checkpoint import atomic_writer, cannot_write_in
+from numgpt.console import counted
 from numgpt.data import stories
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.errors import ConfigError, DataError
@@ -357,7 +358,7 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
     problem = _cache_problem(bin_path, meta_path, source_key, split)
     if problem is None:
         tokens = np.memmap(bin_path, dtype=TOKEN_DTYPE, mode="r")
-        log(f"using cached tokens {bin_path} ({len(tokens):,} tokens)")
+        log(f"using cached tokens {bin_path} ({counted(len(tokens), 'token')})")
         return tokens
     if meta_path.exists():                        # a cache was there, but cannot be trusted
         log(f"token cache {bin_path.name} cannot be used ({problem}): tokenizing again")
@@ -386,7 +387,7 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
             "dtype": np.dtype(TOKEN_DTYPE).name, "version": CACHE_VERSION}
     with atomic_writer(meta_path) as out:
         out.write(json.dumps(meta, indent=2).encode())
-    log(f"tokenized {len(documents):,} documents into {n_tokens:,} tokens in "
+    log(f"tokenized {counted(len(documents), 'document')} into {counted(n_tokens, 'token')} in "
         f"{time.perf_counter() - started:.1f} s -> {bin_path}")
     return np.memmap(bin_path, dtype=TOKEN_DTYPE, mode="r")
 
@@ -449,7 +450,7 @@ def _check_batch_shape(n_tokens: int, batch_size: int, block_size: int) -> None:
     if block_size < 1:
         raise ConfigError(f"block size must be at least 1, not {block_size}")
     if n_tokens <= block_size:
-        raise DataError(f"the data has {n_tokens} tokens but block size is {block_size}: "
+        raise DataError(f"the data has {counted(n_tokens, 'token')} but block size is {block_size}: "
                         f"use a smaller --block-size or more data")
 
 
