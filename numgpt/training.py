@@ -16,7 +16,6 @@ takes its rows of every batch and rank 0 alone logs and writes files. Nothing sa
 so a run can resume with another number of ranks.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -433,6 +432,15 @@ class StopRequest:
 
 # ---------------------------------------------------------------- the run
 
+def missing_dirs(path):
+    """The directories that os.makedirs(path) would create, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 class Trainer:
     """One training run: `with Trainer(cfg, log) as trainer:`, then `trainer.setup()` (or
     `setup(resume=True)`) to load the data and build the model, then `trainer.run()`. The out-dir
@@ -447,19 +455,25 @@ class Trainer:
         self.progress = progress and self.is_main
         self.stop = StopRequest(notice=self.is_main)
         self.out_dir_lock = None
-        self.made_out_dir = False     # whether setup created the out-dir
+        self.made_dirs = []           # the out-dir and the parents setup created for it, deepest first
         self.checkpoint_step = None   # the step of the state saved or resumed in the out-dir, if any
 
     def close(self):
         """Let another run use the out-dir (the lock goes with the process too, however it ends),
-        and remove the out-dir that setup made if the run failed before it saved anything there."""
+        and remove the out-dir, and the parents, that setup made if the run failed before it saved
+        anything there."""
         if self.out_dir_lock is not None:
             os.close(self.out_dir_lock)
             self.out_dir_lock = None
-        if self.made_out_dir and self.checkpoint_step is None and self.is_main:
-            with contextlib.suppress(OSError):   # not empty: a file of someone else's, or a partial save
-                os.rmdir(self.cfg.out_dir)
-            self.made_out_dir = False
+        if self.checkpoint_step is None and self.is_main:
+            for directory in self.made_dirs:   # deepest first: each is empty once its child is gone
+                try:
+                    os.rmdir(directory)
+                except FileNotFoundError:      # makedirs failed above it
+                    continue
+                except OSError:                # not empty: a file of someone else's, or a partial save
+                    break
+        self.made_dirs = []
 
     def __enter__(self):
         return self
@@ -488,7 +502,7 @@ class Trainer:
         xp = get_xp(cfg.backend)
         set_tf32(xp, cfg.precision == "tf32")   # which refuses tf32 on NumPy: before the data, as the rest
         check_memory(cfg, config, xp, comm.size)   # before minutes of loading data
-        self.made_out_dir = not os.path.exists(cfg.out_dir)
+        self.made_dirs = missing_dirs(cfg.out_dir)
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
         except OSError as e:   # a path through a file, a directory without write permission

@@ -206,8 +206,8 @@ def test_a_kill_during_the_first_checkpoint_of_overwrite_leaves_no_old_state_bes
 
 
 def test_a_run_that_fails_before_it_saves_leaves_no_out_dir_it_made(tmp_path, cache_dir, monkeypatch, capsys):
-    """Bad data, or a Ctrl-C in the first evaluation: the out-dir the run created goes again, empty;
-    one that was there before stays, with what it holds."""
+    """Bad data, or a Ctrl-C in the first evaluation: the out-dir the run created goes again, empty,
+    with the parents it created for it; one that was there before stays, with what it holds."""
     def bad_data(*args):
         raise numgpt.errors.DataError("no stories here")
 
@@ -215,7 +215,10 @@ def test_a_run_that_fails_before_it_saves_leaves_no_out_dir_it_made(tmp_path, ca
         m.setattr(numgpt.training, "load_data", bad_data)
         assert run(tmp_path / "new" / "run", cache_dir) == 2
         assert "no stories here" in capsys.readouterr().err
-        assert not (tmp_path / "new" / "run").exists()
+        assert not (tmp_path / "new").exists()
+        (tmp_path / "empty").mkdir()                   # an empty parent that was there before stays
+        assert run(tmp_path / "empty" / "new" / "run", cache_dir) == 2
+        assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
         (tmp_path / "mine").mkdir()
         assert run(tmp_path / "mine", cache_dir) == 2
         assert (tmp_path / "mine").is_dir()
