@@ -9,7 +9,8 @@
 // one at a time from one block barrier to the next, and the order of warps and of lanes flips at
 // every release (see run_block), so a read of shared memory that lacks a barrier meets unwritten
 // or overwritten data in one order or the other. A wait that can never be released (a
-// __syncthreads() that some threads skip) ends the launch with an error instead of hanging. Nothing
+// __syncthreads() that some threads skip) ends the launch with an error instead of hanging, and so
+// does a grid or block that a GPU refuses to launch (a dimension of 0, or over its limit). Nothing
 // preempts a fiber: a warp that waits for another warp's write must shuffle while it waits (after
 // RUN_AHEAD warp barriers the other warps run); a loop with neither shuffle nor barrier spins forever.
 // What this cannot show: speed, and the device's own rounding (no fused multiply-adds here).
@@ -248,8 +249,16 @@ inline bool run_block(int threads, bool forward) {
 }
 
 // run body as kernel<<<grid, block>>> -> 0, or 1 when a block deadlocked, an mma lacked lanes or the
-// block is too large
+// grid or block is one a GPU refuses to launch
 inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+    // a GPU's limits (cudaErrorInvalidConfiguration): no dimension 0 (an empty grid is an error there,
+    // not a launch of nothing), grid.y and grid.z at most 65535, block.z at most 64, 1024 threads a block
+    if (!grid.x || !grid.y || !grid.z || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535 || !block.x ||
+        !block.y || !block.z || block.x > 1024 || block.y > 1024 || block.z > 64) {
+        std::fprintf(stderr, "cuda emulator: grid (%u,%u,%u), block (%u,%u,%u): a GPU refuses this launch\n", grid.x,
+                     grid.y, grid.z, block.x, block.y, block.z);
+        return 1;
+    }
     int threads = block.x * block.y * block.z;
     if (threads > 1024) { std::fprintf(stderr, "cuda emulator: %d threads per block\n", threads); return 1; }
     grid_dim = grid;

@@ -98,8 +98,8 @@ class EmulatedKernel:
             raise TypeError(f"{len(self.params)} arguments wanted, {len(args)} given")
         dims = [tuple(d) + (1,) * (3 - len(d)) for d in (grid, block)]
         if self.function(*dims[0], *dims[1], *(self._argument(a, *p) for a, p in zip(args, self.params))):
-            raise RuntimeError("the kernel deadlocked, ran mma.sync without a whole warp or asked for too many "
-                               "threads (the emulator's message is on stderr)")
+            raise RuntimeError("the kernel deadlocked, ran mma.sync without a whole warp, or was launched with a "
+                               "grid or block a GPU refuses (the emulator's message is on stderr)")
 
 
 _libraries = {}   # sha256 of the CUDA source, the header and this file -> (ctypes library, signatures)

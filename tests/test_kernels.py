@@ -490,7 +490,11 @@ def test_mma_fragment_layouts(xp, operands):
     kernel((1,), (32,), tuple(xp.asarray(m) for m in (a, bt, b)) + (c, d))
     rounded = ROUNDED[operands]
     c_ref = rounded(a) @ rounded(bt).T
-    d_ref = rounded(c_ref) @ rounded(b)
+    # d's reference rounds the kernel's own c, as the kernel does: rounding c_ref instead would move an
+    # element of c that lies within c's float32 error of a float16 (TF32) rounding boundary by a
+    # whole unit of it (2^-11, ~1e-3 in d), and a tensor core's own order and truncation of the
+    # sum's terms decide which side such an element lands on, not the layouts checked here
+    d_ref = rounded(to_numpy(c)) @ rounded(b)
     np.testing.assert_allclose(to_numpy(c), c_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(to_numpy(d), d_ref, rtol=1e-4, atol=1e-4)
 
@@ -779,6 +783,18 @@ extern "C" __global__ void half_warp_mma(REAL* x) {
     kernel = cuda_emulator.kernel_from(source, "half_warp_mma")
     with pytest.raises(RuntimeError, match="mma.sync without a whole warp"):
         kernel((1,), (32,), (np.zeros(32, dtype=np.float32),))
+
+
+@needs_compiler
+@pytest.mark.parametrize("grid, block", [((0,), (32,)), ((1, 65536), (32,)), ((1, 1, 65536), (32,)), ((1,), (32, 1, 65)),
+                                         ((1,), (2048,))])
+def test_the_emulator_refuses_a_launch_a_gpu_refuses(grid, block):
+    """An empty grid, grid.y or grid.z over 65535, block.z over 64 or more than 1024 threads a block:
+    cudaErrorInvalidConfiguration on a GPU (an empty grid is not a launch of nothing there), here an
+    error too, so a wrapper that launches one for some shape fails on the CPU first."""
+    kernel = cuda_emulator.emulated_kernel("scale_chunks", "float32")
+    with pytest.raises(RuntimeError, match="a GPU refuses"):
+        kernel(grid, block, (np.zeros((1, 3), dtype=np.int64), np.float32(1)))
 
 
 @needs_compiler
