@@ -41,6 +41,54 @@ def test_saved_keys_are_transformers_style(saved):
     assert json.loads((path / "config.json").read_text())["activation_function"] == "gelu_new"
 
 
+def test_an_untied_bias_free_model_is_saved_as_transformers_loads_it(tmp_path):
+    """transformers finds an untied output layer at lm_head.weight (outside "transformer.") and
+    its GPT-2 always has biases: a bias-free model is saved with zero biases, the same function."""
+    from safetensors.numpy import load_file
+    config = GPTConfig(**{**CONFIG.to_dict(), "bias": False, "tie_weights": False})
+    model = GPT(config, seed=1)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert "transformer.lm_head.weight" not in tensors
+    np.testing.assert_array_equal(tensors["lm_head.weight"], model.params["lm_head.weight"])
+    with_biases = GPT(GPTConfig(**{**config.to_dict(), "bias": True}), seed=1).params
+    biases = [name for name in with_biases if name.endswith(".bias")]
+    assert biases and all(name not in model.params for name in biases)
+    for name in biases:
+        bias = tensors[checkpoint.PREFIX + name]
+        assert bias.shape == with_biases[name].shape and not bias.any(), name
+
+
+def test_a_bias_free_checkpoint_whose_biases_were_trained_elsewhere_keeps_them(tmp_path):
+    """Its zero biases are dropped again on load; once any of them is not zero (the model was
+    fine-tuned by transformers), every bias is kept, and the model has biases."""
+    from safetensors.numpy import load_file, save_file
+    GPT(GPTConfig(**{**CONFIG.to_dict(), "bias": False}), seed=1).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["transformer.ln_f.bias"] = np.full_like(tensors["transformer.ln_f.bias"], 0.5)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    loaded = GPT.from_pretrained(tmp_path)
+    assert loaded.config.bias
+    np.testing.assert_array_equal(loaded.params["ln_f.bias"], 0.5)
+    np.testing.assert_array_equal(loaded.params["h.0.attn.c_attn.bias"], 0.0)
+
+
+def test_a_tied_checkpoint_that_stores_lm_head_too_loads(saved):
+    """Some files hold the tied output layer as well, a copy of wte: it is dropped, and the model
+    ties lm_head to wte, as transformers does."""
+    from safetensors.numpy import load_file, save_file
+    model, path = saved
+    weights = path / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    loaded = GPT.from_pretrained(path)
+    assert loaded.config.tie_weights and list(loaded.params) == list(model.params)
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(loaded.params[name], p)
+
+
 def test_missing_directory(tmp_path):
     """Named, with what to give instead: sample.py's default `out` before any training, or a hub
     name such as `gpt2`, which numgpt does not download."""

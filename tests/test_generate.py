@@ -114,6 +114,29 @@ def test_cache_ignores_dropout_in_training_mode(backend):
                                                                            use_cache=False)))
 
 
+def test_uncached_generation_ignores_dropout_in_training_mode():
+    """use_cache=False runs the full forward each step: in eval mode too, whatever the model's mode."""
+    config = GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.5})
+    model = signal_model("numpy", config).train()
+    prompt = prompts(2, 3)
+    uncached = model.generate(prompt, 9, temperature=0, use_cache=False)
+    assert model.training
+    np.testing.assert_array_equal(uncached, model.eval().generate(prompt, 9, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
+def test_every_step_sees_the_last_block_size_tokens_of_the_context(use_cache):
+    """A context longer than block_size is cropped to its last block_size tokens, and the window
+    slides one token a step: each step's logits are the full forward's over exactly those. (The
+    cached and uncached paths share the window, so comparing them cannot show this.)"""
+    model = signal_model("numpy").eval()
+    context = prompts(2, 11)                                                  # 11 > block_size 8
+    for ids, logits in model.generate_stream(context, 6, seed=2, use_cache=use_cache, with_logits=True):
+        expected = model.forward(context[:, -CONFIG.block_size:])[0][:, -1]
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-12)
+        context = np.concatenate([context, ids[:, None]], axis=1)
+
+
 def test_float32_cache_agrees_with_uncached(backend):
     model = signal_model(backend, dtype="float32")
     prompt = prompts(2, 3)

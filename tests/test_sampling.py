@@ -92,3 +92,25 @@ def test_logits_that_overflowed_are_an_error_not_token_0(bad):
 
 def test_minus_inf_masks_a_token():
     np.testing.assert_array_equal(next_token_probs(np.array([[-np.inf, 0.0, 0.0]])), [[0.0, 0.5, 0.5]])
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    """The nucleus is the smallest set of most likely tokens whose mass reaches p, renormalised:
+    of four equal tokens, p = 0.5 keeps two (a third is not needed), p = 0.51 three."""
+    logits = np.zeros((1, 4))
+    np.testing.assert_array_equal(next_token_probs(logits, top_p=0.5), [[0.5, 0.5, 0.0, 0.0]])
+    np.testing.assert_allclose(next_token_probs(logits, top_p=0.51), [[1 / 3, 1 / 3, 1 / 3, 0.0]], rtol=1e-15)
+
+
+class ZeroDraws:
+    """A generator whose uniform draws are all 0.0, which a real one returns with probability 2**-53."""
+
+    def random(self, shape):
+        return np.zeros(shape)
+
+
+def test_a_draw_of_zero_never_picks_a_token_of_probability_zero():
+    """The token drawn is the first whose running mass exceeds the uniform draw: a token of
+    probability 0 (masked, or cut by top-k) before it is skipped even when the draw is 0.0."""
+    np.testing.assert_array_equal(sample_next(np.array([[-np.inf, 1.0, 2.0]]), rng=ZeroDraws()), [1])
+    np.testing.assert_array_equal(sample_next(np.array([[0.0, 5.0, 1.0]]), top_k=2, rng=ZeroDraws()), [1])

@@ -828,6 +828,23 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_each_step_uses_and_logs_the_rate_of_its_own_step(tmp_path, cache_dir, monkeypatch):
+    """Step s (logged as step s + 1) updates with learning_rate(s), so the first update is
+    warmup's smallest; off by one, a run would skip it and log rates it never used."""
+    import numgpt.optim
+    rates, adamw_step = [], numgpt.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.lr)
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(numgpt.optim.AdamW, "step", recording_step)
+    assert run(tmp_path, cache_dir, "--max-iters", "4", "--warmup-iters", "2", "--lr", "1e-3") == 0
+    expected = [learning_rate(s, TrainConfig(max_iters=4, warmup_iters=2, lr=1e-3)) for s in range(4)]
+    assert rates == expected
+    assert [r["lr"] for r in log_rows(tmp_path) if "loss" in r] == expected
+
+
 def test_grad_accum_steps_on_the_gradient_of_the_mean_over_every_micro_batch(backend):
     """--grad-accum k: AdamW gets the mean of the k micro-batches' gradients, which (every row
     keeping its targets) is the gradient of the mean loss over all k batches' rows, and the step's
@@ -853,3 +870,100 @@ def test_grad_accum_steps_on_the_gradient_of_the_mean_over_every_micro_batch(bac
     for name, ref in ref_grads.items():
         ref = to_numpy(ref)
         np.testing.assert_allclose(grads[name], ref, rtol=0, atol=1e-12 * np.abs(ref).max(), err_msg=name)
+
+
+def bare_trainer(cfg, config, next_batch, step=lambda self, grads, grad_scale=None: None):
+    """A Trainer with a float64 model of `config`, batches from next_batch() and an optimizer
+    `step` (by default one that leaves the parameters alone), without data or an out-dir."""
+    trainer = numgpt.training.Trainer(cfg, log=lambda message: None, progress=False)
+    trainer.model = GPT(config, backend=cfg.backend, dtype="float64", seed=1)
+    trainer.flat_grads, trainer.grads = numgpt.training.flat_buffer(trainer.model.params, extra=2)
+    trainer.batcher = type("Batches", (), {"next_batch": lambda self: next_batch()})()
+    trainer.optimizer = type("Optimizer", (), {"step": step})()
+    trainer.scaler, trainer.step = None, 0
+    return trainer
+
+
+def test_each_step_draws_new_dropout_masks():
+    """The masks of a step come from its own generator: the same batch and weights give another
+    loss at the next step (one mask for every step would drop the same units for ever), and the
+    same loss at the same step (which is what makes a resume exact)."""
+    cfg = TrainConfig(batch_size=2, block_size=8, dropout=0.5, grad_clip=0.0)
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
+    rng = np.random.default_rng(0)
+    batch = (rng.integers(0, 50, size=(2, 8)), rng.integers(0, 50, size=(2, 8)))
+    trainer = bare_trainer(cfg, config, lambda: batch)
+    losses = []
+    for step in (0, 1, 0):
+        trainer.step = step
+        losses.append(trainer.train_step()[0])
+    assert losses[0] == losses[2] != losses[1]
+
+
+def test_estimate_loss_is_the_mean_over_every_batch_without_dropout():
+    """Evaluation is in eval mode (a loss measured through dropout is higher, and noisy), averages
+    all its batches (not the last one alone), and hands the model back in training mode."""
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
+    model = GPT(config, dtype="float64", seed=1)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 50, size=(2, 8)), rng.integers(0, 50, size=(2, 8))) for _ in range(3)]
+    expected = np.mean([model.eval().forward(x, y)[1] for x, y in batches])
+    model.train()
+    assert numgpt.training.estimate_loss(model, batches) == pytest.approx(expected, rel=1e-12)
+    assert model.training
+
+
+def test_each_split_is_evaluated_on_its_own_tokens(tmp_path, cache_dir):
+    """The val loss is measured on windows of the val split, the train loss on the train split's."""
+    text = tmp_path / "stories.txt"
+    docs = [f"Story {i}: the cat sat on the mat." * 5 for i in range(18)]
+    docs += [f"Zebras {i} eat quantum pizza at noon." * 5 for i in range(2)]   # the last 10%: val
+    text.write_text("\n<|endoftext|>\n".join(docs))
+    cfg = TrainConfig(data=[str(text)], out_dir=str(tmp_path / "o"), cache_dir=cache_dir, n_layer=1, n_head=2,
+                      n_embd=16, block_size=16, batch_size=4, eval_iters=2, num_samples=0)
+    with numgpt.training.Trainer(cfg, log=lambda message: None, progress=False) as trainer:
+        trainer.setup()
+        for split, tokens in (("train", trainer.train_tokens), ("val", trainer.val_tokens)):
+            windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens, dtype=np.int64), 17)
+            for x, y in trainer.eval_batches[split]:
+                for row in np.concatenate([x, y[:, -1:]], axis=1):
+                    assert (windows == row).all(axis=1).any(), f"a {split} batch row is not a window of {split}"
+
+
+def test_evaluation_never_shifts_the_training_batches(tmp_path, cache_dir):
+    """The fixed evaluation batches come from generators of their own: how many there are and how
+    often they are evaluated leaves the training batches, and so the losses, as they were."""
+    assert run(tmp_path / "a", cache_dir, "--max-iters", "3", "--eval-iters", "1", "--eval-interval", "3") == 0
+    assert run(tmp_path / "b", cache_dir, "--max-iters", "3", "--eval-iters", "3", "--eval-interval", "1") == 0
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+
+
+def test_the_saved_model_is_the_one_of_the_best_val_loss_across_a_resume(tmp_path, cache_dir, monkeypatch, capsys):
+    """model.safetensors holds the weights of the evaluation with the lowest val loss: not the
+    latest, not the one of the lowest train loss, and a resumed run compares with the best val
+    loss it saved (not with infinity, which any loss beats)."""
+    # (train, val) of the evaluations at steps 0 and 1, then, resumed, 2 and 3: step 1's val is best
+    losses = iter([6.0, 5.0, 4.5, 4.0, 3.5, 4.5, 3.0, 4.2])
+    monkeypatch.setattr(numgpt.training, "estimate_loss", lambda model, batches: next(losses))
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--eval-interval", "1") == 0
+    best = (tmp_path / "model.safetensors").read_bytes()
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3", "--eval-interval", "1") == 0
+    assert load_train_state(tmp_path)[1]["best_val_loss"] == 4.0
+    assert (tmp_path / "model.safetensors").read_bytes() == best
+    out = capsys.readouterr().out
+    assert "step 1: train loss 4.5000, val loss 4.0000 (best: saved model)" in out
+    assert "step 2: train loss 3.5000, val loss 4.5000\n" in out and "val loss 4.2000\n" in out
+
+
+def test_the_samples_of_a_run_end_at_the_first_end_of_text_token():
+    """A story ends where the model writes <|endoftext|>: neither that token's text nor what
+    follows it is printed."""
+    from numgpt.data.tokenizer import EOT, get_tokenizer
+    enc = get_tokenizer()
+    story = enc.encode_ordinary(" there was a cat.") + [EOT] + enc.encode_ordinary(" Another story")
+
+    class Model:
+        def generate(self, prompt_ids, max_new_tokens, **kwargs):
+            return np.concatenate([prompt_ids, np.tile(story, (len(prompt_ids), 1))], axis=1)
+
+    assert numgpt.training.generate_samples(Model(), 2, len(story), seed=0) == ["Once upon a time there was a cat."] * 2
