@@ -152,20 +152,22 @@ def run(args):
     enc = get_tokenizer()
     model = GPT.from_pretrained(args.ckpt, backend=args.backend, dtype=args.dtype).eval()
     cfg = model.config
-    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {console.counted(cfg.n_layer, 'layer')}, {console.counted(cfg.n_head, 'head')}, "
-          f"context {cfg.block_size}, vocabulary {cfg.vocab_size}; {backend_name(model.xp)} {model.dtype}",
-          file=sys.stderr)
+    print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {console.counted(cfg.n_layer, 'layer')}, "
+          f"{console.counted(cfg.n_head, 'head')}, context {cfg.block_size}, vocabulary {cfg.vocab_size}; "
+          f"{backend_name(model.xp)} {model.dtype}", file=sys.stderr)
     ids = encode_prompt(enc, prompt, cfg.vocab_size)
     if len(ids) > cfg.block_size:
-        print(f"note: the prompt has {console.counted(len(ids), 'token')}; the model sees the last {cfg.block_size}", file=sys.stderr)
+        print(f"note: the prompt has {console.counted(len(ids), 'token')}; the model sees the last {cfg.block_size}",
+              file=sys.stderr)
     if args.show_tokens:
         print(f"prompt: {console.counted(len(ids), 'token')}\n{token_table(enc, ids)}\n")
     if args.attention_png:
         window = ids[-cfg.block_size:]
         maps = [to_numpy(att[0]) for att in model.attention_maps(np.array([window]))]   # (nh,T,T) per layer
         plot_attention(maps, [token_label(enc, i) for i in window], args.attention_png)
-        print(f"wrote {args.attention_png}: attention of {console.counted(cfg.n_layer, 'layer')} x {console.counted(cfg.n_head, 'head')} over "
-              f"{console.counted(len(window), 'prompt token')}", file=sys.stderr)
+        print(f"wrote {args.attention_png}: attention of {console.counted(cfg.n_layer, 'layer')} x "
+              f"{console.counted(cfg.n_head, 'head')} over {console.counted(len(window), 'prompt token')}",
+              file=sys.stderr)
     rng = np.random.default_rng(args.seed)                # one stream of draws across the samples
     for _ in range(args.num_samples):
         sample(model, enc, ids, prompt, rng, args)

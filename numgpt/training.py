@@ -176,8 +176,8 @@ def load_data(cfg, source, log):
     splits = [dataset.load_split_tokens(source, split, cfg.cache_dir, cfg.data, log) for split in ("train", "val")]
     for split, tokens in zip(("train", "val"), splits):
         if len(tokens) <= cfg.block_size:
-            raise DataError(f"the {split} split has {counted(len(tokens), 'token')} but --block-size is {cfg.block_size}: "
-                            f"use a smaller --block-size or more data")
+            raise DataError(f"the {split} split has {counted(len(tokens), 'token')} but --block-size is "
+                            f"{cfg.block_size}: use a smaller --block-size or more data")
     return splits
 
 
@@ -209,8 +209,8 @@ def with_checkpoint_shape(cfg, given):
     block size not typed is cut to the checkpoint's, when that is shorter than the default."""
     config = checkpoint.load_config(cfg.init_from)   # config.json alone: build_model reads the weights
     if config.vocab_size < VOCAB_SIZE:   # found now, not after minutes of tokenizing
-        raise ConfigError(f"{cfg.init_from} has a vocabulary of {counted(config.vocab_size, 'token')}, and the training "
-                          f"data are GPT-2 tokens (ids up to {VOCAB_SIZE - 1}): fine-tune a model with "
+        raise ConfigError(f"{cfg.init_from} has a vocabulary of {counted(config.vocab_size, 'token')}, and the "
+                          f"training data are GPT-2 tokens (ids up to {VOCAB_SIZE - 1}): fine-tune a model with "
                           f"GPT-2's vocabulary")
     for name in CHECKPOINT_SHAPE:
         if name in given and given[name] != getattr(config, name):

@@ -786,8 +786,8 @@ extern "C" __global__ void half_warp_mma(REAL* x) {
 
 
 @needs_compiler
-@pytest.mark.parametrize("grid, block", [((0,), (32,)), ((1, 65536), (32,)), ((1, 1, 65536), (32,)), ((1,), (32, 1, 65)),
-                                         ((1,), (2048,))])
+@pytest.mark.parametrize("grid, block", [((0,), (32,)), ((1, 65536), (32,)), ((1, 1, 65536), (32,)),
+                                         ((1,), (32, 1, 65)), ((1,), (2048,))])
 def test_the_emulator_refuses_a_launch_a_gpu_refuses(grid, block):
     """An empty grid, grid.y or grid.z over 65535, block.z over 64 or more than 1024 threads a block:
     cudaErrorInvalidConfiguration on a GPU (an empty grid is not a launch of nothing there), here an
