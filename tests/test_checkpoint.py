@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from numgpt import GPT, CheckpointError, GPTConfig, checkpoint
 from numgpt.backend import to_numpy
@@ -33,7 +34,6 @@ def test_round_trip_is_exact(config, tmp_path, backend):
 
 
 def test_saved_keys_are_transformers_style(saved):
-    from safetensors.numpy import load_file
     _, path = saved
     keys = set(load_file(str(path / "model.safetensors")))
     assert "transformer.wte.weight" in keys and "transformer.h.1.mlp.c_fc.weight" in keys
@@ -44,7 +44,6 @@ def test_saved_keys_are_transformers_style(saved):
 def test_an_untied_bias_free_model_is_saved_as_transformers_loads_it(tmp_path):
     """transformers finds an untied output layer at lm_head.weight (outside "transformer.") and
     its GPT-2 always has biases: a bias-free model is saved with zero biases, the same function."""
-    from safetensors.numpy import load_file
     config = GPTConfig(**{**CONFIG.to_dict(), "bias": False, "tie_weights": False})
     model = GPT(config, seed=1)
     model.save_pretrained(tmp_path)
@@ -59,15 +58,19 @@ def test_an_untied_bias_free_model_is_saved_as_transformers_loads_it(tmp_path):
         assert bias.shape == with_biases[name].shape and not bias.any(), name
 
 
+def edit_weights(path, changes):
+    """Rewrite path's model.safetensors with the tensors changes(tensors) returns set or added."""
+    weights = str(path / "model.safetensors")
+    tensors = load_file(weights)
+    save_file({**tensors, **changes(tensors)}, weights, metadata={"format": "pt"})
+
+
 def test_a_bias_free_checkpoint_whose_biases_were_trained_elsewhere_keeps_them(tmp_path):
     """Its zero biases are dropped again on load; once any of them is not zero (the model was
     fine-tuned by transformers), every bias is kept, and the model has biases."""
-    from safetensors.numpy import load_file, save_file
     GPT(GPTConfig(**{**CONFIG.to_dict(), "bias": False}), seed=1).save_pretrained(tmp_path)
-    weights = tmp_path / "model.safetensors"
-    tensors = load_file(str(weights))
-    tensors["transformer.ln_f.bias"] = np.full_like(tensors["transformer.ln_f.bias"], 0.5)
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    name = "transformer.ln_f.bias"
+    edit_weights(tmp_path, lambda tensors: {name: np.full_like(tensors[name], 0.5)})
     loaded = GPT.from_pretrained(tmp_path)
     assert loaded.config.bias
     np.testing.assert_array_equal(loaded.params["ln_f.bias"], 0.5)
@@ -77,12 +80,8 @@ def test_a_bias_free_checkpoint_whose_biases_were_trained_elsewhere_keeps_them(t
 def test_a_tied_checkpoint_that_stores_lm_head_too_loads(saved):
     """Some files hold the tied output layer as well, a copy of wte: it is dropped, and the model
     ties lm_head to wte, as transformers does."""
-    from safetensors.numpy import load_file, save_file
     model, path = saved
-    weights = path / "model.safetensors"
-    tensors = load_file(str(weights))
-    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    edit_weights(path, lambda tensors: {"lm_head.weight": tensors["transformer.wte.weight"].copy()})
     loaded = GPT.from_pretrained(path)
     assert loaded.config.tie_weights and list(loaded.params) == list(model.params)
     for name, p in model.params.items():
@@ -184,7 +183,6 @@ def write_safetensors(path, tensors):
 
 def store_as(path, dtype, encode):
     """Rewrite the checkpoint at `path` with every tensor stored as `dtype`, its bits encode(float32 array)."""
-    from safetensors.numpy import load_file
     weights = path / "model.safetensors"
     write_safetensors(weights, {name: (dtype, encode(a)) for name, a in load_file(str(weights)).items()})
 
@@ -247,7 +245,6 @@ def test_an_unsupported_dtype_is_named(saved, dtype, encode):
 def test_causal_mask_buffers_are_skipped_in_any_dtype(saved):
     """Older files carry the attention's causal masks, some as booleans: buffers, not weights, so
     they are skipped unread whatever their dtype."""
-    from safetensors.numpy import load_file
     model, path = saved
     weights = path / "model.safetensors"
     tensors = {name: ("F32", a) for name, a in load_file(str(weights)).items()}
@@ -264,7 +261,6 @@ def test_causal_mask_buffers_are_skipped_in_any_dtype(saved):
 @pytest.mark.parametrize("damage", ["offsets-past-the-end", "offsets-not-the-shape", "header-not-json",
                                     "header-nested-too-deep"])
 def test_a_damaged_safetensors_header_is_reported_as_corrupt(saved, damage):
-    from safetensors.numpy import load_file
     _, path = saved
     weights = path / "model.safetensors"
     tensors = {name: ("F32", a) for name, a in load_file(str(weights)).items()}

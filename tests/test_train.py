@@ -21,10 +21,12 @@ import pytest
 import cupy_standin
 import numgpt.checkpoint
 import numgpt.errors
+import numgpt.optim
 import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
 from numgpt.backend import to_numpy
+from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
@@ -831,7 +833,6 @@ def test_learning_rate_schedule():
 def test_each_step_uses_and_logs_the_rate_of_its_own_step(tmp_path, cache_dir, monkeypatch):
     """Step s (logged as step s + 1) updates with learning_rate(s), so the first update is
     warmup's smallest; off by one, a run would skip it and log rates it never used."""
-    import numgpt.optim
     rates, adamw_step = [], numgpt.optim.AdamW.step
 
     def recording_step(self, *args, **kwargs):
@@ -872,14 +873,14 @@ def test_grad_accum_steps_on_the_gradient_of_the_mean_over_every_micro_batch(bac
         np.testing.assert_allclose(grads[name], ref, rtol=0, atol=1e-12 * np.abs(ref).max(), err_msg=name)
 
 
-def bare_trainer(cfg, config, next_batch, step=lambda self, grads, grad_scale=None: None):
-    """A Trainer with a float64 model of `config`, batches from next_batch() and an optimizer
-    `step` (by default one that leaves the parameters alone), without data or an out-dir."""
+def frozen_trainer(cfg, config, batch):
+    """A Trainer with a float64 model of `config` whose every step takes `batch` and leaves the
+    parameters alone, without data or an out-dir."""
     trainer = numgpt.training.Trainer(cfg, log=lambda message: None, progress=False)
     trainer.model = GPT(config, backend=cfg.backend, dtype="float64", seed=1)
     trainer.flat_grads, trainer.grads = numgpt.training.flat_buffer(trainer.model.params, extra=2)
-    trainer.batcher = type("Batches", (), {"next_batch": lambda self: next_batch()})()
-    trainer.optimizer = type("Optimizer", (), {"step": step})()
+    trainer.batcher = type("Batches", (), {"next_batch": lambda self: batch})()
+    trainer.optimizer = type("Optimizer", (), {"step": lambda self, grads, grad_scale=None: None})()
     trainer.scaler, trainer.step = None, 0
     return trainer
 
@@ -892,7 +893,7 @@ def test_each_step_draws_new_dropout_masks():
     config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
     rng = np.random.default_rng(0)
     batch = (rng.integers(0, 50, size=(2, 8)), rng.integers(0, 50, size=(2, 8)))
-    trainer = bare_trainer(cfg, config, lambda: batch)
+    trainer = frozen_trainer(cfg, config, batch)
     losses = []
     for step in (0, 1, 0):
         trainer.step = step
@@ -958,7 +959,6 @@ def test_the_saved_model_is_the_one_of_the_best_val_loss_across_a_resume(tmp_pat
 def test_the_samples_of_a_run_end_at_the_first_end_of_text_token():
     """A story ends where the model writes <|endoftext|>: neither that token's text nor what
     follows it is printed."""
-    from numgpt.data.tokenizer import EOT, get_tokenizer
     enc = get_tokenizer()
     story = enc.encode_ordinary(" there was a cat.") + [EOT] + enc.encode_ordinary(" Another story")
 
