@@ -56,6 +56,10 @@ struct Fiber {
 static_assert(std::is_nothrow_move_constructible_v<Fiber>, "growing `fibers` must move the stacks, not copy them");
 
 inline dim3 grid_dim, block_dim, block_idx, thread_idx;
+// a GPU runs a grid's blocks in any order, here one after another: first to last, or (set by
+// cuda_emulator.py's reversed_blocks) last to first, so that a block's write into another block's
+// part, which the owner would overwrite later in the usual order, stays and shows
+inline bool blocks_reversed = false;
 inline std::vector<Fiber> fibers;   // grows to the largest block launched, never shrinks: stacks are reused
 inline int block_threads = 0;        // the threads of the block running now: fibers[0 .. block_threads)
 inline int current = 0;
@@ -269,10 +273,12 @@ inline int launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     if ((int)fibers.size() < threads) fibers.resize(threads);
     for (int t = 0; t < threads; ++t)
         fibers[t].index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
-    for (block_idx.z = 0; block_idx.z < grid.z; ++block_idx.z)
-        for (block_idx.y = 0; block_idx.y < grid.y; ++block_idx.y)
-            for (block_idx.x = 0; block_idx.x < grid.x; ++block_idx.x)
-                if (!run_block(threads, (block_idx.x + block_idx.y + block_idx.z) % 2 == 0) || partial_warp) return 1;
+    unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long n = 0; n < blocks; ++n) {
+        unsigned long long b = blocks_reversed ? blocks - 1 - n : n;   // x fastest, then y, then z
+        block_idx = {unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / grid.x / grid.y)};
+        if (!run_block(threads, (block_idx.x + block_idx.y + block_idx.z) % 2 == 0) || partial_warp) return 1;
+    }
     return 0;
 }
 

@@ -71,12 +71,28 @@ def launcher(name, params):
             f'    return emu::launch(dim3{{gx, gy, gz}}, dim3{{bx, by, bz}}, [=] {{ {name}({passed}); }});\n}}\n')
 
 
+blocks_reversed = False   # run each grid's blocks last to first (see reversed_blocks)
+
+
+@contextlib.contextmanager
+def reversed_blocks():
+    """Within the block, launches run their grid's blocks last to first. A GPU runs them in any
+    order; in the usual first-to-last order a block that writes into a later block's part (a row
+    past its own) is overwritten by the owner and goes unseen, last to first it stays."""
+    global blocks_reversed
+    blocks_reversed = True
+    try:
+        yield
+    finally:
+        blocks_reversed = False
+
+
 class EmulatedKernel:
     """Called as a cupy.RawKernel is: kernel(grid, block, args)."""
 
-    def __init__(self, function, params):
+    def __init__(self, function, params, library):
         # each parameter as (its C type, preprocessed and with const dropped, its name)
-        self.function = function
+        self.function, self.library = function, library
         self.params = [(ctype.replace("const ", "").strip(), pname) for ctype, pname in params]
         function.restype = ctypes.c_int
         function.argtypes = [ctypes.c_uint] * 6 + [
@@ -97,6 +113,7 @@ class EmulatedKernel:
         if len(args) != len(self.params):
             raise TypeError(f"{len(self.params)} arguments wanted, {len(args)} given")
         dims = [tuple(d) + (1,) * (3 - len(d)) for d in (grid, block)]
+        self.library.emu_reverse_blocks(int(blocks_reversed))
         if self.function(*dims[0], *dims[1], *(self._argument(a, *p) for a, p in zip(args, self.params))):
             raise RuntimeError("the kernel deadlocked, ran mma.sync without a whole warp, or was launched with a "
                                "grid or block a GPU refuses (the emulator's message is on stderr)")
@@ -112,7 +129,9 @@ def build(source):
     digest = hashlib.sha256((source + open(HEADER).read() + open(__file__).read()).encode()).hexdigest()[:16]
     if digest not in _libraries:
         params = signatures(preprocessed(source))
-        code = '#include "%s"\n%s\n%s' % (HEADER, source, "".join(launcher(n, p) for n, p in params.items()))
+        code = '#include "%s"\n%s\n%s%s' % (HEADER, source, "".join(launcher(n, p) for n, p in params.items()),
+                                            'extern "C" __attribute__((visibility("default"))) void '
+                                            'emu_reverse_blocks(int on) { emu::blocks_reversed = on; }\n')
         directory = os.path.join(tempfile.gettempdir(), "numgpt-cuda-emulator")
         os.makedirs(directory, exist_ok=True)
         library = os.path.join(directory, f"kernels-{digest}.so")
@@ -140,7 +159,7 @@ def emulated_kernel(name, dtype):
 def kernel_from(source, name):
     """Kernel `name` of CUDA `source` (kernels.source(dtype), perhaps with more kernels after it)."""
     library, params = build(source)
-    return EmulatedKernel(getattr(library, f"emu_{name}"), params[name])
+    return EmulatedKernel(getattr(library, f"emu_{name}"), params[name], library)
 
 
 @contextlib.contextmanager

@@ -34,15 +34,31 @@ TOLERANCE = {"float32": 2e-5, "float64": 1e-12}
 needs_compiler = cuda_emulator.needs_compiler
 
 
+class NaNFilledNumPy:
+    """NumPy as numgpt.kernels sees it under the emulator: `empty` arrays start as nan (integers as -1),
+    so that an element of an output that no block writes shows. np.empty often returns fresh pages of
+    zeros, which a sum (sum_of_squares_all's one partial sum per chunk) takes in silently."""
+    __name__ = "numpy"
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=np.float64):
+        return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -1, dtype=dtype)
+
+
 @pytest.fixture(params=[
     pytest.param("gpu", marks=pytest.mark.skipif(not cupy_available(), reason="CuPy with a GPU is not available")),
     pytest.param("emulator", marks=needs_compiler),
 ])
-def xp(request):
-    """The array module whose arrays the kernels get: CuPy on a GPU, NumPy under the emulator."""
+def xp(request, monkeypatch):
+    """The array module whose arrays the kernels get: CuPy on a GPU, NumPy under the emulator (where
+    the kernels' outputs start as nan: NaNFilledNumPy)."""
     if request.param == "gpu":
         yield get_xp("cupy")
     else:
+        monkeypatch.setattr(kernels, "array_module", lambda a: NaNFilledNumPy() if isinstance(a, np.ndarray) else np)
         with cuda_emulator.emulated():
             yield np
 
@@ -163,7 +179,9 @@ def test_gelu_kernels_match_their_twin(xp, dtype):
 @pytest.mark.parametrize("C", [1, 7, 32, 100, 768])
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm_kernels_match_their_twin(xp, dtype, C, bias):
-    x = random(xp, (2, 9, C), dtype, 0) + 5.0       # a large mean: the variance must not cancel
+    # a mean far from 0 (10^4 to 10^5 times the variance in x^2): a variance taken as E[x^2] - mean^2
+    # cancels, while the twin's and the kernel's means, summed in their own orders, still agree
+    x = random(xp, (2, 9, C), dtype, 0) + {"float32": 100.0, "float64": 300.0}[dtype]
     w, dy = random(xp, (C,), dtype, 1), random(xp, (2, 9, C), dtype, 2)
     b = random(xp, (C,), dtype, 3) if bias else None
     (y_fused, cache_fused), (y_twin, cache_twin) = fused_and_twin(lambda a: layernorm_forward(a, w, b), x)
@@ -189,6 +207,15 @@ def test_sum_rows_kernel_matches_its_twin(xp, dtype, N, C):
     fused, twin = fused_and_twin(sum_rows, x)
     assert_same(fused, twin, dtype)
     assert_same(kernels.sum_rows(x, w), (x * w).sum(axis=0), dtype)
+
+
+def test_kernels_with_a_capped_grid_loop_over_the_rest(xp, monkeypatch):
+    """A grid dimension holds at most MAX_BLOCKS blocks (a GPU's 65535): gelu's grid-stride loops and
+    sum_rows' groups of more than SUM_ROWS_GROUP rows must still cover every element. With the cap
+    at 3 blocks this needs a thousand elements, not 16 million."""
+    monkeypatch.setattr(kernels, "MAX_BLOCKS", 3)
+    test_gelu_kernels_match_their_twin(xp, "float64")                 # 1005 elements: 4 blocks' worth
+    test_sum_rows_kernel_matches_its_twin(xp, "float64", 2000, 33)    # 8 groups' worth of rows in 3
 
 
 @needs_compiler
@@ -239,9 +266,10 @@ def test_the_scatter_add_comparison_catches_a_wrong_kernel(monkeypatch, mutation
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("Tq, Tk", [(1, 1), (5, 5), (70, 70), (1, 9), (3, 40)])
-def test_softmax_kernels_match_their_twin(xp, dtype, Tq, Tk):
-    scores, dprobs = random(xp, (2, 3, Tq, Tk), dtype, 0, 4.0), random(xp, (2, 3, Tq, Tk), dtype, 1)
+@pytest.mark.parametrize("Tq, Tk, scale", [(1, 1, 4.0), (5, 5, 4.0), (70, 70, 4.0), (1, 9, 4.0), (3, 40, 4.0),
+                                          (9, 9, 300.0)])   # scores far apart: a max that missed one would overflow exp
+def test_softmax_kernels_match_their_twin(xp, dtype, Tq, Tk, scale):
+    scores, dprobs = random(xp, (2, 3, Tq, Tk), dtype, 0, scale), random(xp, (2, 3, Tq, Tk), dtype, 1)
     fused, twin = fused_and_twin(causal_softmax, scores)
     assert_same(fused, twin, dtype)
     fused, twin = fused_and_twin(softmax_backward, dprobs, twin)
@@ -293,6 +321,21 @@ def test_a_chunk_table_holds_each_chunks_address_and_length_and_is_reused_only_f
     assert table32.tolist() == [[address, 4, 1], [address + 16, 4, 1], [address + 32, 2, 1]]
     assert kernels._chunk_table([[as64]], tags=[1]) is table64
     assert kernels._chunk_table([[as64]], tags=[0]) is not table64
+    # a shorter view at the same address (a flat buffer's first parameter) has a table of its own
+    assert kernels._chunk_table([[buffer[:6]]], tags=[1]).tolist() == [[address, 4, 1], [address + 32, 2, 1]]
+
+
+def test_only_arrays_that_a_multi_array_kernel_can_read_go_to_one():
+    """The multi-array kernels read each array as one C-contiguous run of elements of the first
+    array's float dtype, as many as the first list's array has: anything else takes the loop."""
+    a, b = np.zeros((4, 6)), np.zeros(5)
+    assert kernels.chunkable([a, b], [np.ones((24,)), np.ones(5)])
+    assert kernels.chunkable([a.astype(np.float32)])
+    assert not kernels.chunkable([a, b.astype(np.float32)])          # one float32 among float64
+    assert not kernels.chunkable([a.astype(np.float16)])             # no float16 kernels
+    assert not kernels.chunkable([a.T])                              # not C-contiguous
+    assert not kernels.chunkable([a, b], [np.ones(24), np.ones(4)])  # the second pair's sizes differ
+    assert not kernels.chunkable([])
 
 
 @needs_compiler
@@ -434,6 +477,41 @@ def test_the_flash_attention_comparison_catches_a_wrong_kernel(monkeypatch, muta
     monkeypatch.setattr(kernels, "SOURCE", kernels.SOURCE.replace(*mutation, 1))   # the first: the forward's mask
     with cuda_emulator.emulated(), pytest.raises(AssertionError):
         test_flash_attention_kernels_match_their_twin(np, "float64", 70, 2, 64)
+
+
+@pytest.mark.parametrize("operands", [None, "float32"])   # FMAs, tensor cores (three TF32 products)
+def test_attention_kernels_keep_rows_whose_every_score_is_far_below_zero(xp, operands):
+    """Every score -144 (each key the negated query, products exact in float32 and TF32): exp(-144)
+    is 0 in float32, so each row's running max must start from its first score, as the twin
+    subtracts the row max; one that started at 0 would leave every row's sum 0, and y nan."""
+    T, hs = 20, 16
+    if operands is not None:
+        tensor_cores_or_skip(xp, hs)
+    q = np.full((T, hs), 6.0)                                           # q k / sqrt(hs) = -16 * 36 / 4
+    qkv = xp.asarray(np.concatenate([q, -q, np.random.default_rng(0).standard_normal((T, hs))], axis=1)[None],
+                     dtype=np.float32)
+    dy = random(xp, (1, T, hs), "float32", 1)
+    with kernels.disabled("tensor_core_attention") if operands is None else contextlib.nullcontext():
+        y, cache = causal_attention_forward(qkv, 1)
+        assert cache[0] == "flash" and cache[-1] == operands
+        dqkv = causal_attention_backward(dy, cache)
+    with kernels.disabled():
+        y_twin, cache_twin = causal_attention_forward(qkv, 1)
+        dqkv_twin = causal_attention_backward(dy, cache_twin)
+    assert_same(y, y_twin, "float32")
+    assert_same(dqkv, dqkv_twin, "float32")
+
+
+@needs_compiler
+def test_the_kernels_give_the_same_results_whatever_order_their_blocks_run_in():
+    """A GPU runs a grid's blocks in any order. Comparisons above, run last block first: a block
+    that writes past its own part (the lse of row T, which is the next head's row 0; sum_rows'
+    columns past C, the next group's) is overwritten by the owner in the emulator's usual order,
+    first to last, and goes unseen; last to first it stays."""
+    with cuda_emulator.reversed_blocks(), cuda_emulator.emulated():
+        test_flash_attention_kernels_match_their_twin(np, "float32", 70, 2, 64)   # FMAs and tensor cores
+        test_tensor_core_attention_rounds_only_where_it_says(np, 70, 2, 32, "float16")
+        test_sum_rows_kernel_matches_its_twin(np, "float64", 300, 33)
 
 
 MMA_LAYOUTS = r"""
