@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -139,14 +139,33 @@ def test_fallback_never_hangs(monkeypatch, fresh_tokenizer):
     with pytest.raises(DataError, match="no answer within 0.2 s"):
         get_tokenizer()
     assert time.perf_counter() - started < 2
+    # the download left behind must not keep the script from exiting
+    assert all(t.daemon for t in threading.enumerate() if t.name == "numgpt-tiktoken-gpt2")
 
 
-def test_corrupt_bundled_files_are_reported(tmp_path, monkeypatch, fresh_tokenizer):
-    vocab_bpe, encoder_json = tokenizer.bundled_bpe_files()
-    bad_vocab = write(tmp_path / "vocab.bpe", vocab_bpe.read_bytes()[:-100])
-    good_encoder = Path(shutil.copy(encoder_json, tmp_path / "encoder.json"))
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")       # tiktoken must read our files, not its cache
-    monkeypatch.setattr(tokenizer, "bundled_bpe_files", lambda: (bad_vocab, good_encoder))
+def truncated_vocab(vocab_bpe, encoder_json):
+    """vocab.bpe cut short: its merges no longer agree with encoder.json."""
+    return vocab_bpe[:-100], encoder_json
+
+
+def two_merges_swapped(vocab_bpe, encoder_json):
+    """Copies that agree with each other but are not GPT-2's: the last two merges trade places in
+    vocab.bpe, and their tokens trade ids in encoder.json. Only the files' hashes tell."""
+    lines = vocab_bpe.decode().split("\n")   # a header, the merges, then "" after the last newline
+    a, b = lines[-3], lines[-2]
+    lines[-3], lines[-2] = b, a
+    ids = json.loads(encoder_json)
+    first, second = ("".join(merge.split()) for merge in (a, b))
+    ids[first], ids[second] = ids[second], ids[first]
+    return "\n".join(lines), json.dumps(ids)
+
+
+@pytest.mark.parametrize("damage", [truncated_vocab, two_merges_swapped])
+def test_corrupt_bundled_files_are_reported(tmp_path, monkeypatch, fresh_tokenizer, damage):
+    vocab_bpe, encoder_json = damage(*(path.read_bytes() for path in tokenizer.bundled_bpe_files()))
+    files = write(tmp_path / "vocab.bpe", vocab_bpe), write(tmp_path / "encoder.json", encoder_json)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")       # no cache, and so no check of tiktoken's: ours must do it
+    monkeypatch.setattr(tokenizer, "bundled_bpe_files", lambda: files)
     with pytest.raises(DataError, match="corrupt.*reinstall"):
         get_tokenizer()
 

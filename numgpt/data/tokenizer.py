@@ -15,6 +15,7 @@ error message instead of a hang.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import threading
 from collections.abc import Iterable
@@ -55,8 +56,14 @@ def bundled_bpe_files() -> tuple[Path, Path] | None:
 
 
 def _encoding_from_files(vocab_bpe: Path, encoder_json: Path) -> tiktoken.Encoding:
-    """Build tiktoken's "gpt2" encoding from local copies of its two data files."""
+    """Build tiktoken's "gpt2" encoding from local copies of its two data files.
+
+    The hashes are checked here: tiktoken checks them only where it caches files, and
+    TIKTOKEN_CACHE_DIR="" turns its cache off."""
     try:
+        for path, expected in ((vocab_bpe, VOCAB_BPE_SHA256), (encoder_json, ENCODER_JSON_SHA256)):
+            if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+                raise ValueError(f"{path.name} is not GPT-2's: its SHA-256 hash differs")
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json),
             vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
