@@ -10,17 +10,18 @@ from numgpt.console import NamedStream, counted
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_a_failed_write_names_the_stream_then_writes_go_to_devnull():
+@pytest.mark.parametrize("name", ["standard output", "standard error"])
+def test_a_failed_write_names_the_stream_then_writes_go_to_devnull(name):
     """`> /dev/full`: the error names the stream, in words; the stream's file then becomes
     os.devnull (so the flush at exit succeeds) and no descriptor is left open by the switch."""
     fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
     with open("/dev/full", "w") as full:
-        stream = NamedStream(full, "standard output")
+        stream = NamedStream(full, name)
         stream.write("a story\n")                  # buffered: the failure comes at the flush
         with pytest.raises(OSError) as failed:
             stream.flush()
         assert failed.value.errno == errno.ENOSPC
-        assert failed.value.strerror == "cannot write to the standard output: No space left on device"
+        assert failed.value.strerror == f"cannot write to the {name}: No space left on device"
         stream.write("more\n")
         stream.flush()                             # now os.devnull: the unwritten text goes there
         assert os.path.samefile(f"/proc/self/fd/{full.fileno()}", os.devnull)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import train
-from numgpt.distributed import INSTALL_HINT, Communicator, flat_buffer
+from numgpt.distributed import INSTALL_HINT, Communicator, flat_buffer, main_first
 from numgpt.train_state import load_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +210,27 @@ def test_a_ctrl_c_on_one_rank_in_an_evaluation_stops_every_rank_there(mpiexec, c
         assert load_train_state(tmp_path)[1]["step"] == 3 and len(step_losses(tmp_path)) == 3
 
 
+class RecordingCommunicator(Communicator):
+    """Rank `rank` of `size`, without MPI: it records its barriers in `events`."""
+
+    def __init__(self, rank, size, events=None):
+        self.rank, self.size, self.events = rank, size, events
+
+    def barrier(self):
+        self.events.append("barrier")
+
+
+def test_main_first_runs_the_block_on_rank_0_and_then_on_the_others():
+    """Rank 0 tokenizes the data into the cache before the other ranks read it: they wait at a
+    barrier that rank 0 reaches only after its block. A barrier before every rank's block would
+    let them all tokenize at once, or read a half-written cache."""
+    for rank, expected in ((0, ["block", "barrier"]), (1, ["barrier", "block"])):
+        events = []
+        with main_first(RecordingCommunicator(rank, 2, events)):
+            events.append("block")
+        assert events == expected, rank
+
+
 def test_flat_buffer_and_shards():
     """The pieces, without MPI: gradients written into the views land in one buffer, and the
     ranks' shards of a batch are its rows, each once, in order."""
@@ -218,9 +239,7 @@ def test_flat_buffer_and_shards():
     views["w"][...], views["b"][...] = arrays["w"] * 2, arrays["b"] * 3
     assert flat.dtype == np.float32 and flat.tolist() == [2.0] * 6 + [3.0] * 4 + [0.0, 0.0]
     batch = (np.arange(12).reshape(6, 2), np.arange(6))
-    ranks = [Communicator() for _ in range(3)]
-    for rank, comm in enumerate(ranks):
-        comm.rank, comm.size = rank, 3
+    ranks = [RecordingCommunicator(rank, 3) for rank in range(3)]
     for i, rows in enumerate(batch):
         np.testing.assert_array_equal(np.concatenate([comm.shard(batch)[i] for comm in ranks]), rows)
 

@@ -14,6 +14,7 @@ import numgpt.model
 from gradcheck import gradient_mismatches
 from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, kernels, no_decay_names
 from numgpt.backend import to_device, to_numpy
+from numgpt.config import num_params
 from numgpt.layers.activations import ACTIVATIONS
 from numgpt.layers.embedding import embedding_backward
 from numgpt.layers.layernorm import layernorm_forward
@@ -149,12 +150,32 @@ def test_initial_loss_is_near_log_vocab(backend):
 
 
 def test_init_follows_gpt2(backend):
+    """Every weight matrix is normal with std 0.02, except both residual projections of every
+    block (attn.c_proj and mlp.c_proj), scaled by 1/sqrt(2 n_layer); every bias is 0 and every
+    layernorm gain 1. The seed picks the draw."""
     config = GPTConfig(vocab_size=1000, block_size=64, n_layer=4, n_head=4, n_embd=128)
     p = {k: to_numpy(v) for k, v in GPT(config, backend=backend, seed=0).params.items()}
-    assert p["wte.weight"].std() == pytest.approx(0.02, rel=0.02)
-    assert p["h.0.attn.c_attn.weight"].std() == pytest.approx(0.02, rel=0.02)
-    assert p["h.0.mlp.c_proj.weight"].std() == pytest.approx(0.02 / math.sqrt(8), rel=0.02)
-    assert not np.any(p["h.0.attn.c_attn.bias"]) and np.all(p["ln_f.weight"] == 1)
+    for name, value in p.items():
+        if name.endswith(".bias"):
+            assert not np.any(value), name
+        elif ".ln_" in name or name.startswith("ln_f."):
+            assert np.all(value == 1), name
+        else:
+            std = 0.02 / math.sqrt(8) if name.endswith("c_proj.weight") else 0.02
+            assert value.std() == pytest.approx(std, rel=0.05), name
+    again, other = (GPT(config, backend=backend, seed=seed).params["h.3.attn.c_proj.weight"] for seed in (0, 1))
+    np.testing.assert_array_equal(to_numpy(again), p["h.3.attn.c_proj.weight"])
+    assert not np.array_equal(to_numpy(other), p["h.3.attn.c_proj.weight"])
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_the_parameter_count_counts_every_parameter_once(tie_weights):
+    """config.num_params (a formula: train.py's memory check) and GPT.num_params (the count the
+    scripts print) agree with the parameters a model holds, and with GPT-2 small's 124,439,808."""
+    assert num_params(GPTConfig()) == 124_439_808
+    config = GPTConfig(vocab_size=11, block_size=4, n_layer=3, n_head=2, n_embd=4, tie_weights=tie_weights)
+    model = GPT(config)
+    assert model.num_params() == num_params(config) == sum(p.size for p in numgpt.model.init_params(config).values())
 
 
 def test_float32_end_to_end(backend):
@@ -219,11 +240,14 @@ def test_float32_agrees_with_float64(backend):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n_embd=10, n_head=3), "divisible"),
     (dict(n_layer=0), "n_layer"),
+    (dict(n_head=True), "n_head"),   # Python's True is an int, and 4 % True == 0
     (dict(vocab_size=-5), "vocab_size"),
     (dict(block_size=2.5), "block_size"),
     (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"),
     (dict(activation="swish"), "activation"),
     (dict(bias="yes"), "bias"),
+    (dict(tie_weights="no"), "tie_weights"),   # a non-empty string is true
 ])
 def test_invalid_config_is_a_clear_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -232,10 +256,12 @@ def test_invalid_config_is_a_clear_error(kwargs, message):
 
 def test_bad_inputs_are_clear_errors():
     model = GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4))
-    with pytest.raises(ConfigError, match="positions"):
-        model.forward(np.zeros((1, 5), dtype=np.int64))
-    with pytest.raises(ConfigError, match="outside"):
-        model.forward(np.array([[1, 10]]))
+    for T in (5, 0):   # beyond block_size, and none at all
+        with pytest.raises(ConfigError, match="positions"):
+            model.forward(np.zeros((1, T), dtype=np.int64))
+    for bad_id in (10, -1):   # -1 would index the last row of wte, silently
+        with pytest.raises(ConfigError, match="outside"):
+            model.forward(np.array([[1, bad_id]]))
     with pytest.raises(ConfigError, match="shape"):
         model.forward(np.array([1, 2]))
     with pytest.raises(ConfigError, match="integer"):
@@ -244,9 +270,12 @@ def test_bad_inputs_are_clear_errors():
         GPT(model.config, backend="tpu")
     with pytest.raises(ConfigError, match="dtype"):
         GPT(model.config, dtype="float16")
-    with pytest.raises(RuntimeError, match="forward"):
-        model.forward(np.array([[1, 2]]))   # no targets: nothing to differentiate
-        model.backward()
+    for kwargs in (dict(), dict(targets=np.array([[2, 3]]), requires_grad=False)):   # nothing to differentiate
+        model.forward(np.array([[1, 2]]), **kwargs)
+        with pytest.raises(RuntimeError, match="forward"):
+            model.backward()
+    with pytest.raises(ConfigError, match="targets must have idx's shape"):
+        model.forward(np.array([[1, 2]]), np.array([[2], [3]]))   # the same numbers, in another shape
     for loss_scale in (0.0, float("nan"), float("inf"), True):   # backward divides by it
         with pytest.raises(ConfigError, match="loss_scale"):
             model.forward(np.array([[1, 2]]), np.array([[2, 3]]), loss_scale=loss_scale)
@@ -262,6 +291,19 @@ def test_params_that_do_not_fit_the_config_are_refused():
         GPT(config, params={**params, "lm_head.weight": params["wte.weight"]})   # the config ties them
     with pytest.raises(ConfigError, match=r"'ln_f.bias'\] has shape \(1,\)"):
         GPT(config, params={**params, "ln_f.bias": np.zeros(1)})   # would broadcast in forward, silently
+    with pytest.raises(ConfigError, match=r"'h.0.attn.c_attn.weight'\] has shape \(12, 4\)"):
+        GPT(config, params={**params, "h.0.attn.c_attn.weight": params["h.0.attn.c_attn.weight"].T})   # nn.Linear's
+
+
+def test_a_model_owns_copies_of_the_params_it_is_given():
+    """Training updates the parameters in place: a model built from another's parameters (or a
+    checkpoint's arrays) must not train them too."""
+    config = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    original = GPT(config)
+    copy = GPT(config, params=original.params)
+    for name, p in copy.params.items():
+        p += 1.0
+        assert not np.any(original.params[name] == p), name
 
 
 def test_dropout_only_in_training_mode(backend):
@@ -270,9 +312,34 @@ def test_dropout_only_in_training_mode(backend):
     idx = np.arange(8).reshape(1, 8)
     a, b = (to_numpy(model.forward(idx)[0]) for _ in range(2))
     assert not np.allclose(a, b)                # two different masks
+    other_seed = GPT(config, backend=backend, seed=1, params=model.params)
+    assert not np.allclose(to_numpy(other_seed.forward(idx)[0]), a)   # the seed picks the masks too
     model.eval()
     c, d = (to_numpy(model.forward(idx)[0]) for _ in range(2))
     np.testing.assert_array_equal(c, d)
+
+
+class RecordingGenerator:
+    """A NumPy Generator that records the shape of every array of uniform numbers drawn from it."""
+
+    def __init__(self, rng):
+        self.rng, self.shapes = rng, []
+
+    def random(self, shape, **kwargs):
+        self.shapes.append(tuple(shape))
+        return self.rng.random(shape, **kwargs)
+
+
+def test_dropout_masks_are_drawn_where_gpt2_draws_them():
+    """In training mode a mask is drawn for the embeddings' sum, then in every block for the
+    attention probabilities and for each residual branch (after attn.c_proj, after the MLP). A
+    dropout left out would pass the gradient check: its backward leaves out the same mask."""
+    config = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=8, dropout=0.1)
+    model = GPT(config, seed=0)
+    model.dropout_rng = RecordingGenerator(model.dropout_rng)
+    B, T, C, nh = 3, 5, config.n_embd, config.n_head
+    model.forward(np.zeros((B, T), dtype=np.int64))
+    assert model.dropout_rng.shapes == [(B, T, C)] + [(B, nh, T, T), (B, T, C), (B, T, C)] * config.n_layer
 
 
 # ---------------------------------------------------------------- AdamW and clipping

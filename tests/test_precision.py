@@ -115,6 +115,16 @@ def test_half_block_ends_on_an_exception():
     assert not using_half_matmuls()
 
 
+def test_a_nested_half_block_gives_back_the_outer_ones_precision():
+    """A float32 model's method called inside a float16 model's (each runs in its own block)
+    leaves float16 matmuls on for the rest of the outer one."""
+    with half_matmuls("float16"):
+        with half_matmuls(None):
+            assert not using_half_matmuls()
+        assert using_half_matmuls()
+    assert not using_half_matmuls()
+
+
 def test_float16_matmuls_stay_close_to_float32(backend):
     idx, targets = markov_batch(np.random.default_rng(0), 4, 16)
     ref, mixed = (GPT(CONFIG, backend=backend, seed=3, matmul_dtype=m) for m in (None, "float16"))

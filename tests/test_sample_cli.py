@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import sample
 from numgpt import GPT, GPTConfig
 from numgpt.data.tokenizer import EOT, get_tokenizer
-from numgpt.inspection import TextStream, format_prob, token_label, top_candidates
+from numgpt.inspection import TextStream, format_prob, probs_row, token_label, top_candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 # the scripts find numgpt at the repository root, and whatever else (the tokenizer's data) where we do
@@ -171,7 +171,7 @@ def test_a_small_vocabulary_model_works_within_it(capsys, tmp_path):
 def test_show_tokens_prints_the_bpe_pieces(ckpt, capsys):
     code, out, _ = run(capsys, "--ckpt", ckpt, "--prompt", "Hello world", "--show-tokens", "--max-new-tokens", "0")
     assert code == 0
-    assert "prompt: 2 tokens" in out and "15496  'Hello'" in out and "995  ' world'" in out
+    assert "prompt: 2 tokens" in out and "    0  15496  'Hello'\n    1    995  ' world'\n" in out   # pos, id, token
 
 
 def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys, backend):
@@ -376,6 +376,21 @@ def test_streamed_text_is_the_decoded_text(ids):
 
 def test_probabilities_stay_visible_when_small():
     assert [format_prob(p) for p in (0.4123, 1.0, 0.0, 2.1e-5)] == ["0.412", "1.000", "0.000", "2.1e-05"]
+
+
+def test_an_id_beyond_the_tokenizer_prints_nothing_and_shows_as_its_id():
+    """A model with a padded vocabulary (50304, say) can draw an id the tokenizer lacks."""
+    enc = get_tokenizer()
+    stream = TextStream(enc)
+    for token_id in (enc.n_vocab, 50303):
+        assert stream.push(token_id) == "" and token_label(enc, token_id) == f"<id {token_id}>"
+
+
+def test_a_probs_row_gives_the_drawn_tokens_probability_then_the_candidates():
+    enc = get_tokenizer()
+    probs = np.zeros(enc.n_vocab)
+    probs[[262, 290, 11]] = [0.5, 0.3, 0.2]                       # ' the', ' and', ','
+    assert probs_row(enc, 3, 290, probs, k=2) == f"   3  {' and'!r:<16}   0.300   ' the' 0.500  ' and' 0.300"
 
 
 def test_top_candidates_are_sorted_and_skip_impossible_tokens():
