@@ -121,6 +121,17 @@ def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
     assert "--n-embd" in capsys.readouterr().err
 
 
+def test_resume_may_change_where_and_how_long_the_run_goes_on(tmp_path, cache_dir):
+    """The settings that do not change what is trained may differ on --resume: the backend (auto
+    names the one a run on NumPy used, or a GPU found since), the precision, the steps, the
+    evaluations and samples."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--backend", "auto", "--precision", "fp16", "--max-iters", "2",
+               "--eval-interval", "2", "--eval-iters", "1", "--num-samples", "1", "--sample-tokens", "2") == 0
+    _, info = load_train_state(tmp_path)
+    assert info["step"] == 2 and info["train_config"]["precision"] == "fp16"
+
+
 def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
     """kill -9 while a row is being written leaves half a line: the resume drops it."""
     assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
