@@ -214,7 +214,7 @@ class RecordingCommunicator(Communicator):
     """Rank `rank` of `size`, without MPI: it records its barriers in `events`."""
 
     def __init__(self, rank, size, events=None):
-        self.rank, self.size, self.events = rank, size, events
+        self.rank, self.size, self.events = rank, size, [] if events is None else events
 
     def barrier(self):
         self.events.append("barrier")
