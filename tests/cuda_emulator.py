@@ -76,9 +76,10 @@ blocks_reversed = False   # run each grid's blocks last to first (see reversed_b
 
 @contextlib.contextmanager
 def reversed_blocks():
-    """Within the block, launches run their grid's blocks last to first. A GPU runs them in any
-    order; in the usual first-to-last order a block that writes into a later block's part (a row
-    past its own) is overwritten by the owner and goes unseen, last to first it stays."""
+    """Inside `with reversed_blocks():`, launches run their grid's blocks last to first. A GPU
+    runs them in any order; in the usual first-to-last order a block that writes into a later
+    block's part (a row past its own) is overwritten by the owner and goes unseen, last to first
+    it stays."""
     global blocks_reversed
     blocks_reversed = True
     try:
