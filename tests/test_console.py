@@ -2,11 +2,13 @@
 agree with their nouns."""
 
 import errno
+import io
 import os
+import sys
 
 import pytest
 
-from numgpt.console import NamedStream, counted
+from numgpt.console import NamedStream, counted, standard_streams
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
@@ -27,6 +29,25 @@ def test_a_failed_write_names_the_stream_then_writes_go_to_devnull(name):
         assert os.path.samefile(f"/proc/self/fd/{full.fileno()}", os.devnull)
     if fds is not None:
         assert os.listdir("/proc/self/fd") == fds
+
+
+class FullStream(io.StringIO):
+    """A text stream with no file behind it whose every write fails as a full disk's does."""
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_streams_named_once_are_not_named_again(monkeypatch):
+    """main() run twice in one process (as the tests do) finds its own NamedStreams installed: it
+    names the streams beneath them, so a failed write says which stream once, not twice."""
+    monkeypatch.setattr(sys, "stdout", NamedStream(FullStream(), "standard output"))
+    monkeypatch.setattr(sys, "stderr", NamedStream(io.StringIO(), "standard error"))
+    stdout, stderr = standard_streams()
+    assert not isinstance(stdout.stream, NamedStream) and not isinstance(stderr.stream, NamedStream)
+    with pytest.raises(OSError) as failed:
+        stdout.write("a story")
+    assert failed.value.strerror == "cannot write to the standard output: No space left on device"
 
 
 def test_a_count_agrees_with_its_noun():

@@ -412,6 +412,19 @@ def test_clip_grad_norm(xp):
     np.testing.assert_allclose(to_numpy(grads["a"]), [3.0 / (5.0 + 1e-6), 0.0], rtol=1e-12)
 
 
+def test_the_gradient_norm_is_summed_in_float64(xp):
+    """Float32 gradients' squares are summed in float64, as optim and foreach promise. The values
+    are multiples of 1/64, whose float32 squares are exact, so a float64 sum is exact too, in any
+    order; summed in float32, the 8,000 squares (a total near 2^18) keep only about 1/64 of the
+    1/4096 steps their sum moves in."""
+    rng = np.random.default_rng(0)
+    ks = [rng.integers(-1000, 1001, size=shape) for shape in [(4000,), (50, 80)]]
+    grads = {name: to_device((k / 64).astype(np.float32), xp) for name, k in zip("ab", ks)}
+    exact = sum(int((k * k).sum()) for k in ks) / 4096        # Python integers: no rounding at all
+    assert float(clip_coefficient(grads, 1e9)) == 1.0
+    assert clip_grad_norm(grads, math.inf) == math.sqrt(exact)
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])   # clipping, and a limit above the norm
 def test_clipping_inside_adamw_is_clipping_then_adamw(xp, max_norm):
     """train.py hands clipping's coefficient to AdamW (on a GPU it stays on the device): the

@@ -2,6 +2,7 @@
 the learner's views (--show-tokens, --show-probs, --attention-png), and every user mistake as a
 short message with a non-zero exit, never a traceback."""
 
+import errno
 import io
 import os
 import signal
@@ -185,6 +186,63 @@ def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys, backend):
         probs = [float(word) for word in row.split()[2:] if word[0].isdigit()]   # labels are quoted
         assert 2 <= len(probs) <= 4 and abs(sum(probs[1:]) - 1.0) < 2e-3   # the drawn token's p, then <= 3
     assert lines[5].startswith("Hi")                                     # then the text itself
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 2.0])
+def test_show_probs_shows_the_distribution_the_token_was_drawn_from(ckpt, capsys, monkeypatch, temperature):
+    """A row's probabilities are the softmax of logits / temperature; greedy decoding (temperature
+    0) shows the softmax at temperature 1."""
+    shown = []
+
+    def recording_probs_row(enc, step, token, probs):
+        shown.append(probs)
+        return probs_row(enc, step, token, probs)
+
+    monkeypatch.setattr(sample, "probs_row", recording_probs_row)
+    code, _, _ = run(capsys, "--ckpt", ckpt, "--prompt", "Hi", "--show-probs", "--max-new-tokens", "1",
+                     "--temperature", str(temperature), "--seed", "0")
+    assert code == 0 and len(shown) == 1
+    model = GPT.from_pretrained(ckpt)
+    (_, logits), = model.generate_stream(np.array([get_tokenizer().encode("Hi")]), 1, with_logits=True)
+    z = logits[0].astype(np.float64) / (temperature or 1.0)
+    expected = np.exp(z - z.max())
+    np.testing.assert_allclose(shown[0], expected / expected.sum(), rtol=1e-4, atol=1e-12)
+
+
+def test_attention_png_of_a_long_prompt_shows_the_last_block_size_tokens(ckpt, capsys, monkeypatch, tmp_path):
+    """The model sees only the last block_size tokens of a longer prompt: the heatmap shows those,
+    with their attention as the model computes it over them."""
+    pytest.importorskip("matplotlib")
+    plotted = []
+    monkeypatch.setattr(sample, "plot_attention", lambda maps, labels, path: plotted.append((maps, labels)))
+    prompt = " ".join(str(n) for n in range(30))                   # 30 tokens; the model's block_size is 16
+    code, _, err = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--attention-png", str(tmp_path / "a.png"),
+                       "--max-new-tokens", "0")
+    assert code == 0 and "over 16 prompt tokens" in err
+    enc = get_tokenizer()
+    window = enc.encode(prompt)[-16:]
+    (maps, labels), = plotted
+    assert labels == [token_label(enc, i) for i in window] and labels[-1] == "' 29'"
+    expected = GPT.from_pretrained(ckpt).attention_maps(np.array([window]))
+    assert len(maps) == len(expected) == 2
+    for got, want in zip(maps, expected):
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(errno.EACCES, "Permission denied", "/out/a.png"), "Permission denied: /out/a.png"),   # its file
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),   # Python's [Errno 28] left out
+    (OSError("the device went away"), "the device went away"),                        # no errno: its words
+])
+def test_an_os_error_is_its_reason_and_file_in_one_line(ckpt, capsys, monkeypatch, tmp_path, error, message):
+    pytest.importorskip("matplotlib")
+
+    def failing_plot(*args):
+        raise error
+
+    monkeypatch.setattr(sample, "plot_attention", failing_plot)
+    code, _, err = run(capsys, "--ckpt", ckpt, "--attention-png", str(tmp_path / "a.png"), "--max-new-tokens", "0")
+    assert code == 1 and err.endswith(f"\nerror: {message}\n")
 
 
 def test_attention_png(ckpt, capsys, tmp_path, backend):
