@@ -7,8 +7,8 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from gradcheck import dot_loss, gradient_mismatches
-from numgpt import kernels
+from gradcheck import dot_loss, gradient_mismatches, relative_error
+from numgpt import kernels, precision
 from numgpt.backend import array_module, to_device, to_numpy
 from numgpt.layers import attention, classifier
 from numgpt.layers.activations import ACTIVATIONS, gelu_forward
@@ -187,6 +187,18 @@ def test_embedding_backward_accumulates_into_a_given_gradient(xp):
     np.testing.assert_allclose(to_numpy(dwte), to_numpy(expected), rtol=1e-12)
 
 
+def test_embedding_gradients_come_in_the_dtype_of_dx(xp):
+    """A float32 model's embedding gradients are float32: a fresh dwte (untied weights, where no
+    output-layer gradient is given to add into) and dwpe are made in dx's dtype, not NumPy's float64."""
+    rng = np.random.default_rng(0)
+    ids = to_device(np.array([[0, 2, 2, 1]]), xp)
+    wte, wpe = draw(xp, rng, (3, 5)).astype(np.float32), draw(xp, rng, (6, 5)).astype(np.float32)
+    x, cache = embedding_forward(ids, wte, wpe, start=1)
+    assert x.dtype == np.float32
+    dwte, dwpe = embedding_backward(xp.ones_like(x), cache)
+    assert dwte.dtype == dwpe.dtype == np.float32
+
+
 # ---------------------------------------------------------------- layernorm
 
 def run_layernorm(a):
@@ -284,6 +296,17 @@ def test_attention_is_causal(xp):
     assert not np.allclose(to_numpy(out)[:, 4:], to_numpy(changed)[:, 4:])
 
 
+def test_attention_probs_are_the_probabilities_before_dropout(xp):
+    """attention_probs gives the softmax itself even when dropout was active in the forward: rows
+    that sum to 1, not the dropped and rescaled copy that multiplied v (which equals it without dropout)."""
+    rng = np.random.default_rng(0)
+    arrays = attention_arrays(xp, rng, 2, 5, 2, 3, 1.0)
+    _, cache = run_attention(2, 0.5, 0)(arrays)
+    probs = to_numpy(attention.attention_probs(cache))
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-12)
+    assert np.all(probs[..., np.tril_indices(5)[0], np.tril_indices(5)[1]] > 0.0)
+
+
 # ---------------------------------------------------------------- MLP and activations
 
 def mlp_arrays(xp, rng, B, T, C, scale):
@@ -348,6 +371,13 @@ def test_gelu_backward_stays_finite_for_large_inputs(xp):
     np.testing.assert_allclose(to_numpy(dx), [0.0, 0.0, 1.0, 1.0], atol=1e-6)
 
 
+def test_relu_passes_no_gradient_at_zero(xp):
+    """ReLU's backward is 0 where the input is exactly 0, as torch's (threshold_backward keeps x > 0).
+    Finite differences cannot see this (the kink), so the gradient checks move inputs off it."""
+    x = to_device(np.array([-1.0, 0.0, 2.0]), xp)
+    np.testing.assert_array_equal(to_numpy(ACTIVATIONS["relu"][1](xp.ones_like(x), x)), [0.0, 0.0, 1.0])
+
+
 # ---------------------------------------------------------------- dropout and residual
 
 def run_dropout(p, mask_seed):
@@ -375,6 +405,16 @@ def test_dropout_keeps_expectation_and_is_off_without_rng(xp):
     assert abs(float(y.mean()) - 1.0) < 0.01
     assert abs(float((y == 0).mean()) - 0.3) < 0.01
     assert dropout_forward(x, 0.3, None)[0] is x
+
+
+def test_dropout_with_p_zero_is_the_identity_and_draws_nothing(xp):
+    """p = 0 means no dropout even with a generator: x itself comes back, nothing is cached, and no
+    random number is drawn, so the generator's later draws are those of a run without the call."""
+    x = xp.ones((3, 4))
+    rng, twin = xp.random.default_rng(5), xp.random.default_rng(5)
+    y, cache = dropout_forward(x, 0.0, rng)
+    assert y is x and cache is None
+    np.testing.assert_array_equal(to_numpy(rng.random(8)), to_numpy(twin.random(8)))
 
 
 def test_residual_gradients(xp):
@@ -457,6 +497,18 @@ def test_cross_entropy_is_stable_for_huge_logits(xp):
     assert np.all(np.isfinite(to_numpy(cross_entropy_backward(1.0, cache))))
 
 
+def test_cross_entropy_of_float32_logits_stays_float32(xp):
+    """The loss and dlogits come in the logits' dtype: the row scale (a Python float times a bool
+    mask, float64 by NumPy's rules) is cast before it multiplies the float32 exps, or the whole
+    (N,V) gradient would come out float64, twice the memory of the logits."""
+    rng = np.random.default_rng(0)
+    logits = draw(xp, rng, (4, 7)).astype(np.float32)
+    loss, cache = cross_entropy_forward(logits, to_device(np.array([0, 6, IGNORE_INDEX, 3]), xp))
+    assert loss.dtype == np.float32
+    assert cross_entropy_backward(1.0, cache).dtype == np.float32
+    assert cross_entropy_backward(0.5, cache, overwrite=True).dtype == np.float32
+
+
 def run_classifier(targets):
     return lambda a: classifier_forward(a["x"], a["w"], targets, return_logits=False)[::2]
 
@@ -466,7 +518,8 @@ def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, scale, seed, 
     N, V, targets = case
     if not np.any(targets != IGNORE_INDEX):
         return
-    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, chunk_rows * V))   # several chunks
+    # several chunks
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, chunk_rows * V))
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (N, C), scale), "w": draw(xp, rng, (V, C), scale)}
     grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
@@ -506,6 +559,36 @@ def test_classifier_stability_check_catches_a_wrong_logits_bound(xp, monkeypatch
     with np.errstate(over="ignore", invalid="ignore"), kernels.disabled():
         loss, _, _ = classifier_forward(x, w, targets, return_logits=False)
     assert not np.isfinite(float(loss))
+
+
+def test_logits_bound_bounds_every_logit_and_is_reached_by_parallel_rows(xp):
+    """The classifier skips the row max when logits_bound(x, w) <= EXP_SAFE_BOUND, so it must never
+    fall below a |logit|. Cauchy-Schwarz is tight for parallel rows: x's longest row (3, 4), norm 5,
+    along w's longest (6, 8), norm 10, gives the logit 50, which the bound must equal."""
+    x = to_device(np.array([[3.0, 4.0], [1.0, 0.0]]), xp)
+    w = to_device(np.array([[6.0, 8.0], [0.0, 1.0], [1.0, 1.0]]), xp)
+    assert classifier.logits_bound(x, w) == pytest.approx(50.0, rel=1e-12)
+    rng = np.random.default_rng(0)
+    for shape_x, shape_w in [((7, 5), (11, 5)), ((1, 3), (4, 3)), ((6, 1), (2, 1))]:
+        x, w = draw(xp, rng, shape_x, 3.0), draw(xp, rng, shape_w, 3.0)
+        assert classifier.logits_bound(x, w) >= float(abs(to_numpy(x) @ to_numpy(w).T).max())
+
+
+def test_classifier_under_float16_matmuls_subtracts_the_row_max(xp):
+    """Under float16 matmuls the exps are float16, whose largest value is 65504 = e^11.1: a logit
+    of 20, far below EXP_SAFE_BOUND, would overflow unshifted, so the bound that lets float32 skip
+    the row max must not be used there. The loss and both gradients stay finite and near float32's."""
+    rng = np.random.default_rng(0)
+    base = np.full(16, 1.6)                                    # |base|^2 = 41: every logit near 20,
+    w = to_device(base + rng.normal(0.0, 0.3, (5, 16)), xp).astype(np.float32)   # apart by O(1)
+    x = to_device(0.5 * base + rng.normal(0.0, 0.3, (6, 16)), xp).astype(np.float32)
+    targets = to_device(np.array([0, 1, 2, 3, 4, 0]), xp)
+    assert float((x @ w.T).min()) > 11.1 and classifier.logits_bound(x, w) < EXP_SAFE_BOUND
+    ref_loss, _, (ref_dx, ref_dw) = classifier_forward(x, w, targets, return_logits=False)
+    with precision.half_matmuls("float16"):
+        loss, _, (dx, dw) = classifier_forward(x, w, targets, return_logits=False)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-2, abs=1e-3)
+    assert relative_error(dx, ref_dx) < 1e-2 and relative_error(dw, ref_dw) < 1e-2
 
 
 @given(case=targets_case(force_ignored=True), C=sizes, seed=seeds)

@@ -10,10 +10,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import numgpt
+import numgpt.backend
 import numgpt.model
 from gradcheck import gradient_mismatches
-from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, kernels, no_decay_names
-from numgpt.backend import to_device, to_numpy
+from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, foreach, kernels, no_decay_names
+from numgpt.backend import cupy_available, get_xp, to_device, to_numpy
 from numgpt.config import num_params
 from numgpt.layers.activations import ACTIVATIONS
 from numgpt.layers.embedding import embedding_backward
@@ -282,6 +283,21 @@ def test_bad_inputs_are_clear_errors():
     model.forward(np.array([[1, 2]]), np.array([[2, 3]]), loss_scale=np.float32(2.0))
 
 
+def test_the_auto_backend_is_cupy_where_a_gpu_is_usable(backend, monkeypatch):
+    """backend="auto" (train.py's default) takes CuPy when cupy_available() says a GPU is usable, as
+    with the stand-in for CuPy installed, and NumPy when not."""
+    assert get_xp("auto") is (get_xp("cupy") if cupy_available() else np)
+    monkeypatch.setattr(numgpt.backend, "cupy_available", lambda: False)
+    assert get_xp("auto") is np
+
+
+def test_to_device_casts_to_the_dtype_it_is_given(xp):
+    """to_device(x, xp, dtype) gives the array in `dtype`, from a list, a host array or a device array."""
+    for x in ([1.5, 2.0], np.array([1.5, 2.0]), to_device(np.array([1.5, 2.0]), xp)):
+        a = to_device(x, xp, dtype=np.float32)
+        assert a.dtype == np.float32 and to_numpy(a).tolist() == [1.5, 2.0]
+
+
 def test_params_that_do_not_fit_the_config_are_refused():
     config = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4)
     params = GPT(config).params
@@ -385,6 +401,42 @@ def test_adamw_rejects_bad_hyperparameters():
           weight_decay=np.float32(0.1))   # NumPy's numbers are numbers
 
 
+def test_adamw_takes_betas_of_zero_and_refuses_parameters_it_cannot_update_in_place():
+    """Betas lie in [0, 1), as torch's: beta = 0 (no momentum) is allowed. A parameter that is not
+    C-contiguous (a transposed view) is refused: reshape(-1) would copy it, and every update would
+    go to the copy while the parameter stayed as it was."""
+    AdamW({"w": np.zeros(3)}, lr=1e-3, betas=(0.0, 0.0))
+    w = np.zeros((4, 3))
+    with pytest.raises(ConfigError, match="C-contiguous"):
+        AdamW({"w": w.T}, lr=1e-3)
+
+
+def test_adamw_keeps_each_parameters_precision_when_dtypes_mix(xp):
+    """The update's scratch buffer is shared between parameters: a float64 parameter updated after
+    a float32 one must not be computed in the float32 buffer (nor the other way round). The float64
+    one follows the textbook update as closely as when it is alone."""
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(3, 4))
+    grads_seq = [rng.normal(size=(3, 4)) for _ in range(3)]
+    params = {"half": to_device(start.astype(np.float32), xp), "full": to_device(start.copy(), xp)}
+    opt = AdamW(params, lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    for g in grads_seq:
+        opt.step({"half": to_device(g.astype(np.float32), xp), "full": to_device(g, xp)})
+    assert params["half"].dtype == np.float32 and params["full"].dtype == np.float64
+    np.testing.assert_allclose(to_numpy(params["full"]), reference_adamw(start, grads_seq, 0.1, 0.8, 0.9, 1e-6, 0.1),
+                               rtol=1e-12)
+
+
+def test_adamw_refuses_a_state_whose_moments_do_not_match_its_parameters():
+    """A saved state is checked before anything is copied: either moment naming other parameters
+    than this optimizer's (here only the second) is a ConfigError, and the step count stays."""
+    opt = AdamW({"w": np.zeros(3), "b": np.zeros(2)}, lr=1e-3)
+    state = {"step": 7, "m": {"w": np.ones(3), "b": np.ones(2)}, "v": {"w": np.ones(3)}}
+    with pytest.raises(ConfigError, match="does not match"):
+        opt.load_state_dict(state)
+    assert opt.step_count == 0 and not opt.m["w"].any()
+
+
 @pytest.mark.parametrize("clip", [clip_grad_norm, clip_coefficient])
 def test_clipping_rejects_a_max_norm_that_is_not_positive(clip):
     grads = {"w": np.array([3.0, 4.0])}
@@ -415,13 +467,15 @@ def test_clip_grad_norm(xp):
 def test_the_gradient_norm_is_summed_in_float64(xp):
     """Float32 gradients' squares are summed in float64, as optim and foreach promise. The values
     are multiples of 1/64, whose float32 squares are exact, so a float64 sum is exact too, in any
-    order; summed in float32, the 8,000 squares (a total near 2^18) keep only about 1/64 of the
-    1/4096 steps their sum moves in."""
+    order. Summed in float32, their total of about 2^19, where float32's spacing is 1/16, cannot
+    hold the squares' 1/4096ths."""
     rng = np.random.default_rng(0)
     ks = [rng.integers(-1000, 1001, size=shape) for shape in [(4000,), (50, 80)]]
     grads = {name: to_device((k / 64).astype(np.float32), xp) for name, k in zip("ab", ks)}
     exact = sum(int((k * k).sum()) for k in ks) / 4096        # Python integers: no rounding at all
-    assert float(clip_coefficient(grads, 1e9)) == 1.0
+    total = foreach.sum_of_squares(list(grads.values()))
+    assert total.dtype == np.float64 and float(total) == exact
+    assert clip_coefficient(grads, 1.0).dtype == np.float64
     assert clip_grad_norm(grads, math.inf) == math.sqrt(exact)
 
 
