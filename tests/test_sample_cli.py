@@ -215,12 +215,13 @@ def test_attention_png_of_a_long_prompt_shows_the_last_block_size_tokens(ckpt, c
     pytest.importorskip("matplotlib")
     plotted = []
     monkeypatch.setattr(sample, "plot_attention", lambda maps, labels, path: plotted.append((maps, labels)))
-    prompt = " ".join(str(n) for n in range(30))                   # 30 tokens; the model's block_size is 16
+    block_size = TINY["block_size"]
+    prompt = " ".join(str(n) for n in range(2 * block_size - 2))             # one token per number
     code, _, err = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--attention-png", str(tmp_path / "a.png"),
                        "--max-new-tokens", "0")
-    assert code == 0 and "over 16 prompt tokens" in err
+    assert code == 0 and f"over {block_size} prompt tokens" in err
     enc = get_tokenizer()
-    window = enc.encode(prompt)[-16:]
+    window = enc.encode(prompt)[-block_size:]
     (maps, labels), = plotted
     assert labels == [token_label(enc, i) for i in window] and labels[-1] == "' 29'"
     expected = GPT.from_pretrained(ckpt).attention_maps(np.array([window]))
