@@ -10,7 +10,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import numgpt
-import numgpt.backend
 import numgpt.model
 from gradcheck import gradient_mismatches
 from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, foreach, kernels, no_decay_names
@@ -418,13 +417,13 @@ def test_adamw_keeps_each_parameters_precision_when_dtypes_mix(xp):
     rng = np.random.default_rng(0)
     start = rng.normal(size=(3, 4))
     grads_seq = [rng.normal(size=(3, 4)) for _ in range(3)]
-    params = {"half": to_device(start.astype(np.float32), xp), "full": to_device(start.copy(), xp)}
+    params = {"single": to_device(start.astype(np.float32), xp), "double": to_device(start.copy(), xp)}
     opt = AdamW(params, lr=0.1, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
     for g in grads_seq:
-        opt.step({"half": to_device(g.astype(np.float32), xp), "full": to_device(g, xp)})
-    assert params["half"].dtype == np.float32 and params["full"].dtype == np.float64
-    np.testing.assert_allclose(to_numpy(params["full"]), reference_adamw(start, grads_seq, 0.1, 0.8, 0.9, 1e-6, 0.1),
-                               rtol=1e-12)
+        opt.step({"single": to_device(g.astype(np.float32), xp), "double": to_device(g, xp)})
+    assert params["single"].dtype == np.float32 and params["double"].dtype == np.float64
+    expected = reference_adamw(start, grads_seq, 0.1, 0.8, 0.9, 1e-6, 0.1)
+    np.testing.assert_allclose(to_numpy(params["double"]), expected, rtol=1e-12)
 
 
 def test_adamw_refuses_a_state_whose_moments_do_not_match_its_parameters():
