@@ -29,8 +29,8 @@ from numgpt import console  # noqa: E402
 from numgpt.errors import NumGPTError, describe_os_error  # noqa: E402
 
 # flags that --resume may change; anything else must match the saved run
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision", "out_dir",
-             "cache_dir", "dataset", "data"}
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision",
+             "out_dir", "cache_dir", "dataset", "data"}
 # the JSON kind (numgpt.checkpoint.JSON_KINDS) of a saved TrainConfig setting, by its annotation
 SETTING_KINDS = {str: "a string", int: "an integer", float: "a number", list: "a list of strings"}
 
@@ -62,14 +62,16 @@ def parse_args(argv=None):
     g.add_argument("--backend", choices=["numpy", "cupy", "auto"], help=f"array backend (default {d.backend})")
     g.add_argument("--dtype", choices=["float32", "float64"], help=f"working precision (default {d.dtype})")
     g.add_argument("--precision", choices=["fp32", "tf32", "fp16"], help=f"matmul precision on a GPU: tf32 tensor "
-                   f"cores, or fp16 mixed precision (float16 matmuls, float32 weights, loss scaling) (default {d.precision})")
+                   f"cores, or fp16 mixed precision (float16 matmuls, float32 weights, loss scaling) "
+                   f"(default {d.precision})")
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, help=f"transformer blocks (default {d.n_layer})")
     g.add_argument("--n-head", type=int, help=f"attention heads (default {d.n_head})")
     g.add_argument("--n-embd", type=int, help=f"embedding width (default {d.n_embd})")
     g.add_argument("--block-size", type=int, help=f"context length in tokens (default {d.block_size})")
     g.add_argument("--dropout", type=float, help=f"dropout probability (default {d.dropout})")
-    g.add_argument("--activation", choices=["gelu", "gelu_exact", "relu"], help=f"MLP activation (default {d.activation})")
+    g.add_argument("--activation", choices=["gelu", "gelu_exact", "relu"],
+                   help=f"MLP activation (default {d.activation})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-iters", type=int, help=f"optimizer steps (default {d.max_iters})")
     g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, over all ranks with --ddp "
@@ -79,7 +81,8 @@ def parse_args(argv=None):
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default lr / 10)")
     g.add_argument("--warmup-iters", type=int, help=f"linear warmup steps (default {d.warmup_iters})")
     g.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay (default {d.beta2})")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay of weight matrices (default {d.weight_decay})")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"AdamW weight decay of weight matrices (default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, help=f"clip the global gradient norm; 0 = off (default {d.grad_clip})")
     g = p.add_argument_group("evaluation and samples")
     g.add_argument("--eval-interval", type=int, help=f"steps between evaluations (default {d.eval_interval})")
@@ -194,7 +197,8 @@ def main(argv=None):
             if not trainer.is_main:   # rank 0 reports for the job
                 return stop_status(trainer) if outcome == "interrupted" else 0
             if outcome == "interrupted":
-                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}", file=sys.stderr)
+                print(f"\nInterrupted: saved step {trainer.step} to {cfg.out_dir}.{resume_hint(trainer)}",
+                      file=sys.stderr)
                 return stop_status(trainer)
             print(f"\nDone: {console.counted(trainer.step, 'step')}, best val loss {trainer.best_val:.4f}; "
                   f"model in {cfg.out_dir}/ (python sample.py --ckpt {shlex.quote(cfg.out_dir)})")

@@ -100,7 +100,8 @@ def main():
     print(f"tutorial shape {SHAPE}, global batch {SHAPE['batch_size']} x {SHAPE['block_size']} tokens, "
           f"gradients {results[baseline]['grad_mib']:.1f} MiB")
     versus = "vs " + "x".join(map(str, baseline))
-    print(f"{'ranks':>5} {'threads':>7} {'tok/s':>8} {'step ms':>8} {'allreduce ms':>12} {versus:>7} {'RSS MiB/rank':>12}")
+    print(f"{'ranks':>5} {'threads':>7} {'tok/s':>8} {'step ms':>8} {'allreduce ms':>12} {versus:>7} "
+          f"{'RSS MiB/rank':>12}")
     for (ranks, threads), r in results.items():
         ratio = r["tok_s"] / results[baseline]["tok_s"]
         print(f"{ranks:>5} {threads:>7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['allreduce_ms']:>12.2f} "

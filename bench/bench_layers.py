@@ -43,7 +43,8 @@ def layer_cases(shape, rng, xp=np):
     idx = xp.asarray(rng.integers(0, VOCAB, (B, T)))
     targets = xp.asarray(rng.integers(0, VOCAB, B * T))
     wte, wpe = f32(VOCAB, C), f32(T, C)
-    attn = {"c_attn.weight": f32(C, 3 * C), "c_attn.bias": f32(3 * C), "c_proj.weight": f32(C, C), "c_proj.bias": f32(C)}
+    attn = {"c_attn.weight": f32(C, 3 * C), "c_attn.bias": f32(3 * C),
+            "c_proj.weight": f32(C, C), "c_proj.bias": f32(C)}
     mlp = {"c_fc.weight": f32(C, 4 * C), "c_fc.bias": f32(4 * C), "c_proj.weight": f32(4 * C, C), "c_proj.bias": f32(C)}
     w, b = xp.ones(C, np.float32), xp.zeros(C, np.float32)
     N = B * T
@@ -162,9 +163,10 @@ def main():
             print(f"{layer:<16} {f_ms:>8.2f} {b_ms:>8.2f} {gflops:>8.1f} {twins.get(layer, float('nan')):>9.2f} "
                   f"{r[0] if r else float('nan'):>10.2f} {r[1] if r else float('nan'):>10.2f} {ratio:>6.2f}")
             if not args.no_save:
-                row = {"backend": args.backend, "device": device, "bench": f"layer:{layer}", "precision": args.precision,
-                       "shape": shape, "threads": args.threads, "forward_ms": round(f_ms, 3),
-                       "backward_ms": round(b_ms, 3), "gflops": None if not flops else round(gflops, 1),
+                row = {"backend": args.backend, "device": device, "bench": f"layer:{layer}",
+                       "precision": args.precision, "shape": shape, "threads": args.threads,
+                       "forward_ms": round(f_ms, 3), "backward_ms": round(b_ms, 3),
+                       "gflops": None if not flops else round(gflops, 1),
                        "ratio_vs_torch": None if not r else round(ratio, 3)}
                 if gpu:
                     row["twins_ms"] = round(twins[layer], 3)

@@ -201,7 +201,8 @@ class GPT:
             return_logits=return_logits, requires_grad=requires_grad, grad_scale=loss_scale)
 
         keep = requires_grad and targets is not None
-        self._cache = (emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T), loss_scale) if keep else None
+        self._cache = ((emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T), loss_scale)
+                       if keep else None)
         logits = None if logits is None else logits.reshape(B, T, cfg.vocab_size)
         return logits, (loss if loss is None or loss_on_device else float(loss))
 

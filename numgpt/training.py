@@ -652,7 +652,8 @@ class Trainer:
         finite = all_finite([self.flat_grads])   # every gradient is in the flat buffer: one pass
         self.scaler.update(finite)
         if not finite:
-            self.log(f"step {self.step}: float16 gradients overflowed; step skipped, loss scale now {self.scaler.scale:g}")
+            self.log(f"step {self.step}: float16 gradients overflowed; step skipped, "
+                     f"loss scale now {self.scaler.scale:g}")
         return finite
 
     def evaluate(self):

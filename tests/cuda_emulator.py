@@ -142,8 +142,8 @@ def build(source):
                 f.write(code)
             partial = library + f".{os.getpid()}"
             compiled = subprocess.run([compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden",
-                                       "-U_FORTIFY_SOURCE", "-Wall",
-                                       "-Werror", "-Wno-unknown-pragmas", "-o", partial, cpp], capture_output=True, text=True)
+                                       "-U_FORTIFY_SOURCE", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+                                       "-o", partial, cpp], capture_output=True, text=True)
             if compiled.returncode:
                 raise RuntimeError(f"the kernels do not compile for the emulator:\n{compiled.stderr}")
             os.replace(partial, library)   # atomic: a parallel test run never loads half a library

@@ -273,7 +273,8 @@ class ndarray:
 
     def set(self, array, stream=None):
         if not isinstance(array, np.ndarray) or array.dtype != self.dtype or array.shape != self.shape:
-            raise TypeError(f"set() wants a NumPy array of dtype {self.dtype} and shape {self.shape}, got {array!r:.80}")
+            raise TypeError(f"set() wants a NumPy array of dtype {self.dtype} and shape {self.shape}, "
+                            f"got {array!r:.80}")
         transfers["to_device"] += 1
         self._array[...] = array
 

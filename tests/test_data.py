@@ -289,7 +289,8 @@ def test_render_slots():
 # ---------------------------------------------------------------------------------------------
 
 def test_split_documents_at_separator_lines():
-    text = "First story.\n<|endoftext|>\n  Second story.\r\n<|endoftext|>\r\n\n<|endoftext|>\nThird <|endoftext|> inline.\n"
+    text = ("First story.\n<|endoftext|>\n  Second story.\r\n<|endoftext|>\r\n\n<|endoftext|>\n"
+            "Third <|endoftext|> inline.\n")
     assert split_documents(text) == ["First story.", "Second story.", "Third <|endoftext|> inline."]
 
 

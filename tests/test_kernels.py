@@ -423,7 +423,8 @@ def test_adamw_kernel_matches_its_twin(xp, dtype, monkeypatch):
     ("adamw", ("i < row[4]; i += blockDim.x", "i < row[4] - 1; i += blockDim.x")),        # skips a chunk's last element
     ("multi", ("for (long long i = threadIdx.x; i < row[1]; i += blockDim.x) a[i] *= factor;",
                "for (long long i = threadIdx.x; i < row[1]; i += 2 * blockDim.x) a[i] *= factor;")),   # scales half
-    ("multi", ("        if (!isfinite(a[i])) *found = 1;", "        if (!isfinite(a[i]) && i < row[1] - 1) *found = 1;")),
+    ("multi", ("        if (!isfinite(a[i])) *found = 1;",
+               "        if (!isfinite(a[i]) && i < row[1] - 1) *found = 1;")),
     ("multi", ("w < blockDim.x / 32; ++w", "w < 2; ++w")),                                # sums two warps of eight
     ("multi", ("warp_totals[threadIdx.x / 32] = total;\n    __syncthreads();",                  # no barrier before
                "warp_totals[threadIdx.x / 32] = total;")),                                    # thread 0 adds them up
@@ -638,7 +639,8 @@ def tensor_core_reference(qkv, dy, n_head, operands, unrounded=()):
     s = np.where(np.tril(np.ones((T, T), bool)), q @ k.swapaxes(-1, -2), -np.inf)         # (B,nh,T,T)
     m, l = np.full(s.shape[:-1], -np.inf), np.zeros(s.shape[:-1])
     acc = np.zeros(q.shape)
-    for start in range(0, T, kernels.TC_ROWS):        # the key tiles (Half's and Tf32's TILE = MMA_ROWS), online softmax
+    # the key tiles (Half's and Tf32's TILE = MMA_ROWS), online softmax
+    for start in range(0, T, kernels.TC_ROWS):
         tile = s[..., start:start + kernels.TC_ROWS]
         m_new = np.maximum(m, tile.max(-1))
         p = np.exp(tile - m_new[..., None])
@@ -687,13 +689,17 @@ TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong c
     (TC_FORMATS, "if (key > row || key >= T) s[n][i] = -1e30f;",
      "if (key > row + 1 || key >= T) s[n][i] = -1e30f;"),                                  # sees one key too many
     (TC_FORMATS, "acc[n][2 * r] *= rescale; acc[n][2 * r + 1] *= rescale;", ""),          # forgets the online rescale
-    (TC_FORMATS, "b[0] = tile[n0 + g][k0 / F::PER_WORD + t];", "b[0] = tile[n0 + t][k0 / F::PER_WORD + g];"),  # B's lanes transposed
-    (TC_FORMATS, "exp(s[n][i] - L[i / 2]) * (dp[n][i] - Dr[i / 2])", "exp(s[n][i] - L[i / 2]) * dp[n][i]"),   # dq without D
-    (TC_FORMATS, "bool masked = start + query < key ||", "bool masked = start + query < key - 1 ||"),         # dk, dv see one more
+    (TC_FORMATS, "b[0] = tile[n0 + g][k0 / F::PER_WORD + t];",
+     "b[0] = tile[n0 + t][k0 / F::PER_WORD + g];"),                                       # B's lanes transposed
+    (TC_FORMATS, "exp(s[n][i] - L[i / 2]) * (dp[n][i] - Dr[i / 2])",
+     "exp(s[n][i] - L[i / 2]) * dp[n][i]"),                                                # dq without D
+    (TC_FORMATS, "bool masked = start + query < key ||",
+     "bool masked = start + query < key - 1 ||"),                                          # dk, dv see one more
     (("float16",), "a[1] = pack_half2(p[0][2], p[0][3]);\n        a[2] = pack_half2(p[1][0], p[1][1]);",
      "a[2] = pack_half2(p[0][2], p[0][3]);\n        a[1] = pack_half2(p[1][0], p[1][1]);"),      # P's A fragment
     (("tf32", "float32"), "a[1] = Self::operand(p[0][2]);\n        a[2] = Self::operand(p[0][1]);",
-     "a[1] = Self::operand(p[0][1]);\n        a[2] = Self::operand(p[0][2]);"),  # P's A fragment without the reordered keys
+     # P's A fragment without the reordered keys
+     "a[1] = Self::operand(p[0][1]);\n        a[2] = Self::operand(p[0][2]);"),
     (("tf32", "float32"), "b[0] = tile[k0 + 2 * t][col];\n        b[1] = tile[k0 + 2 * t + 1][col];",
      "b[0] = tile[k0 + t][col];\n        b[1] = tile[k0 + t + 4][col];"),    # V's B fragment without them
     (("float32",), "mma_sync<K>(c, a_big, b_small);", ""),                   # two TF32 products of three
@@ -702,7 +708,8 @@ TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong c
 TC_CHECKS = [(check, operands, mutation) for formats, *mutation in TC_MUTATIONS for operands in formats
              for check in [test_tensor_core_attention_is_as_close_to_float64_as_its_operands_allow,
                            test_tensor_core_attention_rounds_only_where_it_says]
-             if operands in ROUNDING_FORMATS or check is test_tensor_core_attention_is_as_close_to_float64_as_its_operands_allow]
+             if operands in ROUNDING_FORMATS
+             or check is test_tensor_core_attention_is_as_close_to_float64_as_its_operands_allow]
 
 
 @needs_compiler
@@ -925,8 +932,10 @@ def barrier_offsets(text):
             if "//" not in text[text.rfind("\n", 0, m.start()) + 1:m.start()]]
 
 
-ATTENTION_FILES = {"flash_attention.cu": lambda: test_flash_attention_kernels_match_their_twin(np, "float32", 130, 1, 17),
-                   "tensor_core_attention.cu": lambda: test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64, "float16")}
+ATTENTION_FILES = {
+    "flash_attention.cu": lambda: test_flash_attention_kernels_match_their_twin(np, "float32", 130, 1, 17),
+    "tensor_core_attention.cu": lambda: test_tensor_core_attention_rounds_only_where_it_says(np, 130, 1, 64, "float16"),
+}
 
 
 @needs_compiler

@@ -59,7 +59,8 @@ def test_a_linear_layer_rounds_each_operand_once_and_keeps_it_rounded(xp):
     """Under float16 matmuls linear_forward keeps x and w as float16 for the backward (half the
     cache, no second cast) and gives exactly what casting at every product gives."""
     rng = np.random.default_rng(0)
-    x, w, b, dy = (xp.asarray(rng.standard_normal(shape), dtype=np.float32) for shape in ((3, 4, 16), (16, 8), (8,), (3, 4, 8)))
+    x, w, b, dy = (xp.asarray(rng.standard_normal(shape), dtype=np.float32)
+                   for shape in ((3, 4, 16), (16, 8), (8,), (3, 4, 8)))
     with half_matmuls("float16"):
         y, cache = linear_forward(x, w, b)
         dx, dw, db = linear_backward(dy, cache)

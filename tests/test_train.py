@@ -350,8 +350,8 @@ def test_a_stop_signal_saves_and_resumes(tmp_path, cache_dir, closed, signum):
     """Ctrl-C, or the SIGTERM of `kill`, `timeout` or a batch scheduler, saves the step it finishes.
     With stdin and stderr closed (0<&- 2>&-), the descriptor 2 is the next file opened, not a
     stream: the notice must not be written there, nor fail the step."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
-           "--max-iters", "100000", "--eval-interval", "100000"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--dataset", "embedded", "--out-dir", str(tmp_path),
+           "--cache-dir", cache_dir, "--max-iters", "100000", "--eval-interval", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             preexec_fn=(lambda: (os.close(0), os.close(2))) if closed else None)
     deadline = time.time() + 120
@@ -876,7 +876,8 @@ def test_grad_accum_steps_on_the_gradient_of_the_mean_over_every_micro_batch(bac
     trainer.scaler, trainer.step = None, 0
     loss, stop = trainer.train_step()
     (grads, grad_scale), = stepped
-    _, ref_loss = trainer.model.forward(np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+    whole_x, whole_y = (np.concatenate(parts) for parts in zip(*batches))
+    _, ref_loss = trainer.model.forward(whole_x, whole_y)
     ref_grads = trainer.model.backward()
     assert loss == pytest.approx(ref_loss, rel=1e-12) and not stop and grad_scale is None
     for name, ref in ref_grads.items():

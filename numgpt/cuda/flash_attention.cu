@@ -21,7 +21,8 @@ __device__ __forceinline__ void load_row(REAL* r, const REAL* head, int column, 
 }
 
 // row `row` of this block's head of a (B,T,C) array (y, dy: heads merged) into registers r[k] = x[part + k G]
-__device__ __forceinline__ void load_merged_row(REAL* r, const REAL* x, int row, int T, int C, int hs, int part, int G) {
+__device__ __forceinline__ void load_merged_row(REAL* r, const REAL* x, int row, int T, int C, int hs,
+                                                int part, int G) {
     #pragma unroll
     for (int k = 0; k < DIMS; ++k) {
         int d = part + k * G;
@@ -161,7 +162,10 @@ extern "C" __global__ void flash_attention_dkv(const REAL* qkv, const REAL* dy, 
             q_tile[e] = qkv[row * 3 * C + blockIdx.y * hs + e % hs] * scale;
             g_tile[e] = dy[row * C + blockIdx.y * hs + e % hs];
         }
-        for (int e = threadIdx.x; e < n; e += blockDim.x) { lse_tile[e] = stats_lse[start + e]; D_tile[e] = stats_D[start + e]; }
+        for (int e = threadIdx.x; e < n; e += blockDim.x) {
+            lse_tile[e] = stats_lse[start + e];
+            D_tile[e] = stats_D[start + e];
+        }
         __syncthreads();
         for (int t = 0; t < n; ++t) {
             REAL s = dot_tile(kr, q_tile + t * hs, part, G, hs);

@@ -5,7 +5,8 @@
 
 // y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with y in REAL or (OUT = HALF) float16
 template <class OUT> __device__ void gelu_forward_elements(const REAL* x, OUT* y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+    long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
         REAL v = x[i];
         store(&y[i], (REAL)0.5 * v * ((REAL)1 + tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v))));
     }
@@ -18,7 +19,8 @@ extern "C" __global__ void gelu_forward_half(const REAL* x, HALF* y, long long n
 
 // dx = dy (1 + t) (0.5 + s (1 - t)),  t = tanh(u),  s = 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 extern "C" __global__ void gelu_backward(const REAL* x, const REAL* dy, REAL* dx, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x) {
+    long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
         REAL v = x[i];
         REAL t = tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v));
         REAL s = (REAL)0.5 * GELU_SCALE * v * ((REAL)1 + (REAL)3 * GELU_CUBIC * v * v);

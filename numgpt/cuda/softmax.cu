@@ -41,7 +41,8 @@ __device__ __forceinline__ void merge_max_sum(REAL& m, REAL& s, REAL m2, REAL s2
 // logits' own memory; or, OUT = HALF, float16 for the classifier's matmuls), sumexp = row sum of
 // exps. Each thread keeps a running max and sum of its columns (one pass), the block merges them,
 // and a second pass writes the exps.
-template <class OUT> __device__ void softmax_parts_rows(const REAL* logits, OUT* exps, REAL* sumexp, REAL* shift, int V) {
+template <class OUT>
+__device__ void softmax_parts_rows(const REAL* logits, OUT* exps, REAL* sumexp, REAL* shift, int V) {
     __shared__ REAL warp_m[32], warp_s[32];
     const REAL* row = logits + (long long)blockIdx.x * V;
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;

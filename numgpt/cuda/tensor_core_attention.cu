@@ -122,7 +122,9 @@ template <class Self>
 struct Tf32Layout {
     static constexpr int K = 8, PER_WORD = 1, TILE = MMA_ROWS;
 
-    static __device__ __forceinline__ unsigned word(const float* x, float factor) { return Self::operand(x[0] * factor); }
+    static __device__ __forceinline__ unsigned word(const float* x, float factor) {
+        return Self::operand(x[0] * factor);
+    }
 
     static __device__ __forceinline__ void mma(float* c, const unsigned* a, const unsigned* b) { mma_sync<K>(c, a, b); }
 

@@ -412,8 +412,10 @@ def _plot_stuck(rng: random.Random, s: dict[str, str]) -> list[list[str]]:
             "{name} played with {his} new {thing} and ran around in circles.",
         )),
         rng.choice((
-            "Suddenly, a strong wind blew the {thing} out of {his} hands. It flew up, up, up and got stuck on a high branch of a big tree.",
-            "Then a big gust of wind came. Whoosh! The {thing} flew away and got caught in the branches of an old oak tree.",
+            "Suddenly, a strong wind blew the {thing} out of {his} hands. "
+            "It flew up, up, up and got stuck on a high branch of a big tree.",
+            "Then a big gust of wind came. Whoosh! "
+            "The {thing} flew away and got caught in the branches of an old oak tree.",
             "But the wind pulled the {thing} away, and it landed at the very top of a tall tree.",
         )),
         rng.choice((
@@ -643,7 +645,8 @@ def _plot_gift(rng: random.Random, s: dict[str, str]) -> list[list[str]]:
             "When it was done, the {gift} was beautiful.",
         )),
         rng.choice((
-            "The next day, {name} gave the {gift} to {his} {relative}. \"I love it!\" said {his} {relative}, and gave {name} a big hug.",
+            "The next day, {name} gave the {gift} to {his} {relative}. "
+            "\"I love it!\" said {his} {relative}, and gave {name} a big hug.",
             "{His} {relative} smiled a big smile. \"This is the best present ever!\" {relative_he} said.",
         )),
         rng.choice((
