@@ -14,21 +14,42 @@ from numgpt.errors import ConfigError
 
 try:  # CuPy is an optional extra: `import numgpt` must work without it.
     import cupy as _cupy
-except Exception:  # ImportError, or a CuPy wheel that cannot find its CUDA libraries
-    _cupy = None
+    _cupy_import_error = None
+except Exception as error:  # ImportError, or a CuPy wheel that cannot find its CUDA libraries
+    _cupy, _cupy_import_error = None, error
 
 BACKENDS = ("numpy", "cupy", "auto")
 DTYPES = ("float32", "float64")
+# what numgpt[gpu] installs: CuPy for CUDA 12 with the CUDA libraries it loads (NVRTC, cuBLAS, ...)
+CUPY_INSTALL = 'pip install "cupy-cuda12x[ctk]"'
+
+
+def cupy_problem():
+    """Why CuPy cannot run numgpt on this machine, in a few words; None when it can.
+
+    It can when CuPy imports, sees a GPU and finds NVRTC, CUDA's run-time compiler: every fused
+    kernel of numgpt/cuda, and each of CuPy's own elementwise operations, is compiled by it on first
+    use. A driver-only machine (no CUDA Toolkit) has a GPU but no NVRTC, unless pip brought it.
+    """
+    if _cupy is None:
+        if isinstance(_cupy_import_error, ImportError):
+            return "CuPy is not installed"
+        return f"CuPy is installed but does not import ({_cupy_import_error})"
+    try:
+        if _cupy.cuda.runtime.getDeviceCount() == 0:
+            return "CuPy sees no GPU"
+    except Exception as error:  # no driver, or one too old for CuPy's CUDA
+        return f"CuPy sees no GPU ({error})"
+    try:
+        _cupy.cuda.nvrtc.getVersion()
+    except Exception as error:  # the library cannot be loaded: no CUDA Toolkit, no nvidia-cuda-nvrtc wheel
+        return f"CuPy sees a GPU but cannot load NVRTC, CUDA's run-time compiler ({error})"
+    return None
 
 
 def cupy_available():
-    """True when CuPy imports and sees at least one GPU."""
-    if _cupy is None:
-        return False
-    try:
-        return _cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no driver, no device
-        return False
+    """True when CuPy can run numgpt here: it imports, sees at least one GPU and finds NVRTC."""
+    return cupy_problem() is None
 
 
 def get_xp(backend="numpy"):
@@ -36,9 +57,11 @@ def get_xp(backend="numpy"):
     if backend == "numpy":
         return np
     if backend == "cupy":
-        if not cupy_available():
-            raise ConfigError("backend 'cupy' needs CuPy and a GPU: install numgpt[gpu] on a CUDA "
-                              "machine (pip install cupy-cuda12x), or use --backend numpy")
+        problem = cupy_problem()
+        if problem is not None:
+            raise ConfigError(f"backend 'cupy' cannot run: {problem}. On a machine with an NVIDIA GPU and "
+                              f"its driver, {CUPY_INSTALL} (or pip install -e \".[gpu]\") installs CuPy "
+                              "with the CUDA libraries it needs; or use --backend numpy")
         return _cupy
     if backend == "auto":
         return _cupy if cupy_available() else np

@@ -449,7 +449,9 @@ _linalg = _module("cupy._core._routines_linalg", COMPUTE_TYPE_DEFAULT=1, COMPUTE
 _core = _module("cupy._core", _routines_linalg=_linalg)
 _runtime = _module("cupy.cuda.runtime", getDeviceCount=lambda: 1,
                    getDeviceProperties=lambda device: {"name": b"NumPy (the CuPy stand-in of numgpt's tests)"})
-cuda = _module("cupy.cuda", Device=Device, Stream=Stream, runtime=_runtime, get_current_stream=Stream)
+# CUDA's run-time compiler, "found"; CuPy's cupy.cuda.nvrtc is this module (an attribute, not a submodule)
+_nvrtc = _module("cupy_backends.cuda.libs.nvrtc", getVersion=lambda: (12, 9))
+cuda = _module("cupy.cuda", Device=Device, Stream=Stream, runtime=_runtime, nvrtc=_nvrtc, get_current_stream=Stream)
 random = _module("cupy.random", default_rng=Generator, Generator=Generator)
 
 cupy = _module("cupy", ndarray=ndarray, ufunc=ufunc, get_array_module=get_array_module, asnumpy=asnumpy,
@@ -466,7 +468,7 @@ _scipy = _module("cupyx.scipy", special=_special)
 cupyx = _module("cupyx", scipy=_scipy, scatter_add=lambda a, index, values: np.add.at(*unwrap((a, index, values))))
 
 MODULES = {"cupy": cupy, "cupy._core": _core, "cupy._core._routines_linalg": _linalg, "cupy.cuda": cuda,
-           "cupy.cuda.runtime": _runtime, "cupy.random": random,
+           "cupy.cuda.runtime": _runtime, "cupy_backends.cuda.libs.nvrtc": _nvrtc, "cupy.random": random,
            "cupyx": cupyx, "cupyx.scipy": _scipy, "cupyx.scipy.special": _special}
 
 
@@ -482,3 +484,11 @@ def install(monkeypatch):
     monkeypatch.setattr(kernels, "_tables", {})    # addresses of stand-in arrays
     transfers.clear()
     _linalg._compute_types.clear()
+
+
+def remove_nvrtc(monkeypatch):
+    """Take NVRTC away, as on a machine with an NVIDIA driver and no CUDA Toolkit: CuPy imports and
+    sees the GPU, and its nvrtc.getVersion() raises what CuPy 14's raises there."""
+    def missing():
+        raise RuntimeError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12": No such file')
+    monkeypatch.setattr(_nvrtc, "getVersion", missing)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import cupy_standin
 import numgpt
 import numgpt.model
 from gradcheck import gradient_mismatches
@@ -287,6 +288,29 @@ def test_the_auto_backend_is_cupy_where_a_gpu_is_usable(backend, monkeypatch):
     with the stand-in for CuPy installed, and NumPy when not."""
     assert get_xp("auto") is (get_xp("cupy") if cupy_available() else np)
     monkeypatch.setattr(numgpt.backend, "cupy_available", lambda: False)
+    assert get_xp("auto") is np
+
+
+def test_backend_cupy_says_what_is_missing_and_how_to_install_it(monkeypatch):
+    """--backend cupy where CuPy cannot run names the reason and the fix: CuPy not installed, or
+    installed but broken, no GPU, or a GPU without NVRTC (a driver-only machine: CuPy imports and
+    sees the GPU, then every kernel fails to compile at its first use). "auto" then takes NumPy."""
+    cupy_standin.install(monkeypatch)                 # imports, sees a GPU, finds NVRTC
+    assert get_xp("cupy") is cupy_standin.cupy and get_xp("auto") is cupy_standin.cupy
+    cupy_standin.remove_nvrtc(monkeypatch)
+    with pytest.raises(ConfigError, match=r"cannot load NVRTC.*libnvrtc\.so\.12.*cupy-cuda12x\[ctk\].*--backend numpy"):
+        get_xp("cupy")
+    assert get_xp("auto") is np
+    monkeypatch.setattr(cupy_standin._runtime, "getDeviceCount", lambda: 0)
+    with pytest.raises(ConfigError, match="CuPy sees no GPU. "):
+        get_xp("cupy")
+    monkeypatch.setattr(numgpt.backend, "_cupy", None)
+    monkeypatch.setattr(numgpt.backend, "_cupy_import_error", ModuleNotFoundError("No module named 'cupy'"))
+    with pytest.raises(ConfigError, match="CuPy is not installed. "):
+        get_xp("cupy")
+    monkeypatch.setattr(numgpt.backend, "_cupy_import_error", RuntimeError("libcublas.so.12: no such file"))
+    with pytest.raises(ConfigError, match=r"does not import \(libcublas\.so\.12"):
+        get_xp("cupy")
     assert get_xp("auto") is np
 
 

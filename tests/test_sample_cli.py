@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import cupy_standin
 import sample
 from numgpt import GPT, GPTConfig
 from numgpt.data.tokenizer import EOT, get_tokenizer
@@ -316,6 +317,16 @@ def test_bad_values_exit_non_zero_with_a_message(ckpt, capsys, argv, message):
     if message is None and code == 0:
         return
     assert code == 2 and err.startswith("error: ") and (message is None or message in err)
+
+
+def test_a_gpu_without_nvrtc_is_a_clear_error(ckpt, capsys, monkeypatch):
+    """On a machine with a driver and no CUDA Toolkit, CuPy imports and sees the GPU, and every kernel
+    would fail to compile at its first use: one line says so, and how to install what is missing."""
+    cupy_standin.install(monkeypatch)
+    cupy_standin.remove_nvrtc(monkeypatch)
+    code, out, err = run(capsys, "--ckpt", ckpt, "--backend", "cupy")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "NVRTC" in err and 'pip install "cupy-cuda12x[ctk]"' in err
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(ckpt, capsys, tmp_path):
