@@ -51,10 +51,8 @@ def gpu_memory_mib():
 
 def device_name(backend):
     """"cpu", or the GPU's name as CUDA gives it."""
-    if backend == "numpy":
-        return "cpu"
-    import cupy
-    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    from numgpt.backend import get_xp, gpu_name   # here: bench_generate.py imports NumPy only in its children
+    return "cpu" if backend == "numpy" else gpu_name(get_xp(backend))
 
 
 def median_ms(samples):

@@ -68,6 +68,11 @@ def get_xp(backend="numpy"):
     raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def gpu_name(xp):
+    """The name CUDA gives the GPU that CuPy module `xp` is using, such as "NVIDIA H100 80GB HBM3"."""
+    return xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["name"].decode()
+
+
 def backend_name(xp):
     """"numpy" or "cupy" for an array module."""
     return "cupy" if xp is _cupy and xp is not None else "numpy"

@@ -29,7 +29,7 @@ import numpy as np
 
 from numgpt import checkpoint, foreach
 from numgpt.allocator import keep_freed_memory
-from numgpt.backend import backend_name, get_xp, memory_size, to_numpy
+from numgpt.backend import backend_name, cupy_problem, get_xp, gpu_name, memory_size, to_numpy
 from numgpt.config import GPTConfig, num_params, params_mismatch
 from numgpt.console import counted
 from numgpt.data import dataset
@@ -500,6 +500,8 @@ class Trainer:
         state = load_train_state(cfg.out_dir) if resume else None
         config = self._model_config(state)
         xp = get_xp(cfg.backend)
+        if cfg.backend == "auto" and xp is np:
+            self.log(f"--backend auto: training on the CPU, because {cupy_problem()}")
         set_tf32(xp, cfg.precision == "tf32")   # which refuses tf32 on NumPy: before the data, as the rest
         check_memory(cfg, config, xp, comm.size)   # before minutes of loading data
         self.made_dirs = missing_dirs(cfg.out_dir)
@@ -703,8 +705,11 @@ class Trainer:
 
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        xp = self.model.xp
+        device = "the CPU" if backend_name(xp) == "numpy" else gpu_name(xp)
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {counted(cfg.n_layer, 'layer')}, "
-                 f"{cfg.n_embd} wide; {len(self.train_tokens):,} train / {len(self.val_tokens):,} val tokens")
+                 f"{cfg.n_embd} wide, on {device}; {len(self.train_tokens):,} train / {len(self.val_tokens):,} "
+                 "val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
         # a diverging run's inf and NaN are caught in its losses (check_finite), with one message that
         # says what to do: NumPy's warnings would come first, each quoting a line of numgpt's code

@@ -472,6 +472,22 @@ def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatc
 
 
 @cupy_standin.needs_compiler
+def test_the_log_names_the_device_and_why_auto_chose_the_cpu(tmp_path, cache_dir, capsys, monkeypatch):
+    """The model line says where training runs; --backend auto says why it is not the GPU (here a GPU
+    without NVRTC, which CuPy sees and cannot compile for)."""
+    cupy_standin.install(monkeypatch)
+    with pytest.MonkeyPatch.context() as patch:
+        cupy_standin.remove_nvrtc(patch)
+        assert run(tmp_path / "cpu", cache_dir, "--backend", "auto", "--max-iters", "1") == 0
+    out = "".join(capsys.readouterr())
+    assert "--backend auto: training on the CPU, because CuPy sees a GPU but cannot load NVRTC" in out
+    assert " wide, on the CPU; " in out
+    assert run(tmp_path / "gpu", cache_dir, "--backend", "auto", "--max-iters", "1") == 0
+    out = "".join(capsys.readouterr())
+    assert " wide, on NumPy (the CuPy stand-in of numgpt's tests); " in out and "--backend auto" not in out
+
+
+@cupy_standin.needs_compiler
 def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("CUPY_TF32", "0")   # set_tf32 sets it: monkeypatch puts back what was there
     cupy_standin.install(monkeypatch)      # which records the compute type, as a GPU does not
