@@ -102,8 +102,9 @@ class NCCLCommunicator(MPICommunicator):
     the processes and carries the small host-side messages (the NCCL id, broadcast, barrier,
     abort). Rank r uses the r-th GPU of its machine.
 
-    Written from CuPy's documentation of cupy.cuda.nccl and not yet run: the machines numgpt is
-    tested on have no GPU.
+    Not yet run on GPUs. Its calls match CuPy 14.2's cupy.cuda.nccl (names, NCCL's numbers, the
+    arguments of allReduce), and the tests run it with two ranks on the stand-in for CuPy, whose
+    NCCL sums over MPI on the host: they train what one process trains.
     """
 
     def __init__(self, comm):

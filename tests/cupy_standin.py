@@ -22,6 +22,8 @@ is all synchronous), and the GPU's rounding (TF32 and cuBLAS's float16 products 
 """
 
 import collections
+import ctypes
+import os
 import sys
 import types
 
@@ -452,6 +454,39 @@ _runtime = _module("cupy.cuda.runtime", getDeviceCount=lambda: 1,
 # CUDA's run-time compiler, "found"; CuPy's cupy.cuda.nvrtc is this module (an attribute, not a submodule)
 _nvrtc = _module("cupy_backends.cuda.libs.nvrtc", getVersion=lambda: (12, 9))
 cuda = _module("cupy.cuda", Device=Device, Stream=Stream, runtime=_runtime, nvrtc=_nvrtc, get_current_stream=Stream)
+
+
+class NcclCommunicator:
+    """cupy.cuda.nccl's communicator of one GPU per process, over MPI's processes on the host.
+    allReduce sums the memory at the addresses it is given, as NCCL sums device memory: here they
+    are the NumPy buffers' (`.data.ptr`). Both take their arguments in the order of CuPy 14.2's
+    signatures, and refuse what numgpt must not pass: ranks other than MPI's, an id that is not
+    get_unique_id()'s 128 bytes or differs between ranks, an operation other than a sum."""
+
+    def __init__(self, ndev, commId, rank):
+        from mpi4py import MPI
+        self.comm = MPI.COMM_WORLD
+        if (ndev, rank) != (self.comm.size, self.comm.rank) or not (isinstance(commId, bytes) and len(commId) == 128):
+            raise ValueError(f"NcclCommunicator({ndev}, {commId!r:.20}, {rank}) on rank {self.comm.rank} of "
+                             f"{self.comm.size}")
+        if self.comm.bcast(commId) != commId:
+            raise ValueError("the ranks were given different unique ids")
+        self.allreduces = 0
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        from mpi4py import MPI
+        if op != _nccl.NCCL_SUM or not all(isinstance(a, int) for a in (sendbuf, recvbuf, count, stream)):
+            raise ValueError(f"allReduce({sendbuf}, {recvbuf}, {count}, {datatype}, {op}, {stream})")
+        dtype = np.dtype({_nccl.NCCL_FLOAT32: np.float32, _nccl.NCCL_FLOAT64: np.float64}[datatype])
+        send, recv = (np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(address), dtype)
+                      for address in (sendbuf, recvbuf))
+        self.comm.Allreduce(MPI.IN_PLACE if sendbuf == recvbuf else send, recv, op=MPI.SUM)
+        self.allreduces += 1
+
+
+# NCCL's numbers for float32, float64 and a sum (nccl.h's ncclFloat32, ncclFloat64, ncclSum)
+_nccl = _module("cupy.cuda.nccl", available=True, get_unique_id=lambda: os.urandom(128),
+                NcclCommunicator=NcclCommunicator, NCCL_FLOAT32=7, NCCL_FLOAT64=8, NCCL_SUM=0)
 random = _module("cupy.random", default_rng=Generator, Generator=Generator)
 
 cupy = _module("cupy", ndarray=ndarray, ufunc=ufunc, get_array_module=get_array_module, asnumpy=asnumpy,
@@ -468,7 +503,8 @@ _scipy = _module("cupyx.scipy", special=_special)
 cupyx = _module("cupyx", scipy=_scipy, scatter_add=lambda a, index, values: np.add.at(*unwrap((a, index, values))))
 
 MODULES = {"cupy": cupy, "cupy._core": _core, "cupy._core._routines_linalg": _linalg, "cupy.cuda": cuda,
-           "cupy.cuda.runtime": _runtime, "cupy_backends.cuda.libs.nvrtc": _nvrtc, "cupy.random": random,
+           "cupy.cuda.runtime": _runtime, "cupy_backends.cuda.libs.nvrtc": _nvrtc, "cupy.cuda.nccl": _nccl,
+           "cupy.random": random,
            "cupyx": cupyx, "cupyx.scipy": _scipy, "cupyx.scipy.special": _special}
 
 

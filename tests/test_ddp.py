@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cupy_standin
 import train
 from numgpt.distributed import INSTALL_HINT, Communicator, flat_buffer, main_first
 from numgpt.train_state import load_train_state
@@ -46,6 +47,32 @@ def crash_on_third(self):
 
 GPT.backward = crash_on_third
 sys.exit(train.main(sys.argv[1:]))
+"""
+
+# train.py on the stand-in for CuPy, on a machine with two "GPUs" whose NCCL sums over MPI on the
+# host: with --ddp, numgpt's NCCLCommunicator carries the gradients; at the end, each rank says how
+# many allreduces went through NCCL
+ON_TWO_STANDIN_GPUS = """
+import sys
+import pytest
+sys.path.insert(0, "tests")
+import cupy_standin
+import train
+
+patch = pytest.MonkeyPatch()
+cupy_standin.install(patch)
+patch.setattr(cupy_standin.MODULES["cupy.cuda.runtime"], "getDeviceCount", lambda: 2)
+made = []
+
+class Counted(cupy_standin.NcclCommunicator):
+    def __init__(self, *args):
+        super().__init__(*args)
+        made.append(self)
+
+patch.setattr(cupy_standin.MODULES["cupy.cuda.nccl"], "NcclCommunicator", Counted)
+code = train.main(sys.argv[1:])
+print(f"NCCL allreduces: {[c.allreduces for c in made]}", file=sys.stderr)
+sys.exit(code)
 """
 
 # rank 1 of the Ctrl-C tests: train.py that sends itself a SIGINT while its EVALUATION-th evaluation
@@ -171,6 +198,22 @@ def test_resume_with_another_number_of_ranks(mpiexec, cache_dir, one_process, tm
     train_ok(first, mpiexec, tmp_path, cache_dir, "--max-iters", "3")
     train_ok(then, mpiexec, tmp_path, cache_dir, "--resume", "--max-iters", str(STEPS))
     assert_same_training(one_process, tmp_path)
+
+
+@cupy_standin.needs_compiler
+def test_two_gpu_ranks_over_nccl_train_what_one_gpu_trains(mpiexec, cache_dir, tmp_path):
+    """--backend cupy --ddp: one process per GPU, gradients averaged by NCCLCommunicator (through
+    the stand-in's NCCL, see cupy_standin.NcclCommunicator), train what one GPU trains."""
+    flags = ["--max-iters", str(STEPS), "--backend", "cupy"]
+    one = train_cmd(None, mpiexec, tmp_path / "one", cache_dir, *flags)           # python train.py ...
+    two = train_cmd(2, mpiexec, tmp_path / "two", cache_dir, *flags)              # mpiexec -n 2 python train.py ...
+    code, err = run([one[0], "-c", ON_TWO_STANDIN_GPUS, *one[2:]])
+    assert code == 0 and "NCCL allreduces: []" in err, err                       # one process: no NCCL
+    code, err = run([*two[:4], "-c", ON_TWO_STANDIN_GPUS, *two[5:]])
+    # on each rank, one per step (the gradients) and one per evaluation (the losses: steps 0, 3 and 5)
+    assert code == 0 and err.count(f"NCCL allreduces: [{STEPS + 3}]") == 2, err
+    assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), rel=1e-6)
 
 
 def test_resume_with_dropout_is_exact_for_the_same_ranks(mpiexec, cache_dir, tmp_path):
