@@ -301,7 +301,7 @@ def test_backend_cupy_says_what_is_missing_and_how_to_install_it(monkeypatch):
     with pytest.raises(ConfigError, match=r"cannot load NVRTC.*libnvrtc\.so\.12.*cupy-cuda12x\[ctk\].*--backend numpy"):
         get_xp("cupy")
     assert get_xp("auto") is np
-    monkeypatch.setattr(cupy_standin._runtime, "getDeviceCount", lambda: 0)
+    monkeypatch.setattr(cupy_standin.MODULES["cupy.cuda.runtime"], "getDeviceCount", lambda: 0)
     with pytest.raises(ConfigError, match="CuPy sees no GPU. "):
         get_xp("cupy")
     monkeypatch.setattr(numgpt.backend, "_cupy", None)
