@@ -25,7 +25,8 @@ CUPY_INSTALL = 'pip install "cupy-cuda12x[ctk]"'
 
 
 def cupy_problem():
-    """Why CuPy cannot run numgpt on this machine, in a few words; None when it can.
+    """Why CuPy cannot run numgpt on this machine, as a clause for a message (with the error behind
+    it where there is one); None when it can.
 
     It can when CuPy imports, sees a GPU and finds NVRTC, CUDA's run-time compiler: every fused
     kernel of numgpt/cuda, and each of CuPy's own elementwise operations, is compiled by it on first
