@@ -592,6 +592,33 @@ def test_classifier_under_float16_matmuls_subtracts_the_row_max(xp):
     assert relative_error(dx, ref_dx) < 1e-2 and relative_error(dw, ref_dw) < 1e-2
 
 
+def test_classifier_under_float16_matmuls_keeps_the_gradient_of_confident_rows(xp):
+    """Where the target's probability is near 1, a row's gradient softmax - onehot is near 0. It
+    must be formed before a product is rounded to float16: (exps @ w) rounded, minus w[t] after,
+    leaves float16's rounding of |w| (5e-4 of it), as large as the gradient itself. Reference: the
+    float64 gradient of the same function, the float16-rounded logits of float16-rounded x and w."""
+    rng = np.random.default_rng(0)
+    N, V, C, scale = 64, 50, 16, 1024.0                       # scale: as the loss scaler's
+    w = rng.normal(0.0, 1.0, (V, C)).astype(np.float32)
+    targets = rng.integers(0, V, N)
+    x = (1.5 * w[targets] + rng.normal(0.0, 0.1, (N, C))).astype(np.float32)   # the target's logit leads
+    x16, w16 = (a.astype(np.float16).astype(np.float64) for a in (x, w))
+    logits = (x16 @ w16.T).astype(np.float16).astype(np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    confident = p[np.arange(N), targets] > 0.999               # 49 of the 64 rows
+    assert confident.sum() > N // 2
+    dlogits = p - np.eye(V)[targets]
+    ref_dx, ref_dw = dlogits @ w16 / N, dlogits.T @ x16 / N
+    with precision.half_matmuls("float16"):
+        _, _, (dx, dw) = classifier_forward(to_device(x, xp), to_device(w, xp), to_device(targets, xp),
+                                            return_logits=False, grad_scale=scale)
+    dx, dw = to_numpy(dx) / scale, to_numpy(dw) / scale
+    # 5e-4 here; 1.0 with the one-hot subtracted after the product (the rows' gradient is lost)
+    assert relative_error(dx[confident], ref_dx[confident]) < 1e-2
+    assert relative_error(dw, ref_dw) < 1e-2
+
+
 @given(case=targets_case(force_ignored=True), C=sizes, seed=seeds)
 def test_classifier_check_catches_per_chunk_mean(xp, case, C, seed, monkeypatch):
     N, V, targets = case

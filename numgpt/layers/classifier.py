@@ -7,8 +7,8 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 """
 
 from numgpt import kernels
-from numgpt.backend import array_module, backend_name, scatter_add
-from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
+from numgpt.backend import array_module, backend_name
+from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward, subtract_onehot
 from numgpt.precision import matmul, matmul_operand, operand_dtype, using_half_matmuls
 
 # Logits per chunk, at most, by backend. CPU: 128 MiB in float32. Measured on a 2-core CPU at
@@ -32,11 +32,11 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=No
     `n_valid`, the number of targets that are not `ignore_index`, may be given by a caller that
     counted them on the host: counting them here, on a GPU, waits for the device.
 
-    The gradient of a chunk's logits is dlogits = a * (exps / sumexp - onehot(t)), with exps the
-    unnormalised softmax and a = grad_scale / n_valid (0 on ignored rows). Both products with it
-    are linear, so they are split: dx = (exps @ w) * r - a w[t] and dw = exps^T @ (x * r) -
-    scatter of a x into rows t, with r = a / sumexp. The per-row scales then touch (n,C) arrays, never the
-    (n,V) probabilities: one pass over the chunk's logits less than forming dlogits.
+    The gradient of a chunk's logits is dlogits = a * (exps / sumexp - onehot(t)) = r * d, with
+    exps the unnormalised softmax, a = grad_scale / n_valid (0 on ignored rows), r = a / sumexp
+    and d = exps - sumexp * onehot(t), which changes only the n target entries of exps. The row
+    scale r goes onto the (n,C) sides of the products: dx = (d @ w) * r and dw = d^T @ (x * r),
+    one pass over the chunk's (n,V) array less than forming dlogits.
     """
     xp = array_module(x)
     if targets is None:
@@ -72,17 +72,16 @@ def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=No
         loss = loss + chunk_loss
         if requires_grad:
             exps, sumexp, safe_targets, valid, _ = ce_cache                   # (n,V), (n,1), (n,), (n,)
-            a = (row_weights(valid, n_valid) * grad_scale).astype(x.dtype)[:, None]   # (n,1)
-            r = a / sumexp                                                     # (n,1)
+            subtract_onehot(exps, sumexp, safe_targets)                        # d (n,V), in exps' memory
+            a = (row_weights(valid, n_valid) * grad_scale).astype(x.dtype)     # (n,)
+            r = a[:, None] / sumexp                                            # (n,1)
             dx_rows = matmul(exps, w_m, out=dx[rows])                          # (n,C)
             dx_rows *= r
-            dx_rows -= w[safe_targets] * a                                     # the one-hot part
             x_scaled = x[rows] * r                                             # (n,C)
             if i == 0:
                 matmul(exps.T, x_scaled, out=dw)                               # (V,C)
             else:
                 dw += matmul(exps.T, x_scaled, out=dw_part)
-            scatter_add(dw, safe_targets, -(x[rows] * a))                      # targets repeat: add.at
     return loss, logits, (dx, dw) if requires_grad else None
 
 

@@ -65,10 +65,21 @@ def cross_entropy_backward(dloss, cache, overwrite=False):
     With `overwrite` the gradient is written into the cached array (the cache is then spent).
     """
     exps, sumexp, safe_targets, valid, n_valid = cache
-    xp = array_module(exps)
-    N = exps.shape[0]
     row_scale = (valid * ((dloss / n_valid) if n_valid else 0.0)).astype(exps.dtype)   # (N,)
-    # softmax and the loss scale in one pass: exps * (row_scale / sumexp)
-    dlogits = xp.multiply(exps, (row_scale / sumexp[:, 0])[:, None], out=exps if overwrite else None)
-    dlogits[xp.arange(N), safe_targets] -= row_scale                   # minus the one-hot, in place
+    dlogits = exps if overwrite else exps.copy()                       # (N,V)
+    subtract_onehot(dlogits, sumexp, safe_targets)                     # sumexp * (softmax - onehot)
+    dlogits *= (row_scale / sumexp[:, 0])[:, None]
     return dlogits
+
+
+def subtract_onehot(exps, sumexp, safe_targets):
+    """exps (N,V) -= sumexp (N,1) * onehot(safe_targets (N,)), in place: sumexp * (softmax - onehot).
+
+    Only the N target entries change, to e_t - sumexp (minus the sum of the row's other exps),
+    formed in sumexp's dtype and rounded once into exps'. For a confident row (softmax near 1 at
+    the target) that is small: subtracting the one-hot later, from a product rounded to float16,
+    would cancel it away.
+    """
+    xp = array_module(exps)
+    rows = xp.arange(exps.shape[0])
+    exps[rows, safe_targets] = exps[rows, safe_targets] - sumexp[:, 0]
