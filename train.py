@@ -82,7 +82,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup-iters", type=int, help=f"linear warmup steps (default {d.warmup_iters})")
     g.add_argument("--beta2", type=float, help=f"AdamW's second-moment decay (default {d.beta2})")
     g.add_argument("--weight-decay", type=float,
-                   help=f"AdamW weight decay of weight matrices (default {d.weight_decay})")
+                   help=f"AdamW weight decay of the weight matrices and embeddings (default {d.weight_decay})")
     g.add_argument("--grad-clip", type=float, help=f"clip the global gradient norm; 0 = off (default {d.grad_clip})")
     g = p.add_argument_group("evaluation and samples")
     g.add_argument("--eval-interval", type=int, help=f"steps between evaluations (default {d.eval_interval})")

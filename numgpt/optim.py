@@ -21,11 +21,11 @@ CPU_BLOCK = 1 << 16
 
 
 def no_decay_names(params):
-    """Names that nanoGPT-style training exempts from weight decay: biases, layernorm gains and
-    the embeddings. Decay pulls weights toward 0; for a gain (ideal near 1), a bias or a lookup
-    table that is not a scale-free weight matrix, that pull only hurts."""
-    return {name for name in params
-            if name.endswith(".bias") or ".ln_" in name or name.startswith(("ln_f.", "wte.", "wpe."))}
+    """Names that nanoGPT exempts from weight decay: the parameters of fewer than 2 dimensions, the
+    biases and layernorm gains and shifts. Every matrix, the embeddings among them, is decayed.
+    Decay pulls weights toward 0: a gain (ideal near 1) or a bias is no scale-free weight matrix,
+    and it would only lose by the pull."""
+    return {name for name, p in params.items() if p.ndim < 2}
 
 
 class AdamW:

@@ -252,7 +252,7 @@ def check_memory(cfg, config, xp, ranks=1):
 
 
 def build_optimizer(model, cfg):
-    """AdamW with nanoGPT's decay groups: biases, layernorms and embeddings are not decayed."""
+    """AdamW with nanoGPT's decay groups: the matrices are decayed, biases and layernorms are not."""
     return AdamW(model.params, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8,
                  weight_decay=cfg.weight_decay, exclude_from_decay=no_decay_names(model.params))
 

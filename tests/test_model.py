@@ -471,11 +471,17 @@ def test_clipping_rejects_a_max_norm_that_is_not_positive(clip):
     assert float(clip(grads, np.float32(10.0))) in (5.0, 1.0)   # NumPy's numbers are numbers
 
 
-def test_no_decay_names_follow_nanogpt():
-    model = GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4))
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_no_decay_names_follow_nanogpt(tie_weights):
+    """nanoGPT decays every parameter of 2 or more dimensions: the embeddings and, tied or not, the
+    output layer too; the biases and layernorms are not decayed."""
+    model = GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4, tie_weights=tie_weights))
     names = no_decay_names(model.params)
-    assert {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.weight", "h.0.attn.c_attn.bias"} <= names
-    assert not names & {"h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"}
+    assert names == {name for name in model.params if name.endswith(".bias") or "ln_" in name}
+    assert {"ln_f.weight", "h.0.ln_1.weight", "h.0.ln_2.bias", "h.0.attn.c_attn.bias"} <= names
+    decayed = set(model.params) - names
+    assert {"wte.weight", "wpe.weight", "h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"} <= decayed
+    assert tie_weights or "lm_head.weight" in decayed
 
 
 def test_clip_grad_norm(xp):
