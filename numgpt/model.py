@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from numgpt import checkpoint, foreach
+from numgpt import checkpoint, foreach, seeds
 from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
 from numgpt.config import GPTConfig, param_shapes, params_mismatch
 from numgpt.errors import ConfigError, is_count, is_number
@@ -38,7 +38,7 @@ def init_params(config, seed=0):
     """GPT-2's initialisation as float64 NumPy arrays: weights normal with mean 0 and std 0.02, the
     residual projections (c_proj) with std 0.02 / sqrt(2 n_layer) so the residual stream's variance
     does not grow with depth (each block adds to it twice), biases 0, layernorm gains 1."""
-    rng = np.random.default_rng(seed)
+    rng = seeds.stream(seed, seeds.INIT)
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(".bias"):
@@ -94,7 +94,7 @@ class GPT:
         problem = params_mismatch(config, self.params)
         if problem:   # a missing one would fail only in the first forward, a wrong bias shape broadcast
             raise ConfigError(f"params do not match the config: {problem}")
-        self.dropout_rng = np.random.default_rng([seed, 1])   # host generator behind every dropout mask
+        self.dropout_rng = seeds.stream(seed, seeds.DROPOUT)   # host generator behind every dropout mask
         self.training = True
         self._cache = None
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from numgpt import checkpoint, foreach
+from numgpt import checkpoint, foreach, seeds
 from numgpt.allocator import keep_freed_memory
 from numgpt.backend import backend_name, cupy_problem, get_xp, gpu_name, memory_size, to_numpy
 from numgpt.config import GPTConfig, num_params, params_mismatch
@@ -271,7 +271,8 @@ def generate_samples(model, n, max_new_tokens, seed, prompt=SAMPLE_PROMPT):
     """`n` stories continuing `prompt`, each cut at the first end-of-text token."""
     enc = get_tokenizer()
     prompt_ids = np.array([enc.encode_ordinary(prompt)] * n)
-    out = model.generate(prompt_ids, max_new_tokens, temperature=0.8, top_k=200, seed=seed)
+    out = model.generate(prompt_ids, max_new_tokens, temperature=0.8, top_k=200,
+                         seed=seeds.stream(seed, seeds.SAMPLES))
     texts = []
     for row in np.asarray(out)[:, prompt_ids.shape[1]:]:
         row = list(row)
@@ -533,12 +534,13 @@ class Trainer:
         # stop flag: averaging all of it across the ranks is one allreduce per step
         self.flat_grads, self.grads = flat_buffer(self.model.params, extra=2)
         # every rank draws the same global batches from the same generator and keeps its rows
-        self.batcher = dataset.Batcher(self.train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
+        self.batcher = dataset.Batcher(self.train_tokens, cfg.batch_size, cfg.block_size,
+                                       seed=seeds.stream(cfg.seed, seeds.BATCHES))
         # fixed evaluation batches: every evaluation sees the same data, so the curve is comparable,
         # and they come from their own generators, so evaluating never shifts the training batches
         self.eval_batches = {
             split: [comm.shard(dataset.get_batch(tokens, cfg.batch_size, cfg.block_size,
-                                                 np.random.default_rng([cfg.seed, i, k])))
+                                                 seeds.stream(cfg.seed, seeds.EVAL_BATCHES, i, k)))
                     for k in range(cfg.eval_iters)]
             for i, (split, tokens) in enumerate((("train", self.train_tokens), ("val", self.val_tokens)))}
         self.step, self.best_val = 0, float("inf")
@@ -625,7 +627,7 @@ class Trainer:
         # the dropout masks of step s on rank r come from a generator seeded by (seed, s, r): a
         # resume draws the same masks without saving any generator state, and every rank's rows
         # get masks of their own (so with dropout, N ranks match N ranks, not 1 process)
-        model.dropout_rng = np.random.default_rng([cfg.seed, 1, self.step, self.comm.rank])
+        model.dropout_rng = seeds.stream(cfg.seed, seeds.DROPOUT, self.step, self.comm.rank)
         total_loss = 0.0
         for micro_step in range(cfg.grad_accum):
             x, y = self.comm.shard(self.batcher.next_batch())

@@ -22,6 +22,7 @@ import cupy_standin
 import numgpt.checkpoint
 import numgpt.errors
 import numgpt.optim
+import numgpt.seeds
 import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
@@ -957,6 +958,23 @@ def test_each_split_is_evaluated_on_its_own_tokens(tmp_path, cache_dir):
             for x, y in trainer.eval_batches[split]:
                 for row in np.concatenate([x, y[:, -1:]], axis=1):
                     assert (windows == row).all(axis=1).any(), f"a {split} batch row is not a window of {split}"
+
+
+def test_the_runs_random_streams_are_all_different(tmp_path, cache_dir):
+    """Training batches, evaluation batches and each step's dropout come from generators of their
+    own. Keyed [seed], [seed, split, k] and [seed, 1, step, rank], NumPy's zero padding made the
+    first training batch train-eval batch 0, and rank 0's masks of step k val-eval batch k's draws."""
+    first_draws = {(purpose, i, j): tuple(numgpt.seeds.stream(1337, purpose, i, j).integers(0, 2**62, 2))
+                   for purpose in range(5) for i in range(3) for j in range(3)}
+    assert len(set(first_draws.values())) == len(first_draws)
+    text = tmp_path / "stories.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat." * 5 for i in range(20)))
+    cfg = TrainConfig(data=[str(text)], out_dir=str(tmp_path / "o"), cache_dir=cache_dir, n_layer=1, n_head=2,
+                      n_embd=16, block_size=16, batch_size=4, eval_iters=2, num_samples=0)
+    with numgpt.training.Trainer(cfg, log=lambda message: None, progress=False) as trainer:
+        trainer.setup()
+        first_batch = trainer.batcher.next_batch()[0]
+        assert not any(np.array_equal(first_batch, x) for x, _ in trainer.eval_batches["train"])
 
 
 def test_evaluation_never_shifts_the_training_batches(tmp_path, cache_dir):

@@ -475,7 +475,8 @@ class Batcher:
     sequence of batches after a resume.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int | None = None):
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int,
+                 seed: int | np.random.Generator | None = None):
         _check_batch_shape(len(tokens), batch_size, block_size)
         self.tokens = tokens
         self.batch_size = batch_size
