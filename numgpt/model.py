@@ -161,8 +161,8 @@ class GPT:
         """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (a float; the 0-d
         array with loss_on_device; None without targets).
 
-        Targets equal to -100 are ignored by the loss. With `return_logits=False` the full logits
-        are never built (training needs only the loss). With `requires_grad=False` nothing is kept
+        Targets equal to -100 are ignored by the loss. With targets and `return_logits=False` the
+        full logits are never built (training needs only the loss). With `requires_grad=False` nothing is kept
         for backward, which saves memory and, with targets, the output layer's gradient work.
         `loss_scale` multiplies the loss inside the backward's arithmetic and divides the finished
         gradients: it keeps small gradients from flushing to zero in float16 matmuls.
@@ -255,8 +255,12 @@ class GPT:
         layer, because only it predicts a new token. No dropout, nothing kept for backward.
         """
         cfg, p = self.config, self.params
+        start = kv_caches[0].length
+        if start + idx.shape[1] > cfg.block_size:   # wpe has no rows beyond block_size
+            raise ValueError(f"decode sees at most block_size = {cfg.block_size} positions: the caches hold "
+                             f"{start}, and {idx.shape[1]} more do not fit")
         idx = to_device(idx, self.xp)
-        x, _ = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], start=kv_caches[0].length)  # (B,T,C)
+        x, _ = embedding_forward(idx, p["wte.weight"], p["wpe.weight"], start=start)  # (B,T,C)
         maps = []
         for i, kv_cache in enumerate(kv_caches):
             x, cache = block_forward(x, sub_params(p, f"h.{i}."), cfg.n_head, cfg.activation, kv_cache=kv_cache)

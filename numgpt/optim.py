@@ -1,4 +1,4 @@
-"""AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's exact arithmetic, and gradient clipping.
+"""AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's update formula, and gradient clipping.
 
     p <- p (1 - lr wd)                                  decoupled weight decay
     m <- b1 m + (1 - b1) g                              first moment

@@ -124,7 +124,8 @@ class TrainConfig:
         if self.data and self.dataset not in ("auto", "files"):
             raise ConfigError(f"--data and --dataset {self.dataset} are two data sources: give one of them")
         if self.dataset not in ("auto", "tinystories", "embedded", "files"):
-            raise ConfigError(f"--dataset must be auto, tinystories or embedded, got {self.dataset!r}")
+            raise ConfigError(f"--dataset must be auto, tinystories or embedded (or files, with --data), "
+                              f"got {self.dataset!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.precision != "fp32" and self.dtype != "float32":
@@ -258,11 +259,13 @@ def build_optimizer(model, cfg):
 
 
 def estimate_loss(model, batches):
-    """Mean loss over fixed batches, in eval mode (no dropout), without backward work."""
+    """Mean loss over fixed batches, in eval mode (no dropout), without backward work. The model
+    is handed back in the mode it came in."""
+    was_training = model.training
     model.eval()
     losses = [model.forward(x, y, return_logits=False, requires_grad=False, loss_on_device=True)[1]
               for x, y in batches]
-    model.train()
+    model.training = was_training
     # summed in float64, as the floats were; one read from the device, not one per batch
     return float(sum(loss.astype(np.float64) for loss in losses)) / len(losses)
 

@@ -60,6 +60,8 @@ def test_decode_logits_are_the_forward_logits(backend):
         logits = to_numpy(model.decode(tokens[:, start:stop], caches))       # (B,V)
         np.testing.assert_allclose(logits, reference[:, stop - 1], rtol=0, atol=1e-12)
     assert caches[0].length == CONFIG.block_size
+    with pytest.raises(ValueError, match="at most block_size"):   # not NumPy's broadcasting error
+        model.decode(tokens[:, :1], caches)
 
 
 def test_attention_maps_are_causal_distributions(backend):

@@ -932,7 +932,7 @@ def test_each_step_draws_new_dropout_masks():
 
 def test_estimate_loss_is_the_mean_over_every_batch_without_dropout():
     """Evaluation is in eval mode (a loss measured through dropout is higher, and noisy), averages
-    all its batches (not the last one alone), and hands the model back in training mode."""
+    all its batches (not the last one alone), and hands the model back in the mode it came in."""
     config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
     model = GPT(config, dtype="float64", seed=1)
     rng = np.random.default_rng(0)
@@ -941,6 +941,8 @@ def test_estimate_loss_is_the_mean_over_every_batch_without_dropout():
     model.train()
     assert numgpt.training.estimate_loss(model, batches) == pytest.approx(expected, rel=1e-12)
     assert model.training
+    numgpt.training.estimate_loss(model.eval(), batches)
+    assert not model.training
 
 
 def test_each_split_is_evaluated_on_its_own_tokens(tmp_path, cache_dir):

@@ -42,7 +42,8 @@ def gelu_forward(x, out_dtype=None):
 
 
 def gelu_backward(dy, x):
-    """dy * [0.5 (1 + t) + s (1 - t^2)],  t = tanh(u),  s = 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    """dx = dy * [0.5 (1 + t) + s (1 - t^2)], t = tanh(u), s = 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    dy, x (same shape) -> dx (same shape).
 
     Evaluated as dy * (1 + t) (0.5 + s (1 - t)), the same expression factored, in place in three
     arrays. sech^2 is written 1 - tanh^2: cosh overflows for large |x| (llm.c saw NaNs from it).
@@ -76,7 +77,7 @@ def gelu_exact_forward(x, out_dtype=None):
 
 
 def gelu_exact_backward(dy, x):
-    """dy * [Phi(x) + x phi(x)], phi the standard normal density."""
+    """dx = dy * [Phi(x) + x phi(x)], phi the standard normal density.   dy, x (same shape) -> dx."""
     xp = array_module(x)
     cdf = 0.5 * (1.0 + erf(x * INV_SQRT2))
     pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
@@ -90,7 +91,7 @@ def relu_forward(x, out_dtype=None):
 
 
 def relu_backward(dy, x):
-    """dy where x > 0, else 0."""
+    """dx = dy where x > 0, else 0.   dy, x (same shape) -> dx."""
     return dy * (x > 0)
 
 

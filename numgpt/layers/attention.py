@@ -87,6 +87,7 @@ def causal_softmax(scores):
 
 def softmax_backward(dprobs, probs):
     """ds = p * (dp - sum(dp * p)) along the last axis: the softmax Jacobian-vector product.
+    dprobs, probs (..., Tk) -> ds (..., Tk).
     (One fused kernel on a GPU: numgpt.kernels.)"""
     xp = array_module(probs)
     if kernels.enabled(xp):

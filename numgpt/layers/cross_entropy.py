@@ -61,6 +61,7 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
 
 def cross_entropy_backward(dloss, cache, overwrite=False):
     """dlogits = dloss * (softmax(logits) - onehot(target)) / n_valid on kept rows, 0 on ignored ones.
+    dloss (a number) -> dlogits (N,V).
 
     With `overwrite` the gradient is written into the cached array (the cache is then spent).
     """

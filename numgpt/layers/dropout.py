@@ -17,7 +17,7 @@ def dropout_forward(x, p, rng):
 
 
 def dropout_backward(dy, cache):
-    """dx = dy * keep / (1 - p): the same mask and scale as the forward."""
+    """dx = dy * keep / (1 - p): the same mask and scale as the forward.   dy -> dx (same shape)."""
     if cache is None:
         return dy
     keep, p = cache

@@ -15,7 +15,9 @@ def embedding_forward(idx, wte, wpe, start=0):
 
 
 def embedding_backward(dx, cache, dwte=None):
-    """dwte[v] = sum of dx[b, t] over positions with idx[b, t] == v; dwpe[start + t] = sum over b of dx[b, t].
+    """dx (B,T,C) -> dwte (V,C), dwpe (block_size,C): the gradients of the two tables.
+
+    dwte[v] = sum of dx[b, t] over positions with idx[b, t] == v; dwpe[start + t] = sum over b of dx[b, t].
 
     A token id that occurs twice must receive both gradients: `dwte[idx] += dx` would silently
     keep only one of them, so the rows are scatter-added. Given `dwte` (V,C), the rows are added

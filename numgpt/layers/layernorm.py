@@ -6,7 +6,7 @@ from numgpt.precision import as_dtype
 
 
 def layernorm_forward(x, w, b=None, eps=1e-5, out_dtype=None):
-    """y = (x - mean) / sqrt(var + eps) * w + b, statistics over C.   x (B,T,C), w, b (C,) -> y.
+    """y = (x - mean) / sqrt(var + eps) * w + b, statistics over C.   x (..., C), w, b (C,) -> y alike.
 
     The variance is the mean squared deviation (not E[x^2] - E[x]^2, which cancels badly when
     |mean| >> std). The cache keeps the normalised input and 1/std for the backward. Two new
@@ -32,6 +32,7 @@ def layernorm_forward(x, w, b=None, eps=1e-5, out_dtype=None):
 
 def layernorm_backward(dy, cache):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; dw, db sum over rows.
+    dy (..., C) -> dx (..., C), dw (C,), db (C,).
 
     db is None for a bias-free layernorm.
 
