@@ -21,8 +21,9 @@ from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels, prec
 from numgpt.optim import clip_coefficient
 from numgpt.backend import cupy_available, get_xp, scatter_add, to_numpy
 from numgpt.layers.activations import gelu_backward, gelu_forward
-from numgpt.layers.attention import (attention_backward, attention_forward, causal_attention_backward,
-                                    causal_attention_forward, causal_softmax, softmax_backward)
+from numgpt.layers.attention import (FlashCache, MatrixCache, attention_backward, attention_forward,
+                                    causal_attention_backward, causal_attention_forward, causal_softmax,
+                                    softmax_backward)
 from numgpt.layers.classifier import classifier_forward
 from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
@@ -452,15 +453,15 @@ def test_flash_attention_kernels_match_their_twin(xp, dtype, T, n_head, hs):
     with kernels.disabled():
         out_twin, cache_twin = attention_forward(x, params, n_head)
         dx_twin, grads_twin = attention_backward(dout, cache_twin)
-    assert cache_twin[1][0] == "matrix"
+    assert isinstance(cache_twin[1], MatrixCache)
     with kernels.disabled("flash_attention"):   # the other kernels stay on: the matrix path with fused softmaxes
-        assert attention_forward(x, params, n_head)[1][1][0] == "matrix"
+        assert isinstance(attention_forward(x, params, n_head)[1][1], MatrixCache)
     # float32 heads of TC_HEAD_SIZES go to the tensor cores (three TF32 products): the FMA kernels too
     tensor_cores = dtype == "float32" and hs in kernels.TC_HEAD_SIZES and kernels.tensor_core_attention_supports(xp, hs)
     for operands in ("float32", None) if tensor_cores else (None,):
         with kernels.disabled("tensor_core_attention") if operands is None else contextlib.nullcontext():
             out, cache = attention_forward(x, params, n_head)
-            assert cache[1][0] == "flash" and cache[1][-1] == operands
+            assert isinstance(cache[1], FlashCache) and cache[1].operands == operands
             dx, grads = attention_backward(dout, cache)
         assert_same(out, out_twin, dtype)
         assert_same(dx, dx_twin, dtype)
@@ -494,7 +495,7 @@ def test_attention_kernels_keep_rows_whose_every_score_is_far_below_zero(xp, ope
     dy = random(xp, (1, T, hs), "float32", 1)
     with kernels.disabled("tensor_core_attention") if operands is None else contextlib.nullcontext():
         y, cache = causal_attention_forward(qkv, 1)
-        assert cache[0] == "flash" and cache[-1] == operands
+        assert isinstance(cache, FlashCache) and cache.operands == operands
         dqkv = causal_attention_backward(dy, cache)
     with kernels.disabled():
         y_twin, cache_twin = causal_attention_forward(qkv, 1)
@@ -589,7 +590,7 @@ def tensor_core_attention(xp, T, n_head, hs, operands):
     qkv, dy = random(np, (2, T, 3 * C), "float32", 0), random(np, (2, T, C), "float32", 1)
     with tensor_core_matmuls(xp, operands):
         y, cache = causal_attention_forward(xp.asarray(qkv), n_head)
-        assert cache[0] == "flash" and cache[-1] == operands      # the tensor-core kernels ran
+        assert isinstance(cache, FlashCache) and cache.operands == operands   # tensor cores ran
         dqkv = causal_attention_backward(xp.asarray(dy), cache)
     assert y.dtype == dqkv.dtype == np.float32
     return qkv, dy, y, dqkv

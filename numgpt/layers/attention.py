@@ -21,12 +21,35 @@ for the new position alone and attends over the cached ones: O(T) work per token
 """
 
 import math
+from typing import Any, NamedTuple
 
 from numgpt import kernels
 from numgpt.backend import array_module
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.linear import linear_backward, linear_forward, named_grads
 from numgpt.precision import matmul, tensor_core_operands
+
+
+class FlashCache(NamedTuple):
+    """What the fused kernels' backward needs: it recomputes the probabilities from these."""
+    qkv: Any              # (B,T,3C) the forward's input
+    y: Any                # (B,T,C) its output
+    lse: Any              # (B,nh,T) each row's log-sum-exp of the scaled scores
+    n_head: int
+    scale: float          # 1 / sqrt(hs)
+    operands: Any         # the tensor cores' operand format (precision.tensor_core_operands), None: FMAs
+
+
+class MatrixCache(NamedTuple):
+    """What the matrix path's backward needs."""
+    q: Any                # (B,nh,T,hs), already scaled by 1 / sqrt(hs)
+    k: Any                # (B,nh,Tk,hs), the KV cache's positions included
+    v: Any                # (B,nh,Tk,hs)
+    att: Any              # (B,nh,T,Tk) the probabilities
+    att_drop: Any         # (B,nh,T,Tk) after dropout (att itself without)
+    att_drop_cache: Any   # dropout's cache
+    n_head: int
+    scale: float
 
 
 def split_heads(x, n_head):
@@ -134,7 +157,7 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
                 and kernels.tensor_core_attention_supports(xp, hs)):
             operands = None                  # products in FMAs, in the arrays' dtype (float64 among them)
         y, lse = kernels.flash_attention_forward(qkv, n_head, scale, operands)
-        return y, ("flash", qkv, y, lse, n_head, scale, operands)
+        return y, FlashCache(qkv, y, lse, n_head, scale, operands)
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
@@ -144,15 +167,15 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     att = causal_softmax(scores)                                        # (B,nh,T,Tk), in scores' memory
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
     y = merge_heads(matmul(att_drop, v))                                # (B,T,C)
-    return y, ("matrix", q, k, v, att, att_drop, att_drop_cache, n_head, scale)
+    return y, MatrixCache(q, k, v, att, att_drop, att_drop_cache, n_head, scale)
 
 
 def attention_probs(cache):
     """The attention probabilities (B,nh,T,Tk) that attention_forward computed, from its cache."""
     core_cache = cache[1]
-    if core_cache[0] != "matrix":
+    if not isinstance(core_cache, MatrixCache):
         raise ValueError("the fused attention kernel keeps no probabilities: pass a kv_cache, as decode does")
-    return core_cache[4]                 # ("matrix", q, k, v, att, ...): see causal_attention_forward
+    return core_cache.att
 
 
 def attention_backward(dout, cache):
@@ -168,10 +191,10 @@ def attention_backward(dout, cache):
 
 def causal_attention_backward(dy, cache):
     """Gradient of causal_attention_forward.   dy (B,T,C) -> dqkv (B,T,3C)."""
-    if cache[0] == "flash":
-        _, qkv, y, lse, n_head, scale, operands = cache
-        return kernels.flash_attention_backward(dy, qkv, y, lse, n_head, scale, operands)
-    _, q, k, v, att, att_drop, att_drop_cache, n_head, scale = cache
+    if isinstance(cache, FlashCache):
+        return kernels.flash_attention_backward(dy, cache.qkv, cache.y, cache.lse, cache.n_head, cache.scale,
+                                                cache.operands)
+    q, k, v, att, att_drop, att_drop_cache, n_head, scale = cache
     xp = array_module(dy)
     dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
     datt_drop = matmul(dy, v.transpose(0, 1, 3, 2))                     # (B,nh,T,T)
