@@ -28,6 +28,28 @@ def no_decay_names(params):
     return {name for name, p in params.items() if p.ndim < 2}
 
 
+def adamw_update(p, g, m, v, s, decay, b1, b2, bias_correction2_sqrt, eps, step_size):
+    """One AdamW step of p, m, v in place from the gradient g (all alike), the formula of the module
+    docstring; s is scratch of their size, `decay` = 1 - lr wd (None: no decay), step_size = lr /
+    (1 - b1^t). The fused GPU kernel (numgpt.kernels.adamw_all) is its twin."""
+    xp = array_module(p)
+    if decay is not None:
+        p *= decay                                 # p <- p (1 - lr wd)
+    xp.subtract(g, m, out=s)                       # m += (1 - b1)(g - m): torch's lerp(m, g, 1 - b1)
+    s *= 1.0 - b1
+    m += s
+    xp.multiply(g, g, out=s)                       # v = b2 v + (1 - b2) g^2
+    s *= 1.0 - b2
+    v *= b2
+    v += s
+    xp.sqrt(v, out=s)                              # denom = sqrt(v) / sqrt(1 - b2^t) + eps
+    s /= bias_correction2_sqrt
+    s += eps
+    xp.divide(m, s, out=s)                         # p -= lr / (1 - b1^t) * m / denom
+    s *= step_size
+    p -= s
+
+
 class AdamW:
     """opt = AdamW(model.params, lr); opt.step(grads) updates every parameter in place.
 
@@ -74,7 +96,7 @@ class AdamW:
         columns = [[self.params[n] for n in names], [grads[n] for n in names],
                    [self.m[n] for n in names], [self.v[n] for n in names]]
         if foreach.fused(*columns):
-            # on a GPU, one kernel updates every parameter; the loop below is its twin
+            # on a GPU, one kernel updates every parameter; the loop below (adamw_update) is its twin
             xp = array_module(columns[0][0])
             if grad_scale is None:
                 if self._one is None:
@@ -93,26 +115,11 @@ class AdamW:
             flat = [a.reshape(-1) for a in (p, grads[name], self.m[name], self.v[name])]   # views
             for start in range(0, p.size, block):
                 p_, g, m, v = (a[start:start + block] for a in flat)
-                # temporaries, reused by every line below (a second one for the scaled gradient)
+                # temporaries, reused by every line of the update (a second one for the scaled gradient)
                 scratch = self._scratch(xp, p.dtype, p_.size, 1 if scale is None else 2)
-                s = scratch[0]
                 if scale is not None:
                     g = xp.multiply(g, scale, out=scratch[1])
-                if decay is not None:
-                    p_ *= decay                            # p <- p (1 - lr wd)
-                xp.subtract(g, m, out=s)                   # m += (1 - b1)(g - m): torch's lerp(m, g, 1 - b1)
-                s *= 1.0 - b1
-                m += s
-                xp.multiply(g, g, out=s)                   # v = b2 v + (1 - b2) g^2
-                s *= 1.0 - b2
-                v *= b2
-                v += s
-                xp.sqrt(v, out=s)                          # denom = sqrt(v) / sqrt(1 - b2^t) + eps
-                s /= bias_correction2_sqrt
-                s += self.eps
-                xp.divide(m, s, out=s)                     # p -= lr / (1 - b1^t) * m / denom
-                s *= step_size
-                p_ -= s
+                adamw_update(p_, g, m, v, scratch[0], decay, b1, b2, bias_correction2_sqrt, self.eps, step_size)
 
     def _scratch(self, xp, dtype, size, rows):
         """`rows` scratch arrays of `size` elements, (rows, size): a view of one buffer, grown when a
