@@ -142,6 +142,16 @@ def test_layernorm_normalises(xp):
     np.testing.assert_allclose(to_numpy(y.var(axis=-1)), 1.0, rtol=1e-5)
 
 
+def test_layernorm_is_gpt2s_formula_with_eps_1e_5():
+    """Rows of std 0.01, whose variance (1e-4) is not far above eps: an eps other than GPT-2's 1e-5
+    (1e-4, 1e-6), or eps outside the square root, moves y by far more than the tolerance."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.normal(3.0, 0.01, (4, 64)), rng.normal(1.0, 0.1, 64), rng.normal(0.0, 0.1, 64)
+    mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
+    y, _ = layernorm_forward(x, w, b)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5) * w + b, rtol=1e-9, atol=1e-12)
+
+
 def test_initial_loss_is_near_log_vocab(backend):
     config = GPTConfig(vocab_size=500, block_size=16, n_layer=2, n_head=2, n_embd=32)
     model = GPT(config, backend=backend, seed=0)

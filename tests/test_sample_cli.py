@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import cupy_standin
 import sample
 from numgpt import GPT, GPTConfig
+from numgpt.backend import cupy_available
 from numgpt.data.tokenizer import EOT, get_tokenizer
 from numgpt.inspection import TextStream, format_prob, probs_row, token_label, top_candidates
 
@@ -185,7 +186,7 @@ def test_show_probs_lists_the_candidates_after_top_k(ckpt, capsys, backend):
     assert lines[0].split()[:3] == ["step", "token", "p"] and [r.split()[0] for r in rows] == ["1", "2", "3", "4"]
     for row in rows:
         probs = [float(word) for word in row.split()[2:] if word[0].isdigit()]   # labels are quoted
-        assert 2 <= len(probs) <= 4 and abs(sum(probs[1:]) - 1.0) < 2e-3   # the drawn token's p, then <= 3
+        assert len(probs) == 4 and abs(sum(probs[1:]) - 1.0) < 2e-3   # the drawn token's p, then the 3
     assert lines[5].startswith("Hi")                                     # then the text itself
 
 
@@ -314,7 +315,8 @@ def test_attention_png_that_cannot_be_written_fails_before_loading(capsys, tmp_p
 ])
 def test_bad_values_exit_non_zero_with_a_message(ckpt, capsys, argv, message):
     code, _, err = run(capsys, "--ckpt", ckpt, "--max-new-tokens", "2", *argv)
-    if message is None and code == 0:
+    if message is None and cupy_available():
+        assert code == 0
         return
     assert code == 2 and err.startswith("error: ") and (message is None or message in err)
 

@@ -24,6 +24,21 @@ def test_top_k_never_draws_outside_the_k_most_likely(rows, k, seed):
             assert (row > row[i]).sum() < k     # fewer than k tokens beat the drawn one
 
 
+def test_top_k_keeps_exactly_the_k_most_likely_renormalised():
+    """The k most likely tokens keep their softmax shares, renormalised; the rest get 0. (The test
+    above would pass a top-k that kept the argmax alone.)"""
+    probs = next_token_probs(np.array([[1.0, 3.0, 0.0, 2.0]]), top_k=2)
+    kept = np.exp([3.0, 2.0]) / np.exp([3.0, 2.0]).sum()
+    np.testing.assert_allclose(probs, [[0.0, kept[0], 0.0, kept[1]]], rtol=1e-12)
+
+
+@given(rows=st.integers(2, 40).flatmap(lambda V: st.lists(st.floats(-10, 10), min_size=V, max_size=V, unique=True)),
+       k=st.integers(1, 50))
+def test_top_k_keeps_min_k_v_tokens_without_ties(rows, k):
+    probs = next_token_probs(np.array([rows]), top_k=k)
+    assert (probs > 0).sum() == min(k, len(rows))
+
+
 @given(rows=logits_rows, p=st.floats(0.01, 1.0), seed=st.integers(0, 2**32 - 1))
 def test_top_p_never_draws_outside_the_nucleus(rows, p, seed):
     logits = np.array(rows)

@@ -914,6 +914,32 @@ def frozen_trainer(cfg, config, batch):
     return trainer
 
 
+def test_a_step_clips_the_gradient_norm_and_the_optimizer_is_nanogpts():
+    """The step hands AdamW the clip factor max_norm / (|g| + 1e-6), |g| measured here from the gradients it
+    hands over; and build_optimizer decays exactly the matrices, by lr * weight_decay (a step with
+    zero gradients moves nothing else), with betas (0.9, --beta2) and eps 1e-8."""
+    cfg = TrainConfig(batch_size=2, block_size=8, grad_clip=0.01, beta2=0.95, weight_decay=0.1, dtype="float64")
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    rng = np.random.default_rng(0)
+    trainer = frozen_trainer(cfg, config, (rng.integers(0, 50, size=(2, 8)), rng.integers(0, 50, size=(2, 8))))
+    stepped = []
+    trainer.optimizer = type("Recorder", (), {"step": lambda self, grads, grad_scale=None: stepped.append(
+        (math.sqrt(sum(float((to_numpy(g) ** 2).sum()) for g in grads.values())), grad_scale))})()
+    trainer.train_step()
+    (norm, grad_scale), = stepped
+    assert norm > cfg.grad_clip                          # torch's clip_grad_norm_ factor:
+    assert float(grad_scale) == pytest.approx(cfg.grad_clip / (norm + 1e-6), rel=1e-12)
+
+    model = trainer.model
+    opt = numgpt.training.build_optimizer(model, cfg)
+    assert opt.betas == (0.9, 0.95) and opt.eps == 1e-8
+    before = {name: to_numpy(p).copy() for name, p in model.params.items()}
+    opt.step({name: p * 0 for name, p in model.params.items()})
+    for name, p in model.params.items():
+        keep = 1 - cfg.lr * cfg.weight_decay if p.ndim >= 2 else 1.0
+        np.testing.assert_allclose(to_numpy(p), before[name] * keep, rtol=1e-15, err_msg=name)
+
+
 def test_each_step_draws_new_dropout_masks():
     """The masks of a step come from its own generator: the same batch and weights give another
     loss at the next step (one mask for every step would drop the same units for ever), and the
