@@ -160,12 +160,24 @@ def resume_hint(trainer):
     return f" Continue with: python train.py --resume --out-dir {shlex.quote(trainer.cfg.out_dir)}"
 
 
-def stop_status(trainer):
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop, raised where the program is, as Ctrl-C's KeyboardInterrupt
+    is: the run stops there, and removes what it was writing (a token cache, a new out-dir)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def stop_status(trainer, interrupt=None):
     """The shell's exit status for a run that a signal stopped, named by the first one: 130 for
-    Ctrl-C, 143 for SIGTERM. A rank that did not receive it itself stopped with the others, as for a
-    Ctrl-C."""
+    Ctrl-C, 143 for SIGTERM. In the training loop the trainer records it; outside, `interrupt`
+    tells (a Terminated one is SIGTERM's). A rank that did not receive it itself stopped with the
+    others, as for a Ctrl-C."""
     signum = None if trainer is None else trainer.stop.signum
-    return 128 + (signum or signal.SIGINT)
+    if signum is None:
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+    return 128 + signum
 
 
 def main(argv=None):
@@ -174,8 +186,10 @@ def main(argv=None):
     sys.stdout, sys.stderr = console.standard_streams()   # closed ones go to os.devnull (see there)
     args = parse_args(argv)
 
-    # the imports are done: from here on a Ctrl-C is numgpt's to handle (it saves, then stops)
+    # the imports are done: from here on a Ctrl-C or a SIGTERM is numgpt's to handle. In the training
+    # loop it saves, then stops (numgpt.training.StopRequest); before or after, it stops at once.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    sigterm_handler = signal.signal(signal.SIGTERM, raise_terminated)
 
     world = distributed.Communicator()   # this process alone, unless --ddp finds others
     trainer = None
@@ -222,12 +236,14 @@ def main(argv=None):
         reason = f": {e}" if str(e) else ""   # Python's own MemoryError has no message
         return world.fail(f"error: out of memory{reason}. Use a smaller --batch-size or --block-size, "
                           f"or a smaller model (--n-layer, --n-embd)", 1)
-    except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM, or one before training began: the saved state is intact
-        return world.fail("\nStopped." + resume_hint(trainer), stop_status(trainer))
+    except KeyboardInterrupt as e:   # a second Ctrl-C or SIGTERM, or one outside the loop: the saved state is intact
+        return world.fail("\nStopped." + resume_hint(trainer), stop_status(trainer, e))
     except Exception:   # a bug in numgpt: keep its traceback, and with several ranks, end the job
         if world.size == 1:
             raise
         return world.fail(traceback.format_exc(), 1)
+    finally:   # for a caller that goes on (the tests): SIGTERM is its own again
+        signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 if __name__ == "__main__":

@@ -292,6 +292,27 @@ def test_ctrl_c_in_the_first_evaluation_keeps_the_old_run(tmp_path, cache_dir, m
     assert "Stopped." in err and "Continue with" not in err   # --resume would continue the old run
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_tokenizing_stops_and_leaves_nothing_half_written(tmp_path, monkeypatch, capfd, signum):
+    """Before the training loop, Ctrl-C and SIGTERM (a batch scheduler's, at any moment) stop the
+    run at once: the half-written token cache and the out-dir it made are removed, and the exit
+    status names the signal. (SIGTERM used to kill the process there, leaving both behind.)"""
+    tokenize_into = numgpt.training.dataset._tokenize_into
+
+    def interrupted(documents, out, *args):
+        out.write(b"\0" * 1000)                 # some tokens are written, then the signal comes
+        os.kill(os.getpid(), signum)
+        return tokenize_into(documents, out, *args)
+
+    monkeypatch.setattr(numgpt.training.dataset, "_tokenize_into", interrupted)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
+    assert run(out, str(cache), "--max-iters", "1") == 128 + signum
+    assert "Stopped." in capfd.readouterr().err
+    assert not out.exists() and not [p.name for p in cache.rglob("*") if p.is_file()]
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler   # main hands SIGTERM back to its caller
+
+
 def test_ctrl_c_in_a_later_evaluation_stops_after_it(tmp_path, cache_dir, monkeypatch, capfd):
     """It stops there, not a step later; it says what it does and how to go on, with an out-dir
     quoted as the shell needs it."""
