@@ -89,7 +89,7 @@ def read_prompt(args):
     if len(text) > MAX_PROMPT_CHARS:
         raise DataError(f"the prompt file {args.prompt_file!r} holds more than {MAX_PROMPT_CHARS:,} characters: "
                         f"give a prompt (the model sees only its last block_size tokens), not a corpus")
-    return text
+    return text.removeprefix("\ufeff")   # a byte-order mark (Windows editors write one) is not the prompt's
 
 
 def encode_prompt(enc, text, vocab_size):

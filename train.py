@@ -45,8 +45,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["auto", "tinystories", "embedded"], help=f"data source; auto uses "
                    f"TinyStories when it can be reached or is cached, else the embedded stories (default {d.dataset})")
-    g.add_argument("--data", nargs="+", metavar="PATH", help="local text files instead of a dataset; lines that are "
-                   "exactly <|endoftext|> separate documents")
+    g.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                   help="local text files instead of a dataset; lines that are exactly <|endoftext|> separate "
+                        "documents, and the last tenth of them is the validation split (the last tenth of the "
+                        "tokens when those documents hold more: one long file, two books)")
     g.add_argument("--cache-dir", help=f"where tokenized data is cached (default {d.cache_dir})")
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="a named setup; flags you give override it")

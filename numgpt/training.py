@@ -194,10 +194,16 @@ def build_model(cfg, params=None, config=None):
     if cfg.init_from == "scratch":
         return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
     config, params = checkpoint.load_pretrained(cfg.init_from)
+    check_block_size(cfg, config)
+    return GPT(dataclasses.replace(config, dropout=cfg.dropout), params=params, **kwargs)
+
+
+def check_block_size(cfg, config):
+    """ConfigError when cfg's block size exceeds that of its --init-from model's `config`: the
+    position embedding has no rows beyond it."""
     if cfg.block_size > config.block_size:
         raise ConfigError(f"--block-size {cfg.block_size} exceeds the block size {config.block_size} "
                           f"of {cfg.init_from}")
-    return GPT(dataclasses.replace(config, dropout=cfg.dropout), params=params, **kwargs)
 
 
 # the settings of the model's shape, which an --init-from checkpoint decides
@@ -220,7 +226,9 @@ def with_checkpoint_shape(cfg, given):
     shape = {name: getattr(config, name) for name in CHECKPOINT_SHAPE}
     if "block_size" not in given:
         shape["block_size"] = min(cfg.block_size, config.block_size)
-    return dataclasses.replace(cfg, **shape)
+    cfg = dataclasses.replace(cfg, **shape)
+    check_block_size(cfg, config)   # now, not after the data: build_model checks it again for the library's callers
+    return cfg
 
 
 def memory_floor(cfg, config, backend="numpy", ranks=1):

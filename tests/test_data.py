@@ -620,12 +620,23 @@ def test_files_source_holds_out_the_last_documents(tmp_path):
 
 
 def test_files_source_keeps_one_document_for_training(tmp_path):
+    """Even when val_fraction asks for both documents."""
     path = write(tmp_path / "two.txt", "First.\n<|endoftext|>\nSecond.")
-    assert load_split_tokens("files", "train", tmp_path, [path], log=quiet).tolist() == tokens_of(["First."])
-    assert load_split_tokens("files", "val", tmp_path, [path], log=quiet).tolist() == tokens_of(["Second."])
-    # even when val_fraction asks for both documents
     assert load_split_tokens("files", "train", tmp_path, [path], log=quiet, val_fraction=0.9).tolist() \
         == tokens_of(["First."])
+    assert load_split_tokens("files", "val", tmp_path, [path], log=quiet, val_fraction=0.9).tolist() \
+        == tokens_of(["Second."])
+
+
+def test_files_source_holds_out_a_tenth_of_two_long_files_not_the_second_one(tmp_path):
+    """Two files are two documents: holding out the last document would make half the data
+    validation, so the last tenth of the tokens is held out instead, and the rest of b.txt trains."""
+    paths = [write(tmp_path / "a.txt", "apple " * 200), write(tmp_path / "b.txt", "berry " * 200)]
+    train = load_split_tokens("files", "train", tmp_path, paths, log=quiet)
+    val = load_split_tokens("files", "val", tmp_path, paths, log=quiet)
+    everything = tokens_of([("apple " * 200).strip(), ("berry " * 200).strip()])
+    assert train.tolist() + val.tolist() == everything
+    assert len(train) == int(len(everything) * 0.9) and "berry" in decode(train)
 
 
 def test_files_source_splits_a_single_document_by_tokens(tmp_path):

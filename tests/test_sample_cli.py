@@ -131,6 +131,10 @@ def test_prompt_from_a_file_and_from_stdin(ckpt, capsys, monkeypatch, tmp_path):
     assert code == 0 and from_file.startswith("Der Bär 🐻")
     monkeypatch.setattr(sys, "stdin", io.StringIO("Der Bär 🐻"))
     assert run(capsys, *common, "--prompt-file", "-")[1] == from_file
+    prompt.write_text("\ufeffDer Bär 🐻", encoding="utf-8")             # with a byte-order mark
+    assert run(capsys, *common, "--prompt-file", str(prompt))[1] == from_file
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffDer Bär 🐻"))
+    assert run(capsys, *common, "--prompt-file", "-")[1] == from_file
 
 
 @pytest.mark.parametrize("name, reason", [("missing.txt", "No such file or directory"), (".", "Is a directory"),

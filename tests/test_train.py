@@ -718,6 +718,11 @@ def test_min_lr_follows_a_lower_lr_and_resumes_unchanged(tmp_path, cache_dir):
     assert TrainConfig(**PRESETS["tinystories-tutorial"]).min_lr == 1e-3
 
 
+def test_data_given_twice_adds_the_files():
+    """--data a --data b trains on both, as --data a b does; not on the last one alone."""
+    assert train.parse_args(["--data", "a.txt", "--data", "b.txt", "c.txt"]).data == ["a.txt", "b.txt", "c.txt"]
+
+
 def test_a_presets_min_lr_scales_with_the_lr_given():
     """tinystories-tutorial's constant rate stays constant at another --lr (its min_lr 1e-3 would
     otherwise exceed a lower --lr and be refused)."""
@@ -729,15 +734,18 @@ def test_a_presets_min_lr_scales_with_the_lr_given():
     assert cfg.min_lr == 1e-5
 
 
-def test_fine_tuning_a_model_of_a_shorter_context_takes_its_block_size(tmp_path, cache_dir, capsys):
-    """The default --block-size (64) exceeds this checkpoint's 16: it is cut to 16 unless typed."""
+def test_fine_tuning_a_model_of_a_shorter_context_takes_its_block_size(tmp_path, cache_dir, capsys, monkeypatch):
+    """The default --block-size (64) exceeds this checkpoint's 16: it is cut to 16 unless typed, and
+    a typed one is refused before any data is read."""
     assert run(tmp_path / "base", cache_dir, "--max-iters", "1") == 0    # TINY's block size is 16
     tune = ["--init-from", str(tmp_path / "base"), "--dataset", "embedded", "--cache-dir", cache_dir,
             "--batch-size", "4", "--eval-iters", "2", "--num-samples", "0", "--no-progress", "--max-iters", "1"]
     assert train.main([*tune, "--out-dir", str(tmp_path / "tuned")]) == 0
     assert load_train_state(tmp_path / "tuned")[1]["train_config"]["block_size"] == 16
+    monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
     assert train.main([*tune, "--out-dir", str(tmp_path / "long"), "--block-size", "32"]) == 2
     assert "--block-size 32 exceeds the block size 16" in capsys.readouterr().err
+    assert not (tmp_path / "long").exists()
 
 
 def test_out_dir_that_is_a_file_and_preset_with_resume(tmp_path, cache_dir, capsys):

@@ -400,15 +400,18 @@ def _split_file_tokens(tokens: np.ndarray, split: str, val_fraction: float) -> n
     """The train or val part of local files' tokens: the last documents are the validation set.
 
     Documents end at EOT tokens (ordinary text never encodes to EOT). The last
-    round(val_fraction * documents) documents, at least one, are validation; with a single
-    document its last val_fraction of tokens are.
+    round(val_fraction * documents) documents, at least one (and one fewer than all), are
+    validation, unless they hold more than twice val_fraction of the tokens: then, as for a single
+    document, the last val_fraction of the tokens are. (Two files, each one document, would
+    otherwise hold out the whole second one.)
     """
     ends = np.flatnonzero(tokens == EOT) + 1
-    if len(ends) == 1:
-        cut = int(len(tokens) * (1 - val_fraction))
-    else:
+    cut = int(len(tokens) * (1 - val_fraction))                 # by tokens
+    if len(ends) > 1:
         n_val = min(max(1, round(len(ends) * val_fraction)), len(ends) - 1)
-        cut = int(ends[len(ends) - n_val - 1])
+        document_cut = int(ends[len(ends) - n_val - 1])         # by documents
+        if len(tokens) - document_cut <= 2 * val_fraction * len(tokens):
+            cut = document_cut
     return tokens[:cut] if split == "train" else tokens[cut:]
 
 
