@@ -91,7 +91,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-iters", type=int, help=f"batches per evaluation (default {d.eval_iters})")
     g.add_argument("--num-samples", type=int, help=f"stories generated at the end (default {d.num_samples})")
     g.add_argument("--sample-tokens", type=int, help=f"tokens per generated story (default {d.sample_tokens})")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal anyway)")
     return p.parse_args(argv)
 
 

@@ -724,6 +724,9 @@ class Trainer:
                  f"{cfg.n_embd} wide, on {device}; {len(self.train_tokens):,} train / {len(self.val_tokens):,} "
                  "val tokens")
         log_path = os.path.join(cfg.out_dir, LOG_FILE)
+        # the bar redraws itself with carriage returns: in a log file (stderr redirected) each redraw
+        # would be one more line, so it is drawn on a terminal only
+        show_bar = self.progress and sys.stderr.isatty()
         # a diverging run's inf and NaN are caught in its losses (check_finite), with one message that
         # says what to do: NumPy's warnings would come first, each quoting a line of numgpt's code
         with self.stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -731,9 +734,9 @@ class Trainer:
             # --overwrite run's files: a run that fails to start (bad data, a Ctrl-C) leaves them whole
             first_row, stop_requested = (None, False) if self.resumed else self.evaluate()
             with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, \
-                    tqdm(total=cfg.max_iters, initial=self.step, disable=not self.progress, unit="step",
+                    tqdm(total=cfg.max_iters, initial=self.step, disable=not show_bar, unit="step",
                          dynamic_ncols=True) as bar:
-                self.log = bar.write if self.progress else self.log
+                self.log = bar.write if show_bar else self.log
 
                 def write_row(row):
                     with saying(f"cannot write {log_path}"):

@@ -718,6 +718,14 @@ def test_min_lr_follows_a_lower_lr_and_resumes_unchanged(tmp_path, cache_dir):
     assert TrainConfig(**PRESETS["tinystories-tutorial"]).min_lr == 1e-3
 
 
+def test_the_progress_bar_stays_out_of_a_redirected_stderr(tmp_path, cache_dir, capfd):
+    """Each redraw of the bar ends in a carriage return: in a log file, a line per redraw."""
+    flags = [flag for flag in TINY if flag != "--no-progress"]
+    assert train.main([*flags, "--dataset", "embedded", "--out-dir", str(tmp_path), "--cache-dir", cache_dir,
+                       "--max-iters", "3"]) == 0
+    assert "\r" not in capfd.readouterr().err
+
+
 def test_data_given_twice_adds_the_files():
     """--data a --data b trains on both, as --data a b does; not on the last one alone."""
     assert train.parse_args(["--data", "a.txt", "--data", "b.txt", "c.txt"]).data == ["a.txt", "b.txt", "c.txt"]
