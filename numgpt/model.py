@@ -162,8 +162,9 @@ class GPT:
         array with loss_on_device; None without targets).
 
         Targets equal to -100 are ignored by the loss. With targets and `return_logits=False` the
-        full logits are never built (training needs only the loss). With `requires_grad=False` nothing is kept
-        for backward, which saves memory and, with targets, the output layer's gradient work.
+        full logits are never built (training needs only the loss). With `requires_grad=False`
+        nothing is kept for backward, which saves memory and, with targets, the output layer's
+        gradient work.
         `loss_scale` multiplies the loss inside the backward's arithmetic and divides the finished
         gradients: it keeps small gradients from flushing to zero in float16 matmuls.
         With `loss_on_device` the loss is the 0-d value it was computed in, not a float: on a GPU,
