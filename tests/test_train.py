@@ -952,9 +952,9 @@ def frozen_trainer(cfg, config, batch):
 
 
 def test_a_step_clips_the_gradient_norm_and_the_optimizer_is_nanogpts():
-    """The step hands AdamW the clip factor max_norm / (|g| + 1e-6), |g| measured here from the gradients it
-    hands over; and build_optimizer decays exactly the matrices, by lr * weight_decay (a step with
-    zero gradients moves nothing else), with betas (0.9, --beta2) and eps 1e-8."""
+    """The step hands AdamW the clip factor max_norm / (|g| + 1e-6), |g| measured here from the
+    gradients it hands over; and build_optimizer decays exactly the matrices, by lr * weight_decay
+    (a step with zero gradients moves nothing else), with betas (0.9, --beta2) and eps 1e-8."""
     cfg = TrainConfig(batch_size=2, block_size=8, grad_clip=0.01, beta2=0.95, weight_decay=0.1, dtype="float64")
     config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=8)
     rng = np.random.default_rng(0)
