@@ -120,7 +120,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        self.model_config()   # n_embd divisible by n_head, dropout in [0, 1), a known activation
+        if not 0 <= self.dropout < 1:   # GPTConfig checks it too, but would not name the flag
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        self.model_config()   # n_embd divisible by n_head, a known activation
         if self.data and self.dataset not in ("auto", "files"):
             raise ConfigError(f"--data and --dataset {self.dataset} are two data sources: give one of them")
         if self.dataset not in ("auto", "tinystories", "embedded", "files"):
@@ -151,7 +153,7 @@ PRESETS = {
 def learning_rate(step, cfg):
     """Linear warmup over warmup_iters, then cosine decay from lr to min_lr at max_iters."""
     if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+        return cfg.lr * ((step + 1) / (cfg.warmup_iters + 1))   # the fraction first: lr * (step + 1) may overflow
     progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
@@ -528,6 +530,8 @@ class Trainer:
             # first the lock, then the cleanup: another run's temporary files are not stale
             self.out_dir_lock = lock_directory(cfg.out_dir)
             checkpoint.remove_stale_temp_files(cfg.out_dir)
+            if state is not None and os.path.exists(os.path.join(cfg.out_dir, LOG_FILE)):
+                read_log(os.path.join(cfg.out_dir, LOG_FILE))   # a damaged log is named now, not after the data
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again
         self.source = comm.broadcast(self._choose_source(state) if self.is_main else None)

@@ -150,10 +150,12 @@ def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("damage", [b'{"loss": 2.0}', b"7", b'{"step": 1.5}', b"\xff\xfe"],
                          ids=["no-step", "not-an-object", "float-step", "not-utf8"])
-def test_resume_with_a_damaged_log(tmp_path, cache_dir, capsys, damage):
+def test_resume_with_a_damaged_log(tmp_path, cache_dir, monkeypatch, capsys, damage):
+    """The damage is named before the data is loaded (minutes, for a large corpus), not after."""
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     log = tmp_path / "log.jsonl"
     log.write_bytes(damage + b"\n" + log.read_bytes())
+    monkeypatch.setattr(numgpt.training, "load_data", None)   # calling it would be a TypeError
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 2
     err = capsys.readouterr().err
     assert "log.jsonl" in err and "Traceback" not in err
@@ -526,7 +528,8 @@ def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     (["--n-embd", "30", "--n-head", "4"], "divisible"),
     (["--batch-size", "0"], "--batch-size"),
     (["--min-lr", "1"], "--min-lr"),
-    (["--dropout", "1.5"], "dropout"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--dropout", "nan"], "--dropout"),
     (["--block-size", "5000000"], "block"),
     (["--seed", "-1"], "--seed"),
     (["--grad-clip", "nan"], "--grad-clip"),
@@ -893,6 +896,8 @@ def test_learning_rate_schedule():
     assert lrs[60] == pytest.approx(0.5 * (1e-3 + 1e-4))
     assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    huge = TrainConfig(lr=1e308, warmup_iters=10)   # a valid float: warmup must not overflow it to inf
+    assert learning_rate(9, huge) == pytest.approx(1e308 / 11 * 10)
 
 
 def test_each_step_uses_and_logs_the_rate_of_its_own_step(tmp_path, cache_dir, monkeypatch):
