@@ -163,10 +163,11 @@ def test_loss_scale_is_undone_exactly_in_float32(backend):
 
 
 def test_float16_training_follows_float32(backend):
-    """60 AdamW steps on the same batches: the loss curves of the two precisions agree to within
-    a small fraction of the distance the loss travels (measured: 0.15% of it)."""
+    """30 AdamW steps on the same batches: the loss curves of the two precisions agree to within
+    a small fraction of the distance the loss travels (measured: 0.15% of it). 30 steps, not
+    more: on the CuPy stand-in, whose kernels run emulated, the two runs already take 20 s."""
     rng = np.random.default_rng(4)
-    batches = [markov_batch(rng, 8, 16) for _ in range(60)]
+    batches = [markov_batch(rng, 8, 16) for _ in range(30)]
     curves = {}
     for m in (None, "float16"):
         model = GPT(CONFIG, backend=backend, seed=5, matmul_dtype=m)
@@ -182,7 +183,7 @@ def test_float16_training_follows_float32(backend):
             curves[m].append(loss)
     ref, mixed = np.array(curves[None]), np.array(curves["float16"])
     travelled = ref[:5].mean() - ref[-5:].mean()
-    assert travelled > 0.5                                              # it learned something
+    assert travelled > 0.3                                              # it learned something (0.38)
     assert np.abs(mixed - ref).max() < 0.02 * travelled, np.abs(mixed - ref).max()
 
 
