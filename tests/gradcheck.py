@@ -4,10 +4,12 @@ The analytic gradient of a scalar L(arrays) is compared with central differences
 (L(a + eps) - L(a - eps)) / (2 eps) at a random sample of coordinates of every array. An entry
 passes when
 
-    |analytic - numeric| <= NOISE * max(|L|, 1) + RTOL * max(|analytic|, |numeric|, median)
+    |analytic - numeric| <= NOISE * max(|L|, S, 1) + RTOL * max(|analytic|, |numeric|, median)
 
 The first term is the noise floor of the differences, the round-off in L divided by the step: it
-keeps gradients that are exactly zero by symmetry (the K part of the qkv bias) from failing. The
+keeps gradients that are exactly zero by symmetry (the K part of the qkv bias) from failing. L's
+round-off follows the size of the terms it is summed from, S (given by the caller: for a layer's
+sum(out * dout), sum |out * dout|), which can be thousands of times |L| when they cancel. The
 second measures an entry against its own size, or against its array's median |analytic| where
 that is larger (round-off inside the layer follows the array's typical size). The median, not the
 largest entry: scaled by the largest, one large gradient (a true one, or a wrong one left out of
@@ -23,7 +25,7 @@ from numgpt.backend import to_numpy
 
 EPS = 1e-6
 RTOL = 1e-6
-NOISE = 1e-9  # per unit of |L|: its round-off (~1e-16 |L|, more where its terms cancel) / (2 eps), times 20
+NOISE = 1e-9  # per unit of |L| or S: L's round-off (~1e-16 S) / (2 eps), times 20
 
 
 def numeric_grad(loss_fn, array, coords, eps=EPS):
@@ -43,15 +45,16 @@ def numeric_grad(loss_fn, array, coords, eps=EPS):
     return np.array(grads)
 
 
-def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64):
+def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64, loss_terms=0.0):
     """Names whose analytic gradient disagrees with finite differences (empty when all agree).
 
-    arrays: {name: float64 array read by loss_fn}; analytic: {name: dL/d(array)}.
+    arrays: {name: float64 array read by loss_fn}; analytic: {name: dL/d(array)}; loss_terms: S,
+    the sum of the absolute values of the terms that make L (see the module's docstring).
     """
     loss = loss_fn()
     if not np.isfinite(loss):
         return {name: float("inf") for name in arrays}
-    noise = NOISE * max(abs(loss), 1.0)
+    noise = NOISE * max(abs(loss), loss_terms, 1.0)
     bad = {}
     for name, array in arrays.items():
         assert analytic[name].shape == array.shape, f"{name}: gradient shape {analytic[name].shape} != {array.shape}"
@@ -90,3 +93,8 @@ def relative_error(a, b):
 def dot_loss(out, dout):
     """L = sum(out * dout): its gradient with respect to out is the drawn upstream gradient dout."""
     return float((out * dout).sum())
+
+
+def dot_loss_terms(out, dout):
+    """S of dot_loss: sum |out * dout|, the scale of its round-off."""
+    return float(abs(out * dout).sum())

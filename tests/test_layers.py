@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from gradcheck import dot_loss, gradient_mismatches, relative_error
+from gradcheck import dot_loss, dot_loss_terms, gradient_mismatches, relative_error
 from numgpt import kernels, precision
 from numgpt.backend import array_module, to_device, to_numpy
 from numgpt.layers import attention, classifier
@@ -45,7 +45,8 @@ def mismatches(run, backward, arrays, rng):
     dout = draw(array_module(out), rng, out.shape)          # the upstream gradient, drawn independently
     analytic = backward(dout, cache)
     assert set(analytic) == set(arrays)                     # no gradient for an absent bias
-    return gradient_mismatches(lambda: dot_loss(run(arrays)[0], dout), arrays, analytic, rng)
+    return gradient_mismatches(lambda: dot_loss(run(arrays)[0], dout), arrays, analytic, rng,
+                               loss_terms=dot_loss_terms(out, dout))
 
 
 # ---------------------------------------------------------------- linear
@@ -263,6 +264,7 @@ def attention_grads(dout, cache):
 
 @given(B=st.integers(1, 3), T=st.integers(1, 6), n_head=st.integers(1, 3), head_size=st.integers(1, 4),
        dropout=st.sampled_from([0.0, 0.3]), scale=scales, bias=st.booleans(), seed=seeds)
+@example(B=1, T=3, n_head=3, head_size=4, dropout=0.0, scale=3.0, bias=True, seed=10567192)   # |L| 1, S 4571
 def test_attention_gradients(xp, B, T, n_head, head_size, dropout, scale, bias, seed):
     rng = np.random.default_rng(seed)
     arrays = attention_arrays(xp, rng, B, T, n_head, head_size, scale)
