@@ -47,6 +47,9 @@ LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
 # every file a run writes in its out-dir: a new run refuses an out-dir that holds one (unless --overwrite);
 # the state first, as the first checkpoint removes them (Trainer.evaluate)
+# a loss scale this small makes float16 gradients of size 1 its smallest subnormal: overflow that
+# persists down to it is not the gradients' (which the scale sets), but values it does not reach
+MIN_LOSS_SCALE = 2.0 ** -24
 RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE)
 SAMPLE_PROMPT = "Once upon a time"
 
@@ -671,6 +674,11 @@ class Trainer:
         finite = all_finite([self.flat_grads])   # every gradient is in the flat buffer: one pass
         self.scaler.update(finite)
         if not finite:
+            if self.scaler.scale < MIN_LOSS_SCALE:   # halving again would reach 0 in ~1000 skipped steps
+                raise TrainingError(f"float16 overflowed at step {self.step} even with the loss scaled down to "
+                                    f"{self.scaler.scale:g}: values the scale does not reach (activations, "
+                                    f"logits) exceed float16's range, and {self.kept()}. Train with "
+                                    f"--precision tf32 or fp32 (and --overwrite), or a lower --lr")
             self.log(f"step {self.step}: float16 gradients overflowed; step skipped, "
                      f"loss scale now {self.scaler.scale:g}")
         return finite
@@ -711,10 +719,14 @@ class Trainer:
         """TrainingError when `loss` is NaN or infinite: the run diverged, and every later step
         would only save NaN weights over the last good checkpoint."""
         if not math.isfinite(loss):
-            kept = ("nothing of it was saved" if self.checkpoint_step is None else
-                    f"{self.cfg.out_dir}/ keeps its state of step {self.checkpoint_step} and its best model")
-            raise TrainingError(f"{what} is {loss} at step {self.step}: the run diverged, and {kept}. Start "
-                                f"again with a lower --lr (and --overwrite)")
+            raise TrainingError(f"{what} is {loss} at step {self.step}: the run diverged, and {self.kept()}. "
+                                f"Start again with a lower --lr (and --overwrite)")
+
+    def kept(self):
+        """What a run that stops on an error leaves in its out-dir."""
+        if self.checkpoint_step is None:
+            return "nothing of it was saved"
+        return f"{self.cfg.out_dir}/ keeps its state of step {self.checkpoint_step} and its best model"
 
     def run(self):
         """Train from self.step to max_iters; returns "done" or "interrupted"."""

@@ -474,6 +474,18 @@ def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, mo
         np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
 
 
+def test_fp16_overflow_that_no_loss_scale_cures_stops_the_run(tmp_path, cache_dir, monkeypatch, capsys):
+    """An overflow outside the gradients' reach (activations, logits) persists at every scale:
+    the scaler would halve it a thousand times to 0, skipping every step, and then fail on it."""
+    monkeypatch.setattr(numgpt.training, "DynamicLossScaler", lambda: DynamicLossScaler(scale=2.0 ** -22))
+    monkeypatch.setattr(numgpt.training, "all_finite", lambda arrays: False)
+    assert run(tmp_path, cache_dir, "--precision", "fp16", "--max-iters", "10") == 2
+    out, err = capsys.readouterr()
+    assert out.count("step skipped") == 2   # at scales 2^-23 and 2^-24; the third is refused
+    assert "float16 overflowed at step 2" in err and "--precision tf32 or fp32" in err and "Traceback" not in err
+    assert "keeps its state of step 0" in err and load_train_state(tmp_path)[1]["step"] == 0
+
+
 @cupy_standin.needs_compiler
 @pytest.mark.parametrize("precision, reads", [("fp32", 1), ("fp16", 2)])   # fp16: the overflow check too
 def test_a_training_step_reads_from_the_gpu_once(tmp_path, cache_dir, monkeypatch, precision, reads):
