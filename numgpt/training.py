@@ -240,13 +240,17 @@ def memory_floor(cfg, config, backend="numpy", ranks=1):
     """Bytes that one rank of a run with these settings surely holds at once, a floor below what
     it needs: the weights, their gradients and AdamW's two moments; of every layer, the activations
     its backward reads, at least 12 numbers a token (the block's input, q, k, v and the MLP's
-    hidden layer before and after its activation); a chunk of the classifier's logits, at least
+    hidden layer before and after its activation), and the attention probabilities (B,nh,T,T)
+    where they are formed (on the CPU; on a GPU under dropout, which drops some of them, and then
+    twice: before and after); a chunk of the classifier's logits, at least
     half its budget when the logits exceed it; the fixed evaluation batches; the stories generated
     at the end (their tokens and the keys and values cached for them)."""
     itemsize = np.dtype(cfg.dtype).itemsize
     params = num_params(config)
     tokens = cfg.batch_size // ranks * cfg.block_size                    # one micro-batch on this rank
     activations = config.n_layer * tokens * 12 * config.n_embd
+    if backend == "numpy" or config.dropout > 0:   # see attention_forward: the GPU's kernel has no dropout
+        activations += config.n_layer * tokens * config.n_head * cfg.block_size * (1 + (config.dropout > 0))
     logits = min(tokens * config.vocab_size, CHUNK_ELEMENTS[backend] // 2)
     eval_ids = 2 * cfg.eval_iters * 2 * tokens * 8                       # train and val, x and y, int64
     story_tokens = cfg.num_samples * cfg.sample_tokens

@@ -1,6 +1,7 @@
 """train.py end to end on tiny models: logs and checkpoints, exact resume with dropout on, Ctrl-C,
 fine-tuning, and every kind of bad input getting a short message and a non-zero exit."""
 
+import dataclasses
 import errno
 import io
 import json
@@ -567,10 +568,12 @@ def test_bad_settings_are_found_before_the_data_and_the_out_dir(tmp_path, cache_
     assert not (tmp_path / "o").exists()
 
 
-def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir):
+@pytest.mark.parametrize("dropout", ["0", "0.1"])
+def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir, dropout):
     """check_memory refuses a run whose floor exceeds the machine: the floor must never be more
     than a run really allocates (tracemalloc sees NumPy's arrays), or a run that fits is refused."""
-    flags = ["--n-layer", "2", "--batch-size", "32", "--block-size", "64", "--num-samples", "2", "--sample-tokens", "8"]
+    flags = ["--n-layer", "2", "--batch-size", "32", "--block-size", "64", "--num-samples", "2", "--sample-tokens", "8",
+             "--dropout", dropout]
     tracemalloc.start()
     try:
         assert run(tmp_path, cache_dir, "--max-iters", "1", *flags) == 0
@@ -580,6 +583,16 @@ def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir):
     cfg = TrainConfig(**load_train_state(tmp_path)[1]["train_config"])
     floor = memory_floor(cfg, cfg.model_config())
     assert peak / 4 < floor < peak    # a floor, and not a vacuous one
+
+
+def test_the_memory_floor_counts_the_attention_matrices_where_they_are_formed():
+    """GPT-2 124M, batch 64 x 1024, on an 80 GiB GPU: the fused attention kernel never forms the
+    (T,T) probabilities, and the floor is 29 GiB; with dropout every layer keeps them twice (6 GiB
+    each time), and the run cannot fit."""
+    cfg = TrainConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64)
+    dropped = dataclasses.replace(cfg, dropout=0.1)
+    assert memory_floor(cfg, cfg.model_config(), "cupy") < 80 * 2**30 < memory_floor(dropped, dropped.model_config(), "cupy")
+    assert memory_floor(cfg, cfg.model_config(), "numpy") > 60 * 2**30   # NumPy's attention always forms them
 
 
 @pytest.mark.parametrize("error, message", [
