@@ -122,7 +122,7 @@ def to_numpy(x):
 def scatter_add(target, index, values):
     """target[index[i]] += values[i] for every row i, correct when `index` repeats.
 
-    target (V, C), index (N,) integers, values (N, C). A fancy-index `target[index] += values`
+    target (V, C), index (N,) integers in [0, V), values (N, C). A fancy-index `target[index] += values`
     would keep only the last write for a repeated id. NumPy >= 1.25 gives `np.add.at` a fast path
     for this pattern. On a GPU, numgpt.kernels.scatter_add_rows adds the rows of each id in the
     same order, so a step's gradients are the same on every run; its twin, CuPy's
@@ -131,7 +131,7 @@ def scatter_add(target, index, values):
     from numgpt import kernels   # here, not at the top: kernels imports this module
 
     xp = array_module(target)
-    if kernels.enabled(xp):
+    if kernels.enabled(xp) and target.flags.c_contiguous:   # the kernel reads row i at i * C
         kernels.scatter_add_rows(target, index, values)
     elif xp is np:
         np.add.at(target, index, values)

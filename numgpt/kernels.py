@@ -203,7 +203,9 @@ def sum_rows(x, w=None):
 
 def scatter_add_rows(target, index, values):
     """target (V,C) += values (N,C) at rows index (N,), in place, the rows of one id added in their
-    order: the same sums, to the bit, on every run (see scatter_add.cu)."""
+    order: the same sums, to the bit, on every run (see scatter_add.cu). The ids must be in [0, V):
+    the kernel does not check them (the model checks its ids on the host), nor wraps negative ones."""
+    assert target.flags.c_contiguous, "scatter_add_rows adds in place: target must be C-contiguous"
     xp = array_module(target)
     N, C = values.shape
     if N == 0:

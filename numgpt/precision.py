@@ -128,8 +128,10 @@ def set_tf32(xp, enabled):
     """Let cuBLAS run float32 matmuls on TF32 tensor cores (CuPy on an Ampere or newer GPU).
 
     CuPy reads CUPY_TF32 at its first float32 matmul and keeps the answer; set_compute_type
-    changes it afterwards. The attention kernels follow (tensor_core_operands). On NumPy, asking for
-    TF32 is an error: the CPU has no such mode.
+    changes it afterwards. The attention kernels follow (tensor_core_operands). CuPy applies the
+    setting to 2-D products only: a batched one (ndim > 2, gemmStridedBatchedEx) computes in full
+    float32, so the attention's matrix path (under dropout, in KV-cache decoding) stays float32. On
+    NumPy, asking for TF32 is an error: the CPU has no such mode.
     """
     global _tf32
     if backend_name(xp) == "numpy":

@@ -252,6 +252,17 @@ def test_scatter_add_kernel_matches_np_add_at_to_the_bit(xp, dtype, N, V, C):
     assert_same(twin, expected, dtype)
 
 
+def test_scatter_add_into_a_strided_target(xp):
+    """The kernel finds row i at i * C: a target that is a transposed view goes to the twin."""
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 5, size=40)
+    target, values = random(xp, (3, 5), "float64", 1).T, random(xp, (40, 3), "float64", 2)
+    expected = to_numpy(target).copy()
+    np.add.at(expected, index, to_numpy(values))
+    scatter_add(target, xp.asarray(index), values)
+    np.testing.assert_allclose(to_numpy(target), expected, rtol=1e-14)
+
+
 @needs_compiler
 @pytest.mark.parametrize("mutation", [
     ("(r > 0 && index[order[r - 1]] == id)", "(false)"),             # every position starts a run: rows added twice
