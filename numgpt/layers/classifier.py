@@ -8,7 +8,7 @@ then dropped. The whole (N,V) array exists only when the caller asks for the log
 
 from numgpt import kernels
 from numgpt.backend import array_module, backend_name
-from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward, subtract_onehot
+from numgpt.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward, row_weights, subtract_onehot
 from numgpt.precision import matmul, matmul_operand, operand_dtype, using_half_matmuls
 
 # Logits per chunk, at most, by backend. CPU: 128 MiB in float32. Measured on a 2-core CPU at
@@ -94,12 +94,6 @@ def logits_bound(x, w):
     xp = array_module(x)
     max_sq_norm = lambda a: float(xp.einsum("ij,ij->i", a, a).max())   # max over rows of |row|^2
     return (max_sq_norm(x) * max_sq_norm(w)) ** 0.5
-
-
-def row_weights(valid, n_valid):
-    """Each row's weight in the mean loss: 1/n_valid, n_valid counting the kept rows of the whole
-    batch (not of one chunk); 0 for ignored rows and when no row is kept."""
-    return valid * (1.0 / n_valid if n_valid else 0.0)
 
 
 def classifier_backward(dloss, cache):

@@ -1,4 +1,9 @@
-"""Softmax cross-entropy, fused: loss = logsumexp(logits) - logits[target], never a one-hot."""
+"""Softmax cross-entropy, fused: loss = logsumexp(logits) - logits[target], never a one-hot.
+
+The model reaches this math through numgpt/layers/classifier.py, which runs the forward on one
+chunk of the logits at a time and does the backward's work there, fused with the output layer's
+products; cross_entropy_backward is the unfused textbook form, which the tests check it against.
+"""
 
 from numgpt import kernels
 from numgpt.backend import array_module
@@ -66,20 +71,27 @@ def cross_entropy_backward(dloss, cache, overwrite=False):
     With `overwrite` the gradient is written into the cached array (the cache is then spent).
     """
     exps, sumexp, safe_targets, valid, n_valid = cache
-    row_scale = (valid * ((dloss / n_valid) if n_valid else 0.0)).astype(exps.dtype)   # (N,)
+    row_scale = (row_weights(valid, n_valid) * dloss).astype(exps.dtype)   # (N,)
     dlogits = exps if overwrite else exps.copy()                       # (N,V)
     subtract_onehot(dlogits, sumexp, safe_targets)                     # sumexp * (softmax - onehot)
     dlogits *= (row_scale / sumexp[:, 0])[:, None]
     return dlogits
 
 
+def row_weights(valid, n_valid):
+    """Each row's weight in the mean loss: 1/n_valid, n_valid counting the kept rows of the whole
+    batch (not of one chunk); 0 for ignored rows and when no row is kept."""
+    return valid * (1.0 / n_valid if n_valid else 0.0)
+
+
 def subtract_onehot(exps, sumexp, safe_targets):
     """exps (N,V) -= sumexp (N,1) * onehot(safe_targets (N,)), in place: sumexp * (softmax - onehot).
 
-    Only the N target entries change, to e_t - sumexp (minus the sum of the row's other exps),
+    Only the N target entries change, to e_t - sumexp (= -(the sum of the row's other exps)),
     formed in sumexp's dtype and rounded once into exps'. For a confident row (softmax near 1 at
     the target) that is small: subtracting the one-hot later, from a product rounded to float16,
-    would cancel it away.
+    would cancel it away. Under float16 products exps comes already rounded to float16, but a
+    confident row's target is its max, whose exp(l - max) = 1 is exact in any format.
     """
     xp = array_module(exps)
     rows = xp.arange(exps.shape[0])
