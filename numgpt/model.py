@@ -13,12 +13,13 @@ the keys and values of the earlier positions kept in KV caches.
 
 import functools
 import math
+from contextlib import contextmanager
 
 import numpy as np
 
 from numgpt import checkpoint, foreach, seeds
 from numgpt.backend import array_module, device_rng, get_xp, resolve_dtype, to_device, to_numpy
-from numgpt.config import GPTConfig, param_shapes, params_mismatch
+from numgpt.config import GPTConfig, num_params, param_shapes, params_mismatch
 from numgpt.errors import ConfigError, is_count, is_number
 from numgpt.layers.attention import KVCache
 from numgpt.layers.block import block_attention_probs, block_backward, block_forward, sub_params, with_prefix
@@ -36,8 +37,9 @@ INIT_STD = 0.02
 
 def init_params(config, seed=0):
     """GPT-2's initialisation as float64 NumPy arrays: weights normal with mean 0 and std 0.02, the
-    residual projections (c_proj) with std 0.02 / sqrt(2 n_layer) so the residual stream's variance
-    does not grow with depth (each block adds to it twice), biases 0, layernorm gains 1."""
+    residual projections (c_proj) with std 0.02 / sqrt(2 n_layer), so that the 2 n_layer additions
+    to the residual stream (two per block) add the same variance to it together whatever the depth,
+    biases 0, layernorm gains 1."""
     rng = seeds.stream(seed, seeds.INIT)
     params = {}
     for name, shape in param_shapes(config).items():
@@ -122,9 +124,18 @@ class GPT:
         self.training = False
         return self
 
+    @contextmanager
+    def evaluating(self):
+        """Eval mode inside the with-block; afterwards the mode the model was in."""
+        was_training, self.training = self.training, False
+        try:
+            yield self
+        finally:
+            self.training = was_training
+
     def num_params(self):
         """Number of parameters (a tied output layer counts once)."""
-        return sum(int(p.size) for p in self.params.values())
+        return num_params(self.config)
 
     # ---------------------------------------------------------------- forward / backward
 
@@ -155,6 +166,23 @@ class GPT:
         """The output layer's (V,C) weight: the token embedding itself when the weights are tied."""
         return self.params["wte.weight" if self.config.tie_weights else "lm_head.weight"]
 
+    def _batch_on_device(self, idx, targets):
+        """idx, targets (B,T) -> the two as int64 arrays of the model's module, and n_valid, the
+        number of targets that are not ignored (None without targets).
+
+        They are checked (and the targets counted) where they are: on the host that is no wait for
+        the GPU. A host batch for a GPU model then travels in one asynchronous transfer."""
+        idx = self._as_ids(idx, "idx", xp=module_of(idx))
+        if targets is None:
+            return to_device(idx, self.xp), None, None
+        targets = self._as_ids(targets, "targets", xp=module_of(targets), allow_ignore=True)
+        if targets.shape != idx.shape:
+            raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
+        n_valid = int((targets != IGNORE_INDEX).sum())
+        if self.xp is not np and array_module(idx) is np and array_module(targets) is np:
+            idx, targets = to_device(np.stack([idx, targets]), self.xp)   # CuPy stages it through pinned memory
+        return to_device(idx, self.xp), to_device(targets, self.xp), n_valid
+
     @in_model_precision
     def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True, loss_scale=1.0,
                 loss_on_device=False):
@@ -173,20 +201,8 @@ class GPT:
         cfg, p = self.config, self.params
         if not (is_number(loss_scale) and 0 < loss_scale < math.inf):   # backward divides by it
             raise ConfigError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
-        # checked (and the targets counted) where they are: on the host that is no wait for the GPU
-        idx = self._as_ids(idx, "idx", xp=module_of(idx))
+        idx, targets, n_valid = self._batch_on_device(idx, targets)
         B, T = idx.shape
-        n_valid = None
-        if targets is not None:
-            targets = self._as_ids(targets, "targets", xp=module_of(targets), allow_ignore=True)
-            if targets.shape != idx.shape:
-                raise ConfigError(f"targets must have idx's shape {idx.shape}, got {targets.shape}")
-            n_valid = int((targets != IGNORE_INDEX).sum())
-            if self.xp is not np and array_module(idx) is np and array_module(targets) is np:
-                # the batch in one transfer, asynchronous: CuPy stages it through pinned memory
-                idx, targets = to_device(np.stack([idx, targets]), self.xp)
-            targets = to_device(targets, self.xp)
-        idx = to_device(idx, self.xp)
         rng = device_rng(self.xp, self.dropout_rng) if self.training and cfg.dropout > 0 else None
 
         x, emb_cache = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])      # (B,T,C)
@@ -280,11 +296,8 @@ class GPT:
 
     def _last_logits(self, context):
         """Logits (B,V) of the last position of `context` (B,T) by a full forward in eval mode."""
-        was_training, self.training = self.training, False
-        try:
+        with self.evaluating():
             logits, _ = self.forward(context, requires_grad=False)
-        finally:
-            self.training = was_training
         return logits[:, -1]
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, *,

@@ -1,7 +1,7 @@
 """The training loop behind train.py: data, model, AdamW, schedule, evaluation, checkpoints.
 
     for step in range(start, max_iters):
-        lr = warmup_then_cosine(step)
+        lr = learning_rate(step)        # linear warmup, then cosine decay
         grads = mean over grad_accum micro-batches of model.backward()
         grads = mean of grads over the ranks (data-parallel runs only)
         clip the global gradient norm, then AdamW
@@ -278,11 +278,9 @@ def build_optimizer(model, cfg):
 def estimate_loss(model, batches):
     """Mean loss over fixed batches, in eval mode (no dropout), without backward work. The model
     is handed back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    losses = [model.forward(x, y, return_logits=False, requires_grad=False, loss_on_device=True)[1]
-              for x, y in batches]
-    model.training = was_training
+    with model.evaluating():
+        losses = [model.forward(x, y, return_logits=False, requires_grad=False, loss_on_device=True)[1]
+                  for x, y in batches]
     # summed in float64, as the floats were; one read from the device, not one per batch
     return float(sum(loss.astype(np.float64) for loss in losses)) / len(losses)
 

@@ -591,8 +591,9 @@ def test_the_memory_floor_counts_the_attention_matrices_where_they_are_formed():
     each time), and the run cannot fit."""
     cfg = TrainConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64)
     dropped = dataclasses.replace(cfg, dropout=0.1)
-    assert memory_floor(cfg, cfg.model_config(), "cupy") < 80 * 2**30 < memory_floor(dropped, dropped.model_config(), "cupy")
-    assert memory_floor(cfg, cfg.model_config(), "numpy") > 60 * 2**30   # NumPy's attention always forms them
+    floor = lambda c, backend: memory_floor(c, c.model_config(), backend)
+    assert floor(cfg, "cupy") < 80 * 2**30 < floor(dropped, "cupy")
+    assert floor(cfg, "numpy") > 60 * 2**30   # NumPy's attention always forms them
 
 
 @pytest.mark.parametrize("error, message", [

@@ -14,22 +14,22 @@ def embedding_forward(idx, wte, wpe, start=0):
     return x, (idx, wte.shape, wpe.shape, start)
 
 
-def embedding_backward(dx, cache, dwte=None):
-    """dx (B,T,C) -> dwte (V,C), dwpe (block_size,C): the gradients of the two tables.
+def embedding_backward(dout, cache, dwte=None):
+    """dout (B,T,C), the gradient of x -> dwte (V,C), dwpe (block_size,C): the tables' gradients.
 
-    dwte[v] = sum of dx[b, t] over positions with idx[b, t] == v; dwpe[start + t] = sum over b of dx[b, t].
+    dwte[v] = sum of dout[b, t] where idx[b, t] == v; dwpe[start + t] = sum over b of dout[b, t].
 
-    A token id that occurs twice must receive both gradients: `dwte[idx] += dx` would silently
+    A token id that occurs twice must receive both gradients: `dwte[idx] += dout` would silently
     keep only one of them, so the rows are scatter-added. Given `dwte` (V,C), the rows are added
     into it in place: with tied weights that is the output layer's gradient of the same matrix,
     which spares a fresh (V,C) array and a pass adding the two.
     """
     idx, wte_shape, wpe_shape, start = cache
-    xp = array_module(dx)
-    B, T, C = dx.shape
+    xp = array_module(dout)
+    B, T, C = dout.shape
     if dwte is None:
-        dwte = xp.zeros(wte_shape, dtype=dx.dtype)     # (V,C)
-    scatter_add(dwte, idx.reshape(-1), dx.reshape(B * T, C))
-    dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)         # (block_size,C): unused positions get no gradient
-    dwpe[start:start + T] = dx.sum(axis=0)
+        dwte = xp.zeros(wte_shape, dtype=dout.dtype)   # (V,C)
+    scatter_add(dwte, idx.reshape(-1), dout.reshape(B * T, C))
+    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype)       # (block_size,C): unused positions get no gradient
+    dwpe[start:start + T] = dout.sum(axis=0)
     return dwte, dwpe

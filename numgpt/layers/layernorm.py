@@ -18,11 +18,11 @@ def layernorm_forward(x, w, b=None, eps=1e-5, out_dtype=None):
     if kernels.enabled(xp):
         y, xhat, rstd = kernels.layernorm_forward(x, w, b, eps, out_dtype)
         return as_dtype(y, out_dtype), (xhat, rstd, w, b is not None)
-    mean = x.mean(axis=-1, keepdims=True)              # (B,T,1)
-    xhat = x - mean                                    # (B,T,C): x - mean, normalised below
-    y = xp.multiply(xhat, xhat)                        # (B,T,C): squares first, the output later
-    var = y.mean(axis=-1, keepdims=True)               # (B,T,1)
-    rstd = 1.0 / xp.sqrt(var + eps)                    # (B,T,1)
+    mean = x.mean(axis=-1, keepdims=True)              # (...,1)
+    xhat = x - mean                                    # (...,C): x - mean, normalised below
+    y = xp.multiply(xhat, xhat)                        # (...,C): squares first, the output later
+    var = y.mean(axis=-1, keepdims=True)               # (...,1)
+    rstd = 1.0 / xp.sqrt(var + eps)                    # (...,1)
     xhat *= rstd
     xp.multiply(xhat, w, out=y)
     if b is not None:
@@ -46,13 +46,13 @@ def layernorm_backward(dy, cache):
                 kernels.sum_rows(dy) if has_bias else None)
     C = xhat.shape[-1]
     rows = (-1, C)
-    scratch = dy * xhat                                # (B,T,C)
+    scratch = dy * xhat                                # (...,C)
     dw = scratch.reshape(rows).sum(axis=0)             # (C,)
     db = dy.reshape(rows).sum(axis=0) if has_bias else None  # (C,)
-    dx = dy * w                                        # (B,T,C): g, turned into dx in place
-    g_mean = dx.mean(axis=-1, keepdims=True)           # (B,T,1)
+    dx = dy * w                                        # (...,C): g, turned into dx in place
+    g_mean = dx.mean(axis=-1, keepdims=True)           # (...,1)
     xp.multiply(dx, xhat, out=scratch)
-    gx_mean = scratch.mean(axis=-1, keepdims=True)     # (B,T,1)
+    gx_mean = scratch.mean(axis=-1, keepdims=True)     # (...,1)
     dx -= g_mean
     dx -= xp.multiply(xhat, gx_mean, out=scratch)
     dx *= rstd
