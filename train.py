@@ -40,7 +40,6 @@ def parse_args(argv=None):
 
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train a GPT-2-style model with numgpt.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # unset flags stay unset: presets fill them
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["auto", "tinystories", "embedded"], help=f"data source; auto uses "

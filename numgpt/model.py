@@ -187,7 +187,7 @@ class GPT:
     def forward(self, idx, targets=None, *, return_logits=True, requires_grad=True, loss_scale=1.0,
                 loss_on_device=False):
         """idx (B,T) ints, targets (B,T) ints or None -> logits (B,T,V) or None, loss (a float; the 0-d
-        array with loss_on_device; None without targets).
+        value with loss_on_device; None without targets).
 
         Targets equal to -100 are ignored by the loss. With targets and `return_logits=False` the
         full logits are never built (training needs only the loss). With `requires_grad=False`

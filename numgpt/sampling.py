@@ -28,9 +28,9 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, flags=False):
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """The distribution sampling draws from.   logits (B,V) -> probs (B,V), float64, rows sum to 1.
 
-    Temperature divides the logits (lower is sharper); top-k keeps the k most likely tokens;
-    top-p keeps the smallest set of most likely tokens whose mass reaches p. Temperature 0 puts
-    all mass on the argmax.
+    Temperature divides the logits (lower is sharper); top-k keeps the k most likely tokens (and
+    any tied with the k-th, as transformers' TopKLogitsWarper does); top-p keeps the smallest set
+    of most likely tokens whose mass reaches p. Temperature 0 puts all mass on the argmax.
     """
     logits = np.asarray(logits, dtype=np.float64)
     B, V = logits.shape

@@ -23,7 +23,7 @@ CHUNK_ELEMENTS = {"numpy": 1 << 25, "cupy": 1 << 28}
 
 def classifier_forward(x, w, targets=None, ignore_index=IGNORE_INDEX, n_valid=None, return_logits=True,
                        requires_grad=True, grad_scale=1.0):
-    """x (N,C), w (V,C), targets (N,) or None -> loss (0-d array, or None), logits (N,V) or None, cache.
+    """x (N,C), w (V,C), targets (N,) or None -> loss (0-d value, or None), logits (N,V) or None, cache.
 
     Without targets there is no loss and the logits are always returned. With targets and
     `requires_grad`, the gradients of the mean loss are computed chunk by chunk here, because the

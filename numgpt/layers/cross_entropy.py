@@ -20,12 +20,13 @@ EXP_SAFE_BOUND = 60.0
 
 def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=None, overwrite=False,
                           logits_bound=None, exps_dtype=None):
-    """Mean negative log-likelihood.   logits (N,V), targets (N,) ints -> loss (0-d array), cache.
+    """Mean negative log-likelihood.   logits (N,V), targets (N,) ints -> loss (0-d value), cache.
 
     loss = sum over kept rows of (logsumexp(logits_i) - logits_i[t_i]) / n_valid. Rows whose target
     is `ignore_index` count neither in the sum nor in n_valid. `n_valid` may be given when the rows
     are one chunk of a larger batch whose mean is wanted; by default it is this call's kept rows.
-    With no kept row at all the mean is 0/0 = nan, as in torch.
+    With no kept row at all the mean is 0/0 = nan, as in torch. The loss is a 0-d value of the
+    logits' module: a NumPy scalar, or a 0-d CuPy array, which stays on the GPU until it is read.
 
     The cache holds exp(logits - row max), from which the backward gets the softmax in one pass.
     With `overwrite` that array is built in the logits' own memory: no second (N,V) array. A caller

@@ -18,6 +18,7 @@ def mlp_forward(x, params, activation="gelu", dropout=0.0, rng=None):
     a, act_cache = act_forward(h, out_dtype=operand_dtype(h.dtype))                            # (B,T,4C)
     out, proj_cache = linear_forward(a, params["c_proj.weight"], params.get("c_proj.bias"))  # (B,T,C)
     out, drop_cache = dropout_forward(out, dropout, rng)
+    # the activation's backward travels in the cache: mlp_backward runs whichever forward ran
     return out, (fc_cache, act_backward, act_cache, proj_cache, drop_cache)
 
 
