@@ -15,6 +15,7 @@ from numgpt import GPT, AdamW, GPTConfig  # noqa: E402
 from numgpt.backend import to_numpy  # noqa: E402
 
 V, T = 97, 16
+PARITY = 1e-12   # relative error allowed against transformers in float64
 
 
 def rel_err(a, b):
@@ -79,11 +80,13 @@ def test_logits_loss_and_gradients_match(checkpoint_pair, backend):
     logits, loss = model.forward(idx, targets)
     grads = model.backward()
     ref_logits, ref_loss, ref_grads = hf_loss_and_grads(hf, idx, targets)
-    assert rel_err(logits, ref_logits) < 1e-8
-    assert abs(loss - ref_loss) / ref_loss < 1e-8
+    # measured: 7.5e-16 on the logits, 0 on the loss, 1.0e-15 on the worst gradient; the bound
+    # leaves a thousand times that for other BLAS orders, and fails any term that is really off
+    assert rel_err(logits, ref_logits) < PARITY
+    assert abs(loss - ref_loss) / ref_loss < PARITY
     assert set(grads) == set(ref_grads)
     for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) < 1e-8, name
+        assert rel_err(g, ref_grads[name]) < PARITY, name
 
 
 @pytest.mark.parametrize("ignored", ["some", "all"])
@@ -106,9 +109,9 @@ def test_ignored_targets_match_torch(tmp_path, backend, ignored):
         assert np.isnan(loss) and np.isnan(ref_loss)
         assert all(not np.any(to_numpy(g)) and not np.any(ref_grads[name]) for name, g in grads.items())
         return
-    assert abs(loss - ref_loss) / ref_loss < 1e-8
+    assert abs(loss - ref_loss) / ref_loss < PARITY
     for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) < 1e-8, name
+        assert rel_err(g, ref_grads[name]) < PARITY, name
 
 
 def test_twenty_adamw_steps_track_torch(checkpoint_pair, backend):
