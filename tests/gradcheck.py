@@ -70,11 +70,11 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64, loss_term
         err = np.abs(ana - num)   # nan where the loss was: `not err <= tol` counts it as a mismatch
         if not np.all(err <= tol):
             # Central differences err in two ways: truncation, c eps^2 (c a sixth of the third
-            # derivative), and round-off in L, ~1e-16 |L| / eps. A failing entry is measured again
+            # derivative), and round-off in L, ~1e-16 S / eps. A failing entry is measured again
             # for each: at eps/2, combined with D(eps) by Richardson, (4 D(eps/2) - D(eps)) / 3,
             # which cancels the eps^2 term (for where L curves sharply: a layernorm over 2 channels
             # whose variance is near its own eps); and at 10 eps, where round-off is 10x smaller
-            # (for a large |L| with small gradients). It passes if either agrees: a wrong gradient
+            # (for large terms of L with small gradients). It passes if either agrees: a wrong gradient
             # is wrong at every step.
             retry = ~(err <= tol)
             richardson = (4 * numeric_grad(loss_fn, array, coords[retry], eps=EPS / 2) - num[retry]) / 3
