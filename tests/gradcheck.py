@@ -75,13 +75,17 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64, loss_term
             # which cancels the eps^2 term (for where L curves sharply: a layernorm over 2 channels
             # whose variance is near its own eps); and at 10 eps, where round-off is 10x smaller
             # (for large terms of L with small gradients). It passes if either agrees: a wrong gradient
-            # is wrong at every step.
-            retry = ~(err <= tol)
-            richardson = (4 * numeric_grad(loss_fn, array, coords[retry], eps=EPS / 2) - num[retry]) / 3
-            wide = numeric_grad(loss_fn, array, coords[retry], eps=10 * EPS)
-            err[retry] = np.minimum(np.abs(ana[retry] - richardson), np.abs(ana[retry] - wide))
+            # is wrong at every step. One entry that fails again condemns the array, so the rest
+            # are not measured again (a negative control would pay for every one of them).
+            for j in np.flatnonzero(~(err <= tol)):
+                c = coords[j:j + 1]
+                richardson = (4 * numeric_grad(loss_fn, array, c, eps=EPS / 2)[0] - num[j]) / 3
+                wide = numeric_grad(loss_fn, array, c, eps=10 * EPS)[0]
+                err[j] = min(abs(ana[j] - richardson), abs(ana[j] - wide))
+                if not err[j] <= tol[j]:
+                    break
         if not np.all(err <= tol):
-            bad[name] = float(np.max(err / tol))   # the worst entry's error, in tolerances
+            bad[name] = float(np.max(err / tol))   # the worst entry's error, in tolerances (first measure)
     return bad
 
 
