@@ -56,9 +56,7 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX, n_valid=No
             shift = logits.max(axis=-1)                                # (N,): exp(logits - max) <= 1
             exps = xp.subtract(logits, shift[:, None], out=out)
             xp.exp(exps, out=exps)
-        # the row sums as a matrix-vector product, which BLAS runs on every core: at V = 50257 on 2
-        # cores, 3x faster than exps.sum(axis=-1), a single-threaded ufunc reduction
-        sumexp = exps @ xp.ones((exps.shape[1], 1), dtype=exps.dtype)  # (N,1)
+        sumexp = exps.sum(axis=-1, keepdims=True)                      # (N,1)
     lse = xp.log(sumexp[:, 0]) + shift                                 # (N,) logsumexp
     nll = (lse - target_logit) * valid                                 # (N,)
     loss = nll.sum() / n_valid if n_valid else xp.asarray(float("nan"), dtype=logits.dtype)
