@@ -335,6 +335,17 @@ def test_directory_is_rejected(tmp_path):
         read_text_documents([tmp_path])
 
 
+@pytest.mark.parametrize("kind", ["device", "pipe"])
+def test_a_file_that_may_never_end_is_rejected(tmp_path, kind):
+    """Reading /dev/zero would fill the memory, and a pipe nobody writes to would wait forever."""
+    path = Path(os.devnull)
+    if kind == "pipe":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    with pytest.raises(DataError, match="not a regular file"):
+        read_text_documents([path])
+
+
 def test_no_files_is_rejected():
     with pytest.raises(DataError, match="no data files"):
         read_text_documents([])
@@ -405,6 +416,37 @@ class CountingDocuments:
 
 
 DOCS = ["A cat sat.", "The dog ran to the park!", "\u00c9t\u00e9 \U0001f642"]
+
+
+@given(text=st.text(alphabet=st.sampled_from(list("ab1 .'s\n\r\t\x0b\x1c\x85\u00e9\u3000")), max_size=120),
+       size=st.integers(1, 12))
+def test_pieces_of_a_long_document_tokenize_as_the_whole(text, size):
+    """A long document is tokenized in pieces (its tokens, as Python ints, would take ~15 times its
+    text at once): cut anywhere else than pieces does, the tokens can change."""
+    enc = get_tokenizer()
+    parts = dataset.pieces(text, size)
+    assert "".join(parts) == text and all(parts[:-1])
+    assert [t for part in parts for t in enc.encode_ordinary(part)] == enc.encode_ordinary(text)
+
+
+def test_pieces_cut_where_they_can_and_a_cut_after_a_newline_would_not_do():
+    assert len(dataset.pieces("One line.\r\n  Two \n" * 100, 10)) > 90
+    assert enc_pieces(["speak.\n\n", "All"]) != enc_pieces(["speak.\n\nAll"])   # ".", "\n", "\n", "All" whole
+
+
+def enc_pieces(texts):
+    return [t for text in texts for t in get_tokenizer().encode_ordinary(text)]
+
+
+def test_tokenizing_in_small_batches_and_pieces_changes_no_token(tmp_path, monkeypatch):
+    documents = [DOCS[0], "Line one.\nLine two.\n\nLine three. " * 40, DOCS[2], DOCS[1]]
+    whole = prepare_tokens(lambda: documents, tmp_path / "a", "demo", "train", log=lambda m: None)
+    monkeypatch.setattr(dataset, "PIECE_CHARS", 16)
+    monkeypatch.setattr(dataset, "BATCH_CHARS", 64)
+    batches = list(dataset._tokenizer_batches(documents))
+    assert len(batches) > 5 and sum(sum(ends) for _, ends in batches) == len(documents)
+    cut = prepare_tokens(lambda: documents, tmp_path / "b", "demo", "train", log=lambda m: None)
+    assert cut.tolist() == whole.tolist() == tokens_of(documents)
 
 
 def test_prepare_tokens_writes_tokens_and_metadata(tmp_path):

@@ -61,6 +61,8 @@ CACHE_VERSION = 1
 TOKENIZER_NAME = "gpt2"
 TOKEN_DTYPE = np.uint16     # GPT-2 ids go up to 50256, which fits in 16 bits: half of int32's disk
 DOCS_PER_BATCH = 2048       # documents handed to the tokenizer at once (threads share a batch)
+BATCH_CHARS = 8 << 20       # and at most about this many characters: its token lists cost ~15x that
+PIECE_CHARS = 1 << 20       # a longer document goes to the tokenizer in pieces (see pieces)
 TOKENIZER_THREADS = min(8, os.cpu_count() or 1)
 
 TINYSTORIES_REPO = "roneneldan/TinyStories"
@@ -80,11 +82,14 @@ def _print_stderr(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _check_data_file(path: Path) -> None:
-    """Raise DataError unless `path` names an existing file (not a directory)."""
+    """Raise DataError unless `path` names an existing regular file."""
     if not path.exists():
         raise DataError(f"data file '{path}' does not exist: check the path")
     if path.is_dir():
         raise DataError(f"data file '{path}' is a directory: give the text files inside it instead")
+    if not path.is_file():   # /dev/zero never ends, a pipe may never end: reading would fill the memory
+        raise DataError(f"data file '{path}' is not a regular file (a device or a pipe): save the text to a "
+                        f"file and give that")
 
 
 def _read_text(path: Path, log: Log) -> str:
@@ -326,6 +331,49 @@ def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str)
     return None
 
 
+def pieces(document: str, size: int) -> list[str]:
+    """`document` cut into pieces of about `size` characters, each cut at the end of a line,
+    between a character that is not whitespace and the whitespace (" \\t\\r") before the newline.
+    GPT-2's pre-tokenizer always ends a token there and begins the next one there alike with or
+    without the text before, so the pieces' tokens, one after another, are the document's. (A cut
+    after whitespace would not do: a run of it at the end of a text stays one token, while inside
+    one, its last character goes apart, to the word that follows.)"""
+    parts, start = [], 0
+    newline = document.find("\n", start + size)
+    while newline != -1:
+        cut = newline
+        while cut > start and document[cut - 1] in " \t\r":
+            cut -= 1
+        if cut > start and not document[cut - 1].isspace():
+            parts.append(document[start:cut])
+            start = cut
+            newline = document.find("\n", start + size)
+        else:
+            newline = document.find("\n", newline + 1)
+    parts.append(document[start:])
+    return parts
+
+
+def _tokenizer_batches(documents: Sequence[str]):
+    """The texts for the tokenizer, in order, in batches of at most DOCS_PER_BATCH texts and about
+    BATCH_CHARS characters: yields (texts, ends), ends[i] True when texts[i] ends its document. A
+    document's tokens, as Python ints, take ~15 times its text: whole, a 1 GB file would need 15 GB."""
+    texts: list[str] = []
+    ends: list[bool] = []
+    chars = 0
+    for document in documents:
+        parts = pieces(document, PIECE_CHARS)
+        for k, part in enumerate(parts):
+            texts.append(part)
+            ends.append(k == len(parts) - 1)
+            chars += len(part)
+            if len(texts) == DOCS_PER_BATCH or chars >= BATCH_CHARS:
+                yield texts, ends
+                texts, ends, chars = [], [], 0
+    if texts:
+        yield texts, ends
+
+
 def _tokenize_into(documents: Sequence[str], out: BinaryIO, desc: str, show_progress: bool) -> int:
     """Write the tokens of `documents`, each followed by EOT, to `out`; return how many."""
     encoding = get_tokenizer()
@@ -333,15 +381,15 @@ def _tokenize_into(documents: Sequence[str], out: BinaryIO, desc: str, show_prog
     # The bar is for people: hide it when stderr is a log file rather than a terminal.
     with tqdm(total=len(documents), desc=desc, unit="doc",
               disable=not (show_progress and sys.stderr.isatty())) as bar:
-        for start in range(0, len(documents), DOCS_PER_BATCH):
-            batch = documents[start:start + DOCS_PER_BATCH]
+        for texts, ends in _tokenizer_batches(documents):
             flat: list[int] = []
-            for ids in encoding.encode_ordinary_batch(batch, num_threads=TOKENIZER_THREADS):
+            for ids, end in zip(encoding.encode_ordinary_batch(texts, num_threads=TOKENIZER_THREADS), ends):
                 flat.extend(ids)
-                flat.append(EOT)
+                if end:
+                    flat.append(EOT)
             out.write(np.array(flat, dtype=TOKEN_DTYPE).tobytes())
             n_tokens += len(flat)
-            bar.update(len(batch))
+            bar.update(sum(ends))
     return n_tokens
 
 
