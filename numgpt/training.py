@@ -687,7 +687,7 @@ class Trainer:
 
     def evaluate(self):
         """Estimate the train and val loss on the fixed batches, save the model if it is the best
-        so far, save the state; returns (the log row, whether any rank was asked to stop).
+        so far, log the row, save the state; returns whether any rank was asked to stop.
 
         A Ctrl-C or SIGTERM during a new run's first evaluation stops it before it saves anything:
         that checkpoint would hold an untrained model, and with --overwrite would replace the old run."""
@@ -714,8 +714,18 @@ class Trainer:
                 self.model.save_pretrained(self.cfg.out_dir)
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
+        # the row before the state: a resume starts after the state's step, so a kill between the
+        # two would lose a row that no run writes again
+        self.write_row({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]})
         self.save_state()
-        return {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}, stop
+        return stop
+
+    def write_row(self, row):
+        """Append a row to log.jsonl (rank 0 only), flushed, so `tail -f log.jsonl` follows the run."""
+        if self.is_main:
+            path = os.path.join(self.cfg.out_dir, LOG_FILE)
+            with saying(f"cannot write {path}"), open(path, "a", encoding="utf-8") as log_file:
+                log_file.write(json.dumps(row) + "\n")
 
     def check_finite(self, what, loss):
         """TrainingError when `loss` is NaN or infinite: the run diverged, and every later step
@@ -750,34 +760,24 @@ class Trainer:
         with self.stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             # a new run's first evaluation saves its untrained model, and only then replaces an
             # --overwrite run's files: a run that fails to start (bad data, a Ctrl-C) leaves them whole
-            first_row, stop_requested = (None, False) if self.resumed else self.evaluate()
-            with open(log_path if self.is_main else os.devnull, "a", encoding="utf-8") as log_file, \
-                    tqdm(total=cfg.max_iters, initial=self.step, disable=not show_bar, unit="step",
-                         dynamic_ncols=True) as bar:
+            stop_requested = False if self.resumed else self.evaluate()
+            with tqdm(total=cfg.max_iters, initial=self.step, disable=not show_bar, unit="step",
+                      dynamic_ncols=True) as bar:
                 self.log = bar.write if show_bar else self.log
-
-                def write_row(row):
-                    with saying(f"cannot write {log_path}"):
-                        log_file.write(json.dumps(row) + "\n")
-                        log_file.flush()   # so `tail -f log.jsonl` follows the run
-
-                if first_row is not None:
-                    write_row(first_row)
                 while self.step < cfg.max_iters and not stop_requested:
                     started = time.perf_counter()
                     loss, stop_requested = self.train_step()
                     elapsed = time.perf_counter() - started
                     self.step += 1
                     lr = learning_rate(self.step - 1, cfg)
-                    write_row({"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed})
+                    self.write_row({"step": self.step, "loss": loss, "lr": lr,
+                                    "tokens_per_s": tokens_per_step / elapsed})
                     if self.scaler is None:   # fp16 skips a step whose loss overflowed, and evaluates the rest
                         self.check_finite("the training loss", loss)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
                     bar.update(1)
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                        row, stop_in_eval = self.evaluate()   # it saves the state
-                        write_row(row)
-                        stop_requested = stop_requested or stop_in_eval
+                        stop_requested = self.evaluate() or stop_requested   # it saves the state
                     elif stop_requested:
                         self.save_state()
         if self.is_main and plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):

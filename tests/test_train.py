@@ -149,6 +149,29 @@ def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
         numgpt.training.read_log(tmp_path / "log.jsonl")
 
 
+def test_a_kill_right_after_a_checkpoint_loses_no_log_row(tmp_path, cache_dir, monkeypatch):
+    """A resume starts after its state's step and never evaluates that step again: the row of an
+    evaluation must be in the log before its state is."""
+    class Killed(BaseException):   # nothing in train.py catches it, as nothing can catch a kill -9
+        pass
+
+    save_state = numgpt.training.Trainer.save_state
+
+    def save_then_die(self):
+        save_state(self)
+        if self.step == 2:
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(numgpt.training.Trainer, "save_state", save_then_die)
+        with pytest.raises(Killed):
+            run(tmp_path, cache_dir, "--max-iters", "4", "--eval-interval", "2")
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "4", "--eval-interval", "2") == 0
+    rows = numgpt.training.read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("damage", [b'{"loss": 2.0}', b"7", b'{"step": 1.5}', b"\xff\xfe"],
                          ids=["no-step", "not-an-object", "float-step", "not-utf8"])
 def test_resume_with_a_damaged_log(tmp_path, cache_dir, monkeypatch, capsys, damage):
