@@ -623,6 +623,20 @@ class Trainer:
         if self.is_main:
             rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
+        # a deleted or damaged best model would be replaced only by a loss below its record: never, maybe
+        problem = self.comm.broadcast(self._best_model_problem() if self.is_main else None)
+        if problem:
+            self.log(f"note: the best model in {self.cfg.out_dir} cannot be used ({problem}); the next "
+                     f"evaluation saves the model it has then")
+            self.best_val = float("inf")
+
+    def _best_model_problem(self):
+        """Why the out-dir's best model cannot be loaded as this run's model, or None."""
+        try:
+            config, params = checkpoint.load_pretrained(self.cfg.out_dir)
+        except CheckpointError as e:
+            return str(e)
+        return params_mismatch(self.model.config, params)
 
     def save_state(self):
         """Write the training state (rank 0 only: every rank holds the same one)."""

@@ -172,6 +172,24 @@ def test_a_kill_right_after_a_checkpoint_loses_no_log_row(tmp_path, cache_dir, m
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "config-deleted"])
+def test_resume_replaces_a_damaged_best_model(tmp_path, cache_dir, capsys, damage):
+    """The best model is saved only when the val loss beats its record: a resume that trusted a
+    deleted or damaged one would keep it, and say at the end that the model is there."""
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    weights = tmp_path / "model.safetensors"
+    if damage == "deleted":
+        weights.unlink()
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (tmp_path / "config.json").unlink()
+    capsys.readouterr()
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3", "--eval-interval", "2") == 0
+    assert "the best model in" in capsys.readouterr().out
+    GPT.from_pretrained(tmp_path)                          # saved again at step 3's evaluation
+
+
 @pytest.mark.parametrize("damage", [b'{"loss": 2.0}', b"7", b'{"step": 1.5}', b"\xff\xfe"],
                          ids=["no-step", "not-an-object", "float-step", "not-utf8"])
 def test_resume_with_a_damaged_log(tmp_path, cache_dir, monkeypatch, capsys, damage):
