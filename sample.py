@@ -146,7 +146,7 @@ def run(args):
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.seed is not None and args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")   # numpy's generators take no negative seeds
-    if args.attention_png:
+    if args.attention_png is not None:                     # "" too: it names no file, and must say so
         check_image_path(args.attention_png)               # before minutes of loading and generating
     prompt = read_prompt(args)
     enc = get_tokenizer()

@@ -73,6 +73,8 @@ def _read_state(out_dir, read_tensors):
     from safetensors import safe_open
 
     path = os.path.join(out_dir, STATE_FILE)
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot resume: {path} is a directory, not numgpt's training state: move it away")
     if not os.path.isfile(path):
         raise CheckpointError(f"cannot resume: {path} does not exist. Train without --resume first, "
                               f"or point --out-dir at the run to continue")

@@ -35,7 +35,7 @@ from numgpt.console import counted
 from numgpt.data import dataset
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
-from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, saying
+from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, describe_os_error, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
 from numgpt.model import GPT
 from numgpt.optim import AdamW, clip_coefficient, no_decay_names
@@ -123,6 +123,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.lr * self.weight_decay >= 1:   # each step multiplies the weights by 1 - lr * weight_decay
+            raise ConfigError(f"--weight-decay {self.weight_decay} with --lr {self.lr} would shrink the weights "
+                              f"to 0 or past it every step: lr * weight_decay must be below 1")
         if not 0 <= self.dropout < 1:   # GPTConfig checks it too, but would not name the flag
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         self.model_config()   # n_embd divisible by n_head, a known activation
@@ -356,7 +359,8 @@ def plot_losses(log_path, png_path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    with checkpoint.atomic_writer(png_path) as f:   # an image viewer never sees half a PNG
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return True
 
@@ -794,6 +798,10 @@ class Trainer:
                         stop_requested = self.evaluate() or stop_requested   # it saves the state
                     elif stop_requested:
                         self.save_state()
-        if self.is_main and plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
-            self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
+        if self.is_main:
+            try:
+                if plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
+                    self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
+            except OSError as e:   # the run is trained and saved: a picture that cannot be written is no failure
+                self.log(f"note: no loss curve: {describe_os_error(e)}")
         return "interrupted" if stop_requested else "done"

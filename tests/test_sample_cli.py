@@ -291,6 +291,8 @@ def test_attention_png_with_an_unknown_extension_fails_before_loading(capsys, tm
     pytest.importorskip("matplotlib")
     code, _, err = run(capsys, "--ckpt", str(tmp_path / "not-loaded"), "--attention-png", str(tmp_path / "a.txt"))
     assert code == 2 and "a.txt" in err and ".png" in err and "does not exist" not in err
+    code, _, err = run(capsys, "--ckpt", str(tmp_path / "not-loaded"), "--attention-png", "")   # was ignored
+    assert code == 2 and "attention image ''" in err and ".png" in err
 
 
 @pytest.mark.parametrize("name, message", [("missing/a.png", "there is no directory"),

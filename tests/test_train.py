@@ -75,6 +75,16 @@ def test_a_run_writes_log_checkpoint_and_plot(tmp_path, cache_dir, capsys, backe
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_a_loss_curve_that_cannot_be_written_does_not_fail_the_run(tmp_path, cache_dir, capsys):
+    pytest.importorskip("matplotlib")
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    (tmp_path / "loss.png").unlink()
+    (tmp_path / "loss.png").mkdir()
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert "note: no loss curve" in capsys.readouterr().out
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]   # the PNG's temporary file too
+
+
 def test_resume_is_exact_with_dropout(tmp_path, cache_dir, backend):
     flags = ["--dropout", "0.1", "--grad-accum", "2", "--eval-interval", "3", "--seed", "7", "--backend", backend]
     assert run(tmp_path / "whole", cache_dir, *flags, "--max-iters", "6") == 0
@@ -588,6 +598,7 @@ def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     (["--seed", "-1"], "--seed"),
     (["--grad-clip", "nan"], "--grad-clip"),
     (["--weight-decay", "inf"], "--weight-decay"),
+    (["--weight-decay", "1e308"], "lr * weight_decay must be below 1"),
     (["--out-dir="], "--out-dir"),
     (["--grad-accum", str(10**20)], "too large"),                   # beyond NumPy's int64
     (["--batch-size", str(10**9)], "GiB of memory"),                # more than any machine holds
