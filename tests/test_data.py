@@ -547,7 +547,7 @@ def test_failed_tokenizing_leaves_no_trusted_cache(tmp_path):
     prepare_tokens(CountingDocuments(DOCS), tmp_path, "demo", "train", log=lambda m: None)
     bin_path, meta_path = cache_paths(tmp_path, "demo", "train")
     bin_path.write_bytes(b"")                     # force a rebuild...
-    with pytest.raises(TypeError):                # ...that dies half-way (not a string)
+    with pytest.raises(AttributeError):           # ...that dies half-way (42 is not a string to cut)
         prepare_tokens(CountingDocuments(["fine", 42]), tmp_path, "demo", "train", log=lambda m: None)
     assert not meta_path.exists()
     assert [p.name for p in tmp_path.iterdir()] == [bin_path.name]   # the old tokens, no temporary file
