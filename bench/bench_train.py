@@ -360,7 +360,8 @@ def main():
         memory_key = "peak_rss_mib" if args.backend == "numpy" else "peak_gpu_mib"
         row = {"backend": args.backend, "device": device, "bench": "train",
                "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB},
-               "threads": args.threads, "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
+               "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+               "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
                "forward_ms": round(ours["forward_ms"], 2), "backward_ms": round(ours["backward_ms"], 2),
                "optimizer_ms": round(ours["optimizer_ms"], 2), memory_key: round(ours["peak_mem_mib"], 1),
                "roofline": round(ours["gflops"] / peak, 3), "matmul_peak_gflops": round(peak, 1)}

@@ -110,7 +110,7 @@ def test_batch_size_max_probes_short_then_times_the_comparison_and_each_sides_la
     assert probed == [("numgpt", 8), ("numgpt", 16), ("numgpt", 32), ("numgpt", 64), ("numgpt", 128),
                       ("torch", 8), ("torch", 16), ("torch", 32)]
     assert timed == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]   # torch's largest is the comparison
-    assert row["shape"]["batch_size"] == 16
+    assert row["shape"]["batch_size"] == 16 and (row["steps"], row["warmup"]) == (5, 2)   # how it was measured
     assert row["tok_s"] == tok_s("numgpt", 16) and row["torch_tok_s"] == tok_s("torch", 16)
     assert row["ratio_vs_torch"] == round(tok_s("numgpt", 16) / tok_s("torch", 16), 3) == 0.8
     assert row["largest_batch"] == {"numgpt": 64, "torch": 16}
