@@ -640,8 +640,8 @@ def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir, dro
 
 def test_the_memory_floor_counts_the_attention_matrices_where_they_are_formed():
     """GPT-2 124M, batch 64 x 1024, on an 80 GiB GPU: the fused attention kernel never forms the
-    (T,T) probabilities, and the floor is 29 GiB; with dropout every layer keeps them twice (6 GiB
-    each time), and the run cannot fit."""
+    (T,T) probabilities, and the floor is 29 GiB; with dropout every layer keeps them twice (3 GiB
+    each, 72 GiB over 12 layers), and the run cannot fit."""
     cfg = TrainConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=64)
     dropped = dataclasses.replace(cfg, dropout=0.1)
     floor = lambda c, backend: memory_floor(c, c.model_config(), backend)
