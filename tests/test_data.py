@@ -406,6 +406,11 @@ def test_files_source_key_tracks_paths_and_changes(tmp_path):
     assert files_source_key([b, a]) != key
     write(a, "alpha, longer now")
     assert files_source_key([a, b]) != key
+    key = files_source_key([a, b])
+    stat = os.stat(a)
+    write(a, "alpha, LONGER now")                            # a same-size edit: a typo fixed
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # within one clock tick the time could tie
+    assert files_source_key([a, b]) != key
     with pytest.raises(DataError, match="does not exist"):
         files_source_key([tmp_path / "gone.txt"])
 
@@ -512,6 +517,7 @@ def test_truncated_cache_is_rebuilt(tmp_path):
 @pytest.mark.parametrize("corrupt, problem", [
     (lambda n: np.zeros(n), "does not end with"),                           # no EOT at all
     (lambda n: np.append(np.full(n - 1, 60000), EOT), "outside the vocabulary"),
+    (lambda n: np.append(np.full(n - 1, VOCAB_SIZE), EOT), "outside the vocabulary"),   # one past the last id
 ])
 def test_corrupt_tokens_of_the_right_size_are_rebuilt(tmp_path, corrupt, problem):
     documents = CountingDocuments(DOCS)

@@ -235,6 +235,12 @@ def test_an_overflowing_backward_is_reported_not_hidden():
     assert not all_finite(grads.values())
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_all_finite_looks_at_every_array(bad):
+    arrays = [np.ones(3, np.float32), np.ones((2, 2), np.float32), np.array([1.0, bad], np.float32)]
+    assert all_finite(arrays[:2]) and not all_finite(arrays) and not all_finite(arrays[::-1])
+
+
 def test_mixed_precision_needs_float32_master_weights():
     with pytest.raises(ConfigError, match="matmul_dtype"):
         GPT(CONFIG, dtype="float64", matmul_dtype="float16")

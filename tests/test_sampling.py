@@ -117,6 +117,13 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     np.testing.assert_allclose(next_token_probs(logits, top_p=0.51), [[1 / 3, 1 / 3, 1 / 3, 0.0]], rtol=1e-15)
 
 
+def test_top_p_1_is_off():
+    """--top-p 1 (the whole mass) is the documented way to switch the nucleus off."""
+    check_sampling_args(top_p=1.0)
+    logits = np.log([[0.5, 0.3, 0.15, 0.05]])
+    np.testing.assert_allclose(next_token_probs(logits, top_p=1.0), next_token_probs(logits), rtol=1e-15)
+
+
 class ZeroDraws:
     """A generator whose uniform draws are all 0.0, which a real one returns with probability 2**-53."""
 

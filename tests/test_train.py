@@ -522,6 +522,7 @@ def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, mo
     assert "overflowed" in capsys.readouterr().out
     arrays, info = load_train_state(tmp_path)
     assert info["loss_scaler"]["scale"] == 2.0 ** 59
+    assert (info["step"], info["adam_step"]) == (1, 0)   # AdamW's count, behind the run's: what a resume needs
     untrained = GPT(GPTConfig(**info["model_config"]), seed=3)
     for name, p in untrained.params.items():
         np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
@@ -600,6 +601,7 @@ def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     (["--grad-clip", "nan"], "--grad-clip"),
     (["--weight-decay", "inf"], "--weight-decay"),
     (["--weight-decay", "1e308"], "lr * weight_decay must be below 1"),
+    (["--lr", "0.5", "--weight-decay", "2"], "lr * weight_decay must be below 1"),   # exactly 1: weights x 0
     (["--out-dir="], "--out-dir"),
     (["--grad-accum", str(10**20)], "too large"),                   # beyond NumPy's int64
     (["--batch-size", str(10**9)], "GiB of memory"),                # more than any machine holds
@@ -953,8 +955,10 @@ def test_fine_tuning_a_model_of_another_vocabulary_is_refused_before_the_data(tm
 def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
     (tmp_path / ".tmp-k1ll3d_x").write_bytes(b"half a checkpoint")
     (tmp_path / ".tmp-notes.txt").write_text("the user's")
+    (tmp_path / ".tmp-draft_v2_notes.txt").write_text("the user's too: it starts like a temporary name")
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     assert not (tmp_path / ".tmp-k1ll3d_x").exists() and (tmp_path / ".tmp-notes.txt").exists()
+    assert (tmp_path / ".tmp-draft_v2_notes.txt").exists()
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")   # NumPy's overflow warnings would come before the message
@@ -1061,6 +1065,40 @@ def test_a_step_clips_the_gradient_norm_and_the_optimizer_is_nanogpts():
         np.testing.assert_allclose(to_numpy(p), before[name] * keep, rtol=1e-15, err_msg=name)
 
 
+def test_the_default_run_is_the_one_the_readme_measured():
+    """README's "What training looks like" (a 4-layer, 128-wide model, 600 steps of 16 x 64 tokens,
+    its curve, time and samples) was measured with these settings: change one, measure it again."""
+    d = TrainConfig()
+    assert (d.n_layer, d.n_head, d.n_embd, d.block_size, d.max_iters, d.batch_size) == (4, 4, 128, 64, 600, 16)
+    assert (d.lr, d.min_lr, d.warmup_iters, d.beta2, d.weight_decay, d.grad_clip) == (1e-3, 1e-4, 50, 0.99, 0.1, 1.0)
+    assert (d.dropout, d.activation, d.grad_accum, d.seed, d.eval_interval) == (0.0, "gelu", 1, 1337, 100)
+    model = GPT(d.model_config(), seed=0)
+    assert numgpt.training.build_optimizer(model, d).betas == (0.9, 0.99)
+
+
+def test_the_end_of_run_samples_draw_from_their_own_stream():
+    seeds_given = []
+
+    class Model:
+        def generate(self, ids, max_new_tokens, **options):
+            seeds_given.append(options["seed"])
+            return np.concatenate([ids, np.full((len(ids), max_new_tokens), EOT)], axis=1)
+
+    assert numgpt.training.generate_samples(Model(), 2, 3, seed=5) == ["Once upon a time"] * 2
+    expected = numgpt.seeds.stream(5, numgpt.seeds.SAMPLES).bit_generator.state
+    assert seeds_given[0].bit_generator.state == expected
+
+
+def test_overwrite_removes_the_old_state_first(tmp_path, cache_dir, monkeypatch):
+    """A kill between two removals must never leave the old run's state without the old model
+    beside it: --resume would continue that state with whatever model is there."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    removed, remove = [], os.remove
+    monkeypatch.setattr(os, "remove", lambda path: (removed.append(os.path.basename(path)), remove(path)))
+    assert run(tmp_path, cache_dir, "--overwrite", "--max-iters", "1") == 0
+    assert removed[0] == "train_state.safetensors" and "model.safetensors" in removed
+
+
 def test_each_step_draws_new_dropout_masks():
     """The masks of a step come from its own generator: the same batch and weights give another
     loss at the next step (one mask for every step would drop the same units for ever), and the
@@ -1122,6 +1160,13 @@ def test_the_runs_random_streams_are_all_different(tmp_path, cache_dir):
                       n_embd=16, block_size=16, batch_size=4, eval_iters=2, num_samples=0)
     with numgpt.training.Trainer(cfg, log=lambda message: None, progress=False) as trainer:
         trainer.setup()
+        # each stream where it belongs: keys that differ are no use if two uses share one of them
+        assert trainer.batcher.state() == numgpt.seeds.stream(cfg.seed, numgpt.seeds.BATCHES).bit_generator.state
+        for i, (split, tokens) in enumerate((("train", trainer.train_tokens), ("val", trainer.val_tokens))):
+            for k, (x, _) in enumerate(trainer.eval_batches[split]):
+                expected = numgpt.training.dataset.get_batch(
+                    tokens, 4, 16, numgpt.seeds.stream(cfg.seed, numgpt.seeds.EVAL_BATCHES, i, k))[0]
+                np.testing.assert_array_equal(x, expected)
         first_batch = trainer.batcher.next_batch()[0]
         assert not any(np.array_equal(first_batch, x) for x, _ in trainer.eval_batches["train"])
 
