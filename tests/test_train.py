@@ -144,6 +144,22 @@ def test_resume_may_change_where_and_how_long_the_run_goes_on(tmp_path, cache_di
     assert info["step"] == 2 and info["train_config"]["precision"] == "fp16"
 
 
+def test_a_kill_while_a_resume_rewrites_the_log_leaves_it_whole(tmp_path, monkeypatch):
+    """The resume cuts the log back to its checkpoint through a temporary file and a rename: a kill
+    before the rename leaves the old log, not a truncated one."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n')
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        numgpt.training.rewrite_log(log, 1)
+    assert log.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
+    assert os.listdir(tmp_path) == ["log.jsonl"]
+
+
 def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
     """kill -9 while a row is being written leaves half a line: the resume drops it."""
     assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
