@@ -539,8 +539,8 @@ class Trainer:
             # first the lock, then the cleanup: another run's temporary files are not stale
             self.out_dir_lock = lock_directory(cfg.out_dir)
             checkpoint.remove_stale_temp_files(cfg.out_dir)
-            if state is not None and os.path.exists(os.path.join(cfg.out_dir, LOG_FILE)):
-                read_log(os.path.join(cfg.out_dir, LOG_FILE))   # a damaged log is named now, not after the data
+            if state is not None and os.path.exists(self.log_path):
+                read_log(self.log_path)   # a damaged log is named now, not after the data
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again
         self.source = comm.broadcast(self._choose_source(state) if self.is_main else None)
@@ -625,7 +625,7 @@ class Trainer:
         # numgpt's, not the file's, and must not be reported as a damaged state
         self.optimizer.load_state_dict({"step": adam_step, "m": arrays["adam_m"], "v": arrays["adam_v"]})
         if self.is_main:
-            rewrite_log(os.path.join(self.cfg.out_dir, LOG_FILE), self.step)
+            rewrite_log(self.log_path, self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
         # a deleted or damaged best model would be replaced only by a loss below its record: never, maybe
         problem = self.comm.broadcast(self._best_model_problem() if self.is_main else None)
@@ -738,11 +738,14 @@ class Trainer:
         self.save_state()
         return stop
 
+    @property
+    def log_path(self):
+        return os.path.join(self.cfg.out_dir, LOG_FILE)
+
     def write_row(self, row):
-        """Append a row to log.jsonl (rank 0 only), flushed, so `tail -f log.jsonl` follows the run."""
+        """Append a row to log.jsonl (rank 0 only), closed at once, so `tail -f log.jsonl` follows the run."""
         if self.is_main:
-            path = os.path.join(self.cfg.out_dir, LOG_FILE)
-            with saying(f"cannot write {path}"), open(path, "a", encoding="utf-8") as log_file:
+            with saying(f"cannot write {self.log_path}"), open(self.log_path, "a", encoding="utf-8") as log_file:
                 log_file.write(json.dumps(row) + "\n")
 
     def check_finite(self, what, loss):
@@ -769,7 +772,6 @@ class Trainer:
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, {counted(cfg.n_layer, 'layer')}, "
                  f"{cfg.n_embd} wide, on {device}; {len(self.train_tokens):,} train / {len(self.val_tokens):,} "
                  "val tokens")
-        log_path = os.path.join(cfg.out_dir, LOG_FILE)
         # the bar redraws itself with carriage returns: in a log file (stderr redirected) each redraw
         # would be one more line, so it is drawn on a terminal only
         show_bar = self.progress and sys.stderr.isatty()
@@ -800,7 +802,7 @@ class Trainer:
                         self.save_state()
         if self.is_main:
             try:
-                if plot_losses(log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
+                if plot_losses(self.log_path, os.path.join(cfg.out_dir, PLOT_FILE)):
                     self.log(f"loss curve: {os.path.join(cfg.out_dir, PLOT_FILE)}")
             except OSError as e:   # the run is trained and saved: a picture that cannot be written is no failure
                 self.log(f"note: no loss curve: {describe_os_error(e)}")

@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -354,7 +354,7 @@ def pieces(document: str, size: int) -> list[str]:
     return parts
 
 
-def _tokenizer_batches(documents: Sequence[str]):
+def _tokenizer_batches(documents: Sequence[str]) -> Iterator[tuple[list[str], list[bool]]]:
     """The texts for the tokenizer, in order, in batches of at most DOCS_PER_BATCH texts and about
     BATCH_CHARS characters: yields (texts, ends), ends[i] True when texts[i] ends its document. A
     document's tokens, as Python ints, take ~15 times its text: whole, a 1 GB file would need 15 GB."""
