@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -23,6 +24,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREFIX = "transformer."
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks, not parameters
+# the safetensors metadata entry where numgpt writes a CRC-32 of each tensor's bytes (JSON {name: crc}),
+# so that bytes changed on disk after the save fail the load instead of loading as different weights
+CHECKSUMS_KEY = "numgpt_crc32"
 
 # our activation name <-> transformers' activation_function
 HF_ACTIVATION = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
@@ -117,6 +121,21 @@ def remove_stale_temp_files(directory):
     for name in os.listdir(directory):
         if TEMP_FILE.fullmatch(name) and os.path.isfile(os.path.join(directory, name)):
             os.remove(os.path.join(directory, name))
+
+
+def tensor_checksums(tensors):
+    """{name: CRC-32 of the array's bytes} for the host arrays `tensors`, as a JSON string: the
+    metadata entry (CHECKSUMS_KEY) a safetensors file is saved with and checked against on load."""
+    return json.dumps({name: zlib.crc32(np.ascontiguousarray(a)) for name, a in tensors.items()})
+
+
+def checksum_mismatch(tensors, metadata):
+    """The name of the first of `tensors` whose bytes differ from the CRC-32 that the file's
+    `metadata` recorded when it was saved, or None; files saved without checksums (by transformers,
+    or by an older numgpt) are not checked."""
+    recorded = json.loads(metadata.get(CHECKSUMS_KEY, "{}")) if isinstance(metadata, dict) else {}
+    return next((name for name, a in tensors.items()
+                 if name in recorded and zlib.crc32(np.ascontiguousarray(a)) != recorded[name]), None)
 
 
 def _umask():
@@ -225,7 +244,7 @@ MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit: a larger size is a da
 def _read_safetensors(path, skip=()):
     """{name: float NumPy array} from the safetensors file at `path`, in the dtype it was stored in
     (bfloat16 becomes float32), leaving the tensors whose names end with one of `skip` unread; or
-    CheckpointError naming what is wrong.
+    CheckpointError naming what is wrong, a tensor whose bytes fail the file's checksum included.
 
     We read the format ourselves, as safetensors.numpy cannot read bfloat16: an 8-byte little-endian
     header size, a JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}} (and
@@ -240,9 +259,15 @@ def _read_safetensors(path, skip=()):
             header = json.loads(f.read(header_size))
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
-            header.pop("__metadata__", None)
-            return {name: _read_tensor(f, name, entry, data_start=8 + header_size, file_size=file_size)
-                    for name, entry in header.items() if not name.endswith(skip)}
+            metadata = header.pop("__metadata__", None)
+            stored = {name: _read_tensor(f, name, entry, data_start=8 + header_size, file_size=file_size)
+                      for name, entry in header.items() if not name.endswith(skip)}
+            damaged = checksum_mismatch(stored, metadata)
+            if damaged:
+                raise CheckpointError(f"{damaged} in {path} is damaged: its bytes do not match the checksum "
+                                      f"saved with them (the file changed on disk or in a copy); restore the "
+                                      f"file from a good copy")
+            return {name: _float(header[name]["dtype"], array) for name, array in stored.items()}
     # a truncated or foreign file, or a header whose entries lack a field or hold the wrong kind of
     # value; RecursionError: JSON nested deeper than Python's stack ("[[[[...")
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
@@ -251,18 +276,24 @@ def _read_safetensors(path, skip=()):
 
 
 def _read_tensor(f, name, entry, data_start, file_size):
-    """The tensor that the header `entry` of the open safetensors file `f` describes."""
+    """The tensor that the header `entry` of the open safetensors file `f` describes, as its bytes
+    are stored (bfloat16 as uint16: see _float)."""
     if entry["dtype"] not in SAFETENSORS_FLOATS:
         raise CheckpointError(f"{name} in {f.name} is stored as {entry['dtype']}, which numgpt cannot read "
                               f"(it reads {', '.join(SAFETENSORS_FLOATS)}): convert the weights to one of them")
-    stored, to_float = SAFETENSORS_FLOATS[entry["dtype"]]
+    stored = SAFETENSORS_FLOATS[entry["dtype"]][0]
     shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
     count = math.prod(shape)
     if end - begin != count * np.dtype(stored).itemsize or not 0 <= begin <= end <= file_size - data_start:
         raise ValueError(f"{name}'s data_offsets {[begin, end]} do not hold its shape {list(shape)} in "
                          f"{entry['dtype']} within the file")
     f.seek(data_start + begin)
-    array = np.fromfile(f, dtype=stored, count=count).reshape(shape)
+    return np.fromfile(f, dtype=stored, count=count).reshape(shape)
+
+
+def _float(dtype, array):
+    """The floats of an `array` read as safetensors' `dtype` stores it."""
+    to_float = SAFETENSORS_FLOATS[dtype][1]
     return array if to_float is None else to_float(array)
 
 
@@ -347,5 +378,6 @@ def save_pretrained(path, config, params):
                 tensors[PREFIX + name] = np.zeros(shape, dtype=params["wte.weight"].dtype)
     if "lm_head.weight" in params:
         tensors["lm_head.weight"] = tensors.pop(PREFIX + "lm_head.weight")
-    atomic_write(os.path.join(path, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
+    metadata = {"format": "pt", CHECKSUMS_KEY: tensor_checksums(tensors)}   # transformers reads "format" alone
+    atomic_write(os.path.join(path, WEIGHTS_FILE), save(tensors, metadata=metadata))
     atomic_write(os.path.join(path, CONFIG_FILE), (json.dumps(config_to_hf(config), indent=2) + "\n").encode())

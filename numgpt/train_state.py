@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from numgpt.backend import to_numpy
-from numgpt.checkpoint import atomic_write, kind_mismatch
+from numgpt.checkpoint import CHECKSUMS_KEY, atomic_write, checksum_mismatch, kind_mismatch, tensor_checksums
 from numgpt.errors import CheckpointError
 
 STATE_FILE = "train_state.safetensors"
@@ -33,7 +33,8 @@ def save_train_state(out_dir, model, optimizer, info):
     tensors = {f"{group}/{name}": np.ascontiguousarray(to_numpy(a))
                for group in GROUPS for name, a in arrays[group].items()}
     info = {**info, "adam_step": moments["step"]}
-    atomic_write(os.path.join(out_dir, STATE_FILE), save(tensors, metadata={STATE_KEY: json.dumps(info)}))
+    metadata = {STATE_KEY: json.dumps(info), CHECKSUMS_KEY: tensor_checksums(tensors)}
+    atomic_write(os.path.join(out_dir, STATE_FILE), save(tensors, metadata=metadata))
 
 
 def saved_step(out_dir):
@@ -80,14 +81,21 @@ def _read_state(out_dir, read_tensors):
                               f"or point --out-dir at the run to continue")
     try:
         with safe_open(path, framework="numpy") as f:
-            info = json.loads((f.metadata() or {})[STATE_KEY])
-            arrays = {group: {} for group in GROUPS}
-            for key in f.keys():
-                group, name = key.split("/", 1)
-                arrays[group][name] = f.get_tensor(key) if read_tensors else None
+            metadata = f.metadata() or {}
+            info = json.loads(metadata[STATE_KEY])
+            tensors = {key: f.get_tensor(key) if read_tensors else None for key in f.keys()}
+            damaged = checksum_mismatch(tensors, metadata) if read_tensors else None
+        arrays = {group: {} for group in GROUPS}
+        for key, tensor in tensors.items():
+            group, name = key.split("/", 1)
+            arrays[group][name] = tensor
     except Exception as e:   # truncated file, foreign file, missing metadata, bad JSON
         raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
                               f"Start over with --overwrite, or restore the file") from None
+    if damaged:
+        raise CheckpointError(f"cannot resume: {damaged} in {path} is damaged: its bytes do not match the "
+                              f"checksum saved with them (the file changed on disk or in a copy). Restore the "
+                              f"file from a good copy, or start over with --overwrite")
     if not isinstance(info, dict) or not set(INFO_KINDS) <= set(info):
         missing = sorted(set(INFO_KINDS) - set(info)) if isinstance(info, dict) else "everything"
         raise damaged_state(out_dir, f"its metadata lacks {missing}")

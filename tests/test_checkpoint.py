@@ -10,6 +10,7 @@ from safetensors.numpy import load_file, save_file
 from numgpt import GPT, CheckpointError, GPTConfig, checkpoint
 from numgpt.backend import to_numpy
 from numgpt.checkpoint import atomic_write
+from damage import flip_a_bit
 
 CONFIG = GPTConfig(vocab_size=30, block_size=8, n_layer=2, n_head=2, n_embd=8)
 
@@ -278,6 +279,24 @@ def test_a_damaged_safetensors_header_is_reported_as_corrupt(saved, damage):
     weights.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + size:])
     with pytest.raises(CheckpointError, match="corrupt"):
         GPT.from_pretrained(path)
+
+
+def test_a_flipped_bit_in_the_weights_is_named(saved):
+    """A byte changed on disk after the save fails its tensor's checksum. The control: the same
+    flip in a file saved without checksums, as transformers saves, loads a different number."""
+    model, path = saved
+    weights = path / "model.safetensors"
+    saved_bytes = weights.read_bytes()
+    flip_a_bit(weights, "transformer.h.1.mlp.c_fc.weight")
+    with pytest.raises(CheckpointError, match=r"h\.1\.mlp\.c_fc\.weight .* is damaged"):
+        GPT.from_pretrained(path)
+
+    weights.write_bytes(saved_bytes)
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+    flip_a_bit(weights, "transformer.h.1.mlp.c_fc.weight")
+    loaded = GPT.from_pretrained(path).params["h.1.mlp.c_fc.weight"]
+    assert loaded.flat[0] != model.params["h.1.mlp.c_fc.weight"].flat[0]
+    np.testing.assert_allclose(loaded, model.params["h.1.mlp.c_fc.weight"], rtol=1e-6)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -33,6 +33,7 @@ from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
 from numgpt.training import PRESETS, TrainConfig, learning_rate, memory_floor
+from damage import flip_a_bit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -706,6 +707,24 @@ def test_resume_without_or_with_a_corrupt_state(tmp_path, cache_dir, capsys):
     state.write_bytes(state.read_bytes()[:1000])
     assert run(tmp_path, cache_dir, "--resume") == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tensor", ["param/wte.weight", "adam_v/h.0.attn.c_proj.weight"])
+def test_resume_from_a_state_whose_bytes_changed_on_disk(tmp_path, cache_dir, capsys, tensor):
+    """A flipped bit leaves a finite number that every other check of the state accepts (the
+    control: the same state re-saved without its checksums resumes); the checksum names it."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    flip_a_bit(tmp_path / STATE_FILE, tensor)
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 2
+    err = capsys.readouterr().err
+    assert f"{tensor} in {tmp_path / STATE_FILE} is damaged" in err and "Traceback" not in err
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    with safe_open(tmp_path / STATE_FILE, framework="numpy") as f:   # the same bytes, saved without checksums
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, {STATE_KEY: f.metadata()[STATE_KEY]}
+    save_file(tensors, tmp_path / STATE_FILE, metadata)
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
 
 
 def rewrite_state(out_dir, change):
