@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import zlib
 
 import numpy as np
@@ -115,12 +116,16 @@ def cannot_write_in(directory):
     return None
 
 
-def remove_stale_temp_files(directory):
+def remove_stale_temp_files(directory, idle_s=0):
     """Delete the temporary files of atomic writes that a killed process left half-written in
-    `directory`; only names of exactly that pattern, so no file of the user's is touched."""
-    for name in os.listdir(directory):
-        if TEMP_FILE.fullmatch(name) and os.path.isfile(os.path.join(directory, name)):
-            os.remove(os.path.join(directory, name))
+    `directory`; only names of exactly that pattern, so no file of the user's is touched. Where
+    other processes may be writing without a lock (the token cache), `idle_s` spares the files
+    modified in the last `idle_s` seconds: a live write touches its file every few seconds."""
+    now = time.time()
+    for entry in os.scandir(directory):
+        if TEMP_FILE.fullmatch(entry.name) and entry.is_file() and now - entry.stat().st_mtime >= idle_s:
+            with contextlib.suppress(FileNotFoundError):   # another process's clean-up was first
+                os.remove(entry.path)
 
 
 def tensor_checksums(tensors):

@@ -45,7 +45,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from numgpt.checkpoint import atomic_writer, cannot_write_in
+from numgpt.checkpoint import atomic_writer, cannot_write_in, remove_stale_temp_files
 from numgpt.console import counted
 from numgpt.data import stories
 from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
@@ -64,6 +64,8 @@ DOCS_PER_BATCH = 2048       # documents handed to the tokenizer at once (threads
 BATCH_CHARS = 8 << 20       # and at most about this many characters: its token lists cost ~15x that
 PIECE_CHARS = 1 << 20       # a longer document goes to the tokenizer in pieces (see pieces)
 TOKENIZER_THREADS = min(8, os.cpu_count() or 1)
+# a temporary file in the cache untouched this long is a killed run's, not another run's still writing
+STALE_TEMP_S = 24 * 3600
 
 TINYSTORIES_REPO = "roneneldan/TinyStories"
 HF_URL = "https://huggingface.co"
@@ -420,6 +422,7 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
     if problem:
         raise DataError(f"cannot write in the cache directory '{bin_path.parent}' ({problem}): "
                         f"choose a writable cache directory")
+    remove_stale_temp_files(bin_path.parent, idle_s=STALE_TEMP_S)
     documents = documents_fn()
     if not documents:
         raise DataError(f"the {source_key} source has no documents in its {split} split: give more data")
