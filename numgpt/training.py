@@ -62,7 +62,7 @@ class TrainConfig:
     dataset: str = "auto"             # auto | tinystories | embedded; with data, only auto (or files)
     data: list = field(default_factory=list)   # local text files
     out_dir: str = "out"
-    cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "numgpt")
+    cache_dir: str = field(default_factory=lambda: str(dataset.user_cache_home() / "numgpt"))
     init_from: str = "scratch"        # scratch, or a HuggingFace GPT-2 directory to fine-tune
     # model
     n_layer: int = 4

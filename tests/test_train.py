@@ -1006,6 +1006,14 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, cach
     GPT.from_pretrained(tmp_path)                              # the saved model is the finite one
 
 
+def test_the_token_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert TrainConfig().cache_dir == str(tmp_path / "home" / ".cache" / "numgpt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert TrainConfig().cache_dir == str(tmp_path / "cache" / "numgpt")
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
     lrs = [learning_rate(s, cfg) for s in range(120)]

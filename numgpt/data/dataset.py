@@ -174,14 +174,19 @@ def embedded_source_key() -> str:
 # TinyStories on Hugging Face.
 # ---------------------------------------------------------------------------------------------
 
+def user_cache_home() -> Path:
+    """The user's cache directory: $XDG_CACHE_HOME, else ~/.cache (the convention that pip and
+    HuggingFace follow); numgpt's token cache is its numgpt/ folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 def _hf_cache_dirs() -> list[Path]:
     """Where a downloaded TinyStories would be: the datasets cache and the hub download cache.
 
     These follow the documented defaults and environment variables of `datasets` and
     `huggingface_hub` (HF_HOME, HF_DATASETS_CACHE, HF_HUB_CACHE), without importing either.
     """
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    hf_home = Path(os.environ.get("HF_HOME") or cache_home / "huggingface")
+    hf_home = Path(os.environ.get("HF_HOME") or user_cache_home() / "huggingface")
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or hf_home / "datasets")
     hub_cache = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
                      or hf_home / "hub")
