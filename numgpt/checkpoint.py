@@ -3,7 +3,9 @@
 Reads both key styles found in the wild, "transformer.h.0.attn.c_attn.weight" (what transformers
 saves) and "h.0.attn.c_attn.weight" (OpenAI's GPT-2 on the hub), skips the causal-mask buffers
 that older files carry, and ties lm_head to wte when it is absent. Writes what transformers writes.
-Every file is written atomically, so a crash mid-save leaves the previous file intact.
+Every file is written atomically, so a crash mid-save leaves the previous file intact, and the
+weights carry a CRC-32 of each tensor in their metadata, so bytes that change on disk later are
+named on load.
 """
 
 import contextlib

@@ -2,8 +2,9 @@
 
 One file, `<out-dir>/train_state.safetensors`: the latest parameters and both AdamW moments as
 tensors, and in its metadata a JSON document with the step, every random generator's state, the
-model and training configuration and the best validation loss. One file can be replaced
-atomically, so a run killed at any moment leaves either the previous state or the new one.
+model and training configuration and the best validation loss, and each tensor's CRC-32 (checked
+on load: see numgpt.checkpoint). One file can be replaced atomically, so a run killed at any
+moment leaves either the previous state or the new one.
 """
 
 import json
