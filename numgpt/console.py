@@ -53,13 +53,16 @@ def standard_streams():
 
     A stream closed at start (`>&-`, which leaves Python None) becomes os.devnull, so the script
     goes on without those messages instead of failing at the first; a character the terminal's
-    encoding lacks (a story's "é" on an ASCII terminal) shows as "?" instead of raising."""
+    encoding lacks (a story's "é" on an ASCII terminal) shows as "?" instead of raising. Each line
+    is written as it ends, also to a file or a pipe (`> train.log`, a batch scheduler's log): Python
+    would hold ~8 KB of them back, so the log of a run showed nothing for minutes, and lost them to
+    a kill."""
     streams = []
     for stream, name in ((sys.stdout, "standard output"), (sys.stderr, "standard error")):
         if isinstance(stream, NamedStream):   # main() run twice in one process, as the tests do
             stream = stream.stream
         stream = stream or open(os.devnull, "w")
         if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="replace")
+            stream.reconfigure(errors="replace", line_buffering=True)
         streams.append(NamedStream(stream, name))
     return tuple(streams)

@@ -50,6 +50,16 @@ def test_streams_named_once_are_not_named_again(monkeypatch):
     assert failed.value.strerror == "cannot write to the standard output: No space left on device"
 
 
+def test_each_line_reaches_a_file_as_it_ends(monkeypatch):
+    """stdout to a file is block-buffered by Python: `python train.py > train.log` would show no
+    step for minutes, and a kill would lose them. The scripts' streams write each line at once."""
+    written = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(written, encoding="utf-8"))
+    stdout, _ = standard_streams()
+    stdout.write("step 0: loss 10.8\n")
+    assert written.getvalue() == b"step 0: loss 10.8\n"
+
+
 def test_a_count_agrees_with_its_noun():
     assert [counted(n, "layer") for n in (0, 1, 2)] == ["0 layers", "1 layer", "2 layers"]
     assert counted(50257, "token") == "50,257 tokens"
