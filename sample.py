@@ -150,7 +150,7 @@ def run(args):
         check_image_path(args.attention_png)               # before minutes of loading and generating
     prompt = read_prompt(args)
     enc = get_tokenizer()
-    model = GPT.from_pretrained(args.ckpt, backend=args.backend, dtype=args.dtype).eval()
+    model = GPT.from_pretrained(args.ckpt, backend=args.backend, dtype=args.dtype)
     cfg = model.config
     print(f"{args.ckpt}: {model.num_params() / 1e6:.1f}M parameters, {console.counted(cfg.n_layer, 'layer')}, "
           f"{console.counted(cfg.n_head, 'head')}, context {cfg.block_size}, vocabulary {cfg.vocab_size}; "

@@ -104,9 +104,10 @@ class GPT:
 
     @classmethod
     def from_pretrained(cls, path, backend="numpy", dtype="float32"):
-        """Load a HuggingFace GPT-2 directory (config.json + model.safetensors)."""
+        """Load a HuggingFace GPT-2 directory (config.json + model.safetensors), in eval mode
+        (dropout off), as transformers' from_pretrained returns it: call .train() to fine-tune."""
         config, params = checkpoint.load_pretrained(path)
-        return cls(config, backend=backend, dtype=dtype, params=params)
+        return cls(config, backend=backend, dtype=dtype, params=params).eval()
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors, loadable by from_pretrained and by transformers."""

@@ -34,6 +34,19 @@ def test_round_trip_is_exact(config, tmp_path, backend):
         np.testing.assert_array_equal(to_numpy(loaded.params[name]), to_numpy(p))
 
 
+def test_a_loaded_model_is_in_eval_mode_as_transformers_loads_it(tmp_path):
+    """GPT-2's own config asks for dropout 0.1: a loaded model in training mode would give a
+    different answer at every forward."""
+    GPT(GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.1}), seed=1).save_pretrained(tmp_path)
+    model = GPT.from_pretrained(tmp_path)
+    idx = np.arange(16).reshape(2, 8) % CONFIG.vocab_size
+    assert not model.training
+    np.testing.assert_array_equal(model.forward(idx, requires_grad=False)[0],
+                                  model.forward(idx, requires_grad=False)[0])
+    model.train()   # the control: dropout is really there to switch off
+    assert not np.array_equal(model.forward(idx, requires_grad=False)[0], model.forward(idx, requires_grad=False)[0])
+
+
 def test_saved_keys_are_transformers_style(saved):
     _, path = saved
     keys = set(load_file(str(path / "model.safetensors")))
