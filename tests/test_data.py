@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import numgpt.data.dataset as dataset
@@ -149,9 +149,10 @@ def test_fallback_never_hangs(monkeypatch, fresh_tokenizer):
     started = time.perf_counter()
     with pytest.raises(DataError, match="no answer within 0.2 s"):
         get_tokenizer()
-    assert time.perf_counter() - started < 2
-    # the download left behind must not keep the script from exiting
-    assert all(t.daemon for t in threading.enumerate() if t.name == "numgpt-tiktoken-gpt2")
+    assert time.perf_counter() - started < 5   # not the fake's 10 s: a margin for a busy machine
+    # the download left behind (still asleep) must not keep the script from exiting
+    left_behind = [t for t in threading.enumerate() if t.name == "numgpt-tiktoken-gpt2"]
+    assert left_behind and all(t.daemon for t in left_behind)
 
 
 def truncated_vocab(vocab_bpe, encoder_json):
@@ -434,8 +435,14 @@ class CountingDocuments:
 DOCS = ["A cat sat.", "The dog ran to the park!", "\u00c9t\u00e9 \U0001f642"]
 
 
-@given(text=st.text(alphabet=st.sampled_from(list("ab1 .'s\n\r\t\x0b\x1c\x85\u00e9\u3000")), max_size=120),
-       size=st.integers(1, 12))
+# lines of letters and of every kind of whitespace the pre-tokenizer treats apart: most such
+# texts have a place to cut (plain random text has one in 1 draw of 12)
+LINES = st.lists(st.text(alphabet=st.sampled_from(list("ab1 .'s\n\r\t\x0b\x1c\x85\u00e9\u3000")), max_size=12),
+                 max_size=10).map("\n".join)
+
+
+@given(text=LINES, size=st.integers(1, 12))
+@example(text="a\n\n\nb", size=1)   # cut after a newline, these would tokenize as a, \n, \n, \nb
 def test_pieces_of_a_long_document_tokenize_as_the_whole(text, size):
     """A long document is tokenized in pieces (its tokens, as Python ints, would take ~15 times its
     text at once): cut anywhere else than pieces does, the tokens can change."""
@@ -691,6 +698,19 @@ def test_files_source_holds_out_the_last_documents(tmp_path):
     assert val.tolist() == tokens_of(docs[18:])
     assert load_split_tokens("files", "val", cache, [path], log=quiet, val_fraction=0.25).tolist() \
         == tokens_of(docs[15:])
+    path = write(tmp_path / "fifteen.txt", "\n<|endoftext|>\n".join(docs[:15]))   # 1.5 documents: rounded, 2
+    assert load_split_tokens("files", "val", cache, [path], log=quiet).tolist() == tokens_of(docs[13:15])
+
+
+def test_files_source_splits_by_tokens_when_the_last_document_is_over_twice_its_share(tmp_path):
+    """Ten documents, the last a quarter of the tokens: held out whole, it would be 2.5 times the
+    tenth asked for; so the last tenth of the tokens is held out instead."""
+    docs = [f"Story number {i} is here." for i in range(9)]
+    docs.append(" ".join(["word"] * (len(tokens_of(docs)) // 3)))
+    everything = tokens_of(docs)
+    assert 0.2 < len(tokens_of(docs[-1:])) / len(everything) < 0.3
+    path = write(tmp_path / "stories.txt", "\n<|endoftext|>\n".join(docs))
+    assert len(load_split_tokens("files", "train", tmp_path, [path], log=quiet)) == int(len(everything) * 0.9)
 
 
 def test_files_source_keeps_one_document_for_training(tmp_path):
@@ -819,7 +839,7 @@ def test_tinystories_probe_never_hangs(hf_env, monkeypatch):
     monkeypatch.setattr(dataset, "_http_head", lambda url, timeout: time.sleep(10))
     started = time.perf_counter()
     available, reason = tinystories_available(timeout_s=0.2)
-    assert time.perf_counter() - started < 1.5
+    assert time.perf_counter() - started < 5   # not the fake's 10 s: a margin for a busy machine
     assert not available and "no answer within 0.2 s" in reason
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import cupy_standin
 import numgpt
 import numgpt.model
+import numgpt.optim
 from gradcheck import gradient_mismatches
 from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, foreach, kernels, no_decay_names
 from numgpt.backend import cupy_available, get_xp, to_device, to_numpy
@@ -274,8 +275,11 @@ def test_bad_inputs_are_clear_errors():
         with pytest.raises(ConfigError, match="positions"):
             model.forward(np.zeros((1, T), dtype=np.int64))
     for bad_id in (10, -1):   # -1 would index the last row of wte, silently
-        with pytest.raises(ConfigError, match="outside"):
+        with pytest.raises(ConfigError, match="idx holds ids outside"):
             model.forward(np.array([[1, bad_id]]))
+        with pytest.raises(ConfigError, match="targets holds ids outside"):   # -1 would train the last id
+            model.forward(np.array([[1, 2]]), np.array([[2, bad_id]]))
+    model.forward(np.array([[1, 2]]), np.array([[2, -100]]))   # -100 is ignore_index, not an id
     with pytest.raises(ConfigError, match="shape"):
         model.forward(np.array([1, 2]))
     with pytest.raises(ConfigError, match="integer"):
@@ -408,7 +412,12 @@ def reference_adamw(p, grads_seq, lr, b1, b2, eps, wd):
     return p
 
 
-def test_adamw_matches_the_textbook_update(xp):
+@pytest.mark.parametrize("cpu_block", [None, 5])
+def test_adamw_matches_the_textbook_update(xp, monkeypatch, cpu_block):
+    """cpu_block 5: the CPU updates a parameter in cache-sized blocks (65,536 elements), which
+    these (3,4) parameters would fit in one of; blocks of 5, 5 and 2 check that each is updated."""
+    if cpu_block:
+        monkeypatch.setattr(numgpt.optim, "CPU_BLOCK", cpu_block)
     rng = np.random.default_rng(0)
     start = rng.normal(size=(3, 4))
     grads_seq = [rng.normal(size=(3, 4)) for _ in range(5)]

@@ -374,6 +374,18 @@ def test_an_output_that_cannot_be_written_is_named(ckpt):
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
 
 
+def test_a_reader_that_goes_away_is_not_an_error(ckpt):
+    """`python sample.py | head -1`: head exits after its line, and the next write meets a closed
+    pipe. That is how such a pipeline ends, so sample.py ends quietly, with status 0."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--ckpt", ckpt, "--max-new-tokens", "20",
+                             "--num-samples", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=SCRIPT_ENV)
+    proc.stdout.close()   # gone before the first line: sample.py is still loading the model
+    stderr = proc.stderr.read()
+    assert proc.wait() == 0
+    assert "error" not in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr
+
+
 @pytest.mark.parametrize("closed, argv, message", [
     ("stdout", [], "standard output is closed"),
     ("stdin", ["--prompt-file", "-"], "standard input, which is closed"),
