@@ -85,7 +85,10 @@ def test_model_gradients(backend, case, scale, seed):
     targets[0, 0] = -100                        # an ignored position takes part too
     if B * T == 1:
         targets[0, 0] = 0
-    assert not model_mismatches(model, idx, targets, rng)
+    # On CuPy a few coordinates of every parameter check how the model composes the kernels, which
+    # test_kernels checks one by one against their NumPy twins; on the stand-in, where each kernel
+    # launch is emulated, 16 made this the suite's slowest test (32 s of CI's time, now ~9 s)
+    assert not model_mismatches(model, idx, targets, rng, max_coords=16 if backend == "numpy" else 4)
 
 
 @pytest.mark.parametrize("loss_scale", [3.0, 2.0 ** 20])
