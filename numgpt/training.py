@@ -633,6 +633,13 @@ class Trainer:
             self.log(f"note: the best model in {self.cfg.out_dir} cannot be used ({problem}); the next "
                      f"evaluation saves the model it has then")
             self.best_val = float("inf")
+        # --data or --dataset may change on --resume (to go on training on other text); the saved
+        # record was measured on the old validation split, and a loss on the new one does not compare
+        elif (self.source, self.cfg.data) != (info["source"], info["train_config"].get("data", [])):
+            self.log(f"note: the run trained on other data before; its best val loss {self.best_val:.4f} "
+                     f"was measured on that data's validation split, so the next evaluation saves the "
+                     f"model it has then")
+            self.best_val = float("inf")
 
     def _best_model_problem(self):
         """Why the out-dir's best model cannot be loaded as this run's model, or None."""

@@ -217,6 +217,27 @@ def test_resume_replaces_a_damaged_best_model(tmp_path, cache_dir, capsys, damag
     GPT.from_pretrained(tmp_path)                          # saved again at step 3's evaluation
 
 
+def test_resume_on_other_data_saves_the_model_at_its_next_evaluation(tmp_path, cache_dir, capsys):
+    """--resume --data goes on training on other text. The best val loss so far was measured on
+    the old data's validation split: kept, it would have to be beaten by a loss on the new one, and
+    the model trained on the new data might never be saved."""
+    text = tmp_path / "stories.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and was happy." * 5
+                                              for i in range(40)))
+    out = tmp_path / "o"
+    assert run(out, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    saved = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert train.main([*TINY, "--data", str(text), "--out-dir", str(out), "--cache-dir", cache_dir, "--resume",
+                       "--max-iters", "3", "--eval-interval", "2"]) == 0
+    assert "the run trained on other data before" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() != saved
+    # the control: resumed on the data it trained on, the record stands
+    assert train.main([*TINY, "--data", str(text), "--out-dir", str(out), "--cache-dir", cache_dir, "--resume",
+                       "--max-iters", "4", "--eval-interval", "2"]) == 0
+    assert "other data" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("damage", [b'{"loss": 2.0}', b"7", b'{"step": 1.5}', b"\xff\xfe"],
                          ids=["no-step", "not-an-object", "float-step", "not-utf8"])
 def test_resume_with_a_damaged_log(tmp_path, cache_dir, monkeypatch, capsys, damage):
