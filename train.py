@@ -50,7 +50,10 @@ def parse_args(argv=None):
                         "tokens when those documents hold more: one long file, two books)")
     g.add_argument("--cache-dir", help=f"where tokenized data is cached (default {d.cache_dir})")
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a named setup; flags you give override it")
+    presets = [f"{name} is " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+               for name, settings in sorted(PRESETS.items()) if settings]
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"a named setup; flags you give override it. {'; '.join(presets)}")
     g.add_argument("--out-dir", help=f"checkpoint, log and plot directory (default {d.out_dir})")
     g.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir")
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out-dir that holds one, "

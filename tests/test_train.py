@@ -871,6 +871,18 @@ def test_data_given_twice_adds_the_files():
     assert train.parse_args(["--data", "a.txt", "--data", "b.txt", "c.txt"]).data == ["a.txt", "b.txt", "c.txt"]
 
 
+def test_help_lists_each_presets_settings_as_the_flags_that_give_them(capsys):
+    """A preset sets more than its README line says (beta2, grad_clip, ...); --help shows them all,
+    and those flags, typed, make the same settings."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split()).replace("- ", "-")   # undo argparse's line wrapping
+    flags = shown.split("tinystories-tutorial is ")[1].split(" --out-dir")[0].split()
+    typed = train.resolve_config(train.parse_args(flags))
+    preset = train.resolve_config(train.parse_args(["--preset", "tinystories-tutorial"]))
+    assert typed == preset
+
+
 def test_a_presets_min_lr_scales_with_the_lr_given():
     """tinystories-tutorial's constant rate stays constant at another --lr (its min_lr 1e-3 would
     otherwise exceed a lower --lr and be refused)."""
