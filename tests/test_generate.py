@@ -195,3 +195,11 @@ def test_each_generated_token_crosses_to_and_from_the_gpu_once(monkeypatch, samp
     cupy_standin.transfers.clear()
     model.generate(prompts(2, 3), 11, seed=0, **sampling)
     assert cupy_standin.transfers == {"to_device": 11, "to_host": 11}
+
+
+def test_uncached_generation_leaves_an_eval_model_in_eval_mode():
+    """use_cache=False runs forward in eval mode and then restores the mode the model was in: a model
+    put in eval mode stays there (else its next forward would drop out)."""
+    model = signal_model("numpy", GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.5})).eval()
+    model.generate(prompts(1, 3), 2, temperature=0, use_cache=False)
+    assert not model.training

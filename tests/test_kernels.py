@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import cuda_emulator
+import cupy_standin
 from gradcheck import relative_error
 from numgpt import GPT, AdamW, GPTConfig, clip_grad_norm, foreach, kernels, precision
 from numgpt.optim import clip_coefficient
@@ -110,6 +111,16 @@ def tensor_core_matmuls(xp, operands):
 def tensor_cores_or_skip(xp, head_size):
     if not kernels.tensor_core_attention_supports(xp, head_size):
         pytest.skip("mma.sync needs compute capability 8.0")
+
+
+@pytest.mark.parametrize("capability, expected", [("75", False), ("80", True), ("86", True), ("90", True)])
+def test_the_tensor_core_attention_runs_from_compute_capability_8_0(monkeypatch, capability, expected):
+    """mma.sync's float16 and TF32 shapes need 8.0 (A100) or newer: an A100 gets the tensor cores too."""
+    cupy_standin.install(monkeypatch)
+    monkeypatch.setattr(cupy_standin.Device, "compute_capability", capability)
+    xp = get_xp("cupy")
+    assert kernels.tensor_core_attention_supports(xp, 64) is expected
+    assert not kernels.tensor_core_attention_supports(xp, 48)   # not a compiled head size
 
 
 def nvrtc_or_skip():
@@ -451,11 +462,11 @@ def test_the_multi_array_comparisons_catch_a_wrong_kernel(monkeypatch, test, mut
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, n_head, hs", [(1, 1, 4), (5, 2, 8), (70, 2, 64), (130, 1, 17), (40, 1, 200)])
+@pytest.mark.parametrize("T, n_head, hs", [(1, 1, 4), (5, 2, 8), (70, 2, 64), (130, 1, 17), (40, 1, 200), (9, 1, 512)])
 def test_flash_attention_kernels_match_their_twin(xp, dtype, T, n_head, hs):
     """Output and every gradient of the attention layer with the fused kernels (no (T,T) matrix)
     as with the twin that forms it: one query block or several, one key tile or several, heads
-    that need 1 to 16 threads a row."""
+    that need 1 to 32 threads a row (512 dims: a whole warp, the most one row may have)."""
     C = n_head * hs
     x, dout = random(xp, (2, T, C), dtype, 0), random(xp, (2, T, C), dtype, 1)
     std = C ** -0.5   # q . k / sqrt(hs) of order 1, as after a layernorm: no row is one-hot
