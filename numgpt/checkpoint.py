@@ -136,13 +136,15 @@ def tensor_checksums(tensors):
     return json.dumps({name: zlib.crc32(np.ascontiguousarray(a)) for name, a in tensors.items()})
 
 
-def checksum_mismatch(tensors, metadata):
-    """The name of the first of `tensors` whose bytes differ from the CRC-32 that the file's
-    `metadata` recorded when it was saved, or None; files saved without checksums (by transformers,
-    or by an older numgpt) are not checked."""
+def checksum_problem(tensors, metadata, path):
+    """What is wrong with the first of `tensors`, read from the file at `path`, whose bytes differ
+    from the CRC-32 that the file's `metadata` recorded when it was saved; or None. Files saved
+    without checksums (by transformers, or by an older numgpt) are not checked."""
     recorded = json.loads(metadata.get(CHECKSUMS_KEY, "{}")) if isinstance(metadata, dict) else {}
-    return next((name for name, a in tensors.items()
-                 if name in recorded and zlib.crc32(np.ascontiguousarray(a)) != recorded[name]), None)
+    damaged = next((name for name, a in tensors.items()
+                    if name in recorded and zlib.crc32(np.ascontiguousarray(a)) != recorded[name]), None)
+    return damaged and (f"{damaged} in {path} is damaged: its bytes do not match the checksum saved with "
+                        f"them (the file changed on disk or in a copy)")
 
 
 def _umask():
@@ -269,11 +271,9 @@ def _read_safetensors(path, skip=()):
             metadata = header.pop("__metadata__", None)
             stored = {name: _read_tensor(f, name, entry, data_start=8 + header_size, file_size=file_size)
                       for name, entry in header.items() if not name.endswith(skip)}
-            damaged = checksum_mismatch(stored, metadata)
+            damaged = checksum_problem(stored, metadata, path)
             if damaged:
-                raise CheckpointError(f"{damaged} in {path} is damaged: its bytes do not match the checksum "
-                                      f"saved with them (the file changed on disk or in a copy); restore the "
-                                      f"file from a good copy")
+                raise CheckpointError(f"{damaged}; restore the file from a good copy")
             return {name: _float(header[name]["dtype"], array) for name, array in stored.items()}
     # a truncated or foreign file, or a header whose entries lack a field or hold the wrong kind of
     # value; RecursionError: JSON nested deeper than Python's stack ("[[[[...")

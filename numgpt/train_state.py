@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from numgpt.backend import to_numpy
-from numgpt.checkpoint import CHECKSUMS_KEY, atomic_write, checksum_mismatch, kind_mismatch, tensor_checksums
+from numgpt.checkpoint import CHECKSUMS_KEY, atomic_write, checksum_problem, kind_mismatch, tensor_checksums
 from numgpt.errors import CheckpointError
 
 STATE_FILE = "train_state.safetensors"
@@ -85,7 +85,7 @@ def _read_state(out_dir, read_tensors):
             metadata = f.metadata() or {}
             info = json.loads(metadata[STATE_KEY])
             tensors = {key: f.get_tensor(key) if read_tensors else None for key in f.keys()}
-            damaged = checksum_mismatch(tensors, metadata) if read_tensors else None
+            damaged = checksum_problem(tensors, metadata, path) if read_tensors else None
         arrays = {group: {} for group in GROUPS}
         for key, tensor in tensors.items():
             group, name = key.split("/", 1)
@@ -94,9 +94,8 @@ def _read_state(out_dir, read_tensors):
         raise CheckpointError(f"cannot resume: {path} is corrupt or not a numgpt training state ({e}). "
                               f"Start over with --overwrite, or restore the file") from None
     if damaged:
-        raise CheckpointError(f"cannot resume: {damaged} in {path} is damaged: its bytes do not match the "
-                              f"checksum saved with them (the file changed on disk or in a copy). Restore the "
-                              f"file from a good copy, or start over with --overwrite")
+        raise CheckpointError(f"cannot resume: {damaged}. Restore the file from a good copy, or start over "
+                              f"with --overwrite")
     if not isinstance(info, dict) or not set(INFO_KINDS) <= set(info):
         missing = sorted(set(INFO_KINDS) - set(info)) if isinstance(info, dict) else "everything"
         raise damaged_state(out_dir, f"its metadata lacks {missing}")

@@ -174,12 +174,6 @@ def embedded_source_key() -> str:
 # TinyStories on Hugging Face.
 # ---------------------------------------------------------------------------------------------
 
-def user_cache_home() -> Path:
-    """The user's cache directory: $XDG_CACHE_HOME, else ~/.cache (the convention that pip and
-    HuggingFace follow); numgpt's token cache is its numgpt/ folder."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-
-
 def _hf_cache_dirs() -> list[Path]:
     """Where a downloaded TinyStories would be: the datasets cache and the hub download cache.
 
@@ -293,6 +287,12 @@ def load_tinystories(split: str, log: Log = print) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The token cache.
 # ---------------------------------------------------------------------------------------------
+
+def user_cache_home() -> Path:
+    """The user's cache directory: $XDG_CACHE_HOME, else ~/.cache (the convention that pip and
+    HuggingFace follow); numgpt's token cache is its numgpt/ folder, HuggingFace's its huggingface/."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
 
 def cache_paths(cache_dir: str | os.PathLike[str], source_key: str, split: str) -> tuple[Path, Path]:
     """The (.bin, .json) paths of the cache for `source_key` and `split`.
