@@ -32,10 +32,12 @@ from numgpt.errors import NumGPTError, describe_os_error  # noqa: E402
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "num_samples", "sample_tokens", "backend", "precision",
              "out_dir", "cache_dir", "dataset", "data"}
 # the JSON kind (numgpt.checkpoint.JSON_KINDS) of a saved TrainConfig setting, by its annotation
-SETTING_KINDS = {str: "a string", int: "an integer", float: "a number", list: "a list of strings"}
+SETTING_KINDS = {str: "a string", int: "an integer", float: "a number", list: "a list of strings",
+                 bool: "true or false"}
 
 
 def parse_args(argv=None):
+    from numgpt.layers.activations import ACTIVATIONS
     from numgpt.training import PRESETS, TrainConfig
 
     d = TrainConfig()
@@ -74,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--n-embd", type=int, help=f"embedding width (default {d.n_embd})")
     g.add_argument("--block-size", type=int, help=f"context length in tokens (default {d.block_size})")
     g.add_argument("--dropout", type=float, help=f"dropout probability (default {d.dropout})")
-    g.add_argument("--activation", choices=["gelu", "gelu_exact", "relu"],
+    g.add_argument("--activation", choices=list(ACTIVATIONS),
                    help=f"MLP activation (default {d.activation})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-iters", type=int, help=f"optimizer steps (default {d.max_iters})")

@@ -39,7 +39,8 @@ def init_params(config, seed=0):
     """GPT-2's initialisation as float64 NumPy arrays: weights normal with mean 0 and std 0.02, the
     residual projections (c_proj) with std 0.02 / sqrt(2 n_layer), so that the 2 n_layer additions
     to the residual stream (two per block) add the same variance to it together whatever the depth,
-    biases 0, layernorm gains 1."""
+    biases 0, layernorm gains 1. Each rule is chosen by the parameter's GPT-2 name (".bias",
+    "ln_", "c_proj"): a new kind of parameter must be named so that the right one matches."""
     rng = seeds.stream(seed, seeds.INIT)
     params = {}
     for name, shape in param_shapes(config).items():

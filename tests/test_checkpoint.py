@@ -47,6 +47,12 @@ def test_a_loaded_model_is_in_eval_mode_as_transformers_loads_it(tmp_path):
     assert not np.array_equal(model.forward(idx, requires_grad=False)[0], model.forward(idx, requires_grad=False)[0])
 
 
+def test_every_activation_has_a_transformers_name():
+    """A new activation added to ACTIVATIONS alone would train, then fail at its first save."""
+    from numgpt.layers.activations import ACTIVATIONS
+    assert set(checkpoint.HF_ACTIVATION) == set(ACTIVATIONS) == set(checkpoint.FROM_HF_ACTIVATION.values())
+
+
 def test_saved_keys_are_transformers_style(saved):
     _, path = saved
     keys = set(load_file(str(path / "model.safetensors")))

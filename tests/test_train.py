@@ -871,6 +871,12 @@ def test_data_given_twice_adds_the_files():
     assert train.parse_args(["--data", "a.txt", "--data", "b.txt", "c.txt"]).data == ["a.txt", "b.txt", "c.txt"]
 
 
+def test_every_setting_has_a_kind_that_resume_can_check():
+    """--resume checks each saved setting's JSON kind by its annotation: a setting of a type
+    without one (a bool, say) would end every --resume in a KeyError traceback."""
+    assert {f.type for f in dataclasses.fields(TrainConfig)} <= set(train.SETTING_KINDS)
+
+
 def test_help_lists_each_presets_settings_as_the_flags_that_give_them(capsys):
     """A preset sets more than its README line says (beta2, grad_clip, ...); --help shows them all,
     and those flags, typed, make the same settings."""
