@@ -21,7 +21,7 @@ compares false with every tolerance.
 
 import numpy as np
 
-from numgpt.backend import to_numpy
+from numgpt.backend import array_module, to_device, to_numpy
 
 EPS = 1e-6
 RTOL = 1e-6
@@ -102,3 +102,18 @@ def dot_loss(out, dout):
 def dot_loss_terms(out, dout):
     """S of dot_loss: sum |out * dout|, the scale of its round-off."""
     return float(abs(out * dout).sum())
+
+
+def draw(xp, rng, shape, scale=1.0):
+    """A float64 array of `shape` on xp's device, normal(0, scale)."""
+    return to_device(rng.normal(0.0, scale, size=shape), xp)
+
+
+def layer_mismatches(run, backward, arrays, rng):
+    """Gradient-check one layer. run(arrays) -> (out, cache); backward(dout, cache) -> {name: grad}."""
+    out, cache = run(arrays)
+    dout = draw(array_module(out), rng, out.shape)          # the upstream gradient, drawn independently
+    analytic = backward(dout, cache)
+    assert set(analytic) == set(arrays)                     # no gradient for an absent bias
+    return gradient_mismatches(lambda: dot_loss(run(arrays)[0], dout), arrays, analytic, rng,
+                               loss_terms=dot_loss_terms(out, dout))

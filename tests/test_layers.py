@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from gradcheck import dot_loss, dot_loss_terms, gradient_mismatches, relative_error
+from gradcheck import dot_loss, draw, gradient_mismatches, layer_mismatches, relative_error
 from numgpt import kernels, precision
 from numgpt.backend import array_module, to_device, to_numpy
 from numgpt.layers import attention, classifier
@@ -29,24 +29,9 @@ scales = st.sampled_from([0.02, 0.3, 1.0, 3.0])   # GPT-2's init scale, and larg
 sizes = st.integers(1, 5)
 
 
-def draw(xp, rng, shape, scale=1.0):
-    """A float64 array of `shape` on xp's device, normal(0, scale)."""
-    return to_device(rng.normal(0.0, scale, size=shape), xp)
-
-
 def without_biases(arrays):
     """The arrays of the same layer in a bias-free model (GPTConfig(bias=False))."""
     return {name: a for name, a in arrays.items() if name != "b" and not name.endswith(".bias")}
-
-
-def mismatches(run, backward, arrays, rng):
-    """Gradient-check one layer. run(arrays) -> (out, cache); backward(dout, cache) -> {name: grad}."""
-    out, cache = run(arrays)
-    dout = draw(array_module(out), rng, out.shape)          # the upstream gradient, drawn independently
-    analytic = backward(dout, cache)
-    assert set(analytic) == set(arrays)                     # no gradient for an absent bias
-    return gradient_mismatches(lambda: dot_loss(run(arrays)[0], dout), arrays, analytic, rng,
-                               loss_terms=dot_loss_terms(out, dout))
 
 
 # ---------------------------------------------------------------- linear
@@ -75,14 +60,14 @@ def linear_grads_first_row_only(dout, cache):
 @given(B=sizes, T=sizes, C_in=sizes, C_out=sizes, scale=scales, seed=seeds)
 def test_linear_gradients(xp, B, T, C_in, C_out, scale, seed):
     rng = np.random.default_rng(seed)
-    assert not mismatches(run_linear, linear_grads, linear_arrays(xp, rng, B, T, C_in, C_out, scale), rng)
+    assert not layer_mismatches(run_linear, linear_grads, linear_arrays(xp, rng, B, T, C_in, C_out, scale), rng)
 
 
 @given(C_in=sizes, C_out=sizes, seed=seeds)
 def test_linear_check_catches_wrong_bias_gradient(xp, C_in, C_out, seed):
     rng = np.random.default_rng(seed)
     arrays = linear_arrays(xp, rng, 2, 3, C_in, C_out, 1.0)
-    assert "b" in mismatches(run_linear, linear_grads_first_row_only, arrays, rng)
+    assert "b" in layer_mismatches(run_linear, linear_grads_first_row_only, arrays, rng)
 
 
 def test_linear_without_bias(xp):
@@ -91,7 +76,7 @@ def test_linear_without_bias(xp):
     run = lambda a: linear_forward(a["x"], a["w"])
     grads = lambda dout, cache: dict(zip(("x", "w"), linear_backward(dout, cache)[:2]))
     assert linear_backward(draw(xp, rng, (2, 3, 5)), run(arrays)[1])[2] is None
-    assert not mismatches(run, grads, arrays, rng)
+    assert not layer_mismatches(run, grads, arrays, rng)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -164,7 +149,7 @@ def test_embedding_gradients(xp, case, scale, seed):
     rng = np.random.default_rng(seed)
     arrays = {"wte": draw(xp, rng, (V, C), scale), "wpe": draw(xp, rng, (block_size, C), scale)}
     start = block_size - T          # the last T positions, as generation with a KV cache uses them; often 0
-    assert not mismatches(run_embedding(to_device(ids, xp), start), embedding_grads, arrays, rng)
+    assert not layer_mismatches(run_embedding(to_device(ids, xp), start), embedding_grads, arrays, rng)
 
 
 @given(case=embedding_case(), seed=seeds)
@@ -174,7 +159,7 @@ def test_embedding_check_catches_fancy_index_bug(xp, case, seed):
     ids = ids.reshape(1, -1)
     rng = np.random.default_rng(seed)
     arrays = {"wte": draw(xp, rng, (V, C)), "wpe": draw(xp, rng, (ids.shape[1], C))}
-    assert "wte" in mismatches(run_embedding(to_device(ids, xp)), embedding_grads_fancy_index, arrays, rng)
+    assert "wte" in layer_mismatches(run_embedding(to_device(ids, xp)), embedding_grads_fancy_index, arrays, rng)
 
 
 def test_embedding_backward_accumulates_into_a_given_gradient(xp):
@@ -229,14 +214,14 @@ def test_layernorm_gradients(xp, B, T, C, scale, shift, bias, seed):
     arrays = {"x": draw(xp, rng, (B, T, C), scale) + shift, "w": draw(xp, rng, (C,)), "b": draw(xp, rng, (C,))}
     if not bias:
         arrays = without_biases(arrays)
-    assert not mismatches(run_layernorm, layernorm_grads, arrays, rng)
+    assert not layer_mismatches(run_layernorm, layernorm_grads, arrays, rng)
 
 
 @given(B=sizes, T=sizes, C=st.integers(2, 9), seed=seeds)
 def test_layernorm_check_catches_missing_variance_path(xp, B, T, C, seed):
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (B, T, C)), "w": draw(xp, rng, (C,)), "b": draw(xp, rng, (C,))}
-    assert "x" in mismatches(run_layernorm, layernorm_grads_missing_variance_path, arrays, rng)
+    assert "x" in layer_mismatches(run_layernorm, layernorm_grads_missing_variance_path, arrays, rng)
 
 
 # ---------------------------------------------------------------- attention
@@ -270,7 +255,7 @@ def test_attention_gradients(xp, B, T, n_head, head_size, dropout, scale, bias, 
     arrays = attention_arrays(xp, rng, B, T, n_head, head_size, scale)
     if not bias:
         arrays = without_biases(arrays)
-    assert not mismatches(run_attention(n_head, dropout, seed), attention_grads, arrays, rng)
+    assert not layer_mismatches(run_attention(n_head, dropout, seed), attention_grads, arrays, rng)
 
 
 @given(T=st.integers(1, 6), n_head=st.integers(1, 3), seed=seeds)
@@ -279,7 +264,7 @@ def test_attention_check_catches_wrong_softmax_backward(xp, T, n_head, seed, mon
     arrays = attention_arrays(xp, rng, 2, T, n_head, 2, 1.0)
     monkeypatch.setattr(attention, "softmax_backward", lambda dprobs, probs: probs * dprobs)
     with kernels.disabled():   # the twin's softmax; on CuPy the flash kernels replace it (test_kernels mutates those)
-        assert mismatches(run_attention(n_head, 0.0, seed), attention_grads, arrays, rng)
+        assert layer_mismatches(run_attention(n_head, 0.0, seed), attention_grads, arrays, rng)
 
 
 def test_attention_rows_are_causal_distributions(xp):
@@ -371,7 +356,7 @@ def test_mlp_gradients(xp, B, T, C, activation, dropout, scale, bias, seed):
         b_fc = to_numpy(arrays["c_fc.bias"]) if bias else 0.0
         h = to_numpy(arrays["x"]).reshape(-1, C) @ to_numpy(arrays["c_fc.weight"]) + b_fc
         assume(np.abs(h).min() > 1e-4)
-    assert not mismatches(run_mlp(activation, dropout, seed), mlp_grads, arrays, rng)
+    assert not layer_mismatches(run_mlp(activation, dropout, seed), mlp_grads, arrays, rng)
 
 
 @given(B=sizes, T=sizes, C=sizes, seed=seeds)
@@ -381,7 +366,7 @@ def test_mlp_check_catches_wrong_gelu_backward(xp, B, T, C, seed, monkeypatch):
     # wrong: differentiates 0.5 x (1 + tanh(...)) as if the tanh did not depend on x
     wrong = lambda dy, x: dy * 0.5 * (1.0 + array_module(x).tanh(0.7978845608 * (x + 0.044715 * x ** 3)))
     monkeypatch.setitem(ACTIVATIONS, "gelu", (gelu_forward, wrong))
-    assert mismatches(run_mlp("gelu"), mlp_grads, arrays, rng)
+    assert layer_mismatches(run_mlp("gelu"), mlp_grads, arrays, rng)
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -390,7 +375,7 @@ def test_activation_gradients(xp, name, n, scale, seed):
     forward, backward = ACTIVATIONS[name]
     rng = np.random.default_rng(seed)
     arrays = {"x": away_from_kinks(draw(xp, rng, (n,), scale))}
-    assert not mismatches(lambda a: forward(a["x"]), lambda d, c: {"x": backward(d, c)}, arrays, rng)
+    assert not layer_mismatches(lambda a: forward(a["x"]), lambda d, c: {"x": backward(d, c)}, arrays, rng)
 
 
 def test_gelu_backward_stays_finite_for_large_inputs(xp):
@@ -416,7 +401,7 @@ def run_dropout(p, mask_seed):
 def test_dropout_gradients(xp, n, p, seed):
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (n,))}
-    assert not mismatches(run_dropout(p, seed), lambda d, c: {"x": dropout_backward(d, c)}, arrays, rng)
+    assert not layer_mismatches(run_dropout(p, seed), lambda d, c: {"x": dropout_backward(d, c)}, arrays, rng)
 
 
 @given(seed=seeds)
@@ -424,7 +409,7 @@ def test_dropout_check_catches_missing_rescale(xp, seed):
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (40,))}
     wrong = lambda d, cache: {"x": d * cache[0]}       # forgot the 1 / (1 - p)
-    assert mismatches(run_dropout(0.5, seed), wrong, arrays, rng)
+    assert layer_mismatches(run_dropout(0.5, seed), wrong, arrays, rng)
 
 
 def test_dropout_keeps_expectation_and_is_off_without_rng(xp):
@@ -450,8 +435,8 @@ def test_residual_gradients(xp):
     arrays = {"x": draw(xp, rng, (2, 3, 4)), "fx": draw(xp, rng, (2, 3, 4))}
     run = lambda a: (residual_forward(a["x"], a["fx"]), None)
     grads = lambda d, _: dict(zip(("x", "fx"), residual_backward(d)))
-    assert not mismatches(run, grads, arrays, rng)
-    assert mismatches(run, lambda d, _: {"x": d, "fx": 0 * d}, arrays, rng)   # a branch that gets no gradient
+    assert not layer_mismatches(run, grads, arrays, rng)
+    assert layer_mismatches(run, lambda d, _: {"x": d, "fx": 0 * d}, arrays, rng)   # a branch that gets no gradient
 
 
 # ---------------------------------------------------------------- cross-entropy and the fused classifier
@@ -482,7 +467,7 @@ def test_cross_entropy_gradients(xp, case, scale, seed, bounded):
         loss, cache = cross_entropy_forward(arrays["logits"], to_device(targets, xp), logits_bound=bound)
         assert np.isnan(float(loss)) and not np.any(to_numpy(cross_entropy_backward(1.0, cache)))
         return
-    assert not mismatches(run_cross_entropy(to_device(targets, xp), bound), grads, arrays, rng)
+    assert not layer_mismatches(run_cross_entropy(to_device(targets, xp), bound), grads, arrays, rng)
 
 
 def test_cross_entropy_without_the_row_max_is_the_same_function(xp):
@@ -509,7 +494,8 @@ def test_cross_entropy_check_catches_mean_over_ignored_rows(xp, case, seed):
         exps, sumexp, safe, valid, n_valid = cache
         return cross_entropy_backward(dloss, cache) * (n_valid / exps.shape[0])
 
-    assert mismatches(run_cross_entropy(to_device(targets, xp)), lambda d, c: {"logits": wrong(d, c)}, arrays, rng)
+    assert layer_mismatches(run_cross_entropy(to_device(targets, xp)), lambda d, c: {"logits": wrong(d, c)},
+                            arrays, rng)
 
 
 def test_cross_entropy_of_uniform_logits_is_log_vocab(xp):
@@ -550,7 +536,7 @@ def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, scale, seed, 
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (N, C), scale), "w": draw(xp, rng, (V, C), scale)}
     grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
-    assert not mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)
+    assert not layer_mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)
 
 
 def test_classifier_matches_unfused_loss_and_logits(xp, monkeypatch):
@@ -657,4 +643,4 @@ def test_classifier_check_catches_per_chunk_mean(xp, case, C, seed, monkeypatch)
 
     monkeypatch.setattr(classifier, "row_weights", per_chunk_mean)
     grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
-    assert mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)
+    assert layer_mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)
