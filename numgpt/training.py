@@ -644,7 +644,7 @@ class Trainer:
     def _best_model_problem(self):
         """Why the out-dir's best model cannot be loaded as this run's model, or None."""
         try:
-            config, params = checkpoint.load_pretrained(self.cfg.out_dir)
+            _, params = checkpoint.load_pretrained(self.cfg.out_dir)
         except CheckpointError as e:
             return str(e)
         return params_mismatch(self.model.config, params)
@@ -747,6 +747,7 @@ class Trainer:
 
     @property
     def log_path(self):
+        """The run's log.jsonl, in the out-dir."""
         return os.path.join(self.cfg.out_dir, LOG_FILE)
 
     def write_row(self, row):

@@ -51,6 +51,13 @@ def run(out_dir, cache_dir, *flags):
     return train.main([*TINY, "--dataset", "embedded", "--out-dir", str(out_dir), "--cache-dir", cache_dir, *flags])
 
 
+def write_stories(path):
+    """A local text file of 40 short stories, enough for TINY's batches: `path`."""
+    path.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and was happy." * 5
+                                              for i in range(40)))
+    return path
+
+
 def log_rows(out_dir):
     with open(Path(out_dir) / "log.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -221,9 +228,7 @@ def test_resume_on_other_data_saves_the_model_at_its_next_evaluation(tmp_path, c
     """--resume --data goes on training on other text. The best val loss so far was measured on
     the old data's validation split: kept, it would have to be beaten by a loss on the new one, and
     the model trained on the new data might never be saved."""
-    text = tmp_path / "stories.txt"
-    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and was happy." * 5
-                                              for i in range(40)))
+    text = write_stories(tmp_path / "stories.txt")
     out = tmp_path / "o"
     assert run(out, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
     saved = (out / "model.safetensors").read_bytes()
@@ -526,9 +531,7 @@ def test_fine_tuning_takes_the_model_shape_from_the_checkpoint(tmp_path, cache_d
 
 
 def test_local_text_files(tmp_path, cache_dir):
-    text = tmp_path / "stories.txt"
-    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and was happy." * 5
-                                              for i in range(40)))
+    text = write_stories(tmp_path / "stories.txt")
     assert train.main([*TINY, "--data", str(text), "--out-dir", str(tmp_path / "o"),
                        "--cache-dir", cache_dir, "--max-iters", "2"]) == 0
 
