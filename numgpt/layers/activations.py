@@ -17,6 +17,10 @@ GELU_SCALE = math.sqrt(2.0 / math.pi)  # a Python float: NumPy scalars would pro
 GELU_CUBIC = 0.044715
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# Past |x| = 10, tanh(u) rounds to +-1 (u = 43.6 there), so GELU's slope is exactly 1 or 0 in float32
+# and float64: the backward clips x to this range, changing no result, so that x^3 cannot overflow
+# (beyond |x| ~ 1e13 in float32 it would, and inf * (1 - t) = inf * 0 is NaN).
+GELU_SATURATION = 10.0
 
 
 def gelu_forward(x, out_dtype=None):
@@ -46,11 +50,13 @@ def gelu_backward(dy, x):
     dy, x (same shape) -> dx (same shape).
 
     Evaluated as dy * (1 + t) (0.5 + s (1 - t)), the same expression factored, in place in three
-    arrays. sech^2 is written 1 - tanh^2: cosh overflows for large |x| (llm.c saw NaNs from it).
+    arrays, on x clipped to +-GELU_SATURATION. sech^2 is written 1 - tanh^2: cosh overflows for
+    large |x| (llm.c saw NaNs from it).
     """
     xp = array_module(x)
     if kernels.enabled(xp):
         return kernels.gelu_backward(dy, x)
+    x = xp.clip(x, -GELU_SATURATION, GELU_SATURATION)      # a new array, so the caller's x is kept
     x2 = x * x
     t = x2 * GELU_CUBIC
     t += 1.0
@@ -62,7 +68,7 @@ def gelu_backward(dy, x):
     s += 1.0
     s *= 0.5 * GELU_SCALE
     s *= x                                             # s
-    local = s * t
+    local = xp.multiply(s, t, out=x)                   # and the clipped x's memory holds the rest
     xp.subtract(s, local, out=local)
     local += 0.5                                       # 0.5 + s (1 - t)
     t += 1.0
