@@ -78,18 +78,20 @@ def atomic_writer(path):
     """A binary file to write `path` through, all or nothing, so that a reader sees the old file or
     the new one, never a torn one: the block writes a temporary file beside `path`; leaving it
     fsyncs that file, renames it over `path` and fsyncs the directory. An exception or a crash
-    half-way leaves the old file, or none. Streams, so a large file need not fit in memory."""
+    half-way leaves the old file, or none. Streams, so a large file need not fit in memory.
+    An OSError of the block's writes, or of the flush, says which file it failed to write."""
     directory = os.path.dirname(os.path.abspath(path))
     failed = f"cannot write {path}"   # what its OSErrors say first: alone, "No space left on device" says not where
     with saying(failed):
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it private; give it a normal file's mode
-        with os.fdopen(fd, "wb") as f:
+        # saying outside the file: after a failed flush, closing the file flushes again, and that
+        # error, which replaces the first, must name the file too
+        with saying(failed), os.fdopen(fd, "wb") as f:
             yield f
-            with saying(failed):
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -104,7 +106,7 @@ def atomic_writer(path):
 
 def atomic_write(path, data):
     """Write the bytes `data` to `path` all or nothing (see atomic_writer)."""
-    with atomic_writer(path) as f, saying(f"cannot write {path}"):
+    with atomic_writer(path) as f:
         f.write(data)
 
 

@@ -1,7 +1,10 @@
 """Saving and loading GPT-2 directories: round trips, and every broken checkpoint a user may hand
 us gets a CheckpointError that names the problem (never a traceback from deep inside)."""
 
+import errno
+import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -332,3 +335,34 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, object())          # the write fails midway
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]   # no temporary file left behind
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write of its buffer fails with ENOSPC."""
+    def __init__(self, fd):
+        self.fd = fd
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        os.close(self.fd)
+        super().close()
+
+
+@pytest.mark.parametrize("size", [10, 10**6])   # held in the buffer until the flush, or written at once
+def test_a_full_disk_is_named_with_the_file_it_could_not_write(tmp_path, monkeypatch, size):
+    """A small write waits in the file's buffer: its flush fails, and so does the close's second
+    flush, whose error must name the file too (it replaced the named one: a bare "No space left")."""
+    target = tmp_path / "f.bin"
+    atomic_write(target, b"old")
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: io.BufferedWriter(FullDisk(fd)))
+    with pytest.raises(OSError) as failed:
+        atomic_write(target, b"x" * size)
+    assert failed.value.errno == errno.ENOSPC
+    assert failed.value.strerror == f"cannot write {target}: No space left on device"
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
