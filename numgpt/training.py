@@ -406,6 +406,10 @@ def refuse_previous_run(out_dir):
     if set(found) <= {checkpoint.CONFIG_FILE, PLOT_FILE}:
         raise ConfigError(f"{out_dir}/ holds {' and '.join(found)}, which this run would overwrite: choose "
                           f"another --out-dir, or give --overwrite to replace {'them' if len(found) > 1 else 'it'}")
+    if STATE_FILE not in found:   # left by a run killed during its first checkpoint, or by another program
+        raise ConfigError(f"{out_dir}/ holds {', '.join(found)} but no {STATE_FILE}, so --resume cannot "
+                          f"continue it (a run stopped during its first checkpoint leaves this): start over with "
+                          f"--overwrite, which replaces them, or choose another --out-dir")
     step = saved_step(out_dir)
     raise ConfigError(f"{out_dir}/ already holds a training run{'' if step is None else f' (step {step})'}: "
                       f"continue it with --resume, start over with --overwrite, or choose another --out-dir")

@@ -347,9 +347,22 @@ def test_a_log_alone_is_a_run_too(tmp_path, cache_dir, capsys):
     """A fresh run must not append to, or silently replace, another run's log."""
     (tmp_path / "log.jsonl").write_text('{"step": 0, "train_loss": 3.0, "val_loss": 3.1}\n')
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
-    assert "already holds a training run" in capsys.readouterr().err
+    assert "holds log.jsonl but no train_state.safetensors" in capsys.readouterr().err
     assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
     assert [r["step"] for r in log_rows(tmp_path)] == [0, 1, 1]              # the old row is gone
+
+
+def test_a_run_killed_during_its_first_checkpoint_is_not_sent_to_resume(tmp_path, cache_dir, capsys):
+    """A SIGKILL between the first checkpoint's model and its state leaves a model, its config and the
+    log, but nothing --resume can continue: the refusal must offer only --overwrite."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    (tmp_path / STATE_FILE).unlink()
+    capsys.readouterr()
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
+    err = capsys.readouterr().err
+    assert "holds model.safetensors, config.json, log.jsonl" in err and f"but no {STATE_FILE}" in err
+    assert "--overwrite" in err and "continue it with --resume" not in err
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
 
 
 def test_a_new_run_refuses_a_config_json_or_plot_it_would_overwrite(tmp_path, cache_dir, capsys):
