@@ -568,15 +568,15 @@ def test_failed_tokenizing_leaves_no_trusted_cache(tmp_path):
 
 def test_tokenizing_removes_a_killed_runs_temporary_files_but_not_a_live_ones(tmp_path):
     """A run killed while it tokenized leaves a temporary file as large as the tokens. The next
-    run that tokenizes into the cache removes it once it is a day old: one touched since may be
+    run that tokenizes into the cache removes it once it is an hour old: one touched since may be
     another run's, still writing."""
     killed, live, users = tmp_path / ".tmp-k1ll3d_x", tmp_path / ".tmp-w0rk1ng_", tmp_path / ".tmp-notes_2023.txt"
     for path in (killed, live, users):
         path.write_bytes(b"half the tokens")
-    a_day_ago = time.time() - dataset.STALE_TEMP_S
+    an_hour_ago = time.time() - dataset.STALE_TEMP_S
     for path in (killed, users):
-        os.utime(path, (a_day_ago, a_day_ago))
-    os.utime(live, (a_day_ago + 60, a_day_ago + 60))
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    os.utime(live, (an_hour_ago + 60, an_hour_ago + 60))
     prepare_tokens(CountingDocuments(DOCS), tmp_path, "demo", "train", log=lambda m: None)
     assert not killed.exists() and live.exists() and users.exists()
 

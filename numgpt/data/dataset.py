@@ -64,8 +64,10 @@ DOCS_PER_BATCH = 2048       # documents handed to the tokenizer at once (threads
 BATCH_CHARS = 8 << 20       # and at most about this many characters: its token lists cost ~15x that
 PIECE_CHARS = 1 << 20       # a longer document goes to the tokenizer in pieces (see pieces)
 TOKENIZER_THREADS = min(8, os.cpu_count() or 1)
-# a temporary file in the cache untouched this long is a killed run's, not another run's still writing
-STALE_TEMP_S = 24 * 3600
+# a temporary file in the cache untouched this long is a killed run's, not another run's still writing:
+# a live one grows with every batch of documents, seconds apart (such a file can take a GB of disk,
+# so a killed run's is not kept for long)
+STALE_TEMP_S = 3600
 
 TINYSTORIES_REPO = "roneneldan/TinyStories"
 HF_URL = "https://huggingface.co"
