@@ -198,8 +198,8 @@ def config_from_hf(hf):
         raise CheckpointError(f"n_inner = {hf['n_inner']} is not supported: numgpt's MLP is 4 * n_embd wide")
     if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise CheckpointError(f"layer_norm_epsilon = {hf['layer_norm_epsilon']} is not supported (GPT-2 uses 1e-5)")
-    for flag, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                          ("reorder_and_upcast_attn", False)):
+    # (reorder_and_upcast_attn is not among them: it computes the same scores, only in float32)
+    for flag, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
         if hf.get(flag, default) != default:
             raise CheckpointError(f"{flag} = {hf[flag]} is not supported (GPT-2 uses {default})")
     try:

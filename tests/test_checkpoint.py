@@ -151,7 +151,6 @@ def test_truncated_weights(saved):
     ('{"layer_norm_epsilon": 1e-6}', "layer_norm_epsilon = 1e-06 is not supported"),
     ('{"scale_attn_weights": false}', "scale_attn_weights = False is not supported"),
     ('{"scale_attn_by_inverse_layer_idx": true}', "scale_attn_by_inverse_layer_idx = True is not supported"),
-    ('{"reorder_and_upcast_attn": true}', "reorder_and_upcast_attn = True is not supported"),
 ])
 def test_bad_config(saved, text, message):
     _, path = saved

@@ -140,6 +140,20 @@ def test_greedy_generation_matches(checkpoint_pair, backend):
     np.testing.assert_array_equal(ours[:, :16], ref.numpy())
 
 
+def test_upcast_and_reordered_attention_loads_as_the_same_function(tmp_path):
+    """reorder_and_upcast_attn (set by GPT-2s trained in float16, such as Stanford CRFM's) computes
+    the same attention scores, in float32; numgpt computes them in its own dtype. transformers takes
+    that path only in eager attention, and there refuses float64 (its float64 mask upcasts the scores):
+    the flagged model runs in float32 (measured: 3.0e-7 from numgpt's float64 logits)."""
+    upcast = tiny_hf_model(reorder_and_upcast_attn=True, attn_implementation="eager")
+    upcast.save_pretrained(str(tmp_path))
+    model = GPT.from_pretrained(tmp_path, dtype="float64")
+    idx = torch.tensor(np.random.default_rng(1).integers(0, V, size=(2, T)))
+    logits = model.forward(idx.numpy())[0]
+    assert rel_err(logits, tiny_hf_model()(idx).logits.detach().numpy()) < PARITY   # the same weights, unflagged
+    assert rel_err(logits, upcast.float()(idx).logits.detach().numpy()) < 1e-5     # a refused variant is 3e-2 off
+
+
 @pytest.mark.parametrize("config", [
     GPTConfig(vocab_size=V, block_size=T, n_layer=2, n_head=2, n_embd=8),
     GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=4, n_embd=8, tie_weights=False, activation="relu"),
