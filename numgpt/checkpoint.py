@@ -52,8 +52,8 @@ HF_FIELD_KINDS = {
     "n_layer": "an integer", "n_head": "an integer", "n_inner": "an integer or null",
     "resid_pdrop": "a number", "layer_norm_epsilon": "a number",
     "scale_attn_weights": "true or false", "scale_attn_by_inverse_layer_idx": "true or false",
-    "reorder_and_upcast_attn": "true or false", "tie_word_embeddings": "true or false",
-    "numgpt": "an object",
+    "reorder_and_upcast_attn": "true or false", "add_cross_attention": "true or false",
+    "tie_word_embeddings": "true or false", "numgpt": "an object",
 }
 
 
@@ -198,8 +198,10 @@ def config_from_hf(hf):
         raise CheckpointError(f"n_inner = {hf['n_inner']} is not supported: numgpt's MLP is 4 * n_embd wide")
     if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
         raise CheckpointError(f"layer_norm_epsilon = {hf['layer_norm_epsilon']} is not supported (GPT-2 uses 1e-5)")
-    # (reorder_and_upcast_attn is not among them: it computes the same scores, only in float32)
-    for flag, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+    # (reorder_and_upcast_attn is not among them: it computes the same scores, only in float32;
+    # add_cross_attention is: an encoder-decoder's GPT-2, whose extra layers numgpt has not)
+    for flag, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                          ("add_cross_attention", False)):
         if hf.get(flag, default) != default:
             raise CheckpointError(f"{flag} = {hf[flag]} is not supported (GPT-2 uses {default})")
     try:
@@ -330,8 +332,8 @@ def _check_checkpoint_dir(path):
     config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for needed in (config_path, weights_path):
         if not os.path.isfile(needed):
-            hint = (" (a pytorch_model.bin is there: re-save it with transformers' "
-                    "save_pretrained(..., safe_serialization=True))"
+            hint = (" (a pytorch_model.bin is there, which needs torch to read: load the model with "
+                    "transformers and save_pretrained it again, which writes model.safetensors)"
                     if os.path.exists(os.path.join(path, "pytorch_model.bin")) else "")
             raise CheckpointError(f"{path!r} has no {os.path.basename(needed)}: a GPT-2 checkpoint "
                                   f"needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")

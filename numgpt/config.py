@@ -86,7 +86,8 @@ def params_mismatch(config, params):
     expected = param_shapes(config)
     missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or unexpected:
-        return f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        return ", ".join(f"{what} {names[:5]}{' and more' if len(names) > 5 else ''}"
+                         for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
     wrong = next((name for name, shape in expected.items() if tuple(params[name].shape) != shape), None)
     if wrong is not None:
         return f"params[{wrong!r}] has shape {tuple(params[wrong].shape)}, expected {expected[wrong]}"

@@ -140,6 +140,13 @@ def test_truncated_weights(saved):
         GPT.from_pretrained(path)
 
 
+def test_a_pytorch_bin_alone_gets_a_way_to_convert_it(saved):
+    _, path = saved
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")   # torch's pickle, in older checkpoints
+    with pytest.raises(CheckpointError, match="has no model.safetensors.*pytorch_model.bin is there.*save_pretrained"):
+        GPT.from_pretrained(path)
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", "cannot read"),
     ("[1, 2]", "JSON object"),
@@ -151,6 +158,8 @@ def test_truncated_weights(saved):
     ('{"layer_norm_epsilon": 1e-6}', "layer_norm_epsilon = 1e-06 is not supported"),
     ('{"scale_attn_weights": false}', "scale_attn_weights = False is not supported"),
     ('{"scale_attn_by_inverse_layer_idx": true}', "scale_attn_by_inverse_layer_idx = True is not supported"),
+    # an encoder-decoder's GPT-2: refused from config.json, not after --init-from has tokenized the data
+    ('{"add_cross_attention": true}', "add_cross_attention = True is not supported"),
 ])
 def test_bad_config(saved, text, message):
     _, path = saved

@@ -344,10 +344,15 @@ def test_to_device_casts_to_the_dtype_it_is_given(xp):
 def test_params_that_do_not_fit_the_config_are_refused():
     config = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4)
     params = GPT(config).params
-    with pytest.raises(ConfigError, match=r"missing \['ln_f.bias'\]"):
+    with pytest.raises(ConfigError, match=r"missing \['ln_f.bias'\]") as refused:
         GPT(config, params={name: p for name, p in params.items() if name != "ln_f.bias"})
-    with pytest.raises(ConfigError, match=r"unexpected \['lm_head.weight'\]"):
+    assert "unexpected" not in str(refused.value)                              # an empty list is not named
+    with pytest.raises(ConfigError, match=r"unexpected \['lm_head.weight'\]") as refused:
         GPT(config, params={**params, "lm_head.weight": params["wte.weight"]})   # the config ties them
+    assert "missing" not in str(refused.value)
+    extra = {f"extra{i}": params["wte.weight"] for i in range(6)}
+    with pytest.raises(ConfigError, match=r"missing \['ln_f.bias'\], unexpected \[(.*, ){4}.*\] and more"):
+        GPT(config, params={**{k: v for k, v in params.items() if k != "ln_f.bias"}, **extra})
     with pytest.raises(ConfigError, match=r"'ln_f.bias'\] has shape \(1,\)"):
         GPT(config, params={**params, "ln_f.bias": np.zeros(1)})   # would broadcast in forward, silently
     with pytest.raises(ConfigError, match=r"'h.0.attn.c_attn.weight'\] has shape \(12, 4\)"):
