@@ -194,16 +194,23 @@ def load_data(cfg, source, log):
 
 def build_model(cfg, params=None, config=None):
     """A fresh model, one initialised from a HuggingFace GPT-2 directory (--init-from), or, given
-    `params` and `config`, the model of a saved training state; in cfg's precision (Trainer.setup
-    has switched TF32 on or off)."""
+    `params` and `config`, a model of those weights (a saved training state's, or the --init-from
+    checkpoint's as load_init_from read it); in cfg's precision (Trainer.setup has switched TF32
+    on or off)."""
     kwargs = dict(backend=cfg.backend, dtype=cfg.dtype, matmul_dtype="float16" if cfg.precision == "fp16" else None)
+    if params is None and cfg.init_from != "scratch":
+        config, params = load_init_from(cfg)
     if params is not None:
         return GPT(config, params=params, **kwargs)
-    if cfg.init_from == "scratch":
-        return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
+    return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
+
+
+def load_init_from(cfg):
+    """(GPTConfig with cfg's dropout, {name: array}) of the --init-from checkpoint, read whole and
+    checked (its checksums included: see checkpoint.load_pretrained)."""
     config, params = checkpoint.load_pretrained(cfg.init_from)
     check_block_size(cfg, config)
-    return GPT(dataclasses.replace(config, dropout=cfg.dropout), params=params, **kwargs)
+    return dataclasses.replace(config, dropout=cfg.dropout), params
 
 
 def check_block_size(cfg, config):
@@ -545,12 +552,18 @@ class Trainer:
             checkpoint.remove_stale_temp_files(cfg.out_dir)
             if state is not None and os.path.exists(self.log_path):
                 read_log(self.log_path)   # a damaged log is named now, not after the data
+        # --init-from's weights are read and checked before the data, which can take minutes: a
+        # truncated or damaged file is named now, not after them
+        pretrained_config, pretrained = None, None
+        if state is None and cfg.init_from != "scratch":
+            pretrained_config, pretrained = load_init_from(cfg)
         # rank 0 chooses the data (every rank must train on the same) and tokenizes it into the
         # cache; the other ranks then read the cache instead of tokenizing the same text again
         self.source = comm.broadcast(self._choose_source(state) if self.is_main else None)
         with main_first(comm):
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
-        self.model = build_model(cfg) if state is None else self._model_from_state(state[0], config)
+        self.model = (build_model(cfg, pretrained, pretrained_config) if state is None
+                      else self._model_from_state(state[0], config))
         if backend_name(self.model.xp) == "numpy":
             keep_freed_memory()   # every step reuses the last step's memory: no page faults (see there)
         self.optimizer = build_optimizer(self.model, cfg)

@@ -1042,6 +1042,18 @@ def test_fine_tuning_a_model_of_another_vocabulary_is_refused_before_the_data(tm
     assert "has a vocabulary of 100 tokens" in capsys.readouterr().err
 
 
+def test_fine_tuning_from_damaged_weights_is_refused_before_the_data(tmp_path, cache_dir, monkeypatch, capsys):
+    """config.json alone passes with_checkpoint_shape: the weights must be read before the data too,
+    which can take minutes to tokenize."""
+    config = GPTConfig(vocab_size=50257, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    GPT(config, seed=0).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])   # truncated, as by a copy that was cut short
+    monkeypatch.setattr(numgpt.training, "load_data", None)
+    assert run(tmp_path / "o", cache_dir, "--init-from", str(tmp_path / "m")) == 2
+    assert f"cannot read {weights}" in capsys.readouterr().err
+
+
 def test_a_run_removes_temporary_files_of_a_killed_write(tmp_path, cache_dir):
     (tmp_path / ".tmp-k1ll3d_x").write_bytes(b"half a checkpoint")
     (tmp_path / ".tmp-notes.txt").write_text("the user's")
