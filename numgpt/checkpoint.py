@@ -25,6 +25,9 @@ from numgpt.errors import CheckpointError, ConfigError, saying
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# a large model's weights in several files: {"weight_map": {tensor name: file}} (transformers'
+# save_pretrained shards a model above its max_shard_size, 5 GB by default)
+INDEX_FILE = "model.safetensors.index.json"
 PREFIX = "transformer."
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks, not parameters
 # the safetensors metadata entry where numgpt writes a CRC-32 of each tensor's bytes (JSON {name: crc}),
@@ -321,7 +324,8 @@ def load_config(path):
 
 
 def _check_checkpoint_dir(path):
-    """CheckpointError unless `path` is a directory holding config.json and model.safetensors."""
+    """CheckpointError unless `path` is a directory holding config.json and model.safetensors (or the
+    index of its shards)."""
     if os.path.isfile(path):
         raise CheckpointError(f"{path!r} is a file, not a checkpoint directory: give the directory that holds "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE} (a train.py out-dir)")
@@ -329,23 +333,52 @@ def _check_checkpoint_dir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist: give a train.py out-dir, or a "
                               f"HuggingFace GPT-2 directory with {CONFIG_FILE} and {WEIGHTS_FILE} on this "
                               f"machine (numgpt does not download models)")
-    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
-    for needed in (config_path, weights_path):
-        if not os.path.isfile(needed):
-            hint = (" (a pytorch_model.bin is there, which needs torch to read: load the model with "
-                    "transformers and save_pretrained it again, which writes model.safetensors)"
-                    if os.path.exists(os.path.join(path, "pytorch_model.bin")) else "")
-            raise CheckpointError(f"{path!r} has no {os.path.basename(needed)}: a GPT-2 checkpoint "
-                                  f"needs {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise CheckpointError(f"{path!r} has no {CONFIG_FILE}: a GPT-2 checkpoint needs {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE} (or {INDEX_FILE} and its shards)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_FILE, INDEX_FILE)):
+        hint = (" (a pytorch_model.bin is there, which needs torch to read: load the model with "
+                "transformers and save_pretrained it again, which writes model.safetensors)"
+                if os.path.exists(os.path.join(path, "pytorch_model.bin")) else "")
+        raise CheckpointError(f"{path!r} has no {WEIGHTS_FILE}, nor {INDEX_FILE} for shards: a GPT-2 "
+                              f"checkpoint needs {CONFIG_FILE} and its weights in safetensors{hint}")
+
+
+def _weights_files(path):
+    """(the file to name in messages about the weights, [the safetensors files that hold them]) of a
+    checkpoint directory: model.safetensors, or else the shards that model.safetensors.index.json
+    maps the tensors to; CheckpointError when that index cannot be followed."""
+    single, index_path = os.path.join(path, WEIGHTS_FILE), os.path.join(path, INDEX_FILE)
+    if os.path.isfile(single):
+        return single, [single]
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {index_path}: {e}. Is the checkpoint complete?") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    # a file name alone: an index must not send the reader to files outside its directory
+    if not shards or not all(isinstance(name, str) and name and os.path.basename(name) == name for name in shards):
+        raise CheckpointError(f"{index_path} does not map the tensors to shard files in its directory "
+                              f"(a \"weight_map\" of names to file names): re-save the checkpoint")
+    return index_path, [os.path.join(path, name) for name in sorted(shards)]
 
 
 def load_pretrained(path):
-    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory. The arrays keep
-    the file's float dtype (bfloat16 becomes float32, exactly); GPT converts them to its own."""
+    """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory, its weights in one
+    file or in shards. The arrays keep the file's float dtype (bfloat16 becomes float32, exactly);
+    GPT converts them to its own."""
     config = load_config(path)
-    weights_path = os.path.join(os.fspath(path), WEIGHTS_FILE)
-    # the causal masks are buffers, not weights, which some files store as booleans: left unread
-    tensors = _read_safetensors(weights_path, skip=MASK_BUFFERS)
+    weights_path, files = _weights_files(os.fspath(path))
+    tensors = {}
+    for file in files:
+        # the causal masks are buffers, not weights, which some files store as booleans: left unread
+        shard = _read_safetensors(file, skip=MASK_BUFFERS)
+        repeated = sorted(shard.keys() & tensors.keys())
+        if repeated:   # which of the two is the model's?
+            raise CheckpointError(f"{file} holds {repeated[0]}, which another shard of {weights_path} holds too")
+        tensors.update(shard)
     tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
     if config.tie_weights:
         tensors.pop("lm_head.weight", None)   # transformers ties it to wte on load, and so do we

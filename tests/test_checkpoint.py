@@ -140,10 +140,61 @@ def test_truncated_weights(saved):
         GPT.from_pretrained(path)
 
 
+def shard(path, n_shards=2):
+    """Split path's model.safetensors into n_shards files and an index, as transformers' save_pretrained
+    does for a model above its max_shard_size; returns the index as a dict."""
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(n_shards):
+        file = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {name: tensors[name] for name in names[i::n_shards]}
+        save_file(part, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return index
+
+
+def test_a_sharded_checkpoint_loads(saved):
+    model, path = saved
+    shard(path, n_shards=3)
+    loaded = GPT.from_pretrained(path)
+    assert loaded.config == model.config
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(to_numpy(loaded.params[name]), to_numpy(p))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda index, path: "{", "cannot read .*index.json"),
+    (lambda index, path: json.dumps({"metadata": {}}), "does not map the tensors to shard files"),
+    (lambda index, path: json.dumps({"weight_map": {"wte.weight": "../model.safetensors"}}),
+     "does not map the tensors to shard files in its directory"),
+    (lambda index, path: (path / "model-00002-of-00002.safetensors").unlink() or json.dumps(index),
+     "cannot read .*model-00002-of-00002.safetensors: .*No such file"),
+])
+def test_a_damaged_shard_index_is_named(saved, damage, message):
+    _, path = saved
+    index = shard(path)
+    (path / "model.safetensors.index.json").write_text(damage(index, path))
+    with pytest.raises(CheckpointError, match=message):
+        GPT.from_pretrained(path)
+
+
+def test_a_tensor_in_two_shards_is_refused(saved):
+    _, path = saved
+    shard(path)
+    first = path / "model-00001-of-00002.safetensors"
+    save_file({**load_file(str(first)), **load_file(str(path / "model-00002-of-00002.safetensors"))}, str(first))
+    with pytest.raises(CheckpointError, match="which another shard of .*index.json holds too"):
+        GPT.from_pretrained(path)
+
+
 def test_a_pytorch_bin_alone_gets_a_way_to_convert_it(saved):
     _, path = saved
     (path / "model.safetensors").rename(path / "pytorch_model.bin")   # torch's pickle, in older checkpoints
-    with pytest.raises(CheckpointError, match="has no model.safetensors.*pytorch_model.bin is there.*save_pretrained"):
+    with pytest.raises(CheckpointError, match="has no model.safetensors, nor .*pytorch_model.bin is there.*save_pre"):
         GPT.from_pretrained(path)
 
 

@@ -140,6 +140,17 @@ def test_greedy_generation_matches(checkpoint_pair, backend):
     np.testing.assert_array_equal(ours[:, :16], ref.numpy())
 
 
+def test_a_checkpoint_transformers_saved_in_shards_loads(tmp_path):
+    """A model above save_pretrained's max_shard_size (5 GB by default: GPT-2 XL in float32) is saved
+    as shards and an index; here a tiny one, cut into shards of 20 KB."""
+    hf = tiny_hf_model()
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    idx = torch.tensor(np.random.default_rng(2).integers(0, V, size=(2, T)))
+    logits = GPT.from_pretrained(tmp_path, dtype="float64").forward(idx.numpy())[0]
+    assert rel_err(logits, hf(idx).logits.detach().numpy()) < PARITY
+
+
 def test_upcast_and_reordered_attention_loads_as_the_same_function(tmp_path):
     """reorder_and_upcast_attn (set by GPT-2s trained in float16, such as Stanford CRFM's) computes
     the same attention scores, in float32; numgpt computes them in its own dtype. transformers takes
