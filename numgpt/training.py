@@ -33,7 +33,7 @@ from numgpt.backend import backend_name, cupy_problem, get_xp, gpu_name, memory_
 from numgpt.config import GPTConfig, num_params, params_mismatch
 from numgpt.console import counted
 from numgpt.data import dataset
-from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer
+from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer, write_hf_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, describe_os_error, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
@@ -754,6 +754,7 @@ class Trainer:
             self.best_val = losses["val"]
             if self.is_main:
                 self.model.save_pretrained(self.cfg.out_dir)
+                write_hf_tokenizer(self.cfg.out_dir)   # the model's tokens are GPT-2's: transformers needs its files
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
         # the row before the state: a resume starts after the state's step, so a kill between the

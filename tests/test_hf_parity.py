@@ -13,6 +13,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from numgpt import GPT, AdamW, GPTConfig  # noqa: E402
 from numgpt.backend import to_numpy  # noqa: E402
+from numgpt.data.tokenizer import decode, encode, write_hf_tokenizer  # noqa: E402
 
 V, T = 97, 16
 PARITY = 1e-12   # relative error allowed against transformers in float64
@@ -138,6 +139,22 @@ def test_greedy_generation_matches(checkpoint_pair, backend):
     ref = hf.generate(torch.tensor(prompt), max_new_tokens=11, do_sample=False, pad_token_id=0,
                       attention_mask=torch.ones(prompt.shape, dtype=torch.long))
     np.testing.assert_array_equal(ours[:, :16], ref.numpy())
+
+
+def test_transformers_reads_the_tokenizer_of_an_out_dir(tmp_path):
+    """train.py writes GPT-2's tokenizer files beside the model: transformers' AutoTokenizer then
+    tokenizes as numgpt does, and pipeline() continues text as sample.py does (without the files it
+    made an empty tokenizer and returned the prompt unchanged, with no error)."""
+    model = GPT(GPTConfig(vocab_size=50257, block_size=32, n_layer=1, n_head=2, n_embd=16), seed=0).eval()
+    model.save_pretrained(tmp_path)
+    assert write_hf_tokenizer(tmp_path)
+    text = "Once upon a time, naïve Zoë said: “héllo” 🙂\n\n   spaces\tand tabs"
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path))(text).input_ids == encode(text)
+    prompt = "Once upon a time"
+    ids = model.generate(np.array([encode(prompt)]), max_new_tokens=6, temperature=0)[0]
+    generated = transformers.pipeline("text-generation", model=str(tmp_path))(
+        prompt, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert generated == decode(ids) != prompt
 
 
 def test_a_checkpoint_transformers_saved_in_shards_loads(tmp_path):

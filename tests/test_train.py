@@ -28,7 +28,7 @@ import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
 from numgpt.backend import to_numpy
-from numgpt.data.tokenizer import EOT, get_tokenizer
+from numgpt.data.tokenizer import EOT, bundled_bpe_files, get_tokenizer
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
@@ -522,6 +522,14 @@ def test_an_output_that_fails_only_when_flushed_is_named(tmp_path, cache_dir, mo
     monkeypatch.setattr(sys, "stdout", FullAtFlush())
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
     assert "cannot write to the standard output: No space left on device" in capsys.readouterr().err
+
+
+def test_the_out_dir_holds_the_tokenizer_for_transformers(tmp_path, cache_dir):
+    """vocab.json and merges.txt, GPT-2's encoder.json and vocab.bpe under transformers' names."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    vocab_bpe, encoder_json = bundled_bpe_files()
+    assert (tmp_path / "merges.txt").read_bytes() == vocab_bpe.read_bytes()
+    assert (tmp_path / "vocab.json").read_bytes() == encoder_json.read_bytes()
 
 
 def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):

