@@ -8,8 +8,9 @@
         every eval_interval steps: estimate train/val loss, keep the best model, save the state
 
 Everything that decides the run lives in one TrainConfig; the out-dir holds the best model as a
-HuggingFace GPT-2 directory (config.json + model.safetensors), the latest training state
-(train_state.safetensors, for --resume), log.jsonl and, with matplotlib, loss.png.
+HuggingFace GPT-2 directory (config.json + model.safetensors, and the tokenizer's vocab.json +
+merges.txt), the latest training state (train_state.safetensors, for --resume), log.jsonl and,
+with matplotlib, loss.png.
 
 With a `Communicator` of N ranks (numgpt.distributed) the same loop trains data-parallel: each rank
 takes its rows of every batch and rank 0 alone logs and writes files. Nothing saved depends on N,
