@@ -157,8 +157,8 @@ class GPT:
         if ids.dtype.kind not in "iu":
             raise ConfigError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
         if ids.shape[1] == 0 or (ids.shape[1] > self.config.block_size and not any_length):
-            raise ConfigError(f"{name} has {ids.shape[1]} positions; this model takes 1 to "
-                              f"block_size = {self.config.block_size}")
+            takes = "at least 1" if any_length else f"1 to block_size = {self.config.block_size}"
+            raise ConfigError(f"{name} has {ids.shape[1]} positions; this model takes {takes}")
         checked = ids[ids != IGNORE_INDEX] if allow_ignore else ids   # the loss skips ignored targets
         if checked.size and (int(checked.min()) < 0 or int(checked.max()) >= self.config.vocab_size):
             raise ConfigError(f"{name} holds ids outside [0, vocab_size = {self.config.vocab_size})")
@@ -349,7 +349,8 @@ class GPT:
 
         temperature 0 is greedy; top_k / top_p restrict the draw to the most likely tokens; `seed`
         (an int, or a NumPy Generator to continue) makes the draws repeatable. The context is
-        cropped to the last block_size tokens. Returns an array of idx's array module (NumPy for
+        cropped to the last block_size tokens. Every row gets max_new_tokens tokens: no token stops
+        it (sample.py stops at <|endoftext|>). Returns an array of idx's array module (NumPy for
         lists). `use_cache=False` recomputes the whole context every step (see generate_stream).
         """
         out_xp = module_of(idx)

@@ -20,7 +20,7 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, flags=False):
     if not is_number(temperature) or not 0 <= temperature < math.inf:
         raise ConfigError(f"{names[0]} must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and not (is_count(top_k) and top_k >= 1):
-        raise ConfigError(f"{names[1]} must be an integer >= 1, got {top_k!r}")
+        raise ConfigError(f"{names[1]} must be an integer >= 1, got {top_k!r} (leave it out for no top-k)")
     if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"{names[2]} must be in (0, 1], got {top_p!r}")
 
@@ -30,7 +30,9 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
     Temperature divides the logits (lower is sharper); top-k keeps the k most likely tokens (and
     any tied with the k-th, as transformers' TopKLogitsWarper does); top-p keeps the smallest set
-    of most likely tokens whose mass reaches p. Temperature 0 puts all mass on the argmax.
+    of most likely tokens whose mass reaches p; where tokens tie, its ranking puts the lower id
+    first (transformers' puts the higher). Temperature 0 puts all mass on the argmax, the first
+    one when several tie, as transformers' greedy search does.
     """
     logits = np.asarray(logits, dtype=np.float64)
     B, V = logits.shape
@@ -57,7 +59,9 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     probs = np.exp(logits)                                                     # the maximum, 0, survives top-k
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")                   # most likely first
+        # ranked by the logits, not the probabilities: at a huge temperature every exp rounds to 1,
+        # and the probabilities' ties would keep the lowest ids, not the likeliest tokens
+        order = np.argsort(-logits, axis=-1, kind="stable")                  # most likely first
         sorted_probs = np.take_along_axis(probs, order, axis=-1)
         mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs          # mass of the tokens ranked above
         drop_sorted = mass_before >= top_p                                     # the nucleus already reached p

@@ -275,8 +275,10 @@ def test_invalid_config_is_a_clear_error(kwargs, message):
 def test_bad_inputs_are_clear_errors():
     model = GPT(GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4))
     for T in (5, 0):   # beyond block_size, and none at all
-        with pytest.raises(ConfigError, match="positions"):
+        with pytest.raises(ConfigError, match="positions; this model takes 1 to block_size = 4"):
             model.forward(np.zeros((1, T), dtype=np.int64))
+    with pytest.raises(ConfigError, match="0 positions; this model takes at least 1$"):   # generate crops, any T
+        model.generate(np.zeros((1, 0), dtype=np.int64), max_new_tokens=1)
     for bad_id in (10, -1):   # -1 would index the last row of wte, silently
         with pytest.raises(ConfigError, match="idx holds ids outside"):
             model.forward(np.array([[1, bad_id]]))

@@ -215,6 +215,17 @@ def test_show_probs_shows_the_distribution_the_token_was_drawn_from(ckpt, capsys
     np.testing.assert_allclose(shown[0], expected / expected.sum(), rtol=1e-4, atol=1e-12)
 
 
+def test_a_sample_that_outgrows_the_context_says_so(ckpt, capsys):
+    """transformers refuses to generate past the model's context; numgpt slides the window, and says
+    so when the prompt and the new tokens will not fit, not only when the prompt alone does not."""
+    fits = TINY["block_size"] - 2
+    code, _, err = run(capsys, "--ckpt", ckpt, "--prompt", "a", "--max-new-tokens", str(fits), "--seed", "0")
+    assert code == 0 and "outgrow" not in err
+    code, _, err = run(capsys, "--ckpt", ckpt, "--prompt", "a", "--max-new-tokens", str(fits + 5), "--seed", "0")
+    assert code == 0
+    assert f"note: the prompt and {fits + 5} new tokens outgrow the context of {TINY['block_size']}" in err
+
+
 def test_attention_png_of_a_long_prompt_shows_the_last_block_size_tokens(ckpt, capsys, monkeypatch, tmp_path):
     """The model sees only the last block_size tokens of a longer prompt: the heatmap shows those,
     with their attention as the model computes it over them."""

@@ -3,7 +3,7 @@ softmax; bad values are clear errors."""
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from numgpt import ConfigError, NumGPTError
@@ -115,6 +115,37 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     logits = np.zeros((1, 4))
     np.testing.assert_array_equal(next_token_probs(logits, top_p=0.5), [[0.5, 0.5, 0.0, 0.0]])
     np.testing.assert_allclose(next_token_probs(logits, top_p=0.51), [[1 / 3, 1 / 3, 1 / 3, 0.0]], rtol=1e-15)
+
+
+def test_top_p_at_a_huge_temperature_keeps_the_likeliest_tokens():
+    """At T = 1e17 every exp rounds to 1, so the probabilities all tie: the nucleus (2 of 4 equal
+    shares reach p = 0.3) must still be the two likeliest tokens, not the two lowest ids."""
+    probs = next_token_probs(np.array([[0.0, 1.0, 2.0, 3.0]]), temperature=1e17, top_p=0.3)
+    np.testing.assert_array_equal(probs, [[0.0, 0.0, 0.5, 0.5]])
+
+
+@given(V=st.integers(2, 60), seed=st.integers(0, 2**32 - 1), temperature=st.sampled_from([0.3, 1.0, 2.5]),
+       top_k=st.none() | st.integers(1, 70), top_p=st.none() | st.floats(0.05, 0.99))
+def test_the_distribution_is_transformers_warpers(V, seed, temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p, as transformers' generate applies its warpers: the same
+    tokens kept and the same probabilities. Logits drawn from a continuum do not tie; a p within
+    1e-9 of a cumulative mass is left out (where 1 - p rounds, the two may choose differently)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed (optional reference)")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (optional reference)")
+    logits = np.random.default_rng(seed).standard_normal((1, V)) * 3
+    if top_p is not None:
+        masses = np.cumsum(np.sort(next_token_probs(logits, temperature, top_k)[0])[::-1])
+        assume(np.abs(masses - top_p).min() > 1e-9)
+    scores = torch.tensor(logits)
+    warpers = [transformers.TemperatureLogitsWarper(temperature)]
+    warpers += [transformers.TopKLogitsWarper(top_k)] if top_k is not None else []
+    warpers += [transformers.TopPLogitsWarper(top_p)] if top_p is not None else []
+    for warper in warpers:
+        scores = warper(None, scores)
+    reference = torch.softmax(scores, dim=-1).numpy()
+    ours = next_token_probs(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(ours > 0, reference > 0)
+    np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=0)
 
 
 def test_top_p_1_is_off():
