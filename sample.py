@@ -160,8 +160,8 @@ def run(args):
         print(f"note: the prompt has {console.counted(len(ids), 'token')}; the model sees the last {cfg.block_size}",
               file=sys.stderr)
     elif len(ids) + args.max_new_tokens > cfg.block_size:
-        print(f"note: the prompt and {console.counted(args.max_new_tokens, 'new token')} outgrow the context of "
-              f"{cfg.block_size}: from there on, each token is drawn seeing the {cfg.block_size} before it",
+        print(f"note: the prompt and up to {console.counted(args.max_new_tokens, 'new token')} can outgrow the "
+              f"context of {cfg.block_size}: past it, each token is drawn seeing the {cfg.block_size} before it",
               file=sys.stderr)
     if args.show_tokens:
         print(f"prompt: {console.counted(len(ids), 'token')}\n{token_table(enc, ids)}\n")
