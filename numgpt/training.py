@@ -34,7 +34,7 @@ from numgpt.backend import backend_name, cupy_problem, get_xp, gpu_name, memory_
 from numgpt.config import GPTConfig, num_params, params_mismatch
 from numgpt.console import counted
 from numgpt.data import dataset
-from numgpt.data.tokenizer import EOT, VOCAB_SIZE, get_tokenizer, write_hf_tokenizer
+from numgpt.data.tokenizer import EOT, HF_TOKENIZER_FILES, VOCAB_SIZE, get_tokenizer, write_hf_tokenizer
 from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, describe_os_error, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
@@ -51,7 +51,9 @@ PLOT_FILE = "loss.png"
 # a loss scale this small makes float16 gradients of size 1 its smallest subnormal: overflow that
 # persists down to it is not the gradients' (which the scale sets), but values it does not reach
 MIN_LOSS_SCALE = 2.0 ** -24
-RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE)
+RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FILE, PLOT_FILE, *HF_TOKENIZER_FILES)
+# of those, the ones other programs write too: alone, they are not a run's
+SHARED_NAMES = {checkpoint.CONFIG_FILE, PLOT_FILE, *HF_TOKENIZER_FILES}
 SAMPLE_PROMPT = "Once upon a time"
 
 
@@ -411,13 +413,14 @@ def refuse_previous_run(out_dir):
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
     if not found:
         return
-    if set(found) <= {checkpoint.CONFIG_FILE, PLOT_FILE}:
-        raise ConfigError(f"{out_dir}/ holds {' and '.join(found)}, which this run would overwrite: choose "
-                          f"another --out-dir, or give --overwrite to replace {'them' if len(found) > 1 else 'it'}")
+    them = "them" if len(found) > 1 else "it"
+    if set(found) <= SHARED_NAMES:
+        raise ConfigError(f"{out_dir}/ holds {', '.join(found)}, which this run would overwrite: choose "
+                          f"another --out-dir, or give --overwrite to replace {them}")
     if STATE_FILE not in found:   # left by a run killed during its first checkpoint, or by another program
         raise ConfigError(f"{out_dir}/ holds {', '.join(found)} but no {STATE_FILE}, so --resume cannot "
-                          f"continue it (a run stopped during its first checkpoint leaves this): start over with "
-                          f"--overwrite, which replaces them, or choose another --out-dir")
+                          f"continue it (as a run stopped during its first checkpoint can leave it): start over "
+                          f"with --overwrite, which replaces {them}, or choose another --out-dir")
     step = saved_step(out_dir)
     raise ConfigError(f"{out_dir}/ already holds a training run{'' if step is None else f' (step {step})'}: "
                       f"continue it with --resume, start over with --overwrite, or choose another --out-dir")
@@ -565,6 +568,7 @@ class Trainer:
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
         self.model = (build_model(cfg, pretrained, pretrained_config) if state is None
                       else self._model_from_state(state[0], config))
+        del pretrained   # the model holds its own copy: no second one through the rest of setup
         if backend_name(self.model.xp) == "numpy":
             keep_freed_memory()   # every step reuses the last step's memory: no page faults (see there)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -755,7 +759,8 @@ class Trainer:
             self.best_val = losses["val"]
             if self.is_main:
                 self.model.save_pretrained(self.cfg.out_dir)
-                write_hf_tokenizer(self.cfg.out_dir)   # the model's tokens are GPT-2's: transformers needs its files
+        if self.is_main:   # the model's tokens are GPT-2's: transformers needs its files (a run resumed from
+            write_hf_tokenizer(self.cfg.out_dir)   # an out-dir without them gets them too, improved or not)
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
         # the row before the state: a resume starts after the state's step, so a kill between the

@@ -532,6 +532,28 @@ def test_the_out_dir_holds_the_tokenizer_for_transformers(tmp_path, cache_dir):
     assert (tmp_path / "vocab.json").read_bytes() == encoder_json.read_bytes()
 
 
+def test_another_tokenizer_in_the_out_dir_is_refused_then_replaced(tmp_path, cache_dir, capsys):
+    """Another model's vocab.json would pair GPT-2 tokens with its ids, silently: a new run refuses
+    it as it refuses a config.json, and --overwrite replaces it with GPT-2's."""
+    (tmp_path / "vocab.json").write_text('{"a": 0}')
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 2
+    assert "holds vocab.json, which this run would overwrite" in capsys.readouterr().err
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--overwrite") == 0
+    assert (tmp_path / "vocab.json").read_bytes() == bundled_bpe_files()[1].read_bytes()
+
+
+def test_a_resumed_run_writes_the_tokenizer_it_lacks(tmp_path, cache_dir):
+    """An out-dir saved before numgpt wrote the tokenizer gets it at the resumed run's next
+    evaluation, whether or not the model improves there."""
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "1") == 0
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink()
+    rows = log_rows(tmp_path)
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3", "--eval-interval", "1") == 0
+    assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
+    assert len(log_rows(tmp_path)) > len(rows)
+
+
 def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):
     assert run(tmp_path / "base", cache_dir, "--max-iters", "2") == 0
     assert run(tmp_path / "tuned", cache_dir, "--init-from", str(tmp_path / "base"), "--max-iters", "2") == 0

