@@ -82,7 +82,8 @@ def atomic_writer(path):
     the new one, never a torn one: the block writes a temporary file beside `path`; leaving it
     fsyncs that file, renames it over `path` and fsyncs the directory. An exception or a crash
     half-way leaves the old file, or none. Streams, so a large file need not fit in memory.
-    An OSError of the block's writes, or of the flush, says which file it failed to write."""
+    Every OSError of the block, and of the flush, is reported as failing to write `path`: the
+    block should do nothing but write to the file."""
     directory = os.path.dirname(os.path.abspath(path))
     failed = f"cannot write {path}"   # what its OSErrors say first: alone, "No space left on device" says not where
     with saying(failed):
@@ -357,12 +358,13 @@ def _weights_files(path):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {index_path}: {e}. Is the checkpoint complete?") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    names = list(weight_map.values()) if isinstance(weight_map, dict) else []
     # a file name alone: an index must not send the reader to files outside its directory
-    if not shards or not all(isinstance(name, str) and name and os.path.basename(name) == name for name in shards):
+    in_directory = lambda name: isinstance(name, str) and os.path.basename(name) == name and name not in ("", ".", "..")
+    if not names or not all(in_directory(name) for name in names):
         raise CheckpointError(f"{index_path} does not map the tensors to shard files in its directory "
                               f"(a \"weight_map\" of names to file names): re-save the checkpoint")
-    return index_path, [os.path.join(path, name) for name in sorted(shards)]
+    return index_path, [os.path.join(path, name) for name in sorted(set(names))]
 
 
 def load_pretrained(path):

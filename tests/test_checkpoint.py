@@ -171,6 +171,8 @@ def test_a_sharded_checkpoint_loads(saved):
     (lambda index, path: json.dumps({"metadata": {}}), "does not map the tensors to shard files"),
     (lambda index, path: json.dumps({"weight_map": {"wte.weight": "../model.safetensors"}}),
      "does not map the tensors to shard files in its directory"),
+    (lambda index, path: json.dumps({"weight_map": {"wte.weight": ".."}}), "shard files in its directory"),
+    (lambda index, path: json.dumps({"weight_map": {"wte.weight": ["a list"]}}), "shard files in its directory"),
     (lambda index, path: (path / "model-00002-of-00002.safetensors").unlink() or json.dumps(index),
      "cannot read .*model-00002-of-00002.safetensors: .*No such file"),
 ])

@@ -124,7 +124,7 @@ def test_top_p_at_a_huge_temperature_keeps_the_likeliest_tokens():
     np.testing.assert_array_equal(probs, [[0.0, 0.0, 0.5, 0.5]])
 
 
-@given(V=st.integers(2, 60), seed=st.integers(0, 2**32 - 1), temperature=st.sampled_from([0.3, 1.0, 2.5]),
+@given(V=st.integers(2, 60), seed=st.integers(0, 2**32 - 1), temperature=st.sampled_from([0.3, 1.0, 2.5, 1e17]),
        top_k=st.none() | st.integers(1, 70), top_p=st.none() | st.floats(0.05, 0.99))
 def test_the_distribution_is_transformers_warpers(V, seed, temperature, top_k, top_p):
     """Temperature, then top-k, then top-p, as transformers' generate applies its warpers: the same

@@ -23,7 +23,8 @@ extern "C" __global__ void gelu_forward_half(const REAL* x, HALF* y, long long n
 extern "C" __global__ void gelu_backward(const REAL* x, const REAL* dy, REAL* dx, long long n) {
     long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
-        REAL v = fmin(fmax(x[i], -GELU_SATURATION), GELU_SATURATION);
+        REAL v = x[i];   // clipped by comparisons, which keep a NaN (fmin/fmax would drop it, as NumPy's clip does not)
+        v = v > GELU_SATURATION ? GELU_SATURATION : (v < -GELU_SATURATION ? -GELU_SATURATION : v);
         REAL t = tanh(GELU_SCALE * (v + GELU_CUBIC * v * v * v));
         REAL s = (REAL)0.5 * GELU_SCALE * v * ((REAL)1 + (REAL)3 * GELU_CUBIC * v * v);
         dx[i] = dy[i] * ((REAL)1 + t) * ((REAL)0.5 + s * ((REAL)1 - t));

@@ -66,7 +66,8 @@ PIECE_CHARS = 1 << 20       # a longer document goes to the tokenizer in pieces 
 TOKENIZER_THREADS = min(8, os.cpu_count() or 1)
 # a temporary file in the cache untouched this long is a killed run's, not another run's still writing:
 # a live one grows with every batch of documents, seconds apart (such a file can take a GB of disk,
-# so a killed run's is not kept for long)
+# so a killed run's is not kept for long). A run suspended longer than this (Ctrl-Z, a sleeping
+# laptop) loses its file and fails at the rename, after tokenizing: loudly, and nothing is corrupted
 STALE_TEMP_S = 3600
 
 TINYSTORIES_REPO = "roneneldan/TinyStories"
