@@ -196,13 +196,10 @@ def load_data(cfg, source, log):
 # ---------------------------------------------------------------- model and optimizer
 
 def build_model(cfg, params=None, config=None):
-    """A fresh model, one initialised from a HuggingFace GPT-2 directory (--init-from), or, given
-    `params` and `config`, a model of those weights (a saved training state's, or the --init-from
-    checkpoint's as load_init_from read it); in cfg's precision (Trainer.setup has switched TF32
-    on or off)."""
+    """A model of `params` and `config` when given (a saved training state's, or the --init-from
+    checkpoint's as load_init_from reads it), else a fresh one of cfg's shape; in cfg's precision
+    (Trainer.setup has switched TF32 on or off)."""
     kwargs = dict(backend=cfg.backend, dtype=cfg.dtype, matmul_dtype="float16" if cfg.precision == "fp16" else None)
-    if params is None and cfg.init_from != "scratch":
-        config, params = load_init_from(cfg)
     if params is not None:
         return GPT(config, params=params, **kwargs)
     return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
@@ -232,7 +229,7 @@ def with_checkpoint_shape(cfg, given):
     """cfg with the shape of its --init-from model, so the log and the saved config describe the
     model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape. A
     block size not typed is cut to the checkpoint's, when that is shorter than the default."""
-    config = checkpoint.load_config(cfg.init_from)   # config.json alone: build_model reads the weights
+    config = checkpoint.load_config(cfg.init_from)   # config.json alone: load_init_from reads the weights
     if config.vocab_size < VOCAB_SIZE:   # found now, not after minutes of tokenizing
         raise ConfigError(f"{cfg.init_from} has a vocabulary of {counted(config.vocab_size, 'token')}, and the "
                           f"training data are GPT-2 tokens (ids up to {VOCAB_SIZE - 1}): fine-tune a model with "
@@ -245,7 +242,7 @@ def with_checkpoint_shape(cfg, given):
     if "block_size" not in given:
         shape["block_size"] = min(cfg.block_size, config.block_size)
     cfg = dataclasses.replace(cfg, **shape)
-    check_block_size(cfg, config)   # now, not after the data: build_model checks it again for the library's callers
+    check_block_size(cfg, config)   # now, not after the data: load_init_from checks it again for the library's callers
     return cfg
 
 
@@ -759,8 +756,10 @@ class Trainer:
             self.best_val = losses["val"]
             if self.is_main:
                 self.model.save_pretrained(self.cfg.out_dir)
-        if self.is_main:   # the model's tokens are GPT-2's: transformers needs its files (a run resumed from
-            write_hf_tokenizer(self.cfg.out_dir)   # an out-dir without them gets them too, improved or not)
+        # the model's tokens are GPT-2's, and transformers needs the tokenizer's files beside it: at
+        # every evaluation, so a run resumed from an out-dir without them gets them, improved or not
+        if self.is_main:
+            write_hf_tokenizer(self.cfg.out_dir)
         self.log(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (" (best: saved model)" if improved else ""))
         # the row before the state: a resume starts after the state's step, so a kill between the

@@ -28,7 +28,7 @@ import numgpt.training
 import train
 from numgpt import GPT, GPTConfig
 from numgpt.backend import to_numpy
-from numgpt.data.tokenizer import EOT, bundled_bpe_files, get_tokenizer
+from numgpt.data.tokenizer import EOT, HF_TOKENIZER_FILES, bundled_bpe_files, get_tokenizer
 from numgpt.errors import CheckpointError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
@@ -546,7 +546,7 @@ def test_a_resumed_run_writes_the_tokenizer_it_lacks(tmp_path, cache_dir):
     """An out-dir saved before numgpt wrote the tokenizer gets it at the resumed run's next
     evaluation, whether or not the model improves there."""
     assert run(tmp_path, cache_dir, "--max-iters", "2", "--eval-interval", "1") == 0
-    for name in ("vocab.json", "merges.txt"):
+    for name in HF_TOKENIZER_FILES:
         (tmp_path / name).unlink()
     rows = log_rows(tmp_path)
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "3", "--eval-interval", "1") == 0
