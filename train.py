@@ -110,6 +110,8 @@ def resolve_config(args):
         if "" in given["data"]:   # an unset shell variable, say: abspath would make it the current directory
             raise NumGPTError("--data has an empty path: name a text file")
         given["data"] = [os.path.abspath(path) for path in given["data"]]
+    if given.get("cache_dir"):   # saved too: a resume from another directory finds the same cache
+        given["cache_dir"] = os.path.abspath(given["cache_dir"])
     if getattr(args, "resume", False):
         if getattr(args, "overwrite", False):
             raise NumGPTError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")

@@ -450,15 +450,18 @@ def test_ctrl_c_at_the_last_step_stops_without_samples_or_resume_hint(tmp_path, 
     assert load_train_state(tmp_path)[1]["step"] == 2
 
 
-def test_relative_data_paths_are_saved_absolute(tmp_path, cache_dir, monkeypatch):
-    """So the run resumes from any directory."""
+def test_relative_data_and_cache_paths_are_saved_absolute(tmp_path, monkeypatch, capsys):
+    """So the run resumes from any directory, on the same text and with the same token cache."""
     (tmp_path / "stories.txt").write_text("The cat sat on the mat and was happy. " * 200)
     monkeypatch.chdir(tmp_path)
-    assert train.main([*TINY, "--data", "stories.txt", "--out-dir", "o", "--cache-dir", cache_dir,
+    assert train.main([*TINY, "--data", "stories.txt", "--out-dir", "o", "--cache-dir", "cache",
                        "--max-iters", "1"]) == 0
-    assert load_train_state(tmp_path / "o")[1]["train_config"]["data"] == [str(tmp_path / "stories.txt")]
+    saved = load_train_state(tmp_path / "o")[1]["train_config"]
+    assert saved["data"] == [str(tmp_path / "stories.txt")] and saved["cache_dir"] == str(tmp_path / "cache")
     monkeypatch.chdir(tmp_path / "o")
+    capsys.readouterr()
     assert train.main(["--resume", "--out-dir", ".", "--max-iters", "2", "--no-progress"]) == 0
+    assert f"using cached tokens {tmp_path / 'cache'}" in capsys.readouterr().out
 
 
 def test_resume_keeps_the_data_source_that_auto_chose(tmp_path, cache_dir, monkeypatch, capsys):
@@ -1049,7 +1052,8 @@ def test_a_cache_dir_that_cannot_be_written_is_found_before_the_data(tmp_path, m
     monkeypatch.setattr(tempfile, "TemporaryFile", refused_in_cache(tempfile.TemporaryFile))
     monkeypatch.setattr(numgpt.data.stories, "embedded_corpus", None)   # calling it would be a TypeError
     assert run(tmp_path / "o", str(cache), "--max-iters", "1") == 2
-    assert f"cannot write in the cache directory '{cache}' (Permission denied)" in capsys.readouterr().err
+    assert (f"cannot write in the cache directory '{cache}' (Permission denied): choose a writable one "
+            f"with --cache-dir") in capsys.readouterr().err
 
 
 def test_an_empty_cache_dir_or_data_path_is_refused(tmp_path, cache_dir, monkeypatch, capsys):

@@ -425,11 +425,11 @@ def prepare_tokens(documents_fn: Callable[[], Sequence[str]], cache_dir: str | o
         bin_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the cache directory '{bin_path.parent}' ({e.strerror or e}): "
-                        f"choose a writable cache directory") from e
+                        f"choose a writable one with --cache-dir") from e
     problem = cannot_write_in(bin_path.parent)   # found now, not after minutes of downloading and tokenizing
     if problem:
         raise DataError(f"cannot write in the cache directory '{bin_path.parent}' ({problem}): "
-                        f"choose a writable cache directory")
+                        f"choose a writable one with --cache-dir")
     remove_stale_temp_files(bin_path.parent, idle_s=STALE_TEMP_S)
     documents = documents_fn()
     if not documents:
