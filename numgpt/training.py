@@ -34,7 +34,8 @@ from numgpt.backend import backend_name, cupy_problem, get_xp, gpu_name, memory_
 from numgpt.config import GPTConfig, num_params, params_mismatch
 from numgpt.console import counted
 from numgpt.data import dataset
-from numgpt.data.tokenizer import EOT, HF_TOKENIZER_FILES, VOCAB_SIZE, get_tokenizer, write_hf_tokenizer
+from numgpt.data.tokenizer import (EOT, HF_TOKENIZER_FILES, INSTALL_HINT, VOCAB_SIZE, bundled_bpe_files, get_tokenizer,
+                                   write_hf_tokenizer)
 from numgpt.distributed import Communicator, flat_buffer, main_first
 from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, describe_os_error, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
@@ -553,6 +554,9 @@ class Trainer:
             checkpoint.remove_stale_temp_files(cfg.out_dir)
             if state is not None and os.path.exists(self.log_path):
                 read_log(self.log_path)   # a damaged log is named now, not after the data
+            if bundled_bpe_files() is None:   # a broken install: tiktoken's cache has no files to copy
+                self.log(f"note: the out-dir gets no {' or '.join(HF_TOKENIZER_FILES)}, so transformers will not "
+                         f"find a tokenizer there: {INSTALL_HINT}")
         # --init-from's weights are read and checked before the data, which can take minutes: a
         # truncated or damaged file is named now, not after them
         pretrained_config, pretrained = None, None

@@ -535,6 +535,17 @@ def test_the_out_dir_holds_the_tokenizer_for_transformers(tmp_path, cache_dir):
     assert (tmp_path / "vocab.json").read_bytes() == encoder_json.read_bytes()
 
 
+def test_a_run_without_gpt3_tokenizers_files_says_the_out_dir_lacks_the_tokenizer(tmp_path, cache_dir, monkeypatch,
+                                                                                  capsys):
+    """A broken install (tiktoken's cache still tokenizes) trains, and says why transformers will
+    find no tokenizer in the out-dir."""
+    for module in (numgpt.training, numgpt.data.tokenizer):
+        monkeypatch.setattr(module, "bundled_bpe_files", lambda: None)
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    assert "the out-dir gets no merges.txt or vocab.json" in capsys.readouterr().out
+    assert not any((tmp_path / name).exists() for name in HF_TOKENIZER_FILES)
+
+
 def test_another_tokenizer_in_the_out_dir_is_refused_then_replaced(tmp_path, cache_dir, capsys):
     """Another model's vocab.json would pair GPT-2 tokens with its ids, silently: a new run refuses
     it as it refuses a config.json, and --overwrite replaces it with GPT-2's."""
