@@ -893,6 +893,19 @@ def test_load_tinystories_without_datasets(monkeypatch):
         load_tinystories("train", log=quiet)
 
 
+def test_load_tinystories_with_a_datasets_that_cannot_be_imported(monkeypatch, tmp_path):
+    """datasets 2.14 beside pyarrow 21 or later fails to import with an AttributeError, not an ImportError."""
+    package = tmp_path / "site" / "datasets"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise AttributeError(\"module 'pyarrow' has no attribute "
+                                         "'PyExtensionType'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    with pytest.raises(DataError, match=r"datasets package cannot be imported \(AttributeError: module 'pyarrow' "
+                                        r"has no attribute 'PyExtensionType'\): pip install -U datasets"):
+        load_tinystories("train", log=quiet)
+
+
 def test_load_tinystories_download_failure(fake_datasets):
     def fail(repo, split):
         raise ConnectionError("huggingface.co is down")

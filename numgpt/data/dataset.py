@@ -274,6 +274,9 @@ def load_tinystories(split: str, log: Log = print) -> list[str]:
     except ImportError as e:
         raise DataError("the TinyStories source needs the Hugging Face datasets package: "
                         "pip install datasets, or use the embedded stories (--dataset embedded)") from e
+    except Exception as e:   # one too old for the installed pyarrow fails with an AttributeError, say
+        raise DataError(f"the installed datasets package cannot be imported ({type(e).__name__}: {e}): "
+                        f"pip install -U datasets, or use the embedded stories (--dataset embedded)") from e
     log(f"loading TinyStories ({_HF_SPLITS[split]} split) from Hugging Face")
     try:
         texts = datasets.load_dataset(TINYSTORIES_REPO, split=_HF_SPLITS[split])["text"]
