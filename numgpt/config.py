@@ -20,6 +20,11 @@ class GPTConfig:
     bias        biases in linear layers and layernorms (GPT-2: True)
     tie_weights the output layer reuses the token embedding wte (GPT-2: True)
     activation  the MLP's nonlinearity: "gelu" (GPT-2's tanh form), "gelu_exact" or "relu"
+
+    The shape comments everywhere use: B batch, T positions, C = n_embd, nh = n_head,
+    hs = head_size = C / nh, V = vocab_size, N rows (every leading axis flattened: B*T), Tk the
+    keys attended (T, or the KV cache's length + T in generation). d<name> is the loss's gradient
+    with respect to <name>: dy for a forward's output y, dx for its input x.
     """
 
     vocab_size: int = 50257
@@ -50,6 +55,7 @@ class GPTConfig:
 
     @property
     def head_size(self):
+        """hs = n_embd / n_head: each head's channels."""
         return self.n_embd // self.n_head
 
     def to_dict(self):

@@ -286,8 +286,9 @@ def flash_attention_forward(qkv, n_head, scale, operands=None):
 
     With operands None the kernels multiply in the arrays' dtype, in FMAs. With operands "float16"
     or "tf32" (float32 arrays, see tensor_core_attention_supports) the matrix products run on tensor
-    cores with their operands rounded to that format, with "float32" on TF32 tensor cores at
-    float32's accuracy (three products each); the softmax and every sum stay float32."""
+    cores with their operands rounded to that format (the one the twin's matmuls round to:
+    precision.tensor_core_operands), with "float32" on TF32 tensor cores at float32's accuracy
+    (three products each); the softmax and every sum stay float32, as in torch's fused attention."""
     qkv = _contiguous(qkv)
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     hs, xp, t = C // n_head, array_module(qkv), qkv.dtype

@@ -2,7 +2,7 @@
 
     x      = dropout(wte[idx] + wpe[:T])                 (B,T,C)
     x      = block_i(x)  for i in 0..n_layer-1           (B,T,C)
-    logits = layernorm_f(x) @ wte^T                      (B,T,V)  (lm_head.weight when untied)
+    logits = ln_f(x) @ wte^T                             (B,T,V)  (lm_head.weight when untied)
     loss   = cross_entropy(logits, targets)
 
 `forward` keeps every layer's cache; `backward` walks them in reverse and returns the gradient of

@@ -1,6 +1,6 @@
 """AdamW (Loshchilov & Hutter 2019) with torch.optim.AdamW's update formula, and gradient clipping.
 
-    p <- p (1 - lr wd)                                  decoupled weight decay
+    p <- p (1 - lr wd)                                  decoupled weight decay, skipped for exclude_from_decay
     m <- b1 m + (1 - b1) g                              first moment
     v <- b2 v + (1 - b2) g^2                            second moment
     p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -35,7 +35,7 @@ def adamw_update(p, g, m, v, s, decay, b1, b2, bias_correction2_sqrt, eps, step_
     xp = array_module(p)
     if decay is not None:
         p *= decay                                 # p <- p (1 - lr wd)
-    xp.subtract(g, m, out=s)                       # m += (1 - b1)(g - m): torch's lerp(m, g, 1 - b1)
+    xp.subtract(g, m, out=s)                       # m += (1 - b1)(g - m) = b1 m + (1 - b1) g: torch's lerp
     s *= 1.0 - b1
     m += s
     xp.multiply(g, g, out=s)                       # v = b2 v + (1 - b2) g^2

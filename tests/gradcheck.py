@@ -7,7 +7,8 @@ passes when
     |analytic - numeric| <= NOISE * max(|L|, S, 1) + RTOL * max(|analytic|, |numeric|, median)
 
 The first term is the noise floor of the differences, the round-off in L divided by the step: it
-keeps gradients that are exactly zero by symmetry (the K part of the qkv bias) from failing. L's
+keeps gradients that are exactly zero by symmetry from failing (the K part of the qkv bias: adding
+b to every key adds q.b to a whole row of scores, which the softmax ignores). L's
 round-off follows the size of the terms it is summed from, S (given by the caller: for a layer's
 sum(out * dout), sum |out * dout|), which can be thousands of times |L| when they cancel. The
 second measures an entry against its own size, or against its array's median |analytic| where
@@ -31,7 +32,9 @@ NOISE = 1e-9  # per unit of |L| or S: L's round-off (~1e-16 S) / (2 eps), times 
 def numeric_grad(loss_fn, array, coords, eps=EPS):
     """Central differences of loss_fn() with respect to array[c] for each flat index c in coords.
     `array` is perturbed in place and restored; loss_fn must read it."""
-    flat = array.reshape(-1)   # a view: writes reach the array loss_fn reads
+    # reshape is a view of a contiguous array only: of another, a copy whose writes loss_fn never sees
+    assert array.flags.c_contiguous, "numeric_grad perturbs a contiguous array in place"
+    flat = array.reshape(-1)
     grads = []
     for c in coords:
         c = int(c)
@@ -46,7 +49,8 @@ def numeric_grad(loss_fn, array, coords, eps=EPS):
 
 
 def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64, loss_terms=0.0):
-    """Names whose analytic gradient disagrees with finite differences (empty when all agree).
+    """{name: worst error in tolerances} of the arrays whose analytic gradient disagrees with
+    finite differences (empty when all agree).
 
     arrays: {name: float64 array read by loss_fn}; analytic: {name: dL/d(array)}; loss_terms: S,
     the sum of the absolute values of the terms that make L (see the module's docstring).
@@ -85,7 +89,7 @@ def gradient_mismatches(loss_fn, arrays, analytic, rng, max_coords=64, loss_term
                 if not err[j] <= tol[j]:
                     break
         if not np.all(err <= tol):
-            bad[name] = float(np.max(err / tol))   # the worst entry's error, in tolerances (first measure)
+            bad[name] = float(np.max(err / tol))   # in tolerances; a re-measured entry by its better measure
     return bad
 
 

@@ -27,12 +27,13 @@ def gelu_forward(x, out_dtype=None):
     """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).   x (...) -> y (...).
 
     Computed in place in one new array: GELU runs on the widest activations (B,T,4C), where each
-    temporary array costs a pass through memory (3.4x faster than the one-expression form). On
-    a GPU one fused kernel does it all (numgpt.kernels; this code is its twin).
+    temporary array costs a pass through memory (3.4x faster than the one-expression form, the
+    plain form below). On a GPU one fused kernel does it all (numgpt.kernels; this code is its twin).
     """
     xp = array_module(x)
     if kernels.enabled(xp):
         return as_dtype(kernels.gelu_forward(x, out_dtype), out_dtype), x
+    # plain form: y = 0.5 * x * (1 + tanh(GELU_SCALE * (x + GELU_CUBIC * x**3)))
     y = x * x
     y *= x
     y *= GELU_CUBIC
@@ -77,17 +78,21 @@ def gelu_backward(dy, x):
     return local
 
 
+def normal_cdf(x):
+    """Phi(x) = 0.5 (1 + erf(x / sqrt 2)), the standard normal distribution's CDF."""
+    return 0.5 * (1.0 + erf(x * INV_SQRT2))
+
+
 def gelu_exact_forward(x, out_dtype=None):
     """y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).   x (...) -> y (...)."""
-    return as_dtype(0.5 * x * (1.0 + erf(x * INV_SQRT2)), out_dtype), x
+    return as_dtype(x * normal_cdf(x), out_dtype), x
 
 
 def gelu_exact_backward(dy, x):
     """dx = dy * [Phi(x) + x phi(x)], phi the standard normal density.   dy, x (same shape) -> dx."""
     xp = array_module(x)
-    cdf = 0.5 * (1.0 + erf(x * INV_SQRT2))
     pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-    return dy * (cdf + x * pdf)
+    return dy * (normal_cdf(x) + x * pdf)
 
 
 def relu_forward(x, out_dtype=None):

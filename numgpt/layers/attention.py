@@ -1,9 +1,10 @@
 """Causal multi-head self-attention (Vaswani et al. 2017) with GPT-2's fused qkv projection.
 
-    q, k, v = split(x @ Wqkv + bqkv)                 each (B,nh,T,hs), hs = C / nh
-    att     = softmax((q / sqrt(hs)) k^T + causal)   (B,nh,T,T), row t sees positions <= t
+    q, k, v = split(x @ W_attn + b_attn)             each (B,nh,T,hs), hs = C / nh
+    att     = softmax((q / sqrt(hs)) k^T + M)        (B,nh,T,T), M[t,s] = -inf for s > t, else 0:
+                                                     row t sees positions <= t
     y       = dropout(att) v                         (B,nh,T,hs), heads merged back to (B,T,C)
-    out     = dropout(y @ Wproj + bproj)             (B,T,C)
+    out     = dropout(y @ W_proj + b_proj)           (B,T,C)
 
 `params` holds GPT-2's names: c_attn.weight (C,3C), c_attn.bias (3C,), c_proj.weight (C,C),
 c_proj.bias (C,); the biases are absent in a bias-free model.
@@ -13,7 +14,8 @@ the keys a tile at a time keeping each row's running max and sum of exps (FlashA
 al. 2022), and the backward recomputes the probabilities from q, k and each row's log-sum-exp.
 On float32 arrays its products run on tensor cores (FlashAttention-2's layout of the work), for
 head sizes 16, 32 and 64 (kernels.TC_HEAD_SIZES) on compute capability 8.0 or newer.
-The matrix code here is its twin, and serves dropout, generation and the attention maps.
+The matrix code here is its twin: it runs on the CPU, and on a GPU for dropout, generation and
+the attention maps.
 
 Generation adds one token at a time, and the keys and values of the earlier positions do not
 change when it does (row t only looks left). A KVCache keeps them, so each step computes q, k, v
@@ -53,7 +55,7 @@ class MatrixCache(NamedTuple):
 
 
 def split_heads(x, n_head):
-    """(B,T,C) -> (B,nh,T,hs)."""
+    """(B,T,C) -> (B,nh,T,hs): heads become a batch axis, so one matmul serves every head."""
     B, T, C = x.shape
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
@@ -109,7 +111,8 @@ def causal_softmax(scores):
 
 
 def softmax_backward(dprobs, probs):
-    """ds = p * (dp - sum(dp * p)) along the last axis: the softmax Jacobian-vector product.
+    """ds = p * (dp - sum(dp * p)) along the last axis: dp times the softmax's Jacobian
+    J = diag(p) - p p^T (a vector-Jacobian product; J is symmetric, so it is also J dp).
     dprobs, probs (..., Tk) -> ds (..., Tk).
     (One fused kernel on a GPU: numgpt.kernels.)"""
     xp = array_module(probs)
@@ -140,11 +143,8 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     """The heads' attention.   qkv (B,T,3C) -> y (B,T,C) with heads merged, cache.
 
     On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
-    probabilities (numgpt.kernels.flash_attention_forward); the code below is its twin. On float32
-    arrays, for the head sizes and GPUs of the module docstring, the kernel's products run on
-    tensor cores with operands in the format the twin's matmuls would use (tensor_core_operands:
-    float16 under fp16 matmuls, TF32 under tf32, else float32 as three TF32 products) while its
-    softmax stays float32, as in torch's fused attention; otherwise it multiplies in the arrays' dtype.
+    probabilities (numgpt.kernels.flash_attention_forward; its operand formats are explained
+    there); the code below is its twin.
     """
     xp = array_module(qkv)
     C = qkv.shape[-1] // 3
@@ -190,18 +190,25 @@ def attention_backward(dout, cache):
 
 
 def causal_attention_backward(dy, cache):
-    """Gradient of causal_attention_forward.   dy (B,T,C) -> dqkv (B,T,3C)."""
+    """Gradient of causal_attention_forward.   dy (B,T,C) -> dqkv (B,T,3C).
+
+        dv   = att_drop^T dy                     (B,nh,T,hs)
+        datt = dropout_backward(dy v^T)          (B,nh,T,T)
+        ds   = att * (datt - sum(datt * att))    softmax backward; masked entries have att = 0, so ds = 0
+        dq   = (ds k) / sqrt(hs),  dk = ds^T (q / sqrt(hs))
+        dqkv = [merge(dq), merge(dk), merge(dv)]  the backward of the split is a concatenation
+
+    (No backward runs with a KV cache, so here Tk = T.)"""
     if isinstance(cache, FlashCache):
         return kernels.flash_attention_backward(dy, cache.qkv, cache.y, cache.lse, cache.n_head, cache.scale,
                                                 cache.operands)
-    q, k, v, att, att_drop, att_drop_cache, n_head, scale = cache
     xp = array_module(dy)
-    dy = split_heads(dy, n_head)                                        # (B,nh,T,hs)
-    datt_drop = matmul(dy, v.transpose(0, 1, 3, 2))                     # (B,nh,T,T)
-    dv = matmul(att_drop.transpose(0, 1, 3, 2), dy)                     # (B,nh,T,hs)
-    datt = dropout_backward(datt_drop, att_drop_cache)
-    dscores = softmax_backward(datt, att)                               # masked entries: p = 0 -> 0
-    dq = matmul(dscores, k)                                             # (B,nh,T,hs), of the scaled q
-    dq *= scale                                                         # of q itself
-    dk = matmul(dscores.transpose(0, 1, 3, 2), q)                       # (B,nh,T,hs): q is the scaled q
+    dy_heads = split_heads(dy, cache.n_head)                            # (B,nh,T,hs)
+    datt_drop = matmul(dy_heads, cache.v.transpose(0, 1, 3, 2))         # (B,nh,T,T)
+    dv = matmul(cache.att_drop.transpose(0, 1, 3, 2), dy_heads)         # (B,nh,T,hs)
+    datt = dropout_backward(datt_drop, cache.att_drop_cache)
+    dscores = softmax_backward(datt, cache.att)                         # masked entries: p = 0 -> 0
+    dq = matmul(dscores, cache.k)                                       # (B,nh,T,hs), of the scaled q
+    dq *= cache.scale                                                   # of q itself
+    dk = matmul(dscores.transpose(0, 1, 3, 2), cache.q)                 # (B,nh,T,hs): q is the scaled q
     return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)

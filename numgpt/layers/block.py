@@ -45,16 +45,19 @@ def block_attention_probs(cache):
 
 
 def block_backward(dy, cache):
-    """dy (B,T,C) -> dx (B,T,C), grads {name without the block prefix: array}."""
+    """dy (B,T,C) -> dx (B,T,C), grads {name without the block prefix: array}.
+
+    x feeds both the identity path and ln -> sublayer, so its gradient is the sum of the two
+    paths': dx = dy + ln_2_backward(mlp_backward(dy)), then the same through ln_1 and attn."""
     ln_1_cache, attn_cache, ln_2_cache, mlp_cache = cache
-    dx, dh = residual_backward(dy)
-    dh, mlp_grads = mlp_backward(dh, mlp_cache)
-    dh, dw, db = layernorm_backward(dh, ln_2_cache)
-    dx = dx + dh                                         # the residual joins the normalised path
+    dx, dbranch = residual_backward(dy)                  # y = x + mlp(ln_2(x)): both terms get dy
+    dh, mlp_grads = mlp_backward(dbranch, mlp_cache)     # dh: the gradient of ln_2's output
+    dx_branch, dw, db = layernorm_backward(dh, ln_2_cache)   # ... and of its input, x
+    dx = dx + dx_branch                                  # x was used twice: the gradients add
     grads = {**named_grads("ln_2", dw, db), **with_prefix(mlp_grads, "mlp.")}
-    dx, dh = residual_backward(dx)
-    dh, attn_grads = attention_backward(dh, attn_cache)
-    dh, dw, db = layernorm_backward(dh, ln_1_cache)
-    dx = dx + dh
+    dx, dbranch = residual_backward(dx)                  # x = x0 + attn(ln_1(x0)): the same again
+    dh, attn_grads = attention_backward(dbranch, attn_cache)
+    dx_branch, dw, db = layernorm_backward(dh, ln_1_cache)
+    dx = dx + dx_branch
     grads.update({**named_grads("ln_1", dw, db), **with_prefix(attn_grads, "attn.")})
     return dx, grads

@@ -1,4 +1,5 @@
-"""The language-model head fused with the loss: logits = x @ wte^T, loss = cross_entropy(logits, y).
+"""The language-model head fused with the loss: logits = x @ w^T, loss = cross_entropy(logits, y),
+with w = wte (tied, as GPT-2) or lm_head.weight.
 
 With a 50257-token vocabulary the (N,V) logits dominate a small model's memory (411 MB in float32
 for 2048 positions), so the rows are processed in chunks: each chunk's logits are made, turned into
@@ -92,12 +93,18 @@ def logits_bound(x, w):
     more than a few times: when it is small the cross-entropy can skip the row max (see there).
     """
     xp = array_module(x)
-    max_sq_norm = lambda a: float(xp.einsum("ij,ij->i", a, a).max())   # max over rows of |row|^2
+
+    def max_sq_norm(a):   # the largest |row|^2
+        return float(xp.einsum("ij,ij->i", a, a).max())
+
     return (max_sq_norm(x) * max_sq_norm(w)) ** 0.5
 
 
 def classifier_backward(dloss, cache):
-    """dx (N,C), dw (V,C) of the loss scaled by dloss: the chunked forward already did the work."""
+    """dx (N,C), dw (V,C) of the loss scaled by dloss: the chunked forward already did the work.
+
+    Its "cache" is the finished (dx, dw). For the math, read classifier_forward's docstring and
+    cross_entropy_backward, the unfused textbook form that the tests compare this with."""
     if cache is None:
         raise ValueError("classifier_backward needs a forward with targets and requires_grad=True")
     dx, dw = cache

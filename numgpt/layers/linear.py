@@ -15,18 +15,20 @@ def linear_forward(x, w, b=None):
     """
     # x and w as the matmuls take them (float16 under mixed precision): the backward multiplies
     # with both again, so they are rounded once and kept rounded
+    # N = rows: every leading axis flattened (B*T)
     x2d, w = matmul_operand(x.reshape(-1, x.shape[-1])), matmul_operand(w)     # (N, C_in), (C_in, C_out)
     y = matmul(x2d, w, bias=b)                         # (N, C_out) in x's dtype
     return y.reshape(*x.shape[:-1], w.shape[1]), (x2d, w, x.shape, b is not None)
 
 
 def linear_backward(dy, cache):
-    """dx = dy @ w^T, dw = x^T @ dy, db = sum of dy over rows.   dy (..., C_out) -> dx, dw, db|None."""
+    """dx = dy @ w^T, dw = x^T @ dy, db = sum of dy over rows.
+    dy (..., C_out) -> dx (..., C_in), dw (C_in, C_out), db (C_out,) or None."""
     x2d, w, x_shape, has_bias = cache
     dy2d = dy.reshape(-1, dy.shape[-1])                # (N, C_out)
-    dy_m = matmul_operand(dy2d)                        # rounded once for both products
-    dx = matmul(dy_m, w.T).reshape(x_shape)            # (..., C_in)
-    dw = matmul(x2d.T, dy_m)                           # (C_in, C_out)
+    dy_op = matmul_operand(dy2d)                       # dy as matmul takes it: rounded once for both products
+    dx = matmul(dy_op, w.T).reshape(x_shape)           # (..., C_in)
+    dw = matmul(x2d.T, dy_op)                          # (C_in, C_out)
     db = sum_rows(dy2d) if has_bias else None          # (C_out,), from the unrounded dy
     return dx, dw, db
 
@@ -42,7 +44,8 @@ def sum_rows(x):
 
 
 def named_grads(name, dw, db):
-    """{name.weight: dw, name.bias: db} in GPT-2's naming; no bias entry for a bias-free layer."""
+    """{name.weight: dw, name.bias: db} in GPT-2's naming, of a linear layer or a layernorm; no bias
+    entry for a bias-free one."""
     grads = {f"{name}.weight": dw}
     if db is not None:
         grads[f"{name}.bias"] = db

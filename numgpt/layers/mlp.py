@@ -1,4 +1,4 @@
-"""GPT-2's position-wise MLP: out = dropout(act(x @ Wfc + bfc) @ Wproj + bproj), hidden width 4C.
+"""GPT-2's position-wise MLP: out = dropout(act(x @ W_fc + b_fc) @ W_proj + b_proj), hidden width 4C.
 
 `params` holds c_fc.weight (C,4C), c_fc.bias (4C,), c_proj.weight (4C,C), c_proj.bias (C,);
 the biases are absent in a bias-free model. `activation` names an entry of ACTIVATIONS. The
@@ -17,15 +17,15 @@ def mlp_forward(x, params, activation="gelu", dropout=0.0, rng=None):
     h, fc_cache = linear_forward(x, params["c_fc.weight"], params.get("c_fc.bias"))         # (B,T,4C)
     a, act_cache = act_forward(h, out_dtype=operand_dtype(h.dtype))                            # (B,T,4C)
     out, proj_cache = linear_forward(a, params["c_proj.weight"], params.get("c_proj.bias"))  # (B,T,C)
-    out, drop_cache = dropout_forward(out, dropout, rng)
+    out, out_drop_cache = dropout_forward(out, dropout, rng)
     # the activation's backward travels in the cache: mlp_backward runs whichever forward ran
-    return out, (fc_cache, act_backward, act_cache, proj_cache, drop_cache)
+    return out, (fc_cache, act_backward, act_cache, proj_cache, out_drop_cache)
 
 
 def mlp_backward(dout, cache):
     """Gradients of mlp_forward.   dout (B,T,C) -> dx (B,T,C), grads {name: array}."""
-    fc_cache, act_backward, act_cache, proj_cache, drop_cache = cache
-    dout = dropout_backward(dout, drop_cache)
+    fc_cache, act_backward, act_cache, proj_cache, out_drop_cache = cache
+    dout = dropout_backward(dout, out_drop_cache)
     da, dw_proj, db_proj = linear_backward(dout, proj_cache)   # (B,T,4C)
     dh = act_backward(da, act_cache)                           # (B,T,4C)
     dx, dw_fc, db_fc = linear_backward(dh, fc_cache)           # (B,T,C)

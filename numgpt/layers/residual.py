@@ -8,5 +8,7 @@ def residual_forward(x, fx):
 
 
 def residual_backward(dy):
-    """dx = dy and dfx = dy: addition copies the upstream gradient to both inputs."""
+    """dx = dy and dfx = dy: addition copies the upstream gradient to both inputs.
+
+    Both are the same array: that is why no backward may modify its incoming gradient in place."""
     return dy, dy
