@@ -893,17 +893,23 @@ def test_load_tinystories_without_datasets(monkeypatch):
         load_tinystories("train", log=quiet)
 
 
-def test_load_tinystories_with_a_datasets_that_cannot_be_imported(monkeypatch, tmp_path):
-    """datasets 2.14 beside pyarrow 21 or later fails to import with an AttributeError, not an ImportError."""
+@pytest.mark.parametrize("failure, message", [
+    # datasets 2.14.0-2.14.6 beside pyarrow 21 or later
+    ("raise AttributeError(\"module 'pyarrow' has no attribute 'PyExtensionType'\")",
+     "AttributeError: module 'pyarrow' has no attribute 'PyExtensionType'"),
+    ("import numgpt_absent_dependency", "ModuleNotFoundError: No module named 'numgpt_absent_dependency'"),
+])
+def test_load_tinystories_with_a_datasets_that_cannot_be_imported(monkeypatch, tmp_path, failure, message):
+    """An installed datasets that fails to import is named with its error, not called missing."""
     package = tmp_path / "site" / "datasets"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text("raise AttributeError(\"module 'pyarrow' has no attribute "
-                                         "'PyExtensionType'\")\n")
+    (package / "__init__.py").write_text(failure + "\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "datasets", raising=False)
-    with pytest.raises(DataError, match=r"datasets package cannot be imported \(AttributeError: module 'pyarrow' "
-                                        r"has no attribute 'PyExtensionType'\): pip install -U datasets"):
+    with pytest.raises(DataError) as error:
         load_tinystories("train", log=quiet)
+    assert str(error.value) == (f"the installed datasets package cannot be imported ({message}): pip install -U "
+                                f"datasets, or use the embedded stories (--dataset embedded)")
 
 
 def test_load_tinystories_download_failure(fake_datasets):

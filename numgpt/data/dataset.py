@@ -256,6 +256,11 @@ def tinystories_available(timeout_s: float = 3.0) -> tuple[bool, str]:
     return True, "huggingface.co is reachable"
 
 
+def _broken_datasets(e: Exception) -> DataError:
+    return DataError(f"the installed datasets package cannot be imported ({type(e).__name__}: {e}): "
+                     f"pip install -U datasets, or use the embedded stories (--dataset embedded)")
+
+
 def load_tinystories(split: str, log: Log = print) -> list[str]:
     """The stories of one TinyStories split ("train" or "val"), via Hugging Face `datasets`.
 
@@ -272,11 +277,12 @@ def load_tinystories(split: str, log: Log = print) -> list[str]:
     try:
         import datasets
     except ImportError as e:
+        if e.name != "datasets":   # installed, but a package it imports is missing
+            raise _broken_datasets(e) from e
         raise DataError("the TinyStories source needs the Hugging Face datasets package: "
                         "pip install datasets, or use the embedded stories (--dataset embedded)") from e
     except Exception as e:   # one too old for the installed pyarrow fails with an AttributeError, say
-        raise DataError(f"the installed datasets package cannot be imported ({type(e).__name__}: {e}): "
-                        f"pip install -U datasets, or use the embedded stories (--dataset embedded)") from e
+        raise _broken_datasets(e) from e
     log(f"loading TinyStories ({_HF_SPLITS[split]} split) from Hugging Face")
     try:
         texts = datasets.load_dataset(TINYSTORIES_REPO, split=_HF_SPLITS[split])["text"]
