@@ -136,7 +136,7 @@ def remove_stale_temp_files(directory, idle_s=0):
                 os.remove(entry.path)
 
 
-def _crc32(array):
+def crc32(array):
     """The CRC-32 of a host array's bytes, in C order."""
     return zlib.crc32(np.ascontiguousarray(array))
 
@@ -144,7 +144,7 @@ def _crc32(array):
 def tensor_checksums(tensors):
     """{name: CRC-32 of the array's bytes} for the host arrays `tensors`, as a JSON string: the
     metadata entry (CHECKSUMS_KEY) a safetensors file is saved with and checked against on load."""
-    return json.dumps({name: _crc32(a) for name, a in tensors.items()})
+    return json.dumps({name: crc32(a) for name, a in tensors.items()})
 
 
 def checksum_problem(tensors, metadata, path):
@@ -152,7 +152,7 @@ def checksum_problem(tensors, metadata, path):
     from the CRC-32 that the file's `metadata` recorded when it was saved; or None. Files saved
     without checksums (by transformers, or by an older numgpt) are not checked."""
     recorded = json.loads(metadata.get(CHECKSUMS_KEY, "{}")) if isinstance(metadata, dict) else {}
-    damaged = next((name for name, a in tensors.items() if name in recorded and _crc32(a) != recorded[name]), None)
+    damaged = next((name for name, a in tensors.items() if name in recorded and crc32(a) != recorded[name]), None)
     return damaged and (f"{damaged} in {path} is damaged: its bytes do not match the checksum saved with "
                         f"them (the file changed on disk or in a copy)")
 

@@ -17,6 +17,7 @@ collective is a no-op there, so the training loop has one code path for 1 and fo
 """
 
 import contextlib
+import os
 import sys
 import time
 
@@ -31,6 +32,10 @@ INSTALL_HINT = 'pip install "numgpt[mpi]"'
 # and exits without draining that pipe: a message flushed just before MPI_Abort is sometimes lost
 # (it was, once, in CI). A pause this long lets the proxy pass it on; the job is ending anyway.
 ABORT_GRACE_S = 1.0
+# How long a failing rank other than 0 waits before it writes its message. A mistake in the flags
+# fails every rank alike: rank 0, which writes at once, then ends the job before the others repeat
+# its message. A failure of this rank alone (its data file missing, say) is written after the wait.
+SECOND_SPEAKER_WAIT_S = 2 * ABORT_GRACE_S
 
 
 class Communicator:
@@ -41,6 +46,7 @@ class Communicator:
 
     rank = 0
     size = 1
+    local_size = 1   # the ranks on this machine, which share its memory
 
     def allreduce_mean(self, buf):
         """Replace the contiguous array `buf` (of the model's array module) in place by its
@@ -70,8 +76,12 @@ class MPICommunicator(Communicator):
     """The processes of an MPI communicator (mpi4py), e.g. all those `mpiexec -n N` started."""
 
     def __init__(self, comm):
+        from mpi4py import MPI
+
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED)   # this machine's ranks
+        self.local_size = self.local.Get_size()
 
     def allreduce_mean(self, buf):
         from mpi4py import MPI
@@ -92,7 +102,11 @@ class MPICommunicator(Communicator):
         in their next collective."""
         if self.size == 1:
             return super().fail(message, code)
-        print(f"rank {self.rank}: {message.strip()}", file=sys.stderr, flush=True)
+        if self.rank != 0:
+            time.sleep(SECOND_SPEAKER_WAIT_S)
+        # one write: print's two (the text, then its newline) interleave with other ranks' lines
+        sys.stderr.write(f"rank {self.rank}: {message.strip()}\n")
+        sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)   # never returns: mpiexec ends every rank and exits with `code`
 
@@ -110,12 +124,11 @@ class NCCLCommunicator(MPICommunicator):
     def __init__(self, comm):
         import cupy
         from cupy.cuda import nccl
-        from mpi4py import MPI
 
         super().__init__(comm)
         if not nccl.available:
             raise ConfigError("--ddp on GPUs needs NCCL, which CuPy cannot find: pip install nvidia-nccl-cu12")
-        local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()   # rank among this machine's
+        local_rank = self.local.Get_rank()   # rank among this machine's
         gpus = cupy.cuda.runtime.getDeviceCount()
         if local_rank >= gpus:
             raise ConfigError(f"rank {self.rank} is process {local_rank + 1} on a machine with {gpus} GPU(s): "
@@ -135,6 +148,27 @@ class NCCLCommunicator(MPICommunicator):
                             cupy.cuda.get_current_stream().ptr)
         buf /= self.size
         return buf
+
+
+# The environment variables in which a launcher tells each process it started how many it started:
+# MPICH's and Intel MPI's mpiexec (Hydra), then Open MPI's
+LAUNCHED_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_processes():
+    """How many processes the MPI launcher that started this one started (1 without one)."""
+    for name in LAUNCHED_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def differences_from_rank_0(comm, facts):
+    """The names in `facts` ({name: value}, the same names on every rank) whose value on this rank
+    differs from rank 0's; none on rank 0 itself, or without other ranks."""
+    reference = comm.broadcast(facts if comm.rank == 0 else None)
+    return [name for name, value in facts.items() if reference.get(name) != value]
 
 
 def mpi_world():

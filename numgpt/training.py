@@ -36,7 +36,7 @@ from numgpt.console import counted
 from numgpt.data import dataset
 from numgpt.data.tokenizer import (EOT, HF_TOKENIZER_FILES, INSTALL_HINT, VOCAB_SIZE, bundled_bpe_files, get_tokenizer,
                                    write_hf_tokenizer)
-from numgpt.distributed import Communicator, flat_buffer, main_first
+from numgpt.distributed import Communicator, differences_from_rank_0, flat_buffer, main_first
 from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, describe_os_error, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
 from numgpt.model import GPT
@@ -269,12 +269,15 @@ def memory_floor(cfg, config, backend="numpy", ranks=1):
     return itemsize * (4 * params + activations + logits + kv_caches) + eval_ids + 8 * story_tokens
 
 
-def check_memory(cfg, config, xp, ranks=1):
+def check_memory(cfg, config, xp, ranks=1, local_ranks=1):
     """ConfigError when a run with these settings cannot fit in `xp`'s memory, before it allocates
-    any of it (an allocation far beyond the machine may not fail: the system can kill the process)."""
+    any of it (an allocation far beyond the machine may not fail: the system can kill the process).
+    The `local_ranks` of `ranks` that run on this machine share its RAM; a GPU is one rank's own."""
     floor, size = memory_floor(cfg, config, backend_name(xp), ranks), memory_size(xp)
-    if size is not None and floor > size:
-        raise ConfigError(f"these settings need more than {floor / 2**30:,.1f} GiB of memory, and this "
+    sharing = local_ranks if backend_name(xp) == "numpy" else 1
+    if size is not None and floor * sharing > size:
+        each = f" for each of this machine's {sharing} ranks" if sharing > 1 else ""
+        raise ConfigError(f"these settings need more than {floor / 2**30:,.1f} GiB of memory{each}, and this "
                           f"{'GPU' if backend_name(xp) == 'cupy' else 'machine'} has {size / 2**30:,.1f} GiB: "
                           f"use a smaller --batch-size, --block-size, --eval-iters, --num-samples or "
                           f"--sample-tokens, or a smaller model (--n-layer, --n-embd)")
@@ -528,6 +531,11 @@ class Trainer:
             raise ConfigError(f"--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir")
         if not resume and not overwrite:
             refuse_previous_run(cfg.out_dir)
+        if cfg.batch_size % comm.size and resume:   # the saved run's batch, which it keeps
+            divisors = [str(n) for n in range(1, cfg.batch_size + 1) if cfg.batch_size % n == 0]
+            choices = f"{', '.join(divisors[:-1])} or {divisors[-1]} ranks" if len(divisors) > 1 else "1 rank"
+            raise ConfigError(f"this run's global batch of {cfg.batch_size} rows (--batch-size) is split evenly "
+                              f"across the ranks, which {comm.size} cannot do: resume it on {choices}")
         if cfg.batch_size % comm.size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch, split evenly across the "
                               f"{comm.size} ranks: give a multiple of {comm.size}")
@@ -539,7 +547,7 @@ class Trainer:
         if cfg.backend == "auto" and xp is np:
             self.log(f"--backend auto: training on the CPU, because {cupy_problem()}")
         set_tf32(xp, cfg.precision == "tf32")   # which refuses tf32 on NumPy: before the data, as the rest
-        check_memory(cfg, config, xp, comm.size)   # before minutes of loading data
+        check_memory(cfg, config, xp, comm.size, comm.local_size)   # before minutes of loading data
         self.made_dirs = missing_dirs(cfg.out_dir)
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
@@ -594,6 +602,24 @@ class Trainer:
         self.resumed = state is not None
         if self.resumed:
             self._restore(*state)
+        if comm.size > 1:
+            self._check_ranks_agree()
+
+    def _check_ranks_agree(self):
+        """ConfigError on a rank whose run is not rank 0's. Ranks started with other flags, or that
+        read another state or other text (an out-dir or a data file that differs between machines),
+        would wait for each other forever, crash in MPI, or train different models silently."""
+        paths = ("out_dir", "cache_dir", "data")   # may differ between machines; what they hold may not
+        facts = {f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(self.cfg).items()
+                 if name not in paths}
+        facts.update({"the backend": backend_name(self.model.xp), "the data source": self.source,
+                      "the training tokens": checkpoint.crc32(self.train_tokens),
+                      "the validation tokens": checkpoint.crc32(self.val_tokens), "the step": self.step,
+                      "the weights": [checkpoint.crc32(to_numpy(p)) for p in self.model.params.values()]})
+        differing = differences_from_rank_0(self.comm, facts)
+        if differing:
+            raise ConfigError(f"this rank's run differs from rank 0's in {', '.join(differing)}: start every rank "
+                              f"with the same flags and data, and an --out-dir that every machine shares")
 
     def _choose_source(self, state):
         """choose_source's answer, except that a resumed --dataset auto run keeps the source it

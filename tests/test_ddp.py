@@ -225,9 +225,46 @@ def test_resume_with_dropout_is_exact_for_the_same_ranks(mpiexec, cache_dir, tmp
 
 
 def test_a_batch_that_does_not_split_evenly(mpiexec, cache_dir, tmp_path):
+    """Every rank finds the mistake; rank 0 reports it, once, for the job."""
     code, err = run(train_cmd(2, mpiexec, tmp_path, cache_dir, "--batch-size", "5"))
     assert code == 2, err
-    assert "--batch-size 5" in err and "multiple of 2" in err and "Traceback" not in err
+    assert err.count("--batch-size 5") == 1 and "rank 0: error:" in err and "multiple of 2" in err
+    assert "Traceback" not in err
+
+
+def test_a_resume_on_ranks_that_do_not_divide_the_saved_batch(mpiexec, cache_dir, tmp_path):
+    """--resume keeps the run's --batch-size: the advice is a number of ranks, not another batch."""
+    train_ok(None, mpiexec, tmp_path, cache_dir, "--max-iters", "1")   # TINY's batch of 4
+    code, err = run(train_cmd(3, mpiexec, tmp_path, cache_dir, "--resume", "--max-iters", "2"))
+    assert code == 2 and "global batch of 4 rows (--batch-size)" in err and "resume it on 1, 2 or 4 ranks" in err
+
+
+@pytest.mark.parametrize("differ, named", [
+    ("seed", "--seed, the weights"),                          # another flag: other weights and batches
+    ("text", "the training tokens, the validation tokens"),   # a data file whose copy differs
+    ("state", "the step, the weights"),                       # an out-dir that is not shared
+])
+def test_ranks_that_differ_from_rank_0_are_refused(mpiexec, cache_dir, tmp_path, differ, named):
+    """Before the first step, not as a hang in the allreduce, an MPI crash, or two models trained
+    as one (exit 0)."""
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for i, text in enumerate(texts):
+        text.write_text("\n<|endoftext|>\n".join(f"Story {i}-{k}: the cat sat on the mat." * 5 for k in range(40)))
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    flags = [["--max-iters", "4"], ["--max-iters", "4"]]
+    if differ == "seed":
+        flags[1] += ["--seed", "7"]
+    elif differ == "text":
+        flags = [[*f, "--dataset", "auto", "--data", str(text)] for f, text in zip(flags, texts)]
+    else:   # the same run, saved at two steps, resumed from each rank's own copy
+        train_ok(None, mpiexec, dirs[0], cache_dir, "--max-iters", "1")
+        train_ok(None, mpiexec, dirs[1], cache_dir, "--max-iters", "2")
+        flags = [["--resume", "--max-iters", "4"]] * 2
+    out_dirs = dirs if differ == "state" else [dirs[0]] * 2
+    rank0, rank1 = (train_cmd(1, mpiexec, out, cache_dir, *f) for out, f in zip(out_dirs, flags))
+    code, err = run([*rank0, ":", "-n", "1", *rank1[3:]])
+    assert code == 2, err
+    assert f"rank 1: error: this rank's run differs from rank 0's in {named}:" in err, err
 
 
 def test_a_failing_rank_ends_the_job(mpiexec, cache_dir, tmp_path):
@@ -251,6 +288,14 @@ def test_a_ctrl_c_on_one_rank_in_an_evaluation_stops_every_rank_there(mpiexec, c
         assert not os.path.exists(tmp_path / "train_state.safetensors"), err
     else:
         assert load_train_state(tmp_path)[1]["step"] == 3 and len(step_losses(tmp_path)) == 3
+        assert "Continue with: mpiexec -n 2 python train.py --ddp --resume --out-dir" in err
+
+
+def test_mpiexec_without_ddp_is_refused(mpiexec, cache_dir, tmp_path):
+    """Each process would train alone, in the same out-dir."""
+    command = train_cmd(2, mpiexec, tmp_path, cache_dir)
+    code, err = run(command[:-1])   # no --ddp
+    assert code == 2 and "mpiexec started 2 processes, which without --ddp would each train alone" in err, err
 
 
 class RecordingCommunicator(Communicator):

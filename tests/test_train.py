@@ -29,7 +29,7 @@ import train
 from numgpt import GPT, GPTConfig
 from numgpt.backend import to_numpy
 from numgpt.data.tokenizer import EOT, HF_TOKENIZER_FILES, bundled_bpe_files, get_tokenizer
-from numgpt.errors import CheckpointError
+from numgpt.errors import CheckpointError, ConfigError
 from numgpt.precision import DynamicLossScaler
 from numgpt.train_state import STATE_FILE, STATE_KEY, load_train_state
 from numgpt.training import PRESETS, TrainConfig, learning_rate, memory_floor
@@ -747,6 +747,30 @@ def test_the_memory_floor_counts_the_attention_matrices_where_they_are_formed():
     floor = lambda c, backend: memory_floor(c, c.model_config(), backend)
     assert floor(cfg, "cupy") < 80 * 2**30 < floor(dropped, "cupy")
     assert floor(cfg, "numpy") > 60 * 2**30   # NumPy's attention always forms them
+
+
+def test_ranks_on_one_machine_share_its_memory(monkeypatch):
+    """Each of a machine's ranks holds a whole model: NumPy's ranks share the RAM, a GPU is one rank's."""
+    cfg = TrainConfig(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=8)
+    floor = memory_floor(cfg, cfg.model_config(), "numpy", ranks=2)
+    monkeypatch.setattr(numgpt.training, "memory_size", lambda xp: 1.5 * floor)
+    numgpt.training.check_memory(cfg, cfg.model_config(), np, ranks=2, local_ranks=1)   # one here, one elsewhere
+    with pytest.raises(ConfigError, match="for each of this machine's 2 ranks"):
+        numgpt.training.check_memory(cfg, cfg.model_config(), np, ranks=2, local_ranks=2)
+
+
+@pytest.mark.parametrize("environ, threads", [
+    ({"MPI_LOCALNRANKS": "2"}, str(max(1, len(os.sched_getaffinity(0)) // 2))),   # mpiexec's 2 ranks here
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "64"}, "1"),                                  # never 0 threads
+    ({"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}, None),                     # the user's choice stands
+    ({"MPI_LOCALNRANKS": "1"}, None),                                             # alone: every core
+    ({}, None),                                                                   # no mpiexec
+])
+def test_ranks_on_one_machine_share_its_cores(environ, threads):
+    given = dict(environ)
+    train.share_cores_among_local_ranks(environ)
+    expected = {**given, **dict.fromkeys(train.THREAD_VARIABLES, threads)} if threads else given
+    assert environ == expected
 
 
 @pytest.mark.parametrize("error, message", [
