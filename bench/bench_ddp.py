@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import append_result, median_ms, peak_rss_mib  # noqa: E402
+from bench.common import append_result, blas_thread_env, median_ms, peak_rss_mib  # noqa: E402
 
 # the TinyStories tutorial's model and global batch (vocab 50257, dropout 0.1, as train.py's preset)
 SHAPE = dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32)
@@ -62,8 +62,7 @@ def child(args):
 
 def run_config(mpiexec, ranks, threads, args, cache_dir):
     """Results of `ranks` ranks with `threads` BLAS threads each, from a fresh mpiexec."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
+    env = blas_thread_env(threads)
     command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child",
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache-dir", cache_dir]
     out = subprocess.run(command, capture_output=True, text=True, env=env)

@@ -18,7 +18,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import append_result, peak_rss_mib, run_child, timed  # noqa: E402
+from bench.common import (append_result, available_cores, blas_thread_env, peak_rss_mib,  # noqa: E402
+                          positive_int, run_child, timed)
 
 SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)   # GPT-2 124M
 
@@ -88,7 +89,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed generate calls (the median is reported)")
     p.add_argument("--uncached-tokens", type=int, default=16,
                    help="also time numgpt without its KV cache for this many tokens (0: skip)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--threads", type=positive_int, default=available_cores(),
                    help="BLAS threads for NumPy and torch.set_num_threads (default: this process's cores)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -99,19 +100,17 @@ def main():
     if args.impl:
         return child(args)
 
-    # Read by OpenBLAS / MKL / OpenMP when the children import NumPy and torch.
-    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
+    env = blas_thread_env(args.threads)   # read by the children's BLAS when they import NumPy and torch
     common = ["--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats",
               str(args.repeats), "--uncached-tokens", str(args.uncached_tokens), "--threads", str(args.threads),
               "--backend", args.backend, "--seed", str(args.seed)]
     load_before = os.getloadavg()[0]          # other processes competing for the cores skew the timings
     with tempfile.TemporaryDirectory(prefix="numgpt-bench-") as weights:
-        ours = run_child(__file__, ["--impl", "numgpt", "--weights", weights, *common])
+        ours = run_child(__file__, ["--impl", "numgpt", "--weights", weights, *common], env)
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
-            ref = run_child(__file__, ["--impl", "torch", "--weights", weights, *common])
+            ref = run_child(__file__, ["--impl", "torch", "--weights", weights, *common], env)
         except ImportError:
             ref = None
             print("(torch/transformers not installed: no reference)")

@@ -20,8 +20,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bench_train import SHAPES, VOCAB, blas_threads  # noqa: E402
-from bench.common import append_result, device_name, device_sync, median_ms, timed  # noqa: E402
+from bench.bench_train import SHAPES, VOCAB  # noqa: E402
+from bench.common import (append_result, blas_threads, device_name, device_sync, median_ms,  # noqa: E402
+                          positive_int, run_with_blas_threads, timed)
 from numgpt import kernels  # noqa: E402
 from numgpt.allocator import keep_freed_memory  # noqa: E402
 from numgpt.backend import get_xp  # noqa: E402
@@ -120,9 +121,13 @@ def main():
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"], help="tf32 and fp16: GPU only")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=blas_threads())
+    p.add_argument("--threads", type=positive_int, default=blas_threads(),
+                   help="threads for NumPy's BLAS and torch (default: NumPy's BLAS's own count)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
+    # numgpt's layers run in this process, whose BLAS took its thread count from the environment
+    # when NumPy loaded: where that count is not --threads, this starts over with it
+    run_with_blas_threads(args.threads)
     if args.precision != "fp32" and args.backend == "numpy":
         p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
     keep_freed_memory()   # the allocator train.py runs with, for both frameworks

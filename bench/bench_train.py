@@ -27,8 +27,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, device_name,  # noqa: E402
-                          device_sync, gpu_memory_mib, is_out_of_memory, median_ms, peak_rss_mib, run_child, timed)
+from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, blas_thread_env,  # noqa: E402
+                          blas_threads, device_name, device_sync, gpu_memory_mib, is_out_of_memory, median_ms,
+                          peak_rss_mib, positive_int, run_child, run_with_blas_threads, timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -208,24 +209,13 @@ def child(args):
     print(json.dumps(result))
 
 
-def blas_threads():
-    try:
-        from threadpoolctl import threadpool_info
-        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
-    except Exception:
-        return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-
-
 def batch_size_arg(text):
     if text == "max":
         return text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'max', got {text!r}") from None
 
 
 def child_args(name, args, batch_size):
@@ -237,8 +227,12 @@ def child_args(name, args, batch_size):
 
 def run_side(impl, name, args, batch_size):
     """The result of a child run of `impl` at shape `name` and batch size `batch_size` (the rest of its
-    command line from `args`), its batch size included; ChildOutOfMemory when it runs out of memory."""
-    return {**run_child(__file__, ["--impl", impl, *child_args(name, args, batch_size)]), "batch_size": batch_size}
+    command line from `args`), its batch size included; ChildOutOfMemory when it runs out of memory.
+    The child's environment gives its BLAS --threads threads: NumPy reads it when it loads, before
+    the child could act on its own --threads (which sets torch's)."""
+    command = ["--impl", impl, *child_args(name, args, batch_size)]
+    result = run_child(__file__, command, env=blas_thread_env(args.threads))
+    return {**result, "batch_size": batch_size}
 
 
 # --batch-size max probes a batch size with one warmup step, one timed and (on the GPU) one pipelined:
@@ -304,12 +298,14 @@ def main():
                         "both sides, and time each side at its own largest too")
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the reference model")
     p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
-    p.add_argument("--threads", type=int, default=blas_threads(), help="threads for BLAS and torch")
+    p.add_argument("--threads", type=positive_int, default=blas_threads(),
+                   help="threads for NumPy's BLAS and torch (default: NumPy's BLAS's own count)")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args()
     if args.impl:
         args.shape = args.shape[0]
         return child(args)
+    run_with_blas_threads(args.threads)   # the matmul peak below is measured in this process
     if args.precision != "fp32" and args.backend == "numpy":
         p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
     if args.batch_size == "max" and args.backend == "numpy":

@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: the machine and device, timers, peak memory, child runs, results rows."""
 
+import argparse
 import datetime
 import json
 import os
@@ -24,6 +25,14 @@ def cpu_model():
     return platform.processor() or "unknown cpu"
 
 
+def available_cores():
+    """The cores this process may run on: its affinity mask where the OS has one (a container or
+    `taskset` can allow fewer than the machine has), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine():
     """A one-line description: CPU model, cores, OS."""
     return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
@@ -32,6 +41,49 @@ def machine():
 def peak_rss_mib():
     """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# OpenBLAS reads its own variable (else OpenMP's), MKL its own (else OpenMP's), an OpenMP pool such as
+# torch's the last; each library reads them once, when it loads, never again
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def blas_threads():
+    """The number of threads NumPy's BLAS runs with: threadpoolctl's reading where it is installed,
+    else what the environment tells the BLAS, else every core this process may use."""
+    try:
+        from threadpoolctl import threadpool_info
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    except Exception:   # not installed, or no BLAS among the pools it found
+        pass
+    for variable in BLAS_THREAD_VARIABLES:
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return available_cores()
+
+
+def blas_thread_env(threads):
+    """This process's environment with every BLAS thread variable set to `threads`: a child started
+    with it runs NumPy's BLAS (and torch's OpenMP) on that many threads."""
+    return {**os.environ, **{variable: str(threads) for variable in BLAS_THREAD_VARIABLES}}
+
+
+def run_with_blas_threads(threads):
+    """Make this process's BLAS run on `threads` threads: unless the environment already says so, set
+    it and re-execute this same command line, in place of this process.
+
+    The BLAS reads its thread count once, when NumPy loads it, and a benchmark has imported NumPy long
+    before its arguments are parsed; setting the variables now would change nothing but the children's.
+    Starting over is the one portable way (threadpoolctl could change a loaded BLAS, but it is not a
+    dependency), and costs a second of start-up; the second time round the variables match."""
+    if all(os.environ.get(variable) == str(threads) for variable in BLAS_THREAD_VARIABLES):
+        return
+    # sys.orig_argv (Python 3.10+) keeps the interpreter's own options, such as -m and -X
+    command = [sys.executable, *(sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, command, blas_thread_env(threads))
 
 
 def device_sync(backend):
@@ -53,6 +105,17 @@ def device_name(backend):
     """"cpu", or the GPU's name as CUDA gives it."""
     from numgpt.backend import get_xp, gpu_name   # here: bench_generate.py imports NumPy only in its children
     return "cpu" if backend == "numpy" else gpu_name(get_xp(backend))
+
+
+def positive_int(text):
+    """An argparse type: an integer of at least 1 (a count of steps, rounds or threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def median_ms(samples):
@@ -84,10 +147,11 @@ def is_out_of_memory(error):
             or "can't allocate memory" in text)
 
 
-def run_child(script, args):
-    """Run `script` in a fresh Python process (so peak memory is its own) and parse its JSON line;
-    ChildOutOfMemory when the child exited with OUT_OF_MEMORY."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+def run_child(script, args, env=None):
+    """Run `script` in a fresh Python process (so peak memory is its own), with environment `env`
+    (default: this process's), and parse its JSON line; ChildOutOfMemory when the child exited with
+    OUT_OF_MEMORY."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     if out.returncode == OUT_OF_MEMORY:
         raise ChildOutOfMemory(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "out of memory")
     if out.returncode != 0:

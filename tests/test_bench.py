@@ -2,6 +2,8 @@
 measure, not meet a typo. (Their numbers mean nothing here; the benchmarks report them on a GPU.)
 bench_train's `--batch-size max` search runs against made-up child runs."""
 
+import argparse
+import os
 import sys
 import types
 from pathlib import Path
@@ -14,6 +16,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_train  # noqa: E402
+from bench import common  # noqa: E402   (importable once bench_train has put the checkout on the path)
+
+
+@pytest.fixture(autouse=True)
+def no_reexecution(monkeypatch):
+    """A benchmark whose BLAS threads differ from --threads re-executes itself: here that would
+    replace pytest. Tests call main() with matching_threads(); this fails any that forgot."""
+    def execve(*args):
+        raise AssertionError(f"the benchmark tried to re-execute itself: {args[1]}")
+    monkeypatch.setattr(os, "execve", execve)
+
+
+def matching_threads(monkeypatch, threads=1):
+    """The command-line option --threads `threads`, the environment set to match, so main() runs on."""
+    for variable in common.BLAS_THREAD_VARIABLES:
+        monkeypatch.setenv(variable, str(threads))
+    return ["--threads", str(threads)]
 
 
 @cupy_standin.needs_compiler
@@ -49,7 +68,7 @@ def test_bench_layers_times_each_layer_with_and_without_the_kernels_on_cupy(monk
     monkeypatch.setattr(bench_layers, "SHAPES", {"tiny": {"batch_size": 2, "block_size": 16, "n_layer": 1,
                                                           "n_head": 2, "n_embd": 16, "dropout": 0.0}})
     monkeypatch.setattr(sys, "argv", ["bench_layers.py", "--backend", "cupy", "--precision", precision,
-                                      "--repeats", "1", "--no-save"])
+                                      "--repeats", "1", "--no-save", *matching_threads(monkeypatch)])
     bench_layers.main()
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("layer"))
@@ -68,7 +87,7 @@ def search_largest_batches(monkeypatch, fits, fits_whole_run):
     fits_whole_run[side]. ([(side, batch size, warmup, steps) of each child], the results row)."""
     children, rows = [], []
 
-    def fake_child(script, args):
+    def fake_child(script, args, env=None):
         options = dict(zip(args[::2], args[1::2]))   # "--impl", impl, "--shape", name, ...
         impl, batch_size = options["--impl"], int(options["--batch-size"])
         warmup, steps = int(options["--warmup"]), int(options["--steps"])
@@ -86,7 +105,8 @@ def search_largest_batches(monkeypatch, fits, fits_whole_run):
     monkeypatch.setattr(bench_train, "matmul_peak_gflops", lambda backend, precision: 1000.0)
     monkeypatch.setattr(bench_train, "append_result", rows.append)
     monkeypatch.setattr(sys, "argv", ["bench_train.py", "--backend", "cupy", "--shape", "gpt2-124m-1k",
-                                      "--batch-size", "max", "--steps", "5", "--warmup", "2"])
+                                      "--batch-size", "max", "--steps", "5", "--warmup", "2",
+                                      *matching_threads(monkeypatch)])
     bench_train.main()
     assert all((warmup, steps) in {(1, 1), (2, 5)} for _, _, warmup, steps in children)
     [row] = rows
@@ -130,3 +150,29 @@ def test_batch_size_max_leaves_out_a_largest_batch_whose_whole_run_runs_out_of_m
     assert "ratio_vs_torch_at_largest" not in row
     assert "numgpt: batch size 64 fit the probe but runs out of memory in a whole run: left out" \
         in capsys.readouterr().out
+
+
+def test_run_side_gives_the_child_its_blas_threads_in_the_environment(monkeypatch, tmp_path):
+    """NumPy's BLAS reads its thread count when it loads, so --threads reaches it only through the
+    child's environment: a child (a stand-in script) reports what it was started with."""
+    script = tmp_path / "child.py"
+    script.write_text("import json, os\n"
+                      f"print(json.dumps({{v: os.environ.get(v) for v in {common.BLAS_THREAD_VARIABLES!r}}}))\n")
+    for variable in common.BLAS_THREAD_VARIABLES:
+        monkeypatch.setenv(variable, "7")   # what this process runs with: not what the child should get
+    monkeypatch.setattr(bench_train, "__file__", str(script))
+    args = argparse.Namespace(steps=1, warmup=0, threads=3, backend="numpy", precision="fp32", torch_compile=False)
+    seen = bench_train.run_side("numgpt", "tutorial", args, batch_size=2)
+    assert seen == {**{variable: "3" for variable in common.BLAS_THREAD_VARIABLES}, "batch_size": 2}
+
+
+def test_run_with_blas_threads_restarts_the_command_only_when_the_environment_differs(monkeypatch):
+    started = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((path, argv, env)))
+    matching_threads(monkeypatch, 2)
+    common.run_with_blas_threads(2)
+    assert started == []
+    common.run_with_blas_threads(3)
+    [(path, argv, env)] = started
+    assert path == sys.executable and argv[0] == sys.executable
+    assert all(env[variable] == "3" for variable in common.BLAS_THREAD_VARIABLES)
