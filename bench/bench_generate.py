@@ -130,7 +130,7 @@ def main():
            "shape": {**SHAPE, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "dtype": "float32"},
            "threads": args.threads, "tok_s": round(ours["tok_s"], 2), "peak_rss_mib": round(ours["peak_rss_mib"], 1),
-           "load_avg_1m": round(load_before, 2)}
+           "load_avg_1m_before": round(load_before, 2)}
     if ref:
         same = ours["tokens"] == ref["tokens"]
         row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 2),

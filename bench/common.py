@@ -2,6 +2,7 @@
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -11,7 +12,8 @@ import subprocess
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(CHECKOUT, "bench", "results.jsonl")
 
 
 def cpu_model():
@@ -159,10 +161,56 @@ def run_child(script, args, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@functools.lru_cache(maxsize=None)   # once a run: the rows of one run measured one version of the code
+def git_commit():
+    """The checkout's commit, with "-dirty" when it has changes (untracked files included); None
+    outside a git checkout or without git. bench/results.jsonl itself is left out of the check: the
+    rows a run appends would make every row after its first look dirty."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)bench/results.jsonl"],
+                                 cwd=CHECKOUT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if changes.strip() else "")
+
+
+@functools.lru_cache(maxsize=None)
+def versions():
+    """Python's version and those of the installed packages a timing depends on, read from their
+    metadata (importing torch to ask it would take seconds), and NumPy's BLAS as NumPy reports it."""
+    from importlib import metadata
+    found = {"python": platform.python_version()}
+    providers = metadata.packages_distributions()   # CuPy's distribution is named cupy-cuda12x and the like
+    for package in ("numpy", "torch", "transformers", "cupy"):
+        for distribution in providers.get(package, ())[:1]:
+            found[package] = metadata.version(distribution)
+    try:
+        import numpy
+        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        found["numpy_blas"] = f"{blas['name']} {blas['version']}"
+    except Exception:   # an older NumPy without mode="dicts", or a build that does not say
+        pass
+    return found
+
+
+def load_average():
+    """The 1-minute load average (other processes competing for the cores), where the OS has one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def append_result(row):
-    """Append one JSON row to bench/results.jsonl, stamped with the date and machine."""
+    """Append one JSON row to bench/results.jsonl, stamped with what it takes to trace and weigh it:
+    the date and machine, the commit and command that measured it, the versions it ran, and the load
+    average when it is written (right after the measurement; a benchmark that also measured it before
+    stores that itself)."""
     row = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine(), **row}
+           "machine": machine(), "commit": git_commit(), "command": sys.argv, "versions": versions(),
+           "load_avg_1m": load_average(), **row}
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
     return row

@@ -3,7 +3,9 @@ measure, not meet a typo. (Their numbers mean nothing here; the benchmarks repor
 bench_train's `--batch-size max` search runs against made-up child runs."""
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -176,3 +178,37 @@ def test_run_with_blas_threads_restarts_the_command_only_when_the_environment_di
     [(path, argv, env)] = started
     assert path == sys.executable and argv[0] == sys.executable
     assert all(env[variable] == "3" for variable in common.BLAS_THREAD_VARIABLES)
+
+
+def test_a_results_row_names_its_commit_command_versions_and_load(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results.jsonl"))
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", "--steps", "3"])
+    common.append_result({"bench": "x", "tok_s": 1.0})
+    [row] = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert row["bench"] == "x" and row["tok_s"] == 1.0 and row["command"] == ["bench_x.py", "--steps", "3"]
+    assert row["commit"] == common.git_commit()
+    assert row["versions"]["python"].count(".") == 2 and "numpy" in row["versions"]
+    assert row["load_avg_1m"] is None or row["load_avg_1m"] >= 0
+
+
+def test_git_commit_is_dirty_with_changes_other_than_the_results(monkeypatch, tmp_path, request):
+    request.addfinalizer(common.git_commit.cache_clear)   # the next test reads this checkout's again
+
+    def commit():
+        common.git_commit.cache_clear()
+        return common.git_commit()
+    monkeypatch.setattr(common, "CHECKOUT", str(tmp_path))
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))   # no checkout above it counts
+    assert commit() is None   # not a git checkout
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.jsonl").write_text("")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    head = git("rev-parse", "HEAD").stdout.decode().strip()
+    assert commit() == head
+    (tmp_path / "bench" / "results.jsonl").write_text("{}\n")   # a run's own rows
+    assert commit() == head
+    (tmp_path / "notes.txt").write_text("")
+    assert commit() == head + "-dirty"
