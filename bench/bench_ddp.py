@@ -2,26 +2,32 @@
 process, on the same global batch, each configuration under its own `mpiexec`.
 
     python bench/bench_ddp.py                        # 1 rank x 2 threads, 1 x 1, 2 ranks x 1 thread
-    python bench/bench_ddp.py --config 2x1 --config 1x2 --steps 10
+    python bench/bench_ddp.py --config 2x1 --config 1x2 --steps 10 --rounds 3
 
-A configuration RxT is R ranks with T BLAS threads each. Reports tokens/s of the global batch,
-milliseconds per step, the time of one gradient allreduce on its own, and the largest peak RSS
-of a rank; appends a row per configuration to bench/results.jsonl, with ratio_vs_1rank the
-tokens/s over those of the 1-rank configuration with the most threads.
+A configuration RxT is R ranks with T BLAS threads each. Every configuration runs once a round,
+in turn, for --rounds rounds (the order reversed every other round), so a drift of a shared
+machine's speed weighs on them alike. Reports tokens/s of the global batch, milliseconds per step
+and the time of one gradient allreduce on its own (medians over the rounds), and the largest peak
+RSS of a rank; appends a row per configuration to bench/results.jsonl, with ratio_vs_1rank the
+median over the rounds of the tokens/s over those of the 1-rank configuration with the most
+threads in the same round (ratio_range: the lowest and highest).
 Needs mpi4py and mpiexec: pip install "numgpt[mpi]".
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import append_result, blas_thread_env, median_ms, peak_rss_mib  # noqa: E402
+from bench.common import append_result, blas_thread_env, median_ms, peak_rss_mib, positive_int  # noqa: E402
 
 # the TinyStories tutorial's model and global batch (vocab 50257, dropout 0.1, as train.py's preset)
 SHAPE = dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32)
@@ -37,7 +43,7 @@ def child(args):
     from numgpt.training import TrainConfig, Trainer
 
     comm = mpi_world()
-    cfg = TrainConfig(dataset="embedded", cache_dir=args.cache_dir, out_dir=args.cache_dir, dropout=DROPOUT,
+    cfg = TrainConfig(dataset="embedded", cache_dir=args.cache_dir, out_dir=args.out_dir, dropout=DROPOUT,
                       num_samples=0, **SHAPE)
     trainer = Trainer(cfg, log=lambda message: None, progress=False, comm=comm)
     trainer.setup()
@@ -60,58 +66,90 @@ def child(args):
                           "grad_mib": trainer.flat_grads.nbytes / 2**20}))
 
 
-def run_config(mpiexec, ranks, threads, args, cache_dir):
-    """Results of `ranks` ranks with `threads` BLAS threads each, from a fresh mpiexec."""
-    env = blas_thread_env(threads)
+def run_config(mpiexec, ranks, threads, args, cache_dir, out_dir):
+    """Results of `ranks` ranks with `threads` BLAS threads each, from a fresh mpiexec. `out_dir` is
+    the run's own: Trainer.setup cleans the out-dir of stale temporary files, which in the token cache
+    could be another process's tokenization in progress."""
     command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--child",
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache-dir", cache_dir]
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache-dir", cache_dir, "--out-dir", out_dir]
+    out = subprocess.run(command, capture_output=True, text=True, env=blas_thread_env(threads))
     if out.returncode != 0:
         raise RuntimeError(f"{ranks}x{threads} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def config_arg(text):
+    """An argparse type: RxT, R ranks with T BLAS threads each, as (R, T)."""
+    match = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected RxT, R ranks with T threads each (such as 2x1), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def run_rounds(mpiexec, configs, args, cache_dir):
+    """{config: [its result in each round]}: every configuration once a round, in turn, the order
+    reversed every other round (A B, B A, ...). The shared machines' speed drifts within minutes, so
+    configurations timed one after the other would compare two moments as much as two set-ups."""
+    results = {config: [] for config in configs}
+    with tempfile.TemporaryDirectory(prefix="numgpt-bench-ddp-") as out_dirs:
+        for round_ in range(args.rounds):
+            for config in configs if round_ % 2 == 0 else configs[::-1]:
+                out_dir = tempfile.mkdtemp(dir=out_dirs)   # a fresh one each: no run sees another's files
+                results[config].append(run_config(mpiexec, *config, args, cache_dir, out_dir))
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", metavar="RxT", help=f"repeatable; default: {' '.join(DEFAULT_CONFIGS)}")
-    p.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
+    p.add_argument("--config", type=config_arg, action="append", metavar="RxT",
+                   help=f"repeatable; default: {' '.join(DEFAULT_CONFIGS)}")
+    p.add_argument("--steps", type=positive_int, default=8, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=2,
+                   help="times each configuration runs, alternating with the others (medians are reported)")
     p.add_argument("--cache-dir", help="token cache (default: a temporary directory)")
+    p.add_argument("--out-dir", help=argparse.SUPPRESS)   # child mode
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.warmup < 0:
+        p.error(f"--warmup must be 0 or more, got {args.warmup}")
 
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    if mpiexec is None:
+    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
         sys.exit('bench_ddp needs mpiexec and mpi4py: pip install "numgpt[mpi]"')
-    configs = [tuple(int(n) for n in c.split("x")) for c in args.config or DEFAULT_CONFIGS]
+    configs = list(dict.fromkeys(args.config or map(config_arg, DEFAULT_CONFIGS)))
     baseline = max((c for c in configs if c[0] == 1), key=lambda c: c[1], default=None)   # 1 rank, most threads
     if baseline is None:
-        sys.exit("give a 1-rank configuration (1xT) too: it is the baseline")
+        p.error("give a 1-rank configuration (1xT) too: it is the baseline")
     tokens = SHAPE["batch_size"] * SHAPE["block_size"]
-    with tempfile.TemporaryDirectory() as tmp:
-        cache_dir = args.cache_dir or tmp
-        results = {config: run_config(mpiexec, *config, args, cache_dir) for config in configs}
-    for r in results.values():
-        r["tok_s"] = tokens / (r["step_ms"] / 1000)
+    with tempfile.TemporaryDirectory(prefix="numgpt-bench-tokens-") as tmp:
+        runs = run_rounds(mpiexec, configs, args, args.cache_dir or tmp)
     print(f"tutorial shape {SHAPE}, global batch {SHAPE['batch_size']} x {SHAPE['block_size']} tokens, "
-          f"gradients {results[baseline]['grad_mib']:.1f} MiB")
+          f"gradients {runs[baseline][0]['grad_mib']:.1f} MiB; medians of {args.rounds} alternating rounds")
     versus = "vs " + "x".join(map(str, baseline))
     print(f"{'ranks':>5} {'threads':>7} {'tok/s':>8} {'step ms':>8} {'allreduce ms':>12} {versus:>7} "
           f"{'RSS MiB/rank':>12}")
-    for (ranks, threads), r in results.items():
-        ratio = r["tok_s"] / results[baseline]["tok_s"]
-        print(f"{ranks:>5} {threads:>7} {r['tok_s']:>8.0f} {r['step_ms']:>8.1f} {r['allreduce_ms']:>12.2f} "
-              f"{ratio:>7.2f} {r['peak_rss_mib']:>12.0f}")
+    for (ranks, threads), rounds in runs.items():
+        step_ms = statistics.median(r["step_ms"] for r in rounds)
+        allreduce_ms = statistics.median(r["allreduce_ms"] for r in rounds)
+        rss = max(r["peak_rss_mib"] for r in rounds)
+        # each round's ratio compares runs minutes apart at most; their median is the one reported
+        ratios = [ref["step_ms"] / r["step_ms"] for r, ref in zip(rounds, runs[baseline])]
+        ratio = statistics.median(ratios)
+        print(f"{ranks:>5} {threads:>7} {tokens / (step_ms / 1000):>8.0f} {step_ms:>8.1f} {allreduce_ms:>12.2f} "
+              f"{ratio:>7.2f} {rss:>12.0f}")
         if not args.no_save:
             append_result({"backend": "numpy", "device": "cpu", "bench": "ddp",
                            "shape": {**SHAPE, "vocab_size": 50257, "dropout": DROPOUT}, "ranks": ranks,
-                           "threads_per_rank": threads, "tok_s": round(r["tok_s"], 1),
-                           "ratio_vs_1rank": round(ratio, 3), "peak_rss_mib": round(r["peak_rss_mib"], 1),
-                           "step_ms": round(r["step_ms"], 2),
-                           "allreduce_ms": round(r["allreduce_ms"], 2)})
+                           "threads_per_rank": threads, "tok_s": round(tokens / (step_ms / 1000), 1),
+                           "ratio_vs_1rank": round(ratio, 3),
+                           "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                           "peak_rss_mib": round(rss, 1), "step_ms": round(step_ms, 2),
+                           "allreduce_ms": round(allreduce_ms, 2), "steps": args.steps, "warmup": args.warmup,
+                           "rounds": args.rounds})
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import cupy_standin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
+import bench_ddp  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_train  # noqa: E402
 from bench import common  # noqa: E402   (importable once bench_train has put the checkout on the path)
@@ -212,3 +213,50 @@ def test_git_commit_is_dirty_with_changes_other_than_the_results(monkeypatch, tm
     assert commit() == head
     (tmp_path / "notes.txt").write_text("")
     assert commit() == head + "-dirty"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "1"], "argument --config: expected RxT"),
+    (["--config", "2x1"], "give a 1-rank configuration"),
+    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+])
+def test_bench_ddp_refuses_bad_input_in_one_line(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["bench_ddp.py", *argv, "--no-save"])
+    with pytest.raises(SystemExit) as exit:
+        bench_ddp.main()
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_ddp_without_mpi4py_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(bench_ddp.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sys, "argv", ["bench_ddp.py", "--no-save"])
+    with pytest.raises(SystemExit, match=r'pip install "numgpt\[mpi\]"'):
+        bench_ddp.main()
+
+
+def test_bench_ddp_alternates_configurations_over_rounds_and_reports_medians(monkeypatch):
+    """Each configuration runs once a round, the order reversed every other round, each run in an
+    out-dir of its own (not the token cache); a row holds medians and the median per-round ratio."""
+    step_ms = {(1, 1): [100.0, 120.0, 110.0], (2, 1): [80.0, 60.0, 100.0]}   # by round
+    runs, rows = [], []
+
+    def fake_run(mpiexec, ranks, threads, args, cache_dir, out_dir):
+        runs.append(((ranks, threads), cache_dir, out_dir))
+        round_ = sum(config == (ranks, threads) for config, _, _ in runs) - 1
+        return {"step_ms": step_ms[ranks, threads][round_], "allreduce_ms": 1.0, "peak_rss_mib": 100.0 + round_,
+                "grad_mib": 1.0}
+
+    monkeypatch.setattr(bench_ddp.shutil, "which", lambda *args, **kwargs: "mpiexec")
+    find_spec = bench_ddp.importlib.util.find_spec
+    monkeypatch.setattr(bench_ddp.importlib.util, "find_spec", lambda name: find_spec(name) or object())
+    monkeypatch.setattr(bench_ddp, "run_config", fake_run)
+    monkeypatch.setattr(bench_ddp, "append_result", rows.append)
+    monkeypatch.setattr(sys, "argv", ["bench_ddp.py", "--config", "1x1", "--config", "2x1", "--rounds", "3"])
+    bench_ddp.main()
+    assert [config for config, _, _ in runs] == [(1, 1), (2, 1), (2, 1), (1, 1), (1, 1), (2, 1)]
+    out_dirs = [out_dir for _, _, out_dir in runs]
+    assert len(set(out_dirs)) == 6 and not {cache_dir for _, cache_dir, _ in runs} & set(out_dirs)
+    one, two = rows
+    assert (one["step_ms"], one["ratio_vs_1rank"], one["rounds"]) == (110.0, 1.0, 3)
+    assert two["step_ms"] == 80.0 and two["peak_rss_mib"] == 102.0
+    assert two["ratio_vs_1rank"] == 1.25 and two["ratio_range"] == [1.1, 2.0]   # 100/80, 120/60, 110/100
