@@ -1,5 +1,6 @@
 """Training-step benchmark: numgpt against PyTorch (transformers' GPT2LMHeadModel + torch.optim.AdamW)
-on the same shapes and thread count, each in its own process so peak memory is its own.
+on the same shapes and thread count, each in its own process so peak memory is its own, the two
+alternating over --rounds rounds in ABBA order (numgpt, torch, torch, numgpt, ...).
 
     python bench/bench_train.py                       # the two CPU shapes below
     python bench/bench_train.py --shape tutorial --steps 10
@@ -8,28 +9,31 @@ on the same shapes and thread count, each in its own process so peak memory is i
 
 Reports tokens/s, milliseconds per step split into forward, backward and optimizer (on a GPU,
 tokens/s and the step come from steps run back to back, the split from steps with a wait after each
-part), achieved GFLOP/s, peak memory (RSS on the CPU, the memory pool on the GPU), and the ratios;
-appends rows to bench/results.jsonl. Two fractions of a peak: `roofline`, against the best matmul
-rate measured here in the same run (sgemm on the CPU; on the GPU cuBLAS in the chosen precision),
-and on GPUs whose datasheet we know `mfu`, against its dense peak (PaLM's model FLOPs utilization).
+part), achieved GFLOP/s, peak memory (RSS on the CPU, the memory pool on the GPU), each time the
+median over the rounds and the memory their highest, and the ratios (tokens/s: the median of the
+rounds' own ratios, their range in `ratio_range`); appends rows to bench/results.jsonl. Two
+fractions of a peak: `roofline`, against the best matmul rate measured here in the same run (sgemm
+on the CPU; on the GPU cuBLAS in the chosen precision), and on GPUs whose datasheet we know `mfu`,
+against its dense peak (PaLM's model FLOPs utilization).
 On the GPU, PyTorch runs on CUDA at the same precision: TF32 matmuls, or autocast to float16 with a
 GradScaler; --torch-compile compiles its model as well. `--batch-size max` finds each side's
 largest batch among 8, 16, 32, ... (from the shape's) with runs of three steps, compares the two at
-the largest that fits both, and times a side that fits more at its own largest too
-(`largest_batch_tok_s`, `ratio_vs_torch_at_largest`).
+the largest that fits both (over the rounds), and times a side that fits more at its own largest
+too, once (`largest_batch_tok_s`, `ratio_vs_torch_at_largest`).
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, blas_thread_env,  # noqa: E402
-                          blas_threads, device_name, device_sync, gpu_memory_mib, is_out_of_memory, median_ms,
-                          peak_rss_mib, positive_int, run_child, run_with_blas_threads, timed)
+                          blas_threads, device_name, device_sync, gpu_memory_mib, is_out_of_memory, load_average,
+                          median_ms, peak_rss_mib, positive_int, run_child, run_with_blas_threads, timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -258,23 +262,44 @@ def largest_batch(impl, name, args, start):
         batch_size *= 2
 
 
+def combine(runs):
+    """One side's result from its runs in several rounds: the median of each time, the highest peak memory."""
+    times = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_ms")}
+    return {**runs[0], **times, "peak_mem_mib": max(r["peak_mem_mib"] for r in runs)}
+
+
+def compare(name, args, impls, batch_size):
+    """({impl: its runs combined}, [numgpt's tokens/s over torch's in each round]) of --rounds rounds
+    at `batch_size`. Each round runs every side once, in ABBA order (numgpt, torch, torch, numgpt, ...):
+    a shared machine's speed drifts within minutes, so two processes run one after the other compare
+    two moments as much as two frameworks, and a ratio within a round, its sides run next to each
+    other and in turns first, drifts least. Its median over the rounds is the one reported."""
+    runs = {impl: [] for impl in impls}
+    for round_ in range(args.rounds):
+        for impl in impls if round_ % 2 == 0 else impls[::-1]:
+            runs[impl].append(run_side(impl, name, args, batch_size))
+    ratios = [ref["step_ms"] / ours["step_ms"] for ours, ref in zip(runs["numgpt"], runs.get("torch", ()))]
+    return {impl: combine(r) for impl, r in runs.items()}, ratios
+
+
 def runs_at_largest(name, args, impls):
-    """--batch-size max: ({impl: timed run} at the largest batch that fits every side, the comparison;
-    {impl: timed run} at each side's own largest batch), the batches doubled from the shape's.
+    """--batch-size max: ({impl: timed runs combined} at the largest batch that fits every side, the
+    comparison; its per-round ratios; {impl: timed run} at each side's own largest batch), the batches
+    doubled from the shape's.
 
     The side that fits the least has its comparison run there. A side that fits more runs again at its
     own largest, and is left out of the second if that run runs out of memory: a whole run can need a
     little more memory than the probe did."""
     largest = {impl: largest_batch(impl, name, args, SHAPES[name]["batch_size"]) for impl in impls}
     batch_size = min(largest.values())
-    results = {impl: run_side(impl, name, args, batch_size) for impl in impls}
+    results, ratios = compare(name, args, impls, batch_size)
     at_largest = {}
     for impl, size in largest.items():
         try:
             at_largest[impl] = results[impl] if size == batch_size else run_side(impl, name, args, size)
         except ChildOutOfMemory:
             print(f"{impl}: batch size {size} fit the probe but runs out of memory in a whole run: left out")
-    return results, at_largest
+    return results, ratios, at_largest
 
 
 def add_rates(result, name):
@@ -289,8 +314,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), action="append",
                    help=f"repeatable; default: {', '.join(CPU_SHAPES)}")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (medians are reported)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps (medians are reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=positive_int, default=2,
+                   help="runs of each side, in ABBA order; the ratio is the median of the rounds' (default 2)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"], help="tf32 and fp16: GPU only")
     p.add_argument("--batch-size", type=batch_size_arg,
@@ -325,12 +352,13 @@ def main():
     header = f"{'shape':<12} {'impl':<7} {'batch':>5} {'tok/s':>8} {'step ms':>8} {'fwd':>7} {'bwd':>7} " \
              f"{'opt':>6} {'GFLOP/s':>8} {'roofline':>8} {'MFU':>5} {memory:>8}"
     for name in args.shape or CPU_SHAPES:
+        load_before = load_average()
         try:
             if args.batch_size == "max":
-                results, at_largest = runs_at_largest(name, args, impls)
+                results, ratios, at_largest = runs_at_largest(name, args, impls)
             else:
-                batch_size = args.batch_size or SHAPES[name]["batch_size"]
-                results, at_largest = {impl: run_side(impl, name, args, batch_size) for impl in impls}, {}
+                results, ratios = compare(name, args, impls, args.batch_size or SHAPES[name]["batch_size"])
+                at_largest = {}
         except ChildOutOfMemory as error:
             hint = "" if args.batch_size == "max" else "; try a smaller --batch-size, or --batch-size max"
             print(f"{name}: {error}{hint}: skipped")
@@ -342,9 +370,11 @@ def main():
         # a shared machine's speed drifts: the roofline is the best matmul rate seen before and right
         # after the run, so a slow moment of the machine never inflates the fraction
         peak = max(peak, matmul_peak_gflops(args.backend, args.precision))
+        load_after = load_average()
         print(f"matmul peak: {peak:.1f} GFLOP/s measured"
               + (f", {datasheet:.0f} on the datasheet" if datasheet else "")
-              + f" ({args.precision}, {device}, {args.threads} CPU threads)")
+              + f" ({args.precision}, {device}, {args.threads} CPU threads); medians of {args.rounds} rounds; "
+              + f"load average {load_before} before, {load_after} after")
         print(header)
         for impl, r in runs:
             mfu = f"{r['gflops'] / datasheet:.0%}" if datasheet else "-"
@@ -356,7 +386,8 @@ def main():
         memory_key = "peak_rss_mib" if args.backend == "numpy" else "peak_gpu_mib"
         row = {"backend": args.backend, "device": device, "bench": "train",
                "precision": args.precision, "shape": {**shape, "vocab_size": VOCAB},
-               "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+               "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+               "load_avg_1m_before": load_before,
                "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2),
                "forward_ms": round(ours["forward_ms"], 2), "backward_ms": round(ours["backward_ms"], 2),
                "optimizer_ms": round(ours["optimizer_ms"], 2), memory_key: round(ours["peak_mem_mib"], 1),
@@ -368,12 +399,14 @@ def main():
             row.update(largest_batch={impl: r["batch_size"] for impl, r in at_largest.items()},
                        largest_batch_tok_s={impl: round(r["tok_s"], 1) for impl, r in at_largest.items()})
         if ref:
-            row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 1),
+            row.update(ratio_vs_torch=round(statistics.median(ratios), 3),
+                       ratio_range=[round(min(ratios), 3), round(max(ratios), 3)], torch_tok_s=round(ref["tok_s"], 1),
                        torch_compile=args.torch_compile,
                        memory_ratio_vs_torch=round(ours["peak_mem_mib"] / ref["peak_mem_mib"], 3))
             if datasheet:
                 row.update(torch_mfu=round(ref["gflops"] / datasheet, 3))
-            print(f"{name}: numgpt / torch = {row['ratio_vs_torch']:.2f}x tokens/s, "
+            print(f"{name}: numgpt / torch = {row['ratio_vs_torch']:.2f}x tokens/s (the median of {len(ratios)} "
+                  f"rounds' ratios, {min(ratios):.2f}-{max(ratios):.2f}x), "
                   f"{row['memory_ratio_vs_torch']:.2f}x peak memory")
         if {"numgpt", "torch"} <= at_largest.keys():
             ours_largest, ref_largest = at_largest["numgpt"], at_largest["torch"]

@@ -132,7 +132,8 @@ def test_batch_size_max_probes_short_then_times_the_comparison_and_each_sides_la
     probed, timed = probed_and_timed(children)
     assert probed == [("numgpt", 8), ("numgpt", 16), ("numgpt", 32), ("numgpt", 64), ("numgpt", 128),
                       ("torch", 8), ("torch", 16), ("torch", 32)]
-    assert timed == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]   # torch's largest is the comparison
+    # torch's largest is the comparison, run in two rounds in ABBA order; numgpt's largest once
+    assert timed == [("numgpt", 16), ("torch", 16), ("torch", 16), ("numgpt", 16), ("numgpt", 64)]
     assert row["shape"]["batch_size"] == 16 and (row["steps"], row["warmup"]) == (5, 2)   # how it was measured
     assert row["tok_s"] == tok_s("numgpt", 16) and row["torch_tok_s"] == tok_s("torch", 16)
     assert row["ratio_vs_torch"] == round(tok_s("numgpt", 16) / tok_s("torch", 16), 3) == 0.8
@@ -141,18 +142,36 @@ def test_batch_size_max_probes_short_then_times_the_comparison_and_each_sides_la
     assert row["ratio_vs_torch_at_largest"] == round(tok_s("numgpt", 64) / tok_s("torch", 16), 3) == 1.6
     table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("gpt2-124m-1k ")]
     assert [(impl, int(batch)) for _, impl, batch, *_ in table] == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]
+    assert row["rounds"] == 2 and row["ratio_range"] == [0.8, 0.8]
 
 
 def test_batch_size_max_leaves_out_a_largest_batch_whose_whole_run_runs_out_of_memory(monkeypatch, capsys):
     children, row = search_largest_batches(monkeypatch, fits={"numgpt": 64, "torch": 16},
                                            fits_whole_run={"numgpt": 32, "torch": 16})
-    assert probed_and_timed(children)[1] == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]
+    assert probed_and_timed(children)[1] == [("numgpt", 16), ("torch", 16), ("torch", 16), ("numgpt", 16),
+                                             ("numgpt", 64)]
     assert row["shape"]["batch_size"] == 16 and row["ratio_vs_torch"] == 0.8   # the comparison stands
     assert row["largest_batch"] == {"torch": 16}
     assert row["largest_batch_tok_s"] == {"torch": tok_s("torch", 16)}
     assert "ratio_vs_torch_at_largest" not in row
     assert "numgpt: batch size 64 fit the probe but runs out of memory in a whole run: left out" \
         in capsys.readouterr().out
+
+
+def test_compare_alternates_the_sides_abba_and_reports_the_median_of_the_rounds_ratios(monkeypatch):
+    step_ms = {"numgpt": iter([100.0, 300.0, 100.0]), "torch": iter([150.0, 150.0, 100.0])}   # by round
+    order = []
+
+    def fake_side(impl, name, args, batch_size):
+        order.append(impl)
+        return {"step_ms": next(step_ms[impl]), "forward_ms": 1.0, "peak_mem_mib": len(order), "batch_size": 4}
+
+    monkeypatch.setattr(bench_train, "run_side", fake_side)
+    results, ratios = bench_train.compare("tutorial", argparse.Namespace(rounds=3), ("numgpt", "torch"), 4)
+    assert order == ["numgpt", "torch", "torch", "numgpt", "numgpt", "torch"]
+    assert ratios == [1.5, 0.5, 1.0]   # torch's step over numgpt's, round by round
+    assert results["numgpt"] == {"step_ms": 100.0, "forward_ms": 1.0, "peak_mem_mib": 5, "batch_size": 4}
+    assert results["torch"]["step_ms"] == 150.0 and results["torch"]["peak_mem_mib"] == 6
 
 
 def test_run_side_gives_the_child_its_blas_threads_in_the_environment(monkeypatch, tmp_path):
