@@ -8,6 +8,10 @@ against the same computation in PyTorch (same thread count, same device) when to
 On the GPU each layer also runs with the fused kernels off (`twins`: the NumPy-style code on
 CuPy), so the table shows what each layer's kernels gain, and which layers are worth a kernel next.
 
+The `torch/numgpt` column is torch's forward + backward time over numgpt's (above 1: numgpt is the
+faster); torch's leaf gradients are dropped between repeats, outside the clock, as numgpt's
+backward returns fresh ones.
+
 FLOPs count the matmuls of forward and backward (3x the forward's; elementwise work is free in this
 accounting), so a layer without matmuls (embedding, layernorm) shows no GFLOP/s.
 """
@@ -62,7 +66,10 @@ def layer_cases(shape, rng, xp=np):
 
 
 def torch_cases(shape, rng, threads, device="cpu"):
-    """The same layers in PyTorch: {name: (forward thunk returning output, matmul FLOPs)}."""
+    """The same layers in PyTorch: ({name: (forward thunk returning output, matmul FLOPs)}, a function
+    that drops the leaves' gradients). A backward adds into each leaf's .grad: left in place, every
+    repeat after the first would time an extra addition that numgpt's backward, returning fresh
+    gradients, never does (nor does training, whose optimizer step drops them: zero_grad(set_to_none))."""
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
@@ -75,6 +82,11 @@ def torch_cases(shape, rng, threads, device="cpu"):
     wte, wpe, w, b = p(VOCAB, C), p(T, C), tensor(np.ones(C)), tensor(np.zeros(C))
     w_attn, b_attn, w_proj, b_proj = p(C, 3 * C), p(3 * C), p(C, C), p(C)
     w_fc, b_fc, w_fc2, b_fc2 = p(C, 4 * C), p(4 * C), p(4 * C, C), p(C)
+    leaves = (x, wte, wpe, w, b, w_attn, b_attn, w_proj, b_proj, w_fc, b_fc, w_fc2, b_fc2)
+
+    def drop_grads():
+        for leaf in leaves:
+            leaf.grad = None
 
     def attention():
         q, k, v = (x @ w_attn + b_attn).split(C, dim=2)
@@ -89,16 +101,18 @@ def torch_cases(shape, rng, threads, device="cpu"):
         "attention": (attention, 2 * N * C * 4 * C + 2 * 2 * B * T * T * C),
         "mlp": (lambda: F.gelu(x @ w_fc + b_fc, approximate="tanh") @ w_fc2 + b_fc2, 2 * N * C * 8 * C),
         "classifier+loss": (lambda: F.cross_entropy(x.view(N, C) @ wte.T, targets), 2 * N * C * VOCAB),
-    }
+    }, drop_grads
 
 
-def measure(forward, backward, repeats, sync=lambda: None, context=contextlib.nullcontext):
-    """Median milliseconds of forward and of backward, each run inside a fresh `context()`."""
+def measure(forward, backward, repeats, sync=lambda: None, context=contextlib.nullcontext, after=lambda: None):
+    """Median milliseconds of forward and of backward, each run inside a fresh `context()`, then
+    `after()` outside the clock."""
     f_times, b_times = [], []
     for i in range(repeats + 1):
         with context():
             out, t_f = timed(forward, sync)
             _, t_b = timed(lambda: backward(out), sync)
+        after()
         if i:   # the first call warms up (and on a GPU compiles the kernels)
             f_times.append(t_f)
             b_times.append(t_b)
@@ -154,25 +168,29 @@ def main():
                          for layer, (fwd, bwd, _) in cases.items()}
         ref = {}
         if torch is not None:
-            for layer, (fwd, flops) in torch_cases(shape, rng, args.threads, "cuda" if gpu else "cpu").items():
+            cases, drop_grads = torch_cases(shape, rng, args.threads, "cuda" if gpu else "cpu")
+            for layer, (fwd, flops) in cases.items():
                 ref[layer] = measure(fwd, lambda out: out.backward(torch.ones_like(out)), args.repeats, torch_sync,
-                                     torch_context)
+                                     torch_context, after=drop_grads)
         device = device_name(args.backend)
         print(f"\n{name}: {shape} ({device}, {args.precision})")
+        # the ratio is of times: above 1, numgpt's forward + backward is the faster
         print(f"{'layer':<16} {'fwd ms':>8} {'bwd ms':>8} {'GFLOP/s':>8} {'twins ms':>9} {'torch fwd':>10} "
-              f"{'torch bwd':>10} {'ratio':>6}")
+              f"{'torch bwd':>10} {'torch/numgpt':>12}")
         for layer, (f_ms, b_ms, flops) in ours.items():
             gflops = 3 * flops / ((f_ms + b_ms) / 1000) / 1e9 if flops else float("nan")
             r = ref.get(layer)
             ratio = (r[0] + r[1]) / (f_ms + b_ms) if r else float("nan")
             print(f"{layer:<16} {f_ms:>8.2f} {b_ms:>8.2f} {gflops:>8.1f} {twins.get(layer, float('nan')):>9.2f} "
-                  f"{r[0] if r else float('nan'):>10.2f} {r[1] if r else float('nan'):>10.2f} {ratio:>6.2f}")
+                  f"{r[0] if r else float('nan'):>10.2f} {r[1] if r else float('nan'):>10.2f} {ratio:>12.2f}")
             if not args.no_save:
                 row = {"backend": args.backend, "device": device, "bench": f"layer:{layer}",
                        "precision": args.precision, "shape": shape, "threads": args.threads,
                        "forward_ms": round(f_ms, 3), "backward_ms": round(b_ms, 3),
                        "gflops": None if not flops else round(gflops, 1),
-                       "ratio_vs_torch": None if not r else round(ratio, 3)}
+                       "ratio_vs_torch": None if not r else round(ratio, 3)}   # torch's time over numgpt's
+                if r:
+                    row.update(torch_forward_ms=round(r[0], 3), torch_backward_ms=round(r[1], 3))
                 if gpu:
                     row["twins_ms"] = round(twins[layer], 3)
                 append_result(row)

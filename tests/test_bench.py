@@ -80,6 +80,30 @@ def test_bench_layers_times_each_layer_with_and_without_the_kernels_on_cupy(monk
     assert all(float(row[1]) > 0 and float(row[4]) > 0 for row in rows)
 
 
+TINY = {"batch_size": 2, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
+
+
+def test_bench_layers_times_each_layer_against_torch_on_the_cpu(monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(bench_layers, "VOCAB", 64)
+    monkeypatch.setattr(bench_layers, "SHAPES", {"tiny": TINY})
+    monkeypatch.setattr(sys, "argv", ["bench_layers.py", "--repeats", "2", *matching_threads(monkeypatch)])
+    rows = []
+    monkeypatch.setattr(bench_layers, "append_result", rows.append)
+    threads = torch.get_num_threads()
+    try:
+        bench_layers.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["bench"] for row in rows] == ["layer:embedding", "layer:layernorm", "layer:attention", "layer:mlp",
+                                              "layer:classifier+loss"]
+    # stored to the microsecond, so the classifier's backward (the gradients come from its forward) reads 0
+    assert all(row[key] >= 0 for row in rows for key in ("forward_ms", "backward_ms", "torch_forward_ms",
+                                                          "torch_backward_ms"))
+    assert all(row["ratio_vs_torch"] > 0 for row in rows)
+    assert "torch/numgpt" in capsys.readouterr().out
+
+
 # made-up medians of the fake children below: step milliseconds by side and batch size
 STEP_MS = {("numgpt", 16): 200.0, ("numgpt", 64): 400.0, ("torch", 16): 160.0}
 
