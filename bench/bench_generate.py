@@ -7,10 +7,13 @@ Both run the same random weights (the numgpt child saves them, the torch child l
 float32 with the same thread count, each in its own process so peak memory is its own. Reports
 tokens/s (new tokens over the whole generate call, prefill included; the median of --repeats
 calls), numgpt without its cache for scale, peak RSS while generating, and the ratio; checks that
-the two produce identical tokens; appends a row to bench/results.jsonl.
+the two produce identical tokens; appends a row to bench/results.jsonl. With --backend cupy numgpt
+generates on the GPU alone: transformers runs on the CPU here, which is no reference for a GPU, so
+that row has no ratio.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -18,8 +21,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (append_result, available_cores, blas_thread_env, peak_rss_mib,  # noqa: E402
-                          positive_int, run_child, timed)
+from bench.common import (append_result, available_cores, blas_thread_env, device_name,  # noqa: E402
+                          load_average, peak_rss_mib, positive_int, run_child, timed)
 
 SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)   # GPT-2 124M
 
@@ -100,24 +103,25 @@ def main():
     if args.impl:
         return child(args)
 
+    device = device_name(args.backend)
     env = blas_thread_env(args.threads)   # read by the children's BLAS when they import NumPy and torch
     common = ["--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats",
               str(args.repeats), "--uncached-tokens", str(args.uncached_tokens), "--threads", str(args.threads),
               "--backend", args.backend, "--seed", str(args.seed)]
-    load_before = os.getloadavg()[0]          # other processes competing for the cores skew the timings
+    load_before = load_average()          # other processes competing for the cores skew the timings
     with tempfile.TemporaryDirectory(prefix="numgpt-bench-") as weights:
         ours = run_child(__file__, ["--impl", "numgpt", "--weights", weights, *common], env)
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-            ref = run_child(__file__, ["--impl", "torch", "--weights", weights, *common], env)
-        except ImportError:
-            ref = None
+        ref = None
+        if args.backend != "numpy":
+            print(f"(numgpt on {device}: transformers' generate here runs on the CPU, no reference for a GPU)")
+        elif importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
             print("(torch/transformers not installed: no reference)")
+        else:
+            ref = run_child(__file__, ["--impl", "torch", "--weights", weights, *common], env)
 
     print(f"greedy generation, GPT-2 124M shape (random weights), float32, batch 1, {args.prompt_len}-token "
-          f"prompt, {args.new_tokens} new tokens, {args.threads} threads, backend {args.backend} "
-          f"(load average before: {load_before:.2f})")
+          f"prompt, {args.new_tokens} new tokens, {args.threads} threads, backend {args.backend} on {device} "
+          f"(load average before: {load_before})")
     print(f"{'impl':<22} {'tok/s':>8} {'ms/token':>9} {'peak RSS MiB':>13}")
     rows = [("numgpt (KV cache)", ours)] + ([("transformers generate", ref)] if ref else [])
     for name, r in rows:
@@ -126,11 +130,11 @@ def main():
         print(f"{'numgpt (no cache)':<22} {ours['uncached_tok_s']:>8.1f} {1000 / ours['uncached_tok_s']:>9.1f}"
               f"   (first {args.uncached_tokens} tokens only)")
 
-    row = {"backend": args.backend, "device": "cpu" if args.backend == "numpy" else "gpu", "bench": "generate",
+    row = {"backend": args.backend, "device": device, "bench": "generate",
            "shape": {**SHAPE, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "dtype": "float32"},
            "threads": args.threads, "tok_s": round(ours["tok_s"], 2), "peak_rss_mib": round(ours["peak_rss_mib"], 1),
-           "load_avg_1m_before": round(load_before, 2)}
+           "load_avg_1m_before": load_before}
     if ref:
         same = ours["tokens"] == ref["tokens"]
         row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 2),

@@ -104,9 +104,11 @@ def gpu_memory_mib():
 
 
 def device_name(backend):
-    """"cpu", or the GPU's name as CUDA gives it."""
+    """"cpu", or the GPU's name as CUDA gives it (numgpt's ConfigError where CuPy cannot run)."""
+    if backend == "numpy":
+        return "cpu"
     from numgpt.backend import get_xp, gpu_name   # here: bench_generate.py imports NumPy only in its children
-    return "cpu" if backend == "numpy" else gpu_name(get_xp(backend))
+    return gpu_name(get_xp(backend))
 
 
 def positive_int(text):

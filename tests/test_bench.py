@@ -17,6 +17,7 @@ import cupy_standin
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
 import bench_ddp  # noqa: E402
+import bench_generate  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_train  # noqa: E402
 from bench import common  # noqa: E402   (importable once bench_train has put the checkout on the path)
@@ -303,3 +304,21 @@ def test_bench_ddp_alternates_configurations_over_rounds_and_reports_medians(mon
     assert (one["step_ms"], one["ratio_vs_1rank"], one["rounds"]) == (110.0, 1.0, 3)
     assert two["step_ms"] == 80.0 and two["peak_rss_mib"] == 102.0
     assert two["ratio_vs_1rank"] == 1.25 and two["ratio_range"] == [1.1, 2.0]   # 100/80, 120/60, 110/100
+
+
+def test_bench_generate_on_a_gpu_runs_no_cpu_reference(monkeypatch, capsys):
+    """transformers' generate runs on the CPU here: it is no reference for numgpt on a GPU."""
+    children, rows = [], []
+
+    def fake_child(script, args, env=None):
+        children.append(args[args.index("--impl") + 1])
+        return {"tokens": [1, 2], "tok_s": 100.0, "peak_rss_mib": 10.0}
+
+    monkeypatch.setattr(bench_generate, "run_child", fake_child)
+    monkeypatch.setattr(bench_generate, "device_name", lambda backend: "a GPU")
+    monkeypatch.setattr(bench_generate, "append_result", rows.append)
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--backend", "cupy"])
+    assert bench_generate.main() == 0
+    assert children == ["numgpt"] and "no reference for a GPU" in capsys.readouterr().out
+    [row] = rows
+    assert row["device"] == "a GPU" and "ratio_vs_torch" not in row
