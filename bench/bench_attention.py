@@ -107,9 +107,17 @@ def main():
                 import torch
             except ImportError:
                 continue
+            if not torch.cuda.is_available():   # a CPU build of torch beside CuPy
+                print("(this torch has no CUDA: no torch row)")
+                continue
+            # its inputs first: under fp16 they are torch's float16 copies, which are inputs, not what
+            # attention holds (in float32 torch shares CuPy's arrays and allocates nothing for them)
+            step = torch_step(qkv, dy, nh, "float16" if half else "float32")
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            ms = measure(torch_step(qkv, dy, nh, "float16" if half else "float32"), sync, args.repeats)
-            mib = torch.cuda.max_memory_allocated() / 2**20
+            inputs = torch.cuda.memory_allocated()
+            ms = measure(step, sync, args.repeats)
+            mib = (torch.cuda.max_memory_allocated() - inputs) / 2**20
         else:
             pool.free_all_blocks()
             inputs = pool.total_bytes()

@@ -64,6 +64,18 @@ def test_bench_attention_measures_each_numgpt_variant(monkeypatch, capsys, preci
 
 
 @cupy_standin.needs_compiler
+def test_bench_attention_leaves_out_a_torch_without_cuda(monkeypatch, capsys):
+    pytest.importorskip("torch")   # the CPU build this project's tests run with: torch.cuda is not available
+    cupy_standin.install(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--batch-size", "1", "--block-size", "40", "--n-head",
+                                      "2", "--repeats", "1", "--no-save"])
+    bench_attention.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "(this torch has no CUDA: no torch row)"
+    assert [line.split(":")[0].strip() for line in lines[:-1]] == ["flash", "flash fma", "matrix"]
+
+
+@cupy_standin.needs_compiler
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_bench_layers_times_each_layer_with_and_without_the_kernels_on_cupy(monkeypatch, capsys, precision):
     cupy_standin.install(monkeypatch)
