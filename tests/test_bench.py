@@ -136,7 +136,8 @@ def search_largest_batches(monkeypatch, fits, fits_whole_run):
         if batch_size > (fits if probe else fits_whole_run)[impl]:
             raise bench_train.ChildOutOfMemory(f"{impl} ran out of memory at batch size {batch_size}")
         return {"forward_ms": 1.0, "backward_ms": 2.0, "optimizer_ms": 0.5, "peak_mem_mib": 1000.0 * batch_size,
-                "step_ms": STEP_MS.get((impl, batch_size), 999.0)}   # a probe's figures are not read
+                "step_ms": STEP_MS.get((impl, batch_size), 999.0),   # a probe's figures are not read
+                "step_stat": f"mean of {steps} pipelined steps"}
 
     for module in ("torch", "transformers"):   # main() only checks that the reference is installed
         monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
@@ -179,7 +180,7 @@ def test_batch_size_max_probes_short_then_times_the_comparison_and_each_sides_la
     assert row["ratio_vs_torch_at_largest"] == round(tok_s("numgpt", 64) / tok_s("torch", 16), 3) == 1.6
     table = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("gpt2-124m-1k ")]
     assert [(impl, int(batch)) for _, impl, batch, *_ in table] == [("numgpt", 16), ("torch", 16), ("numgpt", 64)]
-    assert row["rounds"] == 2 and row["ratio_range"] == [0.8, 0.8]
+    assert row["rounds"] == 2 and row["ratio_range"] == [0.8, 0.8] and row["step_stat"] == "mean of 5 pipelined steps"
 
 
 def test_batch_size_max_leaves_out_a_largest_batch_whose_whole_run_runs_out_of_memory(monkeypatch, capsys):
