@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (append_result, available_cores, blas_thread_env, device_name,  # noqa: E402
+from bench.common import (append_result, available_cores, blas_thread_env, device_name_or_error,  # noqa: E402
                           load_average, peak_rss_mib, positive_int, run_child, timed)
 
 SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)   # GPT-2 124M
@@ -103,7 +103,7 @@ def main():
     if args.impl:
         return child(args)
 
-    device = device_name(args.backend)
+    device = device_name_or_error(p, args.backend)
     env = blas_thread_env(args.threads)   # read by the children's BLAS when they import NumPy and torch
     common = ["--new-tokens", str(args.new_tokens), "--prompt-len", str(args.prompt_len), "--repeats",
               str(args.repeats), "--uncached-tokens", str(args.uncached_tokens), "--threads", str(args.threads),

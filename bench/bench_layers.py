@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_train import SHAPES, VOCAB  # noqa: E402
-from bench.common import (append_result, blas_threads, device_name, device_sync, median_ms,  # noqa: E402
+from bench.common import (append_result, blas_threads, device_name_or_error, device_sync, median_ms,  # noqa: E402
                           positive_int, run_with_blas_threads, timed)
 from numgpt import kernels  # noqa: E402
 from numgpt.allocator import keep_freed_memory  # noqa: E402
@@ -144,6 +144,7 @@ def main():
     run_with_blas_threads(args.threads)
     if args.precision != "fp32" and args.backend == "numpy":
         p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
+    device = device_name_or_error(p, args.backend)
     keep_freed_memory()   # the allocator train.py runs with, for both frameworks
     xp, gpu = get_xp(args.backend), args.backend == "cupy"
     set_tf32(xp, args.precision == "tf32")
@@ -172,7 +173,6 @@ def main():
             for layer, (fwd, flops) in cases.items():
                 ref[layer] = measure(fwd, lambda out: out.backward(torch.ones_like(out)), args.repeats, torch_sync,
                                      torch_context, after=drop_grads)
-        device = device_name(args.backend)
         print(f"\n{name}: {shape} ({device}, {args.precision})")
         # the ratio is of times: above 1, numgpt's forward + backward is the faster
         print(f"{'layer':<16} {'fwd ms':>8} {'bwd ms':>8} {'GFLOP/s':>8} {'twins ms':>9} {'torch fwd':>10} "

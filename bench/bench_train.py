@@ -32,8 +32,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, blas_thread_env,  # noqa: E402
-                          blas_threads, device_name, device_sync, gpu_memory_mib, is_out_of_memory, load_average,
-                          median_ms, peak_rss_mib, positive_int, run_child, run_with_blas_threads, timed)
+                          blas_threads, device_name_or_error, device_sync, gpu_memory_mib, is_out_of_memory,
+                          load_average, median_ms, peak_rss_mib, positive_int, run_child, run_with_blas_threads,
+                          timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -350,7 +351,7 @@ def main():
         print("(torch/transformers not installed: no reference)")
         impls = ("numgpt",)
 
-    device = device_name(args.backend)
+    device = device_name_or_error(p, args.backend)
     peak = matmul_peak_gflops(args.backend, args.precision)
     datasheet = datasheet_gflops(device, args.precision)
     memory = "RSS MiB" if args.backend == "numpy" else "GPU MiB"

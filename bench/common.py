@@ -122,6 +122,18 @@ def positive_int(text):
     return value
 
 
+def device_name_or_error(parser, backend):
+    """device_name(backend), or the parser's one-line error (exit status 2) with numgpt's reason where
+    the backend cannot run here, such as CuPy missing or no GPU."""
+    try:
+        return device_name(backend)
+    except Exception as error:
+        from numgpt.errors import NumGPTError   # here: bench_generate.py imports NumPy only in its children
+        if not isinstance(error, NumGPTError):
+            raise
+        parser.error(str(error))
+
+
 def median_ms(samples):
     return 1000 * statistics.median(samples)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import cupy_standin
+from numgpt import backend as numgpt_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_attention  # noqa: E402
@@ -142,7 +143,7 @@ def search_largest_batches(monkeypatch, fits, fits_whole_run):
     for module in ("torch", "transformers"):   # main() only checks that the reference is installed
         monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
     monkeypatch.setattr(bench_train, "run_child", fake_child)
-    monkeypatch.setattr(bench_train, "device_name", lambda backend: "a GPU")
+    monkeypatch.setattr(bench_train, "device_name_or_error", lambda parser, backend: "a GPU")
     monkeypatch.setattr(bench_train, "matmul_peak_gflops", lambda backend, precision: 1000.0)
     monkeypatch.setattr(bench_train, "append_result", rows.append)
     monkeypatch.setattr(sys, "argv", ["bench_train.py", "--backend", "cupy", "--shape", "gpt2-124m-1k",
@@ -328,10 +329,21 @@ def test_bench_generate_on_a_gpu_runs_no_cpu_reference(monkeypatch, capsys):
         return {"tokens": [1, 2], "tok_s": 100.0, "peak_rss_mib": 10.0}
 
     monkeypatch.setattr(bench_generate, "run_child", fake_child)
-    monkeypatch.setattr(bench_generate, "device_name", lambda backend: "a GPU")
+    monkeypatch.setattr(bench_generate, "device_name_or_error", lambda parser, backend: "a GPU")
     monkeypatch.setattr(bench_generate, "append_result", rows.append)
     monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--backend", "cupy"])
     assert bench_generate.main() == 0
     assert children == ["numgpt"] and "no reference for a GPU" in capsys.readouterr().out
     [row] = rows
     assert row["device"] == "a GPU" and "ratio_vs_torch" not in row
+
+
+@pytest.mark.parametrize("bench", [bench_train, bench_layers, bench_generate])
+def test_a_backend_that_cannot_run_is_one_line_not_a_traceback(monkeypatch, capsys, bench):
+    monkeypatch.setattr(numgpt_backend, "cupy_problem", lambda: "no GPU here")   # wherever the tests run
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--backend", "cupy", "--no-save", *(
+        [] if bench is bench_generate else matching_threads(monkeypatch))])
+    with pytest.raises(SystemExit) as exit:
+        bench.main()
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("bench.py: error: backend 'cupy' cannot run: no GPU")
