@@ -118,6 +118,47 @@ def test_bench_layers_times_each_layer_against_torch_on_the_cpu(monkeypatch, cap
     assert "torch/numgpt" in capsys.readouterr().out
 
 
+def run_child_in_process(monkeypatch, capsys, module, args):
+    """What a benchmark's child run (module.child) prints as its JSON line, run in this process with
+    torch's thread count put back after it and the malloc setting of a child left out."""
+    monkeypatch.setattr("numgpt.allocator.keep_freed_memory", lambda: None)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    try:
+        module.child(args)
+    finally:
+        if torch:
+            torch.set_num_threads(threads)
+    return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+
+@pytest.mark.parametrize("impl", ["numgpt", "torch"])
+def test_bench_train_times_both_sides_on_the_cpu(monkeypatch, capsys, impl):
+    if impl == "torch":
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+    monkeypatch.setattr(bench_train, "VOCAB", 64)
+    monkeypatch.setitem(bench_train.SHAPES, "tiny", TINY)
+    args = argparse.Namespace(impl=impl, shape="tiny", batch_size=2, steps=2, warmup=1, threads=1, backend="numpy",
+                              precision="fp32", torch_compile=False)
+    result = run_child_in_process(monkeypatch, capsys, bench_train, args)
+    assert all(result[part + "_ms"] > 0 for part in ("forward", "backward", "optimizer", "step"))
+    assert result["peak_mem_mib"] > 0 and result["step_stat"] == "median of 2 steps"
+
+
+def test_bench_generate_runs_both_sides_on_a_tiny_model_with_the_same_tokens(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(bench_generate, "SHAPE", dict(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    args = argparse.Namespace(backend="numpy", seed=0, weights=str(tmp_path), prompt_len=4, new_tokens=6, repeats=2,
+                              uncached_tokens=3, threads=1)
+    ours = run_child_in_process(monkeypatch, capsys, bench_generate, argparse.Namespace(**vars(args), impl="numgpt"))
+    ref = run_child_in_process(monkeypatch, capsys, bench_generate, argparse.Namespace(**vars(args), impl="torch"))
+    assert len(ours["tokens"]) == 6 and ours["tokens"] == ref["tokens"]
+    assert ours["tok_s"] > 0 and ours["uncached_tok_s"] > 0 and ref["tok_s"] > 0
+    assert ours["peak_rss_mib"] > 0 and ref["peak_rss_mib"] > 0
+
+
 # made-up medians of the fake children below: step milliseconds by side and batch size
 STEP_MS = {("numgpt", 16): 200.0, ("numgpt", 64): 400.0, ("torch", 16): 160.0}
 
