@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import append_result, device_name, device_sync, median_ms, timed  # noqa: E402
+from bench.common import append_result, device_name, device_sync, median_ms, positive_int, timed  # noqa: E402
 from numgpt import kernels  # noqa: E402
 from numgpt.backend import cupy_available, get_xp  # noqa: E402
 from numgpt.layers.attention import causal_attention_backward, causal_attention_forward  # noqa: E402
@@ -77,12 +77,12 @@ def torch_tf32(enabled):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-size", type=int, default=1024)
-    p.add_argument("--n-head", type=int, default=12)
-    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--block-size", type=positive_int, default=1024)
+    p.add_argument("--n-head", type=positive_int, default=12)
+    p.add_argument("--head-size", type=positive_int, default=64)
     p.add_argument("--precision", choices=("fp32", "tf32", "fp16"), default="fp32")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=positive_int, default=20)
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     args = p.parse_args()
     if not cupy_available():

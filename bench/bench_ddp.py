@@ -27,7 +27,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import append_result, blas_thread_env, median_ms, peak_rss_mib, positive_int  # noqa: E402
+from bench.common import (append_result, blas_thread_env, median_ms, non_negative_int,  # noqa: E402
+                          peak_rss_mib, positive_int)
 
 # the TinyStories tutorial's model and global batch (vocab 50257, dropout 0.1, as train.py's preset)
 SHAPE = dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32)
@@ -104,7 +105,7 @@ def main():
     p.add_argument("--config", type=config_arg, action="append", metavar="RxT",
                    help=f"repeatable; default: {' '.join(DEFAULT_CONFIGS)}")
     p.add_argument("--steps", type=positive_int, default=8, help="timed steps (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--rounds", type=positive_int, default=2,
                    help="times each configuration runs, alternating with the others (medians are reported)")
     p.add_argument("--cache-dir", help="token cache (default: a temporary directory)")
@@ -114,8 +115,6 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(args)
-    if args.warmup < 0:
-        p.error(f"--warmup must be 0 or more, got {args.warmup}")
 
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None or importlib.util.find_spec("mpi4py") is None:

@@ -22,7 +22,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (append_result, available_cores, blas_thread_env, device_name_or_error,  # noqa: E402
-                          load_average, peak_rss_mib, positive_int, run_child, timed)
+                          load_average, non_negative_int, peak_rss_mib, positive_int, run_child, timed)
 
 SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)   # GPT-2 124M
 
@@ -87,10 +87,10 @@ def child(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--new-tokens", type=int, default=200)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3, help="timed generate calls (the median is reported)")
-    p.add_argument("--uncached-tokens", type=int, default=16,
+    p.add_argument("--new-tokens", type=positive_int, default=200)
+    p.add_argument("--prompt-len", type=positive_int, default=16)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed generate calls (the median is reported)")
+    p.add_argument("--uncached-tokens", type=non_negative_int, default=16,
                    help="also time numgpt without its KV cache for this many tokens (0: skip)")
     p.add_argument("--threads", type=positive_int, default=available_cores(),
                    help="BLAS threads for NumPy and torch.set_num_threads (default: this process's cores)")

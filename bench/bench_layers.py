@@ -134,7 +134,7 @@ def main():
     p.add_argument("--shape", choices=sorted(SHAPES), action="append", help="repeatable; default: all")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"], help="tf32 and fp16: GPU only")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--threads", type=positive_int, default=blas_threads(),
                    help="threads for NumPy's BLAS and torch (default: NumPy's BLAS's own count)")
     p.add_argument("--no-save", action="store_true")

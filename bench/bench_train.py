@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, blas_thread_env,  # noqa: E402
                           blas_threads, device_name_or_error, device_sync, gpu_memory_mib, is_out_of_memory,
-                          load_average, median_ms, peak_rss_mib, positive_int, run_child, run_with_blas_threads,
-                          timed)
+                          load_average, median_ms, non_negative_int, peak_rss_mib, positive_int, run_child,
+                          run_with_blas_threads, timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -321,7 +321,7 @@ def main():
                    help="timed steps: the medians of the forward, backward and optimizer are reported, and on the "
                         "CPU the step's; on a GPU the step (and tokens/s) is the mean of as many steps again, run "
                         "back to back (step_stat in the row)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--rounds", type=positive_int, default=2,
                    help="runs of each side, in ABBA order; the ratio is the median of the rounds' (default 2)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])

@@ -111,15 +111,22 @@ def device_name(backend):
     return gpu_name(get_xp(backend))
 
 
-def positive_int(text):
-    """An argparse type: an integer of at least 1 (a count of steps, rounds or threads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def int_at_least(lowest):
+    """An argparse type: an integer of at least `lowest`, else a one-line error naming the option."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = lowest - 1
+        if value < lowest:
+            wanted = "a positive integer" if lowest == 1 else f"an integer of at least {lowest}"
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)        # counts of steps, rounds, threads, tokens
+non_negative_int = int_at_least(0)    # counts that may be none, such as warm-up steps
 
 
 def device_name_or_error(parser, backend):

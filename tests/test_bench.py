@@ -388,3 +388,16 @@ def test_a_backend_that_cannot_run_is_one_line_not_a_traceback(monkeypatch, caps
         bench.main()
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("bench.py: error: backend 'cupy' cannot run: no GPU")
+
+
+@pytest.mark.parametrize("bench, argv, message", [
+    (bench_layers, ["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+    (bench_generate, ["--new-tokens", "0"], "argument --new-tokens: expected a positive integer, got '0'"),
+    (bench_train, ["--warmup", "-1"], "argument --warmup: expected an integer of at least 0, got '-1'"),
+    (bench_attention, ["--repeats", "x"], "argument --repeats: expected a positive integer, got 'x'"),
+])
+def test_a_count_out_of_range_is_one_line_not_a_traceback(monkeypatch, capsys, bench, argv, message):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    with pytest.raises(SystemExit) as exit:
+        bench.main()
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"bench.py: error: {message}"
