@@ -14,18 +14,26 @@ saved settings and lets you change only those that do not alter the run's past (
 import os
 import signal
 
-# The variables in which mpiexec tells a process how many it started on this machine (MPICH's and
-# Intel MPI's Hydra, then Open MPI's), and those that set how many threads a BLAS starts
+# What mpiexec tells each process it starts: how many it started in all, and on this machine
+# (MPICH's and Intel MPI's Hydra, then Open MPI's); and the variables that set a BLAS's threads
+LAUNCHED_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def launcher_count(names, environ=os.environ):
+    """The count in the first of the variables `names` that holds one: 1 without a launcher."""
+    return next((int(environ[name]) for name in names if environ.get(name, "").isdigit()), 1)
 
 
 def share_cores_among_local_ranks(environ=os.environ):
     """Give each of the ranks that mpiexec started on this machine its share of the cores as BLAS
     threads, unless the user chose a number: each would start one thread per core, and N ranks
-    would fight over them (2 ranks on 2 cores ran 2.7x slower). torchrun does the same, with 1
-    thread. It must run before NumPy loads its BLAS, which reads the variables once."""
-    local = next((int(environ[name]) for name in LOCAL_RANKS_VARIABLES if environ.get(name, "").isdigit()), 1)
+    would fight over them (2 ranks on 2 cores ran 1.6-3x slower). torchrun does the same, with 1
+    thread. It must run before NumPy loads its BLAS, which reads the variables once. (A launcher
+    that binds each rank to some cores has narrowed the affinity already, and it is divided again:
+    set OMP_NUM_THREADS yourself there.)"""
+    local = launcher_count(LOCAL_RANKS_VARIABLES, environ)
     if local > 1 and not any(name in environ for name in THREAD_VARIABLES):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         environ.update(dict.fromkeys(THREAD_VARIABLES, str(max(1, cores // local))))
@@ -183,8 +191,11 @@ def resume_hint(trainer):
     about to replace."""
     if trainer is None or trainer.checkpoint_step is None or trainer.checkpoint_step >= trainer.cfg.max_iters:
         return ""
-    launch = f"mpiexec -n {trainer.comm.size} python train.py --ddp" if trainer.comm.size > 1 else "python train.py"
-    return f" Continue with: {launch} --resume --out-dir {shlex.quote(trainer.cfg.out_dir)}"
+    command = f"python train.py --resume --out-dir {shlex.quote(trainer.cfg.out_dir)}"
+    if trainer.comm.size > 1:   # the mpiexec options it was started with (-hosts, say) are not known here
+        return (f" Continue with: mpiexec -n {trainer.comm.size} {command} --ddp (and any other mpiexec "
+                f"options you gave)")
+    return f" Continue with: {command}"
 
 
 class Terminated(KeyboardInterrupt):
@@ -221,9 +232,9 @@ def main(argv=None):
     world = distributed.Communicator()   # this process alone, unless --ddp finds others
     trainer = None
     try:
-        from numgpt.training import Trainer, generate_samples
+        from numgpt.training import Trainer, check_ranks_agree, generate_samples
 
-        launched = distributed.launched_processes()
+        launched = launcher_count(LAUNCHED_VARIABLES)
         if getattr(args, "ddp", False):
             world = distributed.mpi_world()
             if world.size < launched:   # each rank is alone in its own MPI: they would all train alone
@@ -234,9 +245,10 @@ def main(argv=None):
                 print("note: --ddp found only this process, so it trains alone; start several with "
                       "mpiexec -n N python train.py --ddp", file=sys.stderr)
         elif launched > 1:
-            raise NumGPTError(f"mpiexec started {launched} processes, which without --ddp would each train alone, "
-                              f"in the same --out-dir: add --ddp")
+            raise NumGPTError(f"the launcher started {launched} processes, which without --ddp would each train "
+                              f"alone: add --ddp")
         cfg = resolve_config(args)
+        check_ranks_agree(world, cfg)   # before the device's communicator, which every rank must join
         comm = distributed.device_communicator(world, cfg.backend)
         with Trainer(cfg, progress=not getattr(args, "no_progress", False), comm=comm) as trainer:
             trainer.setup(resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False))

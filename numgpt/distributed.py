@@ -17,7 +17,7 @@ collective is a no-op there, so the training loop has one code path for 1 and fo
 """
 
 import contextlib
-import os
+import signal
 import sys
 import time
 
@@ -75,12 +75,13 @@ class Communicator:
 class MPICommunicator(Communicator):
     """The processes of an MPI communicator (mpi4py), e.g. all those `mpiexec -n N` started."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, local=None):
+        """`local`: the communicator of this machine's ranks within `comm`, when one was made."""
         from mpi4py import MPI
 
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED)   # this machine's ranks
+        self.local = comm.Split_type(MPI.COMM_TYPE_SHARED) if local is None else local
         self.local_size = self.local.Get_size()
 
     def allreduce_mean(self, buf):
@@ -102,6 +103,10 @@ class MPICommunicator(Communicator):
         in their next collective."""
         if self.size == 1:
             return super().fail(message, code)
+        # the job is ending: a Ctrl-C or a scheduler's SIGTERM now would raise out of the waits
+        # below, lose the message and skip the abort, leaving the other ranks waiting
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         if self.rank != 0:
             time.sleep(SECOND_SPEAKER_WAIT_S)
         # one write: print's two (the text, then its newline) interleave with other ranks' lines
@@ -121,11 +126,11 @@ class NCCLCommunicator(MPICommunicator):
     NCCL sums over MPI on the host: they train what one process trains.
     """
 
-    def __init__(self, comm):
+    def __init__(self, comm, local=None):
         import cupy
         from cupy.cuda import nccl
 
-        super().__init__(comm)
+        super().__init__(comm, local)
         if not nccl.available:
             raise ConfigError("--ddp on GPUs needs NCCL, which CuPy cannot find: pip install nvidia-nccl-cu12")
         local_rank = self.local.Get_rank()   # rank among this machine's
@@ -148,20 +153,6 @@ class NCCLCommunicator(MPICommunicator):
                             cupy.cuda.get_current_stream().ptr)
         buf /= self.size
         return buf
-
-
-# The environment variables in which a launcher tells each process it started how many it started:
-# MPICH's and Intel MPI's mpiexec (Hydra), then Open MPI's
-LAUNCHED_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-
-
-def launched_processes():
-    """How many processes the MPI launcher that started this one started (1 without one)."""
-    for name in LAUNCHED_SIZE_VARIABLES:
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 1
 
 
 def differences_from_rank_0(comm, facts):
@@ -188,7 +179,7 @@ def device_communicator(world, backend):
     rank), an NCCLCommunicator over the same processes for CuPy."""
     if world.size == 1 or get_xp(backend) is np:
         return world
-    return NCCLCommunicator(world.comm)
+    return NCCLCommunicator(world.comm, world.local)
 
 
 @contextlib.contextmanager

@@ -280,7 +280,34 @@ def check_memory(cfg, config, xp, ranks=1, local_ranks=1):
         raise ConfigError(f"these settings need more than {floor / 2**30:,.1f} GiB of memory{each}, and this "
                           f"{'GPU' if backend_name(xp) == 'cupy' else 'machine'} has {size / 2**30:,.1f} GiB: "
                           f"use a smaller --batch-size, --block-size, --eval-iters, --num-samples or "
-                          f"--sample-tokens, or a smaller model (--n-layer, --n-embd)")
+                          f"--sample-tokens, or a smaller model (--n-layer, --n-embd)"
+                          + (", or fewer ranks on this machine" if sharing > 1 else ""))
+
+
+# The settings whose values may differ between ranks: paths, which may differ between machines.
+# What they hold (the tokens, the step and the weights) is compared once it is read.
+RANK_LOCAL_SETTINGS = ("out_dir", "cache_dir", "data", "init_from")
+
+
+def refuse_ranks_that_differ(comm, facts):
+    """ConfigError on a rank whose `facts` ({name: value}) differ from rank 0's. Ranks started with
+    other flags, or that read another state or other text (an out-dir or a data file that is not
+    the same on every machine), would wait for each other forever, crash in MPI, or train two
+    models as one, silently."""
+    differing = differences_from_rank_0(comm, facts)
+    if differing:
+        raise ConfigError(f"this rank's run differs from rank 0's in {', '.join(differing)}: start every rank "
+                          f"with the same flags and data, and an --out-dir that every machine shares")
+
+
+def check_ranks_agree(comm, cfg):
+    """refuse_ranks_that_differ on the settings and the array backend they resolve to, before the
+    data and before the device's communicator: a rank on another backend would never join the
+    collectives that set up NCCL, and the job would hang there."""
+    facts = {f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(cfg).items()
+             if name not in RANK_LOCAL_SETTINGS}
+    facts["the backend"] = backend_name(get_xp(cfg.backend))   # --backend auto: per machine
+    refuse_ranks_that_differ(comm, facts)
 
 
 def build_optimizer(model, cfg):
@@ -531,12 +558,12 @@ class Trainer:
             raise ConfigError(f"--out-dir {cfg.out_dir} is a file, not a directory: choose another --out-dir")
         if not resume and not overwrite:
             refuse_previous_run(cfg.out_dir)
-        if cfg.batch_size % comm.size and resume:   # the saved run's batch, which it keeps
-            divisors = [str(n) for n in range(1, cfg.batch_size + 1) if cfg.batch_size % n == 0]
-            choices = f"{', '.join(divisors[:-1])} or {divisors[-1]} ranks" if len(divisors) > 1 else "1 rank"
-            raise ConfigError(f"this run's global batch of {cfg.batch_size} rows (--batch-size) is split evenly "
-                              f"across the ranks, which {comm.size} cannot do: resume it on {choices}")
         if cfg.batch_size % comm.size:
+            if resume:   # the saved run keeps its batch: what can change is the number of ranks
+                divisors = [str(n) for n in range(1, cfg.batch_size + 1) if cfg.batch_size % n == 0]
+                choices = f"{', '.join(divisors[:-1])} or {divisors[-1]} ranks" if len(divisors) > 1 else "1 rank"
+                raise ConfigError(f"this run's global batch of {cfg.batch_size} rows (--batch-size) is split "
+                                  f"evenly across the ranks, which {comm.size} cannot do: resume it on {choices}")
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch, split evenly across the "
                               f"{comm.size} ranks: give a multiple of {comm.size}")
         if comm.size > 1:
@@ -602,24 +629,11 @@ class Trainer:
         self.resumed = state is not None
         if self.resumed:
             self._restore(*state)
-        if comm.size > 1:
-            self._check_ranks_agree()
-
-    def _check_ranks_agree(self):
-        """ConfigError on a rank whose run is not rank 0's. Ranks started with other flags, or that
-        read another state or other text (an out-dir or a data file that differs between machines),
-        would wait for each other forever, crash in MPI, or train different models silently."""
-        paths = ("out_dir", "cache_dir", "data")   # may differ between machines; what they hold may not
-        facts = {f"--{name.replace('_', '-')}": value for name, value in dataclasses.asdict(self.cfg).items()
-                 if name not in paths}
-        facts.update({"the backend": backend_name(self.model.xp), "the data source": self.source,
-                      "the training tokens": checkpoint.crc32(self.train_tokens),
-                      "the validation tokens": checkpoint.crc32(self.val_tokens), "the step": self.step,
-                      "the weights": [checkpoint.crc32(to_numpy(p)) for p in self.model.params.values()]})
-        differing = differences_from_rank_0(self.comm, facts)
-        if differing:
-            raise ConfigError(f"this rank's run differs from rank 0's in {', '.join(differing)}: start every rank "
-                              f"with the same flags and data, and an --out-dir that every machine shares")
+        if comm.size > 1:   # what the paths hold: the settings were compared before (check_ranks_agree)
+            refuse_ranks_that_differ(comm, {
+                "the training tokens": checkpoint.crc32(self.train_tokens),
+                "the validation tokens": checkpoint.crc32(self.val_tokens), "the step": self.step,
+                "the weights": [checkpoint.crc32(to_numpy(p)) for p in self.model.params.values()]})
 
     def _choose_source(self, state):
         """choose_source's answer, except that a resumed --dataset auto run keeps the source it

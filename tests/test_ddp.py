@@ -240,7 +240,7 @@ def test_a_resume_on_ranks_that_do_not_divide_the_saved_batch(mpiexec, cache_dir
 
 
 @pytest.mark.parametrize("differ, named", [
-    ("seed", "--seed, the weights"),                          # another flag: other weights and batches
+    ("seed", "--seed"),                                       # another flag: found before the data
     ("text", "the training tokens, the validation tokens"),   # a data file whose copy differs
     ("state", "the step, the weights"),                       # an out-dir that is not shared
 ])
@@ -288,14 +288,35 @@ def test_a_ctrl_c_on_one_rank_in_an_evaluation_stops_every_rank_there(mpiexec, c
         assert not os.path.exists(tmp_path / "train_state.safetensors"), err
     else:
         assert load_train_state(tmp_path)[1]["step"] == 3 and len(step_losses(tmp_path)) == 3
-        assert "Continue with: mpiexec -n 2 python train.py --ddp --resume --out-dir" in err
+        assert f"Continue with: mpiexec -n 2 python train.py --resume --out-dir {tmp_path} --ddp" in err
+
+
+def test_ranks_may_fine_tune_from_copies_of_one_checkpoint(mpiexec, cache_dir, tmp_path):
+    """Paths may differ between machines: what they hold is compared, the weights here."""
+    train_ok(None, mpiexec, tmp_path / "pretrained", cache_dir, "--max-iters", "1")
+    shutil.copytree(tmp_path / "pretrained", tmp_path / "copy")
+    rank0, rank1 = (train_cmd(1, mpiexec, tmp_path / "tuned", cache_dir, "--max-iters", "2", "--init-from",
+                              str(tmp_path / source)) for source in ("pretrained", "copy"))
+    code, err = run([*rank0, ":", "-n", "1", *rank1[3:]])
+    assert code == 0, err
+
+
+@cupy_standin.needs_compiler
+def test_ranks_on_two_backends_are_refused_before_nccl(mpiexec, cache_dir, tmp_path):
+    """A rank on the GPU (the stand-in's) sets up NCCL, whose collectives a NumPy rank never joins:
+    the backends are compared first, or the job hangs."""
+    rank0 = train_cmd(1, mpiexec, tmp_path, cache_dir, "--backend", "numpy")
+    gpu = train_cmd(None, mpiexec, tmp_path, cache_dir, "--backend", "cupy")
+    rank1 = [gpu[0], "-c", ON_TWO_STANDIN_GPUS, *gpu[2:], "--ddp"]
+    code, err = run([*rank0, ":", "-n", "1", *rank1])
+    assert code == 2 and "rank 1: error: this rank's run differs from rank 0's in --backend, the backend:" in err, err
 
 
 def test_mpiexec_without_ddp_is_refused(mpiexec, cache_dir, tmp_path):
     """Each process would train alone, in the same out-dir."""
     command = train_cmd(2, mpiexec, tmp_path, cache_dir)
     code, err = run(command[:-1])   # no --ddp
-    assert code == 2 and "mpiexec started 2 processes, which without --ddp would each train alone" in err, err
+    assert code == 2 and "the launcher started 2 processes, which without --ddp would each train alone" in err, err
 
 
 class RecordingCommunicator(Communicator):

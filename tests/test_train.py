@@ -760,13 +760,21 @@ def test_ranks_on_one_machine_share_its_memory(monkeypatch):
 
 
 @pytest.mark.parametrize("environ, threads", [
-    ({"MPI_LOCALNRANKS": "2"}, str(max(1, len(os.sched_getaffinity(0)) // 2))),   # mpiexec's 2 ranks here
-    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "64"}, "1"),                                  # never 0 threads
-    ({"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}, None),                     # the user's choice stands
-    ({"MPI_LOCALNRANKS": "1"}, None),                                             # alone: every core
-    ({}, None),                                                                   # no mpiexec
+    ({"MPI_LOCALNRANKS": "2"}, "4"),                                     # MPICH's mpiexec: 2 ranks on 8 cores
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, "2"),                          # Open MPI's: 3 ranks
+    ({"MPI_LOCALNRANKS": "64"}, "1"),                                    # never 0 threads
+    ({"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}, None),            # the user's choice stands
+    ({"MPI_LOCALNRANKS": "1"}, None),                                    # alone: every core
+    ({}, None),                                                          # no mpiexec
 ])
-def test_ranks_on_one_machine_share_its_cores(environ, threads):
+@pytest.mark.parametrize("affinity", [True, False], ids=["affinity-mask", "cpu-count"])
+def test_ranks_on_one_machine_share_its_cores(monkeypatch, environ, threads, affinity):
+    """On a machine of 8 cores, as its affinity mask says or, where the OS has none, its count."""
+    if affinity:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    else:
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
     given = dict(environ)
     train.share_cores_among_local_ranks(environ)
     expected = {**given, **dict.fromkeys(train.THREAD_VARIABLES, threads)} if threads else given

@@ -14,8 +14,8 @@ the keys a tile at a time keeping each row's running max and sum of exps (FlashA
 al. 2022), and the backward recomputes the probabilities from q, k and each row's log-sum-exp.
 On float32 arrays its products run on tensor cores (FlashAttention-2's layout of the work), for
 head sizes 16, 32 and 64 (kernels.TC_HEAD_SIZES) on compute capability 8.0 or newer.
-The matrix code here is its twin: it runs on the CPU, and on a GPU for dropout, generation and
-the attention maps.
+The matrix code here is its twin: it runs on the CPU, and on a GPU for dropout, generation, the
+attention maps and the head sizes the kernels do not take (kernels.flash_attention_supports).
 
 Generation adds one token at a time, and the keys and values of the earlier positions do not
 change when it does (row t only looks left). A KVCache keeps them, so each step computes q, k, v

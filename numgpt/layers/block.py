@@ -47,17 +47,18 @@ def block_attention_probs(cache):
 def block_backward(dy, cache):
     """dy (B,T,C) -> dx (B,T,C), grads {name without the block prefix: array}.
 
-    x feeds both the identity path and ln -> sublayer, so its gradient is the sum of the two
-    paths': dx = dy + ln_2_backward(mlp_backward(dy)), then the same through ln_1 and attn."""
+    With h = x + attn(ln_1(x)) and y = h + mlp(ln_2(h)), each of x and h feeds both the identity
+    path and a branch, so its gradient is the sum of the two paths':
+        dh = dy + ln_2_backward(mlp_backward(dy)),   dx = dh + ln_1_backward(attn_backward(dh))"""
     ln_1_cache, attn_cache, ln_2_cache, mlp_cache = cache
-    dx, dbranch = residual_backward(dy)                  # y = x + mlp(ln_2(x)): both terms get dy
-    dh, mlp_grads = mlp_backward(dbranch, mlp_cache)     # dh: the gradient of ln_2's output
-    dx_branch, dw, db = layernorm_backward(dh, ln_2_cache)   # ... and of its input, x
-    dx = dx + dx_branch                                  # x was used twice: the gradients add
+    dh, dbranch = residual_backward(dy)                      # y = h + mlp(ln_2(h)): both terms get dy
+    dln, mlp_grads = mlp_backward(dbranch, mlp_cache)        # the gradient of ln_2's output
+    dh_branch, dw, db = layernorm_backward(dln, ln_2_cache)  # ... and of its input, h
+    dh = dh + dh_branch                                      # h was used twice: the gradients add
     grads = {**named_grads("ln_2", dw, db), **with_prefix(mlp_grads, "mlp.")}
-    dx, dbranch = residual_backward(dx)                  # x = x0 + attn(ln_1(x0)): the same again
-    dh, attn_grads = attention_backward(dbranch, attn_cache)
-    dx_branch, dw, db = layernorm_backward(dh, ln_1_cache)
+    dx, dbranch = residual_backward(dh)                      # h = x + attn(ln_1(x)): the same again
+    dln, attn_grads = attention_backward(dbranch, attn_cache)
+    dx_branch, dw, db = layernorm_backward(dln, ln_1_cache)
     dx = dx + dx_branch
     grads.update({**named_grads("ln_1", dw, db), **with_prefix(attn_grads, "attn.")})
     return dx, grads

@@ -9,8 +9,8 @@ from numgpt.precision import as_dtype
 def layernorm_forward(x, w, b=None, eps=1e-5, out_dtype=None):
     """y = (x - mean) / sqrt(var + eps) * w + b, statistics over C.   x (..., C), w, b (C,) -> y alike.
 
-    The variance is the mean squared deviation (divided by C, not C - 1, as torch's LayerNorm; not
-    E[x^2] - E[x]^2, which cancels badly when |mean| >> std). The cache keeps the normalised input
+    The variance is the mean squared deviation (divided by C, as torch's LayerNorm does, not C - 1;
+    and not E[x^2] - E[x]^2, which cancels badly when |mean| >> std). The cache keeps the normalised input
     and 1/std for the backward. Two new (B,T,C) arrays, the rest in place: every extra temporary is
     one more pass through memory. On a GPU one fused kernel makes y, xhat and rstd
     (numgpt.kernels; this code is its twin). y comes in `out_dtype` when given (rounded from x's
@@ -20,7 +20,8 @@ def layernorm_forward(x, w, b=None, eps=1e-5, out_dtype=None):
     if kernels.enabled(xp):
         y, xhat, rstd = kernels.layernorm_forward(x, w, b, eps, out_dtype)
         return as_dtype(y, out_dtype), (xhat, rstd, w, b is not None)
-    # plain form: xhat = (x - mean) / sqrt(((x - mean)**2).mean(-1) + eps); y = xhat * w + b
+    # plain form: mu = x.mean(-1, keepdims=True); xhat = (x - mu) / sqrt(((x - mu)**2).mean(-1, keepdims=True)
+    # + eps); y = xhat * w + b
     mean = x.mean(axis=-1, keepdims=True)              # (...,1)
     xhat = x - mean                                    # (...,C): x - mean, normalised below
     y = xp.multiply(xhat, xhat)                        # (...,C): squares first, the output later
@@ -48,7 +49,7 @@ def layernorm_backward(dy, cache):
     if kernels.enabled(xp):   # dx in one fused kernel, dw and db in one each (this code is their twin)
         return (kernels.layernorm_dx(dy, xhat, rstd, w), kernels.sum_rows(dy, xhat),
                 kernels.sum_rows(dy) if has_bias else None)
-    # plain form: g = dy * w; dx = rstd * (g - g.mean(-1) - xhat * (g * xhat).mean(-1))
+    # plain form: g = dy * w; dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
     scratch = dy * xhat                                # (...,C)
     dw = sum_rows(scratch)                             # (C,)
     db = sum_rows(dy) if has_bias else None            # (C,)
