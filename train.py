@@ -16,6 +16,7 @@ import signal
 
 # What mpiexec tells each process it starts: how many it started in all, and on this machine
 # (MPICH's and Intel MPI's Hydra, then Open MPI's); and the variables that set a BLAS's threads
+# (bench/common.py names them too: each sets them before NumPy loads, so neither imports the other)
 LAUNCHED_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

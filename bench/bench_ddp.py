@@ -27,8 +27,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (append_result, blas_thread_env, median_ms, non_negative_int,  # noqa: E402
-                          peak_rss_mib, positive_int)
+from bench.common import (alternating, append_result, blas_thread_env, median_and_range, median_ms,  # noqa: E402
+                          non_negative_int, peak_rss_mib, positive_int)
 
 # the TinyStories tutorial's model and global batch (vocab 50257, dropout 0.1, as train.py's preset)
 SHAPE = dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32)
@@ -41,13 +41,17 @@ def child(args):
     from mpi4py import MPI
 
     from numgpt.distributed import mpi_world
+    from numgpt.errors import NumGPTError
     from numgpt.training import TrainConfig, Trainer
 
     comm = mpi_world()
     cfg = TrainConfig(dataset="embedded", cache_dir=args.cache_dir, out_dir=args.out_dir, dropout=DROPOUT,
                       num_samples=0, **SHAPE)
     trainer = Trainer(cfg, log=lambda message: None, progress=False, comm=comm)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except NumGPTError as error:   # an unwritable --cache-dir, say: its message, for the parent to show
+        sys.exit(comm.fail(f"error: {error}", 2))
     times = []
     for step in range(args.warmup + args.steps):
         comm.barrier()
@@ -75,7 +79,8 @@ def run_config(mpiexec, ranks, threads, args, cache_dir, out_dir):
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--cache-dir", cache_dir, "--out-dir", out_dir]
     out = subprocess.run(command, capture_output=True, text=True, env=blas_thread_env(threads))
     if out.returncode != 0:
-        raise RuntimeError(f"{ranks}x{threads} failed:\n{out.stderr[-3000:]}")
+        lines = out.stderr.strip().splitlines()
+        sys.exit(f"bench_ddp: {ranks}x{threads} failed: {lines[0] if lines else f'exit status {out.returncode}'}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -93,10 +98,9 @@ def run_rounds(mpiexec, configs, args, cache_dir):
     configurations timed one after the other would compare two moments as much as two set-ups."""
     results = {config: [] for config in configs}
     with tempfile.TemporaryDirectory(prefix="numgpt-bench-ddp-") as out_dirs:
-        for round_ in range(args.rounds):
-            for config in configs if round_ % 2 == 0 else configs[::-1]:
-                out_dir = tempfile.mkdtemp(dir=out_dirs)   # a fresh one each: no run sees another's files
-                results[config].append(run_config(mpiexec, *config, args, cache_dir, out_dir))
+        for config in alternating(configs, args.rounds):
+            out_dir = tempfile.mkdtemp(dir=out_dirs)   # a fresh one each: no run sees another's files
+            results[config].append(run_config(mpiexec, *config, args, cache_dir, out_dir))
     return results
 
 
@@ -116,16 +120,19 @@ def main():
     if args.child:
         return child(args)
 
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
-        sys.exit('bench_ddp needs mpiexec and mpi4py: pip install "numgpt[mpi]"')
     configs = list(dict.fromkeys(args.config or map(config_arg, DEFAULT_CONFIGS)))
     baseline = max((c for c in configs if c[0] == 1), key=lambda c: c[1], default=None)   # 1 rank, most threads
     if baseline is None:
         p.error("give a 1-rank configuration (1xT) too: it is the baseline")
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+        sys.exit('bench_ddp needs mpiexec and mpi4py: pip install "numgpt[mpi]"')
     tokens = SHAPE["batch_size"] * SHAPE["block_size"]
-    with tempfile.TemporaryDirectory(prefix="numgpt-bench-tokens-") as tmp:
-        runs = run_rounds(mpiexec, configs, args, args.cache_dir or tmp)
+    if args.cache_dir:
+        runs = run_rounds(mpiexec, configs, args, args.cache_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="numgpt-bench-tokens-") as cache_dir:
+            runs = run_rounds(mpiexec, configs, args, cache_dir)
     print(f"tutorial shape {SHAPE}, global batch {SHAPE['batch_size']} x {SHAPE['block_size']} tokens, "
           f"gradients {runs[baseline][0]['grad_mib']:.1f} MiB; medians of {args.rounds} alternating rounds")
     versus = "vs " + "x".join(map(str, baseline))
@@ -136,16 +143,15 @@ def main():
         allreduce_ms = statistics.median(r["allreduce_ms"] for r in rounds)
         rss = max(r["peak_rss_mib"] for r in rounds)
         # each round's ratio compares runs minutes apart at most; their median is the one reported
-        ratios = [ref["step_ms"] / r["step_ms"] for r, ref in zip(rounds, runs[baseline])]
-        ratio = statistics.median(ratios)
+        ratio, ratio_range = median_and_range([ref["step_ms"] / r["step_ms"] for r, ref in zip(rounds, runs[baseline])])
         print(f"{ranks:>5} {threads:>7} {tokens / (step_ms / 1000):>8.0f} {step_ms:>8.1f} {allreduce_ms:>12.2f} "
               f"{ratio:>7.2f} {rss:>12.0f}")
         if not args.no_save:
             append_result({"backend": "numpy", "device": "cpu", "bench": "ddp",
                            "shape": {**SHAPE, "vocab_size": 50257, "dropout": DROPOUT}, "ranks": ranks,
                            "threads_per_rank": threads, "tok_s": round(tokens / (step_ms / 1000), 1),
-                           "ratio_vs_1rank": round(ratio, 3),
-                           "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                           "ratio_vs_1rank": ratio, "ratio_range": ratio_range,
+                           "grad_mib": round(rounds[0]["grad_mib"], 1),
                            "peak_rss_mib": round(rss, 1), "step_ms": round(step_ms, 2),
                            "allreduce_ms": round(allreduce_ms, 2), "steps": args.steps, "warmup": args.warmup,
                            "rounds": args.rounds})

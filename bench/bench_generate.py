@@ -95,13 +95,18 @@ def main():
     p.add_argument("--threads", type=positive_int, default=available_cores(),
                    help="BLAS threads for NumPy and torch.set_num_threads (default: this process's cores)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
     p.add_argument("--weights", help=argparse.SUPPRESS)                             # child mode
     args = p.parse_args()
     if args.impl:
         return child(args)
+    if args.uncached_tokens > args.new_tokens:
+        p.error(f"--uncached-tokens {args.uncached_tokens} is more than --new-tokens {args.new_tokens}: the uncached "
+                f"run checks the first of the cached run's tokens")
+    if args.prompt_len + args.new_tokens > SHAPE["block_size"]:   # transformers refuses what numgpt would crop
+        p.error(f"--prompt-len + --new-tokens must fit GPT-2's {SHAPE['block_size']} positions")
 
     device = device_name_or_error(p, args.backend)
     env = blas_thread_env(args.threads)   # read by the children's BLAS when they import NumPy and torch

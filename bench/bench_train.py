@@ -31,10 +31,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, append_result, blas_thread_env,  # noqa: E402
-                          blas_threads, device_name_or_error, device_sync, gpu_memory_mib, is_out_of_memory,
-                          load_average, median_ms, non_negative_int, peak_rss_mib, positive_int, run_child,
-                          run_with_blas_threads, timed)
+from bench.common import (OUT_OF_MEMORY, ChildOutOfMemory, alternating, append_result,  # noqa: E402
+                          blas_thread_env, blas_threads, device_name_or_error, device_sync, gpu_memory_mib,
+                          is_out_of_memory, load_average, median_and_range, median_ms, non_negative_int,
+                          peak_rss_mib, positive_int, run_child, run_with_blas_threads, timed)
 
 SHAPES = {   # vocab 50257; dropout as the tutorial preset, and 0 for GPT-2 pretraining (as nanoGPT and llm.c)
     "tutorial": dict(n_layer=4, n_embd=128, n_head=4, block_size=64, batch_size=32, dropout=0.1),
@@ -278,9 +278,8 @@ def compare(name, args, impls, batch_size):
     two moments as much as two frameworks, and a ratio within a round, its sides run next to each
     other and in turns first, drifts least. Its median over the rounds is the one reported."""
     runs = {impl: [] for impl in impls}
-    for round_ in range(args.rounds):
-        for impl in impls if round_ % 2 == 0 else impls[::-1]:
-            runs[impl].append(run_side(impl, name, args, batch_size))
+    for impl in alternating(impls, args.rounds):
+        runs[impl].append(run_side(impl, name, args, batch_size))
     ratios = [ref["step_ms"] / ours["step_ms"] for ours, ref in zip(runs["numgpt"], runs.get("torch", ()))]
     return {impl: combine(r) for impl, r in runs.items()}, ratios
 
@@ -338,11 +337,12 @@ def main():
     if args.impl:
         args.shape = args.shape[0]
         return child(args)
-    run_with_blas_threads(args.threads)   # the matmul peak below is measured in this process
     if args.precision != "fp32" and args.backend == "numpy":
         p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
     if args.batch_size == "max" and args.backend == "numpy":
         p.error("--batch-size max searches for what fits in GPU memory: add --backend cupy")
+    device = device_name_or_error(p, args.backend)
+    run_with_blas_threads(args.threads)   # the matmul peak below is measured in this process
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -351,7 +351,6 @@ def main():
         print("(torch/transformers not installed: no reference)")
         impls = ("numgpt",)
 
-    device = device_name_or_error(p, args.backend)
     peak = matmul_peak_gflops(args.backend, args.precision)
     datasheet = datasheet_gflops(device, args.precision)
     memory = "RSS MiB" if args.backend == "numpy" else "GPU MiB"
@@ -373,8 +372,8 @@ def main():
         runs = [*results.items(), *((impl, r) for impl, r in at_largest.items() if r is not results[impl])]
         for _, r in runs:
             add_rates(r, name)
-        # a shared machine's speed drifts: the roofline is the best matmul rate seen before and right
-        # after the run, so a slow moment of the machine never inflates the fraction
+        # a shared machine's speed drifts: the roofline is the best matmul rate measured so far in this
+        # invocation (before the first shape and after each), so a slow moment never inflates the fraction
         peak = max(peak, matmul_peak_gflops(args.backend, args.precision))
         load_after = load_average()
         print(f"matmul peak: {peak:.1f} GFLOP/s measured"
@@ -397,7 +396,8 @@ def main():
                "tok_s": round(ours["tok_s"], 1), "step_ms": round(ours["step_ms"], 2), "step_stat": ours["step_stat"],
                "forward_ms": round(ours["forward_ms"], 2), "backward_ms": round(ours["backward_ms"], 2),
                "optimizer_ms": round(ours["optimizer_ms"], 2), memory_key: round(ours["peak_mem_mib"], 1),
-               "roofline": round(ours["gflops"] / peak, 3), "matmul_peak_gflops": round(peak, 1)}
+               "gflops": round(ours["gflops"], 1), "roofline": round(ours["gflops"] / peak, 3),
+               "matmul_peak_gflops": round(peak, 1)}
         if datasheet:
             row.update(mfu=round(ours["gflops"] / datasheet, 3), datasheet_peak_gflops=datasheet)
         if at_largest:   # --batch-size max: what each side does with all the memory it can use (a side
@@ -405,9 +405,10 @@ def main():
             row.update(largest_batch={impl: r["batch_size"] for impl, r in at_largest.items()},
                        largest_batch_tok_s={impl: round(r["tok_s"], 1) for impl, r in at_largest.items()})
         if ref:
-            row.update(ratio_vs_torch=round(statistics.median(ratios), 3),
-                       ratio_range=[round(min(ratios), 3), round(max(ratios), 3)], torch_tok_s=round(ref["tok_s"], 1),
-                       torch_compile=args.torch_compile,
+            ratio, ratio_range = median_and_range(ratios)
+            row.update(ratio_vs_torch=ratio, ratio_range=ratio_range, torch_tok_s=round(ref["tok_s"], 1),
+                       torch_gflops=round(ref["gflops"], 1), torch_compile=args.torch_compile,
+                       **{f"torch_{memory_key}": round(ref["peak_mem_mib"], 1)},
                        memory_ratio_vs_torch=round(ours["peak_mem_mib"] / ref["peak_mem_mib"], 3))
             if datasheet:
                 row.update(torch_mfu=round(ref["gflops"] / datasheet, 3))

@@ -46,7 +46,8 @@ def peak_rss_mib():
 
 
 # OpenBLAS reads its own variable (else OpenMP's), MKL its own (else OpenMP's), an OpenMP pool such as
-# torch's the last; each library reads them once, when it loads, never again
+# torch's the last; each library reads them once, when it loads, never again (train.py names them too:
+# it sets them before NumPy loads, importing nothing from here)
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 
 
@@ -141,6 +142,20 @@ def device_name_or_error(parser, backend):
         parser.error(str(error))
 
 
+def alternating(items, rounds):
+    """Each of `items` once a round for `rounds` rounds, the order reversed every other round (A B,
+    B A, ...; ABBA for two): a shared machine's speed drifts within minutes, and items measured in
+    turns, each first as often, meet its slow moments alike."""
+    for round_ in range(rounds):
+        yield from (items if round_ % 2 == 0 else items[::-1])
+
+
+def median_and_range(ratios):
+    """(the median of the rounds' ratios, [their lowest, highest]), rounded for a results row: the
+    ratio within a round compares runs made next to each other, which drift least."""
+    return round(statistics.median(ratios), 3), [round(min(ratios), 3), round(max(ratios), 3)]
+
+
 def median_ms(samples):
     return 1000 * statistics.median(samples)
 
@@ -203,10 +218,15 @@ def versions():
     metadata (importing torch to ask it would take seconds), and NumPy's BLAS as NumPy reports it."""
     from importlib import metadata
     found = {"python": platform.python_version()}
-    providers = metadata.packages_distributions()   # CuPy's distribution is named cupy-cuda12x and the like
-    for package in ("numpy", "torch", "transformers", "cupy"):
-        for distribution in providers.get(package, ())[:1]:
-            found[package] = metadata.version(distribution)
+    for package in ("numpy", "torch", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    # CuPy's distribution is named for its CUDA (cupy-cuda12x and the like); packages_distributions,
+    # which would map the module to it, is Python 3.10's
+    found.update({"cupy": d.version for d in metadata.distributions()
+                  if (d.metadata["Name"] or "").lower().startswith("cupy")})
     try:
         import numpy
         blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]

@@ -254,6 +254,32 @@ def test_compare_alternates_the_sides_abba_and_reports_the_median_of_the_rounds_
     assert results["torch"]["step_ms"] == 150.0 and results["torch"]["peak_mem_mib"] == 6
 
 
+def test_bench_train_reports_the_median_of_the_rounds_ratios_not_the_ratio_of_medians(monkeypatch):
+    """numgpt's steps take 100, 300 and 100 ms in three rounds, torch's 150, 150 and 100: the rounds'
+    ratios are 1.5, 0.5 and 1.0, whose median is 1.0, where the medians' ratio would say 1.5."""
+    step_ms = {"numgpt": iter([100.0, 300.0, 100.0]), "torch": iter([150.0, 150.0, 100.0])}
+    rows = []
+
+    def fake_child(script, args, env=None):
+        impl = dict(zip(args[::2], args[1::2]))["--impl"]
+        return {"forward_ms": 1.0, "backward_ms": 2.0, "optimizer_ms": 0.5, "peak_mem_mib": 100.0 + len(impl),
+                "step_ms": next(step_ms[impl]), "step_stat": "median of 1 steps"}
+
+    for module in ("torch", "transformers"):
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+    monkeypatch.setattr(bench_train, "run_child", fake_child)
+    monkeypatch.setattr(bench_train, "matmul_peak_gflops", lambda backend, precision: 1000.0)
+    monkeypatch.setattr(bench_train, "append_result", rows.append)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--shape", "tutorial", "--rounds", "3",
+                                      *matching_threads(monkeypatch)])
+    bench_train.main()
+    [row] = rows
+    assert row["ratio_vs_torch"] == 1.0 and row["ratio_range"] == [0.5, 1.5]
+    assert row["step_ms"] == 100.0 and row["torch_tok_s"] == round(32 * 64 / 0.150, 1)   # medians of the runs
+    assert row["peak_rss_mib"] == 106.0 and row["torch_peak_rss_mib"] == 105.0         # what the table quotes
+    assert row["gflops"] > 0 and row["torch_gflops"] > 0
+
+
 def test_run_side_gives_the_child_its_blas_threads_in_the_environment(monkeypatch, tmp_path):
     """NumPy's BLAS reads its thread count when it loads, so --threads reaches it only through the
     child's environment: a child (a stand-in script) reports what it was started with."""
@@ -274,9 +300,12 @@ def test_run_with_blas_threads_restarts_the_command_only_when_the_environment_di
     matching_threads(monkeypatch, 2)
     common.run_with_blas_threads(2)
     assert started == []
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "dev", "-m", "bench.bench_train", "--steps", "2"],
+                        raising=False)
     common.run_with_blas_threads(3)
     [(path, argv, env)] = started
-    assert path == sys.executable and argv[0] == sys.executable
+    # the same command: the interpreter's options (-m among them) and every argument
+    assert path == sys.executable and argv == [sys.executable, "-X", "dev", "-m", "bench.bench_train", "--steps", "2"]
     assert all(env[variable] == "3" for variable in common.BLAS_THREAD_VARIABLES)
 
 
@@ -320,6 +349,8 @@ def test_git_commit_is_dirty_with_changes_other_than_the_results(monkeypatch, tm
     (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
 ])
 def test_bench_ddp_refuses_bad_input_in_one_line(monkeypatch, capsys, argv, message):
+    """Before it looks for MPI: the same answer on a machine without it."""
+    monkeypatch.setattr(bench_ddp.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(sys, "argv", ["bench_ddp.py", *argv, "--no-save"])
     with pytest.raises(SystemExit) as exit:
         bench_ddp.main()
@@ -395,6 +426,11 @@ def test_a_backend_that_cannot_run_is_one_line_not_a_traceback(monkeypatch, caps
     (bench_generate, ["--new-tokens", "0"], "argument --new-tokens: expected a positive integer, got '0'"),
     (bench_train, ["--warmup", "-1"], "argument --warmup: expected an integer of at least 0, got '-1'"),
     (bench_attention, ["--repeats", "x"], "argument --repeats: expected a positive integer, got 'x'"),
+    (bench_generate, ["--seed", "-1"], "argument --seed: expected an integer of at least 0, got '-1'"),
+    (bench_generate, ["--new-tokens", "3", "--uncached-tokens", "6"],
+     "--uncached-tokens 6 is more than --new-tokens 3: the uncached run checks the first of the cached run's tokens"),
+    (bench_generate, ["--prompt-len", "1000", "--new-tokens", "25"],
+     "--prompt-len + --new-tokens must fit GPT-2's 1024 positions"),
 ])
 def test_a_count_out_of_range_is_one_line_not_a_traceback(monkeypatch, capsys, bench, argv, message):
     monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
