@@ -139,12 +139,13 @@ def main():
                    help="threads for NumPy's BLAS and torch (default: NumPy's BLAS's own count)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
-    # numgpt's layers run in this process, whose BLAS took its thread count from the environment
-    # when NumPy loaded: where that count is not --threads, this starts over with it
-    run_with_blas_threads(args.threads)
     if args.precision != "fp32" and args.backend == "numpy":
         p.error(f"--precision {args.precision} is a GPU mode: add --backend cupy")
     device = device_name_or_error(p, args.backend)
+    # numgpt's layers run in this process, whose BLAS took its thread count from the environment
+    # when NumPy loaded: where that count is not --threads, this starts over with it (after the
+    # checks above, so that bad input is refused at once, not after a restart)
+    run_with_blas_threads(args.threads)
     keep_freed_memory()   # the allocator train.py runs with, for both frameworks
     xp, gpu = get_xp(args.backend), args.backend == "cupy"
     set_tf32(xp, args.precision == "tf32")

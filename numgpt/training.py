@@ -629,7 +629,9 @@ class Trainer:
         self.resumed = state is not None
         if self.resumed:
             self._restore(*state)
-        if comm.size > 1:   # what the paths hold: the settings were compared before (check_ranks_agree)
+        # what the paths hold; the settings themselves are compared before the device's communicator
+        # is built (train.py calls check_ranks_agree; a program that builds its own Trainer should too)
+        if comm.size > 1:
             refuse_ranks_that_differ(comm, {
                 "the training tokens": checkpoint.crc32(self.train_tokens),
                 "the validation tokens": checkpoint.crc32(self.val_tokens), "the step": self.step,
