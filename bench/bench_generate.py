@@ -4,10 +4,13 @@
     python bench/bench_generate.py --new-tokens 50 --repeats 1 --no-save
 
 Both run the same random weights (the numgpt child saves them, the torch child loads them) in
-float32 with the same thread count, each in its own process so peak memory is its own. Reports
+float32 with the same thread count, each in its own process so peak memory is its own, the two
+alternating over --rounds rounds in ABBA order (numgpt, torch, torch, numgpt, ...). Reports
 tokens/s (new tokens over the whole generate call, prefill included; the median of --repeats
-calls), numgpt without its cache for scale, peak RSS while generating, and the ratio; checks that
-the two produce identical tokens; appends a row to bench/results.jsonl. With --backend cupy numgpt
+calls, then of the rounds), numgpt without its cache for scale, peak RSS while generating (the
+rounds' highest), and the ratio (the median of the rounds' own ratios, their range in
+`ratio_range`); checks that every run produced the same tokens; appends a row to
+bench/results.jsonl. With --backend cupy numgpt
 generates on the GPU alone: transformers runs on the CPU here, which is no reference for a GPU, so
 that row has no ratio.
 """
@@ -21,8 +24,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (append_result, available_cores, blas_thread_env, device_name_or_error,  # noqa: E402
-                          load_average, non_negative_int, peak_rss_mib, positive_int, run_child, timed)
+from bench.common import (alternating, append_result, available_cores, blas_thread_env,  # noqa: E402
+                          device_name_or_error, load_average, median_and_range, non_negative_int, peak_rss_mib,
+                          positive_int, run_child, timed)
 
 SHAPE = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)   # GPT-2 124M
 
@@ -85,6 +89,13 @@ def child(args):
     print(json.dumps(result))
 
 
+def combine(runs):
+    """One side's result from its runs in several rounds: the median tokens/s (and uncached tokens/s),
+    the highest peak memory."""
+    medians = {key: statistics.median(r[key] for r in runs) for key in ("tok_s", "uncached_tok_s") if key in runs[0]}
+    return {**runs[0], **medians, "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=positive_int, default=200)
@@ -95,6 +106,8 @@ def main():
     p.add_argument("--threads", type=positive_int, default=available_cores(),
                    help="BLAS threads for NumPy and torch.set_num_threads (default: this process's cores)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--rounds", type=positive_int, default=2,
+                   help="runs of each side, in ABBA order; the ratio is the median of the rounds' (default 2)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
     p.add_argument("--no-save", action="store_true", help="do not append to bench/results.jsonl")
     p.add_argument("--impl", choices=["numgpt", "torch"], help=argparse.SUPPRESS)   # child mode
@@ -114,19 +127,26 @@ def main():
               str(args.repeats), "--uncached-tokens", str(args.uncached_tokens), "--threads", str(args.threads),
               "--backend", args.backend, "--seed", str(args.seed)]
     load_before = load_average()          # other processes competing for the cores skew the timings
-    with tempfile.TemporaryDirectory(prefix="numgpt-bench-") as weights:
-        ours = run_child(__file__, ["--impl", "numgpt", "--weights", weights, *common], env)
-        ref = None
-        if args.backend != "numpy":
-            print(f"(numgpt on {device}: transformers' generate here runs on the CPU, no reference for a GPU)")
-        elif importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-            print("(torch/transformers not installed: no reference)")
-        else:
-            ref = run_child(__file__, ["--impl", "torch", "--weights", weights, *common], env)
+    impls = ["numgpt"]
+    if args.backend != "numpy":
+        print(f"(numgpt on {device}: transformers' generate here runs on the CPU, no reference for a GPU)")
+    elif importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        print("(torch/transformers not installed: no reference)")
+    else:
+        impls.append("torch")
+    runs = {impl: [] for impl in impls}
+    with tempfile.TemporaryDirectory(prefix="numgpt-bench-") as weights:   # numgpt runs first: it saves them
+        for impl in alternating(impls, args.rounds):
+            runs[impl].append(run_child(__file__, ["--impl", impl, "--weights", weights, *common], env))
+    ratios = [ours["tok_s"] / ref["tok_s"] for ours, ref in zip(runs["numgpt"], runs.get("torch", ()))]
+    ours, ref = combine(runs["numgpt"]), combine(runs["torch"]) if "torch" in runs else None
+    # greedy decoding of the same weights: every run of either side the same tokens, or a bug
+    tokens = [r["tokens"] for side in runs.values() for r in side]
+    same = all(t == tokens[0] for t in tokens)
 
     print(f"greedy generation, GPT-2 124M shape (random weights), float32, batch 1, {args.prompt_len}-token "
-          f"prompt, {args.new_tokens} new tokens, {args.threads} threads, backend {args.backend} on {device} "
-          f"(load average before: {load_before})")
+          f"prompt, {args.new_tokens} new tokens, {args.threads} threads, backend {args.backend} on {device}; "
+          f"medians of {args.rounds} rounds (load average before: {load_before})")
     print(f"{'impl':<22} {'tok/s':>8} {'ms/token':>9} {'peak RSS MiB':>13}")
     rows = [("numgpt (KV cache)", ours)] + ([("transformers generate", ref)] if ref else [])
     for name, r in rows:
@@ -138,16 +158,17 @@ def main():
     row = {"backend": args.backend, "device": device, "bench": "generate",
            "shape": {**SHAPE, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "dtype": "float32"},
-           "threads": args.threads, "tok_s": round(ours["tok_s"], 2), "peak_rss_mib": round(ours["peak_rss_mib"], 1),
-           "load_avg_1m_before": load_before}
+           "threads": args.threads, "rounds": args.rounds, "tok_s": round(ours["tok_s"], 2),
+           "peak_rss_mib": round(ours["peak_rss_mib"], 1), "tokens_identical": same, "load_avg_1m_before": load_before}
     if ref:
-        same = ours["tokens"] == ref["tokens"]
-        row.update(ratio_vs_torch=round(ours["tok_s"] / ref["tok_s"], 3), torch_tok_s=round(ref["tok_s"], 2),
-                   tokens_identical=same)
-        print(f"numgpt / transformers = {row['ratio_vs_torch']:.2f}x tokens/s; tokens identical: {same}")
+        ratio, ratio_range = median_and_range(ratios)
+        row.update(ratio_vs_torch=ratio, ratio_range=ratio_range, torch_tok_s=round(ref["tok_s"], 2))
+        print(f"numgpt / transformers = {ratio:.2f}x tokens/s (the median of the rounds' ratios, "
+              f"{ratio_range[0]:.2f}-{ratio_range[1]:.2f}x)")
+    print(f"every run generated the same tokens: {same}")
     if not args.no_save:
         append_result(row)
-    return 0 if ref is None or row["tokens_identical"] else 1
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -405,9 +405,49 @@ def test_bench_generate_on_a_gpu_runs_no_cpu_reference(monkeypatch, capsys):
     monkeypatch.setattr(bench_generate, "append_result", rows.append)
     monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--backend", "cupy"])
     assert bench_generate.main() == 0
-    assert children == ["numgpt"] and "no reference for a GPU" in capsys.readouterr().out
+    assert children == ["numgpt", "numgpt"] and "no reference for a GPU" in capsys.readouterr().out
     [row] = rows
     assert row["device"] == "a GPU" and "ratio_vs_torch" not in row
+
+
+def fake_generate_rounds(monkeypatch, tok_s, tokens):
+    """bench_generate's main() with --rounds 3, its children replaced by fakes that return tok_s[side]
+    and tokens[side] of each round in turn (the reference taken as installed): ([the children's sides],
+    main's exit status, the results row)."""
+    children, rows = [], []
+
+    def fake_child(script, args, env=None):
+        impl = args[args.index("--impl") + 1]
+        round_ = children.count(impl)
+        children.append(impl)
+        return {"tokens": tokens[impl][round_], "tok_s": tok_s[impl][round_], "peak_rss_mib": 10.0 + round_}
+
+    monkeypatch.setattr(bench_generate.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(bench_generate, "run_child", fake_child)
+    monkeypatch.setattr(bench_generate, "append_result", rows.append)
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--rounds", "3", "--threads", "1"])
+    status = bench_generate.main()
+    [row] = rows
+    return children, status, row
+
+
+def test_bench_generate_alternates_the_sides_over_rounds_and_reports_medians(monkeypatch):
+    children, status, row = fake_generate_rounds(
+        monkeypatch, {"numgpt": [60.0, 30.0, 50.0], "torch": [30.0, 20.0, 40.0]},
+        {"numgpt": [[1, 2]] * 3, "torch": [[1, 2]] * 3})
+    assert children == ["numgpt", "torch", "torch", "numgpt", "numgpt", "torch"] and status == 0
+    assert (row["tok_s"], row["torch_tok_s"], row["peak_rss_mib"], row["rounds"]) == (50.0, 30.0, 12.0, 3)
+    assert row["ratio_vs_torch"] == 1.5 and row["ratio_range"] == [1.25, 2.0]   # 60/30, 30/20, 50/40
+    assert row["tokens_identical"]
+
+
+@pytest.mark.parametrize("side", ["numgpt", "torch"])
+def test_bench_generate_fails_when_any_round_generates_other_tokens(monkeypatch, side):
+    """Greedy decoding of the same weights gives the same tokens every time, on either side."""
+    tokens = {"numgpt": [[1, 2]] * 3, "torch": [[1, 2]] * 3}
+    tokens[side] = [[1, 2], [1, 2], [1, 3]]
+    _, status, row = fake_generate_rounds(monkeypatch, {"numgpt": [1.0] * 3, "torch": [1.0] * 3}, tokens)
+    assert status == 1 and row["tokens_identical"] is False
 
 
 @pytest.mark.parametrize("bench", [bench_train, bench_layers, bench_generate])
