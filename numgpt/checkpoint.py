@@ -30,6 +30,9 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PREFIX = "transformer."
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")   # causal masks, not parameters
+# transformers' classes whose weights are numgpt's: the language model, and its body alone (whose
+# output layer is then the tied token embedding, as transformers' GPT2LMHeadModel loads it too)
+LANGUAGE_MODEL_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 # the safetensors metadata entry where numgpt writes a CRC-32 of each tensor's bytes (JSON {name: crc}),
 # so that bytes changed on disk after the save fail the load instead of loading as different weights
 CHECKSUMS_KEY = "numgpt_crc32"
@@ -319,9 +322,14 @@ def _float(dtype, array):
 def load_config(path):
     """The GPTConfig of a HuggingFace GPT-2 directory, from its config.json alone (the weights
     stay unread): what train.py --init-from checks the flags against before it loads any data."""
-    path = os.fspath(path)
+    return config_from_hf(_read_checkpoint_config(os.fspath(path)))
+
+
+def _read_checkpoint_config(path):
+    """The config.json of checkpoint directory `path`, checked as _read_config does, after the
+    directory itself (_check_checkpoint_dir)."""
     _check_checkpoint_dir(path)
-    return config_from_hf(_read_config(os.path.join(path, CONFIG_FILE)))
+    return _read_config(os.path.join(path, CONFIG_FILE))
 
 
 def _check_checkpoint_dir(path):
@@ -367,12 +375,26 @@ def _weights_files(path):
     return index_path, [os.path.join(path, name) for name in sorted(set(names))]
 
 
+def other_head(hf):
+    """"; config.json's architectures names ..." where it names a GPT-2 with another head than the
+    language model's (a classifier's, say), whose tensors numgpt has no place for; else ""."""
+    names = hf.get("architectures")
+    names = [name for name in names if isinstance(name, str)] if isinstance(names, list) else []
+    others = [name for name in names if name not in LANGUAGE_MODEL_ARCHITECTURES]
+    if not others:
+        return ""
+    return (f": config.json's architectures names {others[0]}, a GPT-2 with another head than the language "
+            f"model's (numgpt loads {' and '.join(LANGUAGE_MODEL_ARCHITECTURES)} checkpoints)")
+
+
 def load_pretrained(path):
     """(GPTConfig, {name: float NumPy array}) from a HuggingFace GPT-2 directory, its weights in one
     file or in shards. The arrays keep the file's float dtype (bfloat16 becomes float32, exactly);
     GPT converts them to its own."""
-    config = load_config(path)
-    weights_path, files = _weights_files(os.fspath(path))
+    path = os.fspath(path)
+    hf = _read_checkpoint_config(path)
+    config = config_from_hf(hf)
+    weights_path, files = _weights_files(path)
     tensors = {}
     for file in files:
         # the causal masks are buffers, not weights, which some files store as booleans: left unread
@@ -394,7 +416,7 @@ def load_pretrained(path):
                               f"n_layer = {config.n_layer}")
     problem = params_mismatch(config, tensors)
     if problem:
-        raise CheckpointError(f"{weights_path} does not match its config.json: {problem}")
+        raise CheckpointError(f"{weights_path} does not match its config.json: {problem}{other_head(hf)}")
     params = {name: tensors[name] for name in param_shapes(config)}   # in GPT-2's order, as init_params makes them
     for name, value in params.items():
         if not np.isfinite(value).all():   # a model saved after its training diverged would print gibberish

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file  # noqa: E402
 from numgpt import GPT, AdamW, GPTConfig  # noqa: E402
 from numgpt.backend import to_numpy  # noqa: E402
 from numgpt.data.tokenizer import decode, encode, write_hf_tokenizer  # noqa: E402
+from numgpt.errors import CheckpointError  # noqa: E402
 
 V, T = 97, 16
 PARITY = 1e-12   # relative error allowed against transformers in float64
@@ -166,6 +167,26 @@ def test_a_checkpoint_transformers_saved_in_shards_loads(tmp_path):
     idx = torch.tensor(np.random.default_rng(2).integers(0, V, size=(2, T)))
     logits = GPT.from_pretrained(tmp_path, dtype="float64").forward(idx.numpy())[0]
     assert rel_err(logits, hf(idx).logits.detach().numpy()) < PARITY
+
+
+def test_the_body_alone_loads_as_the_language_model_transformers_makes_of_it(tmp_path):
+    """A GPT2Model checkpoint (no head) is a language model whose output layer is the tied wte, as
+    transformers' GPT2LMHeadModel.from_pretrained makes of it."""
+    hf = tiny_hf_model()
+    hf.transformer.save_pretrained(str(tmp_path))
+    idx = torch.tensor(np.random.default_rng(4).integers(0, V, size=(2, T)))
+    logits = GPT.from_pretrained(tmp_path, dtype="float64").forward(idx.numpy())[0]
+    assert rel_err(logits, hf(idx).logits.detach().numpy()) < PARITY
+
+
+@pytest.mark.parametrize("architecture, head", [("GPT2ForSequenceClassification", "score.weight"),
+                                                ("GPT2ForTokenClassification", "classifier.weight")])
+def test_a_gpt2_with_another_head_is_named_by_its_architecture(tmp_path, architecture, head):
+    config = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=24, n_layer=2, n_head=3)
+    getattr(transformers, architecture)(config).save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match=rf"unexpected \[.*'{head}'\]: config.json's architectures names "
+                                              rf"{architecture}, a GPT-2 with another head"):
+        GPT.from_pretrained(tmp_path)
 
 
 def test_upcast_and_reordered_attention_loads_as_the_same_function(tmp_path):
