@@ -20,7 +20,7 @@ from numgpt.layers.cross_entropy import EXP_SAFE_BOUND, IGNORE_INDEX, cross_entr
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.embedding import embedding_backward, embedding_forward
 from numgpt.layers.layernorm import layernorm_backward, layernorm_forward
-from numgpt.layers.linear import linear_backward, linear_forward
+from numgpt.layers.linear import SUM_ROWS_BLOCK, linear_backward, linear_forward, sum_rows
 from numgpt.layers.mlp import mlp_backward, mlp_forward
 from numgpt.layers.residual import residual_backward, residual_forward
 
@@ -77,6 +77,22 @@ def test_linear_without_bias(xp):
     grads = lambda dout, cache: dict(zip(("x", "w"), linear_backward(dout, cache)[:2]))
     assert linear_backward(draw(xp, rng, (2, 3, 5)), run(arrays)[1])[2] is None
     assert not layer_mismatches(run, grads, arrays, rng)
+
+
+@given(rows=st.integers(1, 3 * SUM_ROWS_BLOCK + 5), seed=seeds)
+def test_sum_rows_sums_every_row_in_its_blocks_and_the_rest(xp, rows, seed):
+    """Whole blocks of rows, and the rows after the last whole block (the gradient checks' few rows are
+    all in that rest)."""
+    x = draw(xp, np.random.default_rng(seed), (rows, 3))
+    assert relative_error(sum_rows(x), x.sum(axis=0)) < 1e-13
+
+
+def test_sum_rows_keeps_float32s_error_small_over_many_rows():
+    """In float32 the error of a sum of rows one after another grows with their number: at 16384 rows
+    NumPy's x.sum(axis=0) is 1.8e-6 off, numgpt's two levels 1.6e-7 (measured)."""
+    x = np.random.default_rng(0).normal(0.3, 1.0, size=(16384, 64)).astype(np.float32)
+    exact = x.astype(np.float64).sum(axis=0)
+    assert relative_error(sum_rows(x), exact) < 5e-7 < relative_error(x.sum(axis=0), exact)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

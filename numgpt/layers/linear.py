@@ -33,14 +33,23 @@ def linear_backward(dy, cache):
     return dx, dw, db
 
 
+SUM_ROWS_BLOCK = 128   # rows summed one after another before their sum joins the others'
+
+
 def sum_rows(x):
     """The sum over every row of x (..., C) -> (C,): a bias gradient.
 
-    On a GPU one kernel does it, numgpt.kernels.sum_rows (this code is its twin): CuPy's own sum
-    over the rows would leave most of the GPU idle (see there)."""
+    In two levels, as the GPU's kernel (numgpt.kernels.sum_rows, whose twin this is) does: the sum of
+    each block of SUM_ROWS_BLOCK rows, then of the blocks' sums. NumPy adds the rows of a first-axis
+    sum one after another, and float32's rounding error grows with their number: 2e-6 relative at
+    16384 rows of 768, 1.8e-7 in two levels (torch's 5e-8), for 5-35% more time than one level takes
+    (0.06 ms for 1024 rows of 768)."""
     if kernels.enabled(array_module(x)):
         return kernels.sum_rows(x)
-    return x.reshape(-1, x.shape[-1]).sum(axis=0)
+    rows = x.reshape(-1, x.shape[-1])                                       # (N,C)
+    whole = rows.shape[0] - rows.shape[0] % SUM_ROWS_BLOCK
+    blocks = rows[:whole].reshape(-1, SUM_ROWS_BLOCK, rows.shape[1]).sum(axis=1)   # (N/block,C)
+    return blocks.sum(axis=0) + rows[whole:].sum(axis=0)
 
 
 def named_grads(name, dw, db):
