@@ -263,6 +263,29 @@ SAFETENSORS_FLOATS = {
 
 
 MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit: a larger size is a damaged file, not a header
+SAFETENSORS_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+
+
+def write_safetensors(path, tensors, metadata):
+    """Write the host float arrays `tensors` ({name: array}) and the {str: str} `metadata` to `path`
+    as a safetensors file (the layout _read_safetensors reads), atomically, tensor after tensor.
+
+    Written here rather than by safetensors.numpy.save, for two reasons: its header lists the
+    metadata in an order that changes from process to process, so one model saved twice gave two
+    files, where this one is byte for byte the same; and it returns the whole file as one bytes
+    object, a second copy of every tensor in memory while a checkpoint is written."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": SAFETENSORS_NAMES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # as safetensors pads it: the tensors start 8-byte aligned
+    with atomic_writer(path) as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for array in tensors.values():
+            # the stored byte order, little-endian (a copy only on a big-endian machine)
+            f.write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
 
 
 def _read_safetensors(path, skip=()):
@@ -440,8 +463,6 @@ def _drop_zero_biases(config, tensors):
 
 def save_pretrained(path, config, params):
     """Write config.json and model.safetensors for `config` and host arrays `params` into `path`."""
-    from safetensors.numpy import save
-
     os.makedirs(path, exist_ok=True)
     tensors = {PREFIX + name: np.ascontiguousarray(value) for name, value in params.items()}
     if not config.bias:   # transformers' GPT-2 always has biases: zeros make it compute the same function
@@ -451,5 +472,5 @@ def save_pretrained(path, config, params):
     if "lm_head.weight" in params:
         tensors["lm_head.weight"] = tensors.pop(PREFIX + "lm_head.weight")
     metadata = {"format": "pt", CHECKSUMS_KEY: tensor_checksums(tensors)}   # transformers reads "format" alone
-    atomic_write(os.path.join(path, WEIGHTS_FILE), save(tensors, metadata=metadata))
+    write_safetensors(os.path.join(path, WEIGHTS_FILE), tensors, metadata)
     atomic_write(os.path.join(path, CONFIG_FILE), (json.dumps(config_to_hf(config), indent=2) + "\n").encode())

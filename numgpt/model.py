@@ -93,10 +93,13 @@ class GPT:
         self.matmul_dtype = matmul_dtype
         host_params = init_params(config, seed) if params is None else params
         # copies: the model owns its parameters and updates them in place
-        self.params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
-        problem = params_mismatch(config, self.params)
+        params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
+        problem = params_mismatch(config, params)
         if problem:   # a missing one would fail only in the first forward, a wrong bias shape broadcast
             raise ConfigError(f"params do not match the config: {problem}")
+        # in GPT-2's order, whatever the order given (a training state's file sorts them by name): the
+        # saved file's bytes and the order the gradient norm sums in follow it
+        self.params = {name: params[name] for name in param_shapes(config)}
         self.dropout_rng = seeds.stream(seed, seeds.DROPOUT)   # host generator behind every dropout mask
         self.training = True
         self._cache = None

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from numgpt.backend import to_numpy
-from numgpt.checkpoint import CHECKSUMS_KEY, atomic_write, checksum_problem, kind_mismatch, tensor_checksums
+from numgpt.checkpoint import CHECKSUMS_KEY, checksum_problem, kind_mismatch, tensor_checksums, write_safetensors
 from numgpt.errors import CheckpointError
 
 STATE_FILE = "train_state.safetensors"
@@ -27,15 +27,13 @@ INFO_KINDS = {"step": "an integer", "best_val_loss": "a number", "model_config":
 
 def save_train_state(out_dir, model, optimizer, info):
     """Write the model's parameters, the optimizer's moments and the JSON-able dict `info`."""
-    from safetensors.numpy import save
-
     moments = optimizer.state_dict()
     arrays = {"param": model.params, "adam_m": moments["m"], "adam_v": moments["v"]}
     tensors = {f"{group}/{name}": np.ascontiguousarray(to_numpy(a))
                for group in GROUPS for name, a in arrays[group].items()}
     info = {**info, "adam_step": moments["step"]}
     metadata = {STATE_KEY: json.dumps(info), CHECKSUMS_KEY: tensor_checksums(tensors)}
-    atomic_write(os.path.join(out_dir, STATE_FILE), save(tensors, metadata=metadata))
+    write_safetensors(os.path.join(out_dir, STATE_FILE), tensors, metadata)
 
 
 def saved_step(out_dir):
