@@ -692,6 +692,14 @@ class Trainer:
         if self.is_main:
             rewrite_log(self.log_path, self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
+        saved_max_iters = info["train_config"].get("max_iters")
+        if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters > self.step:
+            # the cosine ends at max_iters: a new end moves every rate after this step, and after a
+            # finished run's min_lr it rises again, which a loss curve shows without saying why
+            saved = learning_rate(self.step, dataclasses.replace(self.cfg, max_iters=saved_max_iters))
+            self.log(f"note: the learning rate's cosine decay now ends at --max-iters {self.cfg.max_iters}, not "
+                     f"at the run's {saved_max_iters}: at step {self.step} it is "
+                     f"{learning_rate(self.step, self.cfg):.3g}, where it was {saved:.3g}")
         # a deleted or damaged best model would be replaced only by a loss below its record: never, maybe
         problem = self.comm.broadcast(self._best_model_problem() if self.is_main else None)
         if problem:

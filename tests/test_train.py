@@ -155,6 +155,21 @@ def test_resume_may_change_where_and_how_long_the_run_goes_on(tmp_path, cache_di
     assert info["step"] == 2 and info["train_config"]["precision"] == "fp16"
 
 
+def test_a_resume_that_moves_max_iters_says_how_the_learning_rate_changes(tmp_path, cache_dir, capsys):
+    """The cosine decay ends at --max-iters: a finished run continued further goes from min_lr back up."""
+    flags = ["--lr", "1e-3", "--min-lr", "1e-4", "--warmup-iters", "0"]
+    assert run(tmp_path, cache_dir, *flags, "--max-iters", "4") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "8") == 0
+    assert ("note: the learning rate's cosine decay now ends at --max-iters 8, not at the run's 4: at step 4 it "
+            "is 0.00055, where it was 0.0001") in capsys.readouterr().out   # 1e-4 + (1 + cos(pi / 2)) / 2 * 9e-4
+    assert [r["lr"] for r in log_rows(tmp_path) if r.get("step") == 5] == [pytest.approx(0.00055)]
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "9") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "10") == 0
+    assert "note: the learning rate" in capsys.readouterr().out   # each change is told
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "10") == 0
+    assert "note: the learning rate" not in capsys.readouterr().out   # nothing moved, nothing to tell
+
+
 def test_a_kill_while_a_resume_rewrites_the_log_leaves_it_whole(tmp_path, monkeypatch):
     """The resume cuts the log back to its checkpoint through a temporary file and a rename: a kill
     before the rename leaves the old log, not a truncated one."""
