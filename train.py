@@ -105,6 +105,11 @@ def parse_args(argv=None):
     g.add_argument("--dropout", type=float, help=f"dropout probability (default {d.dropout})")
     g.add_argument("--activation", choices=list(ACTIVATIONS),
                    help=f"MLP activation (default {d.activation})")
+    g.add_argument("--tie-weights", action=argparse.BooleanOptionalAction,
+                   help="the output layer is the token embedding, as in GPT-2; --no-tie-weights gives it its "
+                        "own weights (default: tied)")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction,
+                   help="biases in the linear layers and layernorms, as in GPT-2 (default: with biases)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-iters", type=int, help=f"optimizer steps (default {d.max_iters})")
     g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, over all ranks with --ddp "

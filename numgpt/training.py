@@ -75,6 +75,8 @@ class TrainConfig:
     block_size: int = 64
     dropout: float = 0.0
     activation: str = "gelu"
+    tie_weights: bool = True          # the output layer is the token embedding wte, as in GPT-2
+    bias: bool = True                 # biases in the linear layers and layernorms, as in GPT-2
     # optimisation
     max_iters: int = 600
     batch_size: int = 16
@@ -146,7 +148,8 @@ class TrainConfig:
     def model_config(self):
         """The GPTConfig of a model trained from scratch with these settings (GPTConfig checks them)."""
         return GPTConfig(vocab_size=VOCAB_SIZE, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
-                         n_embd=self.n_embd, dropout=self.dropout, activation=self.activation)
+                         n_embd=self.n_embd, dropout=self.dropout, activation=self.activation,
+                         tie_weights=self.tie_weights, bias=self.bias)
 
 
 # Named setups. "tinystories-tutorial" is the classic PyTorch TinyStories tutorial: a 4-layer,
@@ -223,7 +226,7 @@ def check_block_size(cfg, config):
 
 
 # the settings of the model's shape, which an --init-from checkpoint decides
-CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "activation")
+CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "activation", "tie_weights", "bias")
 
 
 def with_checkpoint_shape(cfg, given):

@@ -599,10 +599,27 @@ def test_fine_tuning_takes_the_model_shape_from_the_checkpoint(tmp_path, cache_d
             "--num-samples", "0", "--no-progress", "--max-iters", "1"]
     assert train.main([*tune, "--n-layer", "3"]) == 2
     assert "--n-layer comes from the --init-from checkpoint (1); drop it" in capsys.readouterr().err
+    assert train.main([*tune, "--no-bias"]) == 2
+    assert "--bias comes from the --init-from checkpoint (True); drop it" in capsys.readouterr().err
     assert train.main(tune) == 0
     assert "1 layer, 16 wide" in capsys.readouterr().out          # not the defaults' 4 layers, 128 wide
     saved = load_train_state(tmp_path / "tuned")[1]["train_config"]
     assert (saved["n_layer"], saved["n_head"], saved["n_embd"], saved["activation"]) == (1, 2, 16, "relu")
+
+
+def test_untied_and_bias_free_models_train_resume_and_fine_tune(tmp_path, cache_dir, capsys):
+    """--no-tie-weights and --no-bias reach the model, its saved config and the resumed run; a
+    fine-tuning run takes them from its checkpoint."""
+    assert run(tmp_path / "base", cache_dir, "--max-iters", "1", "--no-tie-weights", "--no-bias") == 0
+    config = GPT.from_pretrained(tmp_path / "base").config
+    assert (config.tie_weights, config.bias) == (False, False)
+    assert "lm_head.weight" in GPT.from_pretrained(tmp_path / "base").params
+    assert run(tmp_path / "base", cache_dir, "--resume", "--bias") == 2
+    assert "used different --bias" in capsys.readouterr().err
+    assert run(tmp_path / "base", cache_dir, "--resume", "--max-iters", "2") == 0
+    assert run(tmp_path / "tuned", cache_dir, "--init-from", str(tmp_path / "base"), "--max-iters", "1") == 0
+    saved = load_train_state(tmp_path / "tuned")[1]["train_config"]
+    assert (saved["tie_weights"], saved["bias"]) == (False, False)
 
 
 def test_local_text_files(tmp_path, cache_dir):
