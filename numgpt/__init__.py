@@ -11,9 +11,9 @@ from numgpt.allocator import keep_freed_memory
 from numgpt.config import GPTConfig
 from numgpt.errors import CheckpointError, ConfigError, DataError, NumGPTError
 from numgpt.model import GPT
-from numgpt.optim import AdamW, clip_coefficient, clip_grad_norm, no_decay_names
+from numgpt.optim import AdamW, clip_coefficient, clip_grad_norm, global_norm, no_decay_names
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT", "GPTConfig", "AdamW", "clip_coefficient", "clip_grad_norm", "no_decay_names", "keep_freed_memory",
-           "NumGPTError", "ConfigError", "CheckpointError", "DataError", "__version__"]
+__all__ = ["GPT", "GPTConfig", "AdamW", "clip_coefficient", "clip_grad_norm", "global_norm", "no_decay_names",
+           "keep_freed_memory", "NumGPTError", "ConfigError", "CheckpointError", "DataError", "__version__"]

@@ -169,10 +169,17 @@ def clip_grad_norm(grads, max_norm):
     return total
 
 
-def clip_coefficient(grads, max_norm):
-    """min(1, max_norm / (norm + 1e-6)), the factor clip_grad_norm scales the gradients by, as a
-    0-d float64 value where the gradients are: on a GPU, computed without a wait for the device."""
-    check_max_norm(max_norm)
+def global_norm(grads):
+    """sqrt(sum of the squares of every gradient), as a 0-d float64 value where the gradients are: on a
+    GPU, computed without a wait for the device."""
     xp = array_module(next(iter(grads.values())))
-    total = xp.sqrt(foreach.sum_of_squares(list(grads.values())))
-    return xp.minimum(max_norm / (total + 1e-6), 1.0)
+    return xp.sqrt(foreach.sum_of_squares(list(grads.values())))
+
+
+def clip_coefficient(grads, max_norm, norm=None):
+    """min(1, max_norm / (norm + 1e-6)), the factor clip_grad_norm scales the gradients by, as a
+    0-d float64 value where the gradients are: on a GPU, computed without a wait for the device.
+    `norm`: global_norm(grads), where the caller has it already (to log it)."""
+    check_max_norm(max_norm)
+    norm = global_norm(grads) if norm is None else norm
+    return array_module(norm).minimum(max_norm / (norm + 1e-6), 1.0)

@@ -40,7 +40,7 @@ from numgpt.distributed import Communicator, differences_from_rank_0, flat_buffe
 from numgpt.errors import CheckpointError, ConfigError, DataError, TrainingError, describe_os_error, saying
 from numgpt.layers.classifier import CHUNK_ELEMENTS
 from numgpt.model import GPT
-from numgpt.optim import AdamW, clip_coefficient, no_decay_names
+from numgpt.optim import AdamW, clip_coefficient, global_norm, no_decay_names
 from numgpt.precision import PRECISIONS, DynamicLossScaler, all_finite, set_tf32
 from numgpt.train_state import (GROUPS, STATE_FILE, damaged_state, load_train_state, save_train_state,
                                 saved_step)
@@ -526,6 +526,7 @@ class Trainer:
         self.out_dir_lock = None
         self.made_dirs = []           # the out-dir and the parents setup created for it, deepest first
         self.checkpoint_step = None   # the step of the state saved or resumed in the out-dir, if any
+        self.grad_norm = None         # the last step's global gradient norm before clipping (None without clipping)
 
     def close(self):
         """Let another run use the out-dir (the lock goes with the process too, however it ends),
@@ -762,13 +763,18 @@ class Trainer:
         # on when to stop
         self.flat_grads[-2], self.flat_grads[-1] = total_loss, float(self.stop.requested)
         self.comm.allreduce_mean(self.flat_grads)
+        norm = None
         if self.gradients_usable():
-            # clipping as a factor inside AdamW's update: on a GPU the norm is never read back
-            clip = clip_coefficient(grads, cfg.grad_clip) if cfg.grad_clip > 0 else None
+            # clipping as a factor inside AdamW's update: on a GPU the step never waits for the norm
+            norm = global_norm(grads) if cfg.grad_clip > 0 else None
+            clip = clip_coefficient(grads, cfg.grad_clip, norm) if cfg.grad_clip > 0 else None
             self.optimizer.lr = learning_rate(self.step, cfg)
             self.optimizer.step(grads, grad_scale=clip)
-        loss, stop = to_numpy(self.flat_grads[-2:]).tolist()   # the step's one read from the device
-        return loss, stop > 0
+        xp = self.model.xp
+        read = self.flat_grads[-2:] if norm is None else xp.concatenate([self.flat_grads[-2:], xp.reshape(norm, 1)])
+        values = to_numpy(read).tolist()   # the step's one read from the device
+        self.grad_norm = None if norm is None else values[2]
+        return values[0], values[1] > 0
 
     def gradients_usable(self):
         """False when fp16 gradients overflowed (the scaler then halves its scale); else True."""
@@ -878,8 +884,10 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     self.step += 1
                     lr = learning_rate(self.step - 1, cfg)
-                    self.write_row({"step": self.step, "loss": loss, "lr": lr,
-                                    "tokens_per_s": tokens_per_step / elapsed})
+                    row = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed}
+                    if self.grad_norm is not None:   # what clipping computes, logged at no cost
+                        row["grad_norm"] = self.grad_norm
+                    self.write_row(row)
                     if self.scaler is None:   # fp16 skips a step whose loss overflowed, and evaluates the rest
                         self.check_finite("the training loss", loss)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")

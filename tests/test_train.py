@@ -73,7 +73,7 @@ def test_a_run_writes_log_checkpoint_and_plot(tmp_path, cache_dir, capsys, backe
     rows = log_rows(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
-    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows if "loss" in r)
     model = GPT.from_pretrained(tmp_path)                     # the best model is a GPT-2 directory
     assert model.config.n_embd == 16
     assert (tmp_path / "train_state.safetensors").exists()
@@ -1244,6 +1244,7 @@ def test_grad_accum_steps_on_the_gradient_of_the_mean_over_every_micro_batch(bac
     _, ref_loss = trainer.model.forward(whole_x, whole_y)
     ref_grads = trainer.model.backward()
     assert loss == pytest.approx(ref_loss, rel=1e-12) and not stop and grad_scale is None
+    assert trainer.grad_norm is None   # without clipping, no norm is computed for the log
     for name, ref in ref_grads.items():
         ref = to_numpy(ref)
         np.testing.assert_allclose(grads[name], ref, rtol=0, atol=1e-12 * np.abs(ref).max(), err_msg=name)
@@ -1276,6 +1277,7 @@ def test_a_step_clips_the_gradient_norm_and_the_optimizer_is_nanogpts():
     (norm, grad_scale), = stepped
     assert norm > cfg.grad_clip                          # torch's clip_grad_norm_ factor:
     assert float(grad_scale) == pytest.approx(cfg.grad_clip / (norm + 1e-6), rel=1e-12)
+    assert trainer.grad_norm == pytest.approx(norm, rel=1e-12)   # what log.jsonl's grad_norm says
 
     model = trainer.model
     opt = numgpt.training.build_optimizer(model, cfg)
