@@ -91,7 +91,7 @@ def parse_args(argv=None):
                    "'mpiexec -n N' starts (NCCL between GPUs); --batch-size is then the global batch, split "
                    "across them. Needs pip install \"numgpt[mpi]\"")
     g.add_argument("--init-from", help="'scratch' or a HuggingFace GPT-2 directory to fine-tune (default scratch)")
-    g.add_argument("--seed", type=int, help=f"seed of init, batches and dropout (default {d.seed})")
+    g.add_argument("--seed", type=int, help=f"seed of init, batches, dropout and samples (default {d.seed})")
     g.add_argument("--backend", choices=["numpy", "cupy", "auto"], help=f"array backend (default {d.backend})")
     g.add_argument("--dtype", choices=["float32", "float64"], help=f"working precision (default {d.dtype})")
     g.add_argument("--precision", choices=["fp32", "tf32", "fp16"], help=f"matmul precision on a GPU: tf32 tensor "
@@ -125,6 +125,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation and samples")
     g.add_argument("--eval-interval", type=int, help=f"steps between evaluations (default {d.eval_interval})")
     g.add_argument("--eval-iters", type=int, help=f"batches per evaluation (default {d.eval_iters})")
+    g.add_argument("--eval-seed", type=int, help=f"seed of the evaluation batches, the same in every evaluation; "
+                   f"not --seed's, so that runs of several seeds are scored on the same text (default {d.eval_seed})")
     g.add_argument("--num-samples", type=int, help=f"stories generated at the end (default {d.num_samples})")
     g.add_argument("--sample-tokens", type=int, help=f"tokens per generated story (default {d.sample_tokens})")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal anyway)")
@@ -163,6 +165,8 @@ def resolve_config(args):
         mismatch = kind_mismatch({name: SETTING_KINDS[TrainConfig.__annotations__[name]] for name in saved}, saved)
         if mismatch:
             raise damaged_state(out_dir, f"its train_config's {mismatch}")
+        if "eval_seed" not in saved:   # before --eval-seed, --seed drew the evaluation batches too
+            saved = {**saved, "eval_seed": saved.get("seed", TrainConfig.seed)}
         changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "

@@ -93,7 +93,10 @@ class TrainConfig:
     num_samples: int = 3
     sample_tokens: int = 120
     # machine
-    seed: int = 1337
+    seed: int = 1337                  # the weights' init, the batches' order, dropout, the samples
+    # the fixed evaluation batches': the same windows of the data whatever --seed, so that runs of
+    # several seeds are scored alike (the default --seed's value: the default run's batches)
+    eval_seed: int = 1337
     backend: str = "numpy"
     dtype: str = "float32"
     precision: str = "fp32"          # fp32, tf32 or fp16 (mixed): see numgpt.precision
@@ -125,7 +128,7 @@ class TrainConfig:
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr must be in [0, lr = {self.lr}], got {self.min_lr}")
         # NaN compares false with everything, so `< 0` alone would let --grad-clip nan switch clipping off
-        for name in ("warmup_iters", "weight_decay", "grad_clip", "num_samples", "sample_tokens", "seed"):
+        for name in ("warmup_iters", "weight_decay", "grad_clip", "num_samples", "sample_tokens", "seed", "eval_seed"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -626,7 +629,7 @@ class Trainer:
         # and they come from their own generators, so evaluating never shifts the training batches
         self.eval_batches = {
             split: [comm.shard(dataset.get_batch(tokens, cfg.batch_size, cfg.block_size,
-                                                 seeds.stream(cfg.seed, seeds.EVAL_BATCHES, i, k)))
+                                                 seeds.stream(cfg.eval_seed, seeds.EVAL_BATCHES, i, k)))
                     for k in range(cfg.eval_iters)]
             for i, (split, tokens) in enumerate((("train", self.train_tokens), ("val", self.val_tokens)))}
         self.step, self.best_val = 0, float("inf")

@@ -950,6 +950,15 @@ def test_resume_of_an_older_state_takes_the_defaults_for_newer_settings(tmp_path
     assert load_train_state(tmp_path)[1]["train_config"]["precision"] == "fp32"
 
 
+def test_a_state_from_before_eval_seed_resumes_on_the_evaluation_batches_of_its_seed(tmp_path, cache_dir):
+    """Before --eval-seed, --seed drew the evaluation batches: a resumed run keeps scoring its
+    best val loss on the same text."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--seed", "7") == 0
+    rewrite_state(tmp_path, lambda arrays, info: info["train_config"].pop("eval_seed"))
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert load_train_state(tmp_path)[1]["train_config"]["eval_seed"] == 7
+
+
 def test_init_from_a_missing_or_corrupt_checkpoint(tmp_path, cache_dir, capsys):
     assert run(tmp_path / "o", cache_dir, "--init-from", str(tmp_path / "nowhere")) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -1381,15 +1390,16 @@ def test_the_runs_random_streams_are_all_different(tmp_path, cache_dir):
     text = tmp_path / "stories.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat." * 5 for i in range(20)))
     cfg = TrainConfig(data=[str(text)], out_dir=str(tmp_path / "o"), cache_dir=cache_dir, n_layer=1, n_head=2,
-                      n_embd=16, block_size=16, batch_size=4, eval_iters=2, num_samples=0)
+                      n_embd=16, block_size=16, batch_size=4, eval_iters=2, num_samples=0, seed=7, eval_seed=8)
     with numgpt.training.Trainer(cfg, log=lambda message: None, progress=False) as trainer:
         trainer.setup()
-        # each stream where it belongs: keys that differ are no use if two uses share one of them
+        # each stream where it belongs: keys that differ are no use if two uses share one of them;
+        # the evaluation batches' from --eval-seed, so that runs of several --seed share them
         assert trainer.batcher.state() == numgpt.seeds.stream(cfg.seed, numgpt.seeds.BATCHES).bit_generator.state
         for i, (split, tokens) in enumerate((("train", trainer.train_tokens), ("val", trainer.val_tokens))):
             for k, (x, _) in enumerate(trainer.eval_batches[split]):
                 expected = numgpt.training.dataset.get_batch(
-                    tokens, 4, 16, numgpt.seeds.stream(cfg.seed, numgpt.seeds.EVAL_BATCHES, i, k))[0]
+                    tokens, 4, 16, numgpt.seeds.stream(cfg.eval_seed, numgpt.seeds.EVAL_BATCHES, i, k))[0]
                 np.testing.assert_array_equal(x, expected)
         first_batch = trainer.batcher.next_batch()[0]
         assert not any(np.array_equal(first_batch, x) for x, _ in trainer.eval_batches["train"])
