@@ -299,6 +299,20 @@ class GPT:
         _, maps = self.decode(idx, self.empty_kv_caches(idx.shape[0]), return_attention=True)
         return maps
 
+    @in_model_precision
+    def residual_stream(self, idx):
+        """idx (B,T) ints -> [x (B,T,C)], n_layer + 1 of them: the residual stream after the embeddings
+        and after each block, as in evaluation (no dropout), for probes and interventions.
+        (transformers' output_hidden_states gives the same, but its last is after ln_f.)"""
+        cfg, p = self.config, self.params
+        idx = self._as_ids(idx, "idx")
+        x, _ = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])             # (B,T,C)
+        stream = [x]
+        for i in range(cfg.n_layer):
+            x, _ = block_forward(x, sub_params(p, f"h.{i}."), cfg.n_head, cfg.activation)
+            stream.append(x)
+        return stream
+
     def _last_logits(self, context):
         """Logits (B,V) of the last position of `context` (B,T) by a full forward in eval mode."""
         with self.evaluating():

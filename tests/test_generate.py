@@ -74,6 +74,19 @@ def test_attention_maps_are_causal_distributions(backend):
         assert np.all(np.triu(att, k=1) == 0)                                  # no position sees its future
 
 
+def test_the_residual_stream_starts_at_the_embeddings_and_leads_to_the_logits(backend):
+    model = signal_model(backend)
+    tokens = prompts(2, 6)
+    stream = [to_numpy(x) for x in model.residual_stream(tokens)]
+    assert len(stream) == CONFIG.n_layer + 1 and all(x.shape == (2, 6, CONFIG.n_embd) for x in stream)
+    p = {name: to_numpy(value) for name, value in model.params.items()}
+    np.testing.assert_allclose(stream[0], p["wte.weight"][tokens] + p["wpe.weight"][:6], rtol=0, atol=1e-15)
+    last = stream[-1]
+    xhat = (last - last.mean(-1, keepdims=True)) / np.sqrt(last.var(-1, keepdims=True) + 1e-5)
+    logits = (xhat * p["ln_f.weight"] + p["ln_f.bias"]) @ p["wte.weight"].T       # the tied output layer
+    np.testing.assert_allclose(logits, to_numpy(model.eval().forward(tokens)[0]), rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- cached == uncached
 
 SAMPLING = {"greedy": dict(temperature=0),

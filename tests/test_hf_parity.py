@@ -132,6 +132,16 @@ def test_twenty_adamw_steps_track_torch(checkpoint_pair, backend):
         assert rel_err(model.params[name.removeprefix("transformer.")], p.detach().numpy()) < 1e-6, name
 
 
+def test_the_residual_stream_is_transformers_hidden_states_before_ln_f(checkpoint_pair):
+    hf, path = checkpoint_pair
+    idx = np.random.default_rng(5).integers(0, V, size=(2, T))
+    hidden = hf(torch.tensor(idx), output_hidden_states=True).hidden_states
+    stream = GPT.from_pretrained(path, dtype="float64").residual_stream(idx)
+    for ours, theirs in zip(stream[:-1], hidden[:-1]):   # transformers' last is after ln_f
+        assert rel_err(ours, theirs.detach().numpy()) < PARITY
+    assert len(stream) == len(hidden)
+
+
 def test_greedy_generation_matches(checkpoint_pair, backend):
     hf, path = checkpoint_pair
     model = GPT.from_pretrained(path, backend=backend, dtype="float64")
