@@ -165,9 +165,16 @@ def resolve_config(args):
         mismatch = kind_mismatch({name: SETTING_KINDS[TrainConfig.__annotations__[name]] for name in saved}, saved)
         if mismatch:
             raise damaged_state(out_dir, f"its train_config's {mismatch}")
-        if "eval_seed" not in saved:   # before --eval-seed, --seed drew the evaluation batches too
-            saved = {**saved, "eval_seed": saved.get("seed", TrainConfig.seed)}
-        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v)
+        # a setting the state lacks comes from an older numgpt: the run used what the state says
+        # elsewhere (before --eval-seed, --seed drew the evaluation batches; the model's own config
+        # says whether it was tied and had biases, as an --init-from checkpoint decided), else what
+        # is still the default
+        model = info["model_config"]
+        older = {"eval_seed": saved.get("seed", TrainConfig.seed),
+                 "tie_weights": model.get("tie_weights", True), "bias": model.get("bias", True)}
+        saved = {**older, **saved}
+        changed = sorted(k for k, v in given.items()
+                         if k not in RESUMABLE and saved.get(k, getattr(TrainConfig, k, None)) != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "

@@ -263,7 +263,9 @@ SAFETENSORS_FLOATS = {
 
 
 MAX_HEADER_BYTES = 100_000_000   # safetensors' own limit: a larger size is a damaged file, not a header
-SAFETENSORS_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+# the dtypes numgpt writes, by their little-endian NumPy dtype: SAFETENSORS_FLOATS's that NumPy has
+SAFETENSORS_NAMES = {np.dtype(stored): name for name, (stored, to_float) in SAFETENSORS_FLOATS.items()
+                     if to_float is None}
 
 
 def write_safetensors(path, tensors, metadata):
@@ -271,12 +273,12 @@ def write_safetensors(path, tensors, metadata):
     as a safetensors file (the layout _read_safetensors reads), atomically, tensor after tensor.
 
     Written here rather than by safetensors.numpy.save, for two reasons: its header lists the
-    metadata in an order that changes from process to process, so one model saved twice gave two
-    files, where this one is byte for byte the same; and it returns the whole file as one bytes
-    object, a second copy of every tensor in memory while a checkpoint is written."""
+    metadata in an order that changes from save to save, so one model saved twice gave two files,
+    where this one is byte for byte the same; and it returns the whole file as one bytes object, a
+    second copy of every tensor in memory while a checkpoint is written."""
     header, offset = {"__metadata__": metadata}, 0
     for name, array in tensors.items():
-        header[name] = {"dtype": SAFETENSORS_NAMES[array.dtype], "shape": list(array.shape),
+        header[name] = {"dtype": SAFETENSORS_NAMES[array.dtype.newbyteorder("<")], "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()

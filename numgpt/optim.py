@@ -162,7 +162,7 @@ def clip_grad_norm(grads, max_norm):
     wait for the device, and one kernel launch each for the sum and the scaling. A training loop
     need not wait: clip_coefficient and AdamW.step(grads, grad_scale=...) do the same on the device."""
     check_max_norm(max_norm)
-    total = math.sqrt(foreach.sum_of_squares(list(grads.values())))
+    total = float(global_norm(grads))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         foreach.scale_(list(grads.values()), coef)

@@ -1,4 +1,5 @@
-"""A run's random streams: one NumPy generator per purpose, all drawn from the one seed.
+"""A run's random streams: one NumPy generator per purpose, drawn from the run's seed (the fixed
+evaluation batches' from a seed of their own, --eval-seed, so that runs of several seeds share them).
 
 Each stream is seeded by the key [seed, purpose, i, j]: which stream, and up to two indices (an
 evaluation batch's split and number; a step and a rank). NumPy pads a key with zeros, so [s, 1]

@@ -56,6 +56,7 @@ RUN_FILES = (STATE_FILE, checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE, LOG_FI
 # of those, the ones other programs write too: alone, they are not a run's
 SHARED_NAMES = {checkpoint.CONFIG_FILE, PLOT_FILE, *HF_TOKENIZER_FILES}
 SAMPLE_PROMPT = "Once upon a time"
+DEFAULT_SEED = 1337
 
 
 @dataclass
@@ -93,10 +94,10 @@ class TrainConfig:
     num_samples: int = 3
     sample_tokens: int = 120
     # machine
-    seed: int = 1337                  # the weights' init, the batches' order, dropout, the samples
+    seed: int = DEFAULT_SEED          # the weights' init, the batches' order, dropout, the samples
     # the fixed evaluation batches': the same windows of the data whatever --seed, so that runs of
-    # several seeds are scored alike (the default --seed's value: the default run's batches)
-    eval_seed: int = 1337
+    # several seeds are scored alike (--seed's default: the default run's batches are as before)
+    eval_seed: int = DEFAULT_SEED
     backend: str = "numpy"
     dtype: str = "float32"
     precision: str = "fp32"          # fp32, tf32 or fp16 (mixed): see numgpt.precision
@@ -700,13 +701,15 @@ class Trainer:
             rewrite_log(self.log_path, self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
         saved_max_iters = info["train_config"].get("max_iters")
-        if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters > self.step:
-            # the cosine ends at max_iters: a new end moves every rate after this step, and after a
-            # finished run's min_lr it rises again, which a loss curve shows without saying why
+        if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters:
+            # the cosine ends at max_iters: a new end moves the rates after this step, and after a
+            # finished run's min_lr they rise again, which a loss curve shows without saying why
             saved = learning_rate(self.step, dataclasses.replace(self.cfg, max_iters=saved_max_iters))
-            self.log(f"note: the learning rate's cosine decay now ends at --max-iters {self.cfg.max_iters}, not "
-                     f"at the run's {saved_max_iters}: at step {self.step} it is "
-                     f"{learning_rate(self.step, self.cfg):.3g}, where it was {saved:.3g}")
+            now = learning_rate(self.step, self.cfg)
+            if now != saved:   # in the warmup, the end moves nothing yet
+                self.log(f"note: the learning rate's cosine decay now ends at --max-iters {self.cfg.max_iters}, "
+                         f"not at the run's {saved_max_iters}: at step {self.step} it is {now:.3g}, where it "
+                         f"was {saved:.3g}")
         # a deleted or damaged best model would be replaced only by a loss below its record: never, maybe
         problem = self.comm.broadcast(self._best_model_problem() if self.is_main else None)
         if problem:
@@ -768,9 +771,10 @@ class Trainer:
         self.comm.allreduce_mean(self.flat_grads)
         norm = None
         if self.gradients_usable():
-            # clipping as a factor inside AdamW's update: on a GPU the step never waits for the norm
-            norm = global_norm(grads) if cfg.grad_clip > 0 else None
-            clip = clip_coefficient(grads, cfg.grad_clip, norm) if cfg.grad_clip > 0 else None
+            clip = None
+            if cfg.grad_clip > 0:   # as a factor inside AdamW's update: on a GPU the step never waits for it
+                norm = global_norm(grads)
+                clip = clip_coefficient(grads, cfg.grad_clip, norm)
             self.optimizer.lr = learning_rate(self.step, cfg)
             self.optimizer.step(grads, grad_scale=clip)
         xp = self.model.xp

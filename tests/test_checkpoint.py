@@ -47,6 +47,17 @@ def test_one_model_saved_again_is_the_same_file_byte_for_byte(tmp_path):
     assert len(files) == 1
 
 
+def test_arrays_in_either_byte_order_are_written_as_safetensors_reads_them(tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    tensors = {"little": np.arange(6, dtype="<f4").reshape(2, 3), "big": np.arange(4, dtype=">f8"),
+               "half": np.ones((0, 2), dtype=np.float16)}
+    checkpoint.write_safetensors(path, tensors, {"format": "pt"})
+    loaded = load_file(path)
+    for name, array in tensors.items():
+        assert loaded[name].dtype == array.dtype.newbyteorder("=")
+        np.testing.assert_array_equal(loaded[name], array)
+
+
 def test_a_loaded_model_is_in_eval_mode_as_transformers_loads_it(tmp_path):
     """GPT-2's own config asks for dropout 0.1: a loaded model in training mode would give a
     different answer at every forward."""
@@ -270,7 +281,7 @@ def test_a_mistyped_huge_n_layer_is_refused_at_once(saved, monkeypatch):
         GPT.from_pretrained(path)
 
 
-def write_safetensors(path, tensors):
+def write_raw_safetensors(path, tensors):
     """Write {name: (safetensors dtype name, array of its bits)} as a safetensors file, by hand:
     NumPy, and so safetensors.numpy, has no bfloat16."""
     header, data = {}, b""
@@ -284,7 +295,7 @@ def write_safetensors(path, tensors):
 def store_as(path, dtype, encode):
     """Rewrite the checkpoint at `path` with every tensor stored as `dtype`, its bits encode(float32 array)."""
     weights = path / "model.safetensors"
-    write_safetensors(weights, {name: (dtype, encode(a)) for name, a in load_file(str(weights)).items()})
+    write_raw_safetensors(weights, {name: (dtype, encode(a)) for name, a in load_file(str(weights)).items()})
 
 
 def bfloat16_bits(a):
@@ -352,7 +363,7 @@ def test_causal_mask_buffers_are_skipped_in_any_dtype(saved):
     for i in range(CONFIG.n_layer):
         tensors[f"transformer.h.{i}.attn.bias"] = ("BOOL", mask)
         tensors[f"transformer.h.{i}.attn.masked_bias"] = ("F32", np.array(-1e4, dtype=np.float32))
-    write_safetensors(weights, tensors)
+    write_raw_safetensors(weights, tensors)
     loaded = GPT.from_pretrained(path)
     for name, p in model.params.items():
         np.testing.assert_array_equal(loaded.params[name], p)
@@ -364,7 +375,7 @@ def test_a_damaged_safetensors_header_is_reported_as_corrupt(saved, damage):
     _, path = saved
     weights = path / "model.safetensors"
     tensors = {name: ("F32", a) for name, a in load_file(str(weights)).items()}
-    write_safetensors(weights, tensors)
+    write_raw_safetensors(weights, tensors)
     data = weights.read_bytes()
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + size])

@@ -87,6 +87,14 @@ def test_the_residual_stream_starts_at_the_embeddings_and_leads_to_the_logits(ba
     np.testing.assert_allclose(logits, to_numpy(model.eval().forward(tokens)[0]), rtol=0, atol=1e-12)
 
 
+def test_the_residual_stream_has_no_dropout_in_training_mode_either(backend):
+    model = signal_model(backend, config=GPTConfig(**{**CONFIG.to_dict(), "dropout": 0.5})).train()
+    stream = [to_numpy(x) for x in model.residual_stream(prompts(2, 6))]
+    evaluated = [to_numpy(x) for x in model.eval().residual_stream(prompts(2, 6))]
+    for x, y in zip(stream, evaluated):
+        np.testing.assert_array_equal(x, y)
+
+
 # ---------------------------------------------------------------- cached == uncached
 
 SAMPLING = {"greedy": dict(temperature=0),

@@ -164,10 +164,15 @@ def test_a_resume_that_moves_max_iters_says_how_the_learning_rate_changes(tmp_pa
             "is 0.00055, where it was 0.0001") in capsys.readouterr().out   # 1e-4 + (1 + cos(pi / 2)) / 2 * 9e-4
     assert [r["lr"] for r in log_rows(tmp_path) if r.get("step") == 5] == [pytest.approx(0.00055)]
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "9") == 0
-    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "10") == 0
-    assert "note: the learning rate" in capsys.readouterr().out   # each change is told
-    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "10") == 0
+    assert "decay now ends at --max-iters 9, not at the run's 8" in capsys.readouterr().out   # each change is told
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "9") == 0
     assert "note: the learning rate" not in capsys.readouterr().out   # nothing moved, nothing to tell
+
+
+def test_a_resume_in_the_warmup_moves_no_learning_rate_and_says_nothing(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "1", "--warmup-iters", "5") == 0
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert "note: the learning rate" not in capsys.readouterr().out
 
 
 def test_a_kill_while_a_resume_rewrites_the_log_leaves_it_whole(tmp_path, monkeypatch):
@@ -957,6 +962,22 @@ def test_a_state_from_before_eval_seed_resumes_on_the_evaluation_batches_of_its_
     rewrite_state(tmp_path, lambda arrays, info: info["train_config"].pop("eval_seed"))
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
     assert load_train_state(tmp_path)[1]["train_config"]["eval_seed"] == 7
+
+
+def test_a_state_from_before_tie_weights_and_bias_resumes_with_what_its_model_was(tmp_path, cache_dir, capsys):
+    """Before --tie-weights and --bias, a run trained what its --init-from checkpoint was: its
+    model_config says so. Flags that repeat it are no change."""
+    for name, flags in (("tied", []), ("untied", ["--no-tie-weights", "--no-bias"])):
+        assert run(tmp_path / name, cache_dir, "--max-iters", "1", *flags) == 0
+        rewrite_state(tmp_path / name, lambda arrays, info: [info["train_config"].pop(key)
+                                                             for key in ("tie_weights", "bias", "eval_seed")])
+    assert run(tmp_path / "tied", cache_dir, "--resume", "--max-iters", "2", "--tie-weights", "--bias",
+               "--eval-seed", "1337") == 0
+    assert run(tmp_path / "untied", cache_dir, "--resume", "--max-iters", "2", "--no-tie-weights") == 0
+    saved = load_train_state(tmp_path / "untied")[1]["train_config"]
+    assert (saved["tie_weights"], saved["bias"]) == (False, False)
+    assert run(tmp_path / "untied", cache_dir, "--resume", "--max-iters", "3", "--tie-weights") == 2
+    assert "used different --tie-weights" in capsys.readouterr().err
 
 
 def test_init_from_a_missing_or_corrupt_checkpoint(tmp_path, cache_dir, capsys):
