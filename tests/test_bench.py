@@ -309,6 +309,40 @@ def test_run_with_blas_threads_restarts_the_command_only_when_the_environment_di
     assert all(env[variable] == "3" for variable in common.BLAS_THREAD_VARIABLES)
 
 
+def test_run_with_blas_threads_restarts_when_any_variable_differs_and_keeps_the_rest_of_the_environment(
+        monkeypatch):
+    """OMP_NUM_THREADS=3 alone does not make OpenBLAS, which reads its own variable first, run on 3.
+    What this process printed is flushed first: execve drops Python's buffers (a pipe's, say)."""
+    events = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: events.append(env))
+    for name in ("stdout", "stderr"):
+        monkeypatch.setattr(sys, name, types.SimpleNamespace(flush=lambda name=name: events.append(name)))
+    matching_threads(monkeypatch, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("NUMGPT_BENCH_MARK", "kept")   # PATH, PYTHONPATH, CUDA's variables alike
+    common.run_with_blas_threads(3)
+    stdout, stderr, env = events
+    assert (stdout, stderr) == ("stdout", "stderr")
+    assert env["NUMGPT_BENCH_MARK"] == "kept" and all(env[v] == "3" for v in common.BLAS_THREAD_VARIABLES)
+
+
+def test_the_ratio_is_the_median_of_the_rounds_ratios_even_of_two_rounds():
+    """The benchmarks' default of 2 rounds: the median is the mean of the two, not the lower."""
+    assert common.median_and_range([1.2, 1.1]) == (1.15, [1.1, 1.2])
+    assert common.median_and_range([1.23456, 1.3, 0.9, 2.0]) == (1.267, [0.9, 2.0])
+
+
+def test_a_results_row_names_cupys_version_by_its_distributions_prefix(monkeypatch, request):
+    """CuPy's distribution is named for its CUDA: cupy-cuda12x, not cupy."""
+    from importlib import metadata
+    request.addfinalizer(common.versions.cache_clear)   # the next test reads this machine's again
+    dists = [types.SimpleNamespace(metadata={"Name": name}, version=version)
+             for name, version in (("numpy", "2.1.0"), (None, "0"), ("CuPy-CUDA12x", "14.2.0"))]
+    monkeypatch.setattr(metadata, "distributions", lambda: dists)
+    common.versions.cache_clear()
+    assert common.versions()["cupy"] == "14.2.0"
+
+
 def test_a_results_row_names_its_commit_command_versions_and_load(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "RESULTS", str(tmp_path / "results.jsonl"))
     monkeypatch.setattr(sys, "argv", ["bench_x.py", "--steps", "3"])

@@ -12,15 +12,23 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import cupy_standin
+import numgpt.backend
+import numgpt.training
 import train
-from numgpt.distributed import INSTALL_HINT, Communicator, flat_buffer, main_first
+from numgpt import distributed
+from numgpt.distributed import (ABORT_GRACE_S, INSTALL_HINT, SECOND_SPEAKER_WAIT_S, Communicator, MPICommunicator,
+                                NCCLCommunicator, device_communicator, flat_buffer, main_first, mpi_world)
+from numgpt.errors import ConfigError
 from numgpt.train_state import load_train_state
+from numgpt.training import TrainConfig, Trainer, check_ranks_agree
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
@@ -358,3 +366,183 @@ def test_ddp_without_mpi4py_says_how_to_install_it(tmp_path, monkeypatch, capsys
     assert train.main([*TINY, "--ddp", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert INSTALL_HINT in err and "Traceback" not in err
+
+
+class FakeMPIComm:
+    """An mpi4py communicator of `size` processes as rank `rank` sees it, without MPI: it records
+    Split_type and Abort, and its bcast returns the object given."""
+
+    def __init__(self, rank, size, local=None, events=None):
+        self.rank, self.size, self.local, self.events = rank, size, local, [] if events is None else events
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+    def Split_type(self, split_type):
+        self.events.append(("split", split_type))
+        return self.local
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def Abort(self, code):
+        self.events.append(("abort", code))
+
+
+@pytest.fixture
+def fake_mpi4py(monkeypatch):
+    """`from mpi4py import MPI` finds a stand-in that holds MPI's constants: no MPI starts in pytest."""
+    module = types.ModuleType("mpi4py")
+    module.MPI = types.SimpleNamespace(COMM_TYPE_SHARED="shared", IN_PLACE="in place", SUM="sum")
+    monkeypatch.setitem(sys.modules, "mpi4py", module)
+    return module.MPI
+
+
+def test_mpi_communicator_counts_the_ranks_on_this_machine(fake_mpi4py):
+    """Rank 3 of 4 on a machine that runs 2 of them: the ranks that share its memory are its
+    local communicator's, not the world's."""
+    local = FakeMPIComm(1, 2)
+    world = FakeMPIComm(3, 4, local=local)
+    comm = MPICommunicator(world)
+    assert (comm.rank, comm.size, comm.local_size) == (3, 4, 2) and comm.local is local
+    assert world.events == [("split", "shared")]
+    assert MPICommunicator(FakeMPIComm(3, 4), local=FakeMPIComm(0, 3)).local_size == 3   # one made already
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failing_rank_ignores_signals_speaks_once_waits_then_aborts_the_job(monkeypatch, rank):
+    """Rank 0 writes at once, the others after SECOND_SPEAKER_WAIT_S (a mistake in the flags is
+    then rank 0's line alone); the message, one write, has the time to pass through mpiexec
+    before the abort; and a Ctrl-C or SIGTERM in those waits would lose both."""
+    events = []
+    comm = MPICommunicator.__new__(MPICommunicator)   # without MPI: fail() needs only these
+    comm.rank, comm.size, comm.comm = rank, 2, FakeMPIComm(rank, 2, events=events)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: events.append(("signal", signum, handler)))
+    monkeypatch.setattr(time, "sleep", lambda seconds: events.append(("sleep", seconds)))
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=lambda text: events.append(("write", text)),
+                                                             flush=lambda: events.append(("flush",))))
+    comm.fail("error: --batch-size 5 is the global batch\n", 2)
+    ignored = [("signal", signal.SIGINT, signal.SIG_IGN), ("signal", signal.SIGTERM, signal.SIG_IGN)]
+    wait = [("sleep", SECOND_SPEAKER_WAIT_S)] if rank else []
+    assert events == [*ignored, *wait, ("write", f"rank {rank}: error: --batch-size 5 is the global batch\n"),
+                      ("flush",), ("sleep", ABORT_GRACE_S), ("abort", 2)]
+    assert 0 < ABORT_GRACE_S < SECOND_SPEAKER_WAIT_S
+
+
+def test_a_single_rank_fails_as_a_plain_process(capsys):
+    comm = MPICommunicator.__new__(MPICommunicator)
+    events = []
+    comm.rank, comm.size, comm.comm = 0, 1, FakeMPIComm(0, 1, events=events)
+    assert comm.fail("error: bad flag", 2) == 2
+    assert capsys.readouterr().err == "error: bad flag\n" and events == []   # no rank prefix, no abort
+
+
+@pytest.fixture
+def two_standin_gpus(monkeypatch, fake_mpi4py):
+    """The stand-in for CuPy on a machine with 2 GPUs; records which GPU each process uses and the
+    NCCL communicators it makes: [("use", device) or ("nccl", ndev, rank)]."""
+    cupy_standin.install(monkeypatch)
+    events = []
+
+    class Device(cupy_standin.Device):
+        def use(self):
+            events.append(("use", self.id))
+
+    def nccl_communicator(ndev, unique_id, rank):
+        events.append(("nccl", ndev, rank))
+
+    monkeypatch.setattr(cupy_standin.MODULES["cupy.cuda.runtime"], "getDeviceCount", lambda: 2)
+    monkeypatch.setattr(cupy_standin.MODULES["cupy.cuda"], "Device", Device)
+    monkeypatch.setattr(cupy_standin.MODULES["cupy.cuda.nccl"], "NcclCommunicator", nccl_communicator)
+    return events
+
+
+def test_each_gpu_rank_uses_the_gpu_of_its_rank_on_its_machine(two_standin_gpus):
+    """Rank 3 of 4, the second of two on its machine, uses that machine's GPU 1 (there is no GPU 3)
+    and joins NCCL as rank 3 of 4."""
+    NCCLCommunicator(FakeMPIComm(3, 4), local=FakeMPIComm(1, 2))
+    assert two_standin_gpus == [("use", 1), ("nccl", 4, 3)]
+
+
+def test_more_ranks_on_a_machine_than_gpus_are_refused(two_standin_gpus):
+    with pytest.raises(ConfigError, match=r"rank 2 is process 3 on a machine with 2 GPU\(s\): start at most one"):
+        NCCLCommunicator(FakeMPIComm(2, 3), local=FakeMPIComm(2, 3))
+    assert two_standin_gpus == []   # before any GPU is used
+
+
+def test_ranks_on_the_cpu_train_over_mpi_even_with_backend_auto(monkeypatch):
+    """--backend auto on a machine without a usable GPU is NumPy: no NCCL (nor CuPy) is asked for."""
+    monkeypatch.setattr(numgpt.backend, "cupy_available", lambda: False)
+    world = RecordingCommunicator(0, 2)
+    assert device_communicator(world, "auto") is world and device_communicator(world, "numpy") is world
+
+
+def test_ddp_with_an_mpi4py_that_finds_no_mpi_library_says_how_to_install_one(monkeypatch):
+    """mpi4py's wheel without an MPI library raises a RuntimeError when MPI loads."""
+    module = types.ModuleType("mpi4py")
+
+    def no_library(name):
+        raise RuntimeError("cannot load MPI library\nlibmpi.so.12: cannot open shared object file")
+
+    module.__getattr__ = no_library
+    monkeypatch.setitem(sys.modules, "mpi4py", module)
+    with pytest.raises(ConfigError, match="mpi4py finds none \\(libmpi.so.12: cannot open shared object file\\)"):
+        mpi_world()
+
+
+@pytest.mark.parametrize("variable", ["PMI_SIZE", "OMPI_COMM_WORLD_SIZE"], ids=["mpich", "open-mpi"])
+def test_a_launcher_whose_processes_do_not_share_mpi4pys_mpi_is_refused(monkeypatch, capsys, tmp_path, variable):
+    """Another MPI's mpiexec started 2 processes (on one machine or on two: this one runs 1), and
+    each finds itself alone in mpi4py's MPI: they would each train alone, in one out-dir. Without
+    --ddp, too."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "2")
+    monkeypatch.setattr(distributed, "mpi_world", Communicator)   # this process alone
+    monkeypatch.setattr(numgpt.training, "load_data", None)       # a run that went on would fail here at once
+    assert train.main([*TINY, "--ddp", "--out-dir", str(tmp_path / "a")]) == 2
+    assert "mpiexec started 2 processes, but mpi4py's MPI sees only this one" in capsys.readouterr().err
+    assert train.main([*TINY, "--out-dir", str(tmp_path / "b")]) == 2
+    assert "the launcher started 2 processes, which without --ddp would each train alone" in capsys.readouterr().err
+
+
+class RankOfTwo(Communicator):
+    """Rank `rank` of 2, without MPI: what rank 0 broadcasts lands in `sent`, which rank 1 receives."""
+
+    size = 2
+
+    def __init__(self, rank, sent):
+        self.rank, self.sent = rank, sent
+
+    def broadcast(self, obj, root=0):
+        if self.rank == root:
+            self.sent.append(obj)
+        return self.sent[-1]
+
+
+def test_ranks_may_differ_in_paths_but_not_in_the_backend_that_auto_chose(monkeypatch, tmp_path):
+    """Paths may differ between machines (what they hold is compared later); a --backend auto that
+    finds a GPU on one machine and none on another would leave the NumPy rank out of NCCL."""
+    cfg = TrainConfig(backend="auto")
+    elsewhere = TrainConfig(backend="auto", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                            data=[str(tmp_path / "a.txt")], init_from=str(tmp_path / "gpt2"))
+    cupy_standin.install(monkeypatch)   # rank 0's machine has a GPU
+    sent = []
+    check_ranks_agree(RankOfTwo(0, sent), cfg)
+    check_ranks_agree(RankOfTwo(1, sent), elsewhere)
+    monkeypatch.setattr(numgpt.training, "get_xp", lambda backend: np)   # rank 1's has none
+    with pytest.raises(ConfigError, match="this rank's run differs from rank 0's in the backend: start"):
+        check_ranks_agree(RankOfTwo(1, sent), elsewhere)
+
+
+@pytest.mark.parametrize("batch_size, ranks, choices", [(6, 4, "1, 2, 3 or 6 ranks"), (1, 2, "1 rank"),
+                                                        (7, 2, "1 or 7 ranks")])
+def test_a_resume_that_does_not_divide_the_saved_batch_names_the_ranks_that_do(tmp_path, batch_size, ranks,
+                                                                               choices):
+    trainer = Trainer(TrainConfig(batch_size=batch_size, out_dir=str(tmp_path)), comm=RecordingCommunicator(0, ranks))
+    with trainer, pytest.raises(ConfigError) as error:
+        trainer.setup(resume=True)
+    assert str(error.value).endswith(f"which {ranks} cannot do: resume it on {choices}")

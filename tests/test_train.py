@@ -21,6 +21,7 @@ import pytest
 
 import cupy_standin
 import numgpt.checkpoint
+import numgpt.distributed
 import numgpt.errors
 import numgpt.optim
 import numgpt.seeds
@@ -799,11 +800,59 @@ def test_ranks_on_one_machine_share_its_memory(monkeypatch):
         numgpt.training.check_memory(cfg, cfg.model_config(), np, ranks=2, local_ranks=2)
 
 
+def test_the_memory_floor_of_a_rank_is_that_of_its_share_of_the_batch(monkeypatch):
+    """Each of 2 ranks holds half the global batch's activations, and on a GPU its own memory."""
+    cfg = TrainConfig(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=8)
+    half = dataclasses.replace(cfg, batch_size=4)
+    for backend in ("numpy", "cupy"):
+        assert memory_floor(cfg, cfg.model_config(), backend, 2) == memory_floor(half, half.model_config(), backend)
+    cupy_standin.install(monkeypatch)
+    floor = memory_floor(cfg, cfg.model_config(), "cupy", ranks=2)
+    monkeypatch.setattr(numgpt.training, "memory_size", lambda xp: 1.5 * floor)
+    numgpt.training.check_memory(cfg, cfg.model_config(), cupy_standin.cupy, ranks=2, local_ranks=2)
+
+
+class LocalRanks(numgpt.distributed.Communicator):
+    """Rank 0 of `size`, `local_size` of them on this machine, without MPI."""
+
+    def __init__(self, size, local_size):
+        self.size, self.local_size = size, local_size
+
+
+@pytest.mark.parametrize("local_ranks, fits", [(1, True), (2, False)])
+def test_setup_checks_the_memory_of_its_share_of_the_batch_beside_this_machines_ranks(
+        tmp_path, monkeypatch, local_ranks, fits):
+    """2 ranks, on one machine or two, in RAM for one rank's share of the batch and less than two:
+    each rank's floor is that of half the batch, and ranks on one machine add theirs up."""
+    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=64, dataset="embedded",
+                      out_dir=str(tmp_path / "out"))
+    share = memory_floor(cfg, cfg.model_config(), ranks=2)
+    whole = memory_floor(cfg, cfg.model_config())
+    size = (share + min(whole, 2 * share)) / 2
+    assert share < size < whole   # a run that computed the whole batch's floor would not fit
+    monkeypatch.setattr(numgpt.training, "memory_size", lambda xp: size)
+
+    class Fitted(Exception):
+        """Setup reached the data: the memory check let the run go on."""
+
+    def load_data(*args):
+        raise Fitted
+
+    monkeypatch.setattr(numgpt.training, "load_data", load_data)
+    trainer = numgpt.training.Trainer(cfg, log=lambda message: None, comm=LocalRanks(2, local_ranks))
+    with trainer, pytest.raises(Fitted if fits else ConfigError) as error:
+        trainer.setup()
+    assert fits or "for each of this machine's 2 ranks" in str(error.value)
+
+
 @pytest.mark.parametrize("environ, threads", [
     ({"MPI_LOCALNRANKS": "2"}, "4"),                                     # MPICH's mpiexec: 2 ranks on 8 cores
     ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, "2"),                          # Open MPI's: 3 ranks
     ({"MPI_LOCALNRANKS": "64"}, "1"),                                    # never 0 threads
     ({"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}, None),            # the user's choice stands
+    ({"MPI_LOCALNRANKS": "2", "OPENBLAS_NUM_THREADS": "3"}, None),       # in any of the variables
+    ({"MPI_LOCALNRANKS": "2", "MKL_NUM_THREADS": "3"}, None),
+    ({"MPI_LOCALNRANKS": ""}, None),                                     # not a count: no launcher
     ({"MPI_LOCALNRANKS": "1"}, None),                                    # alone: every core
     ({}, None),                                                          # no mpiexec
 ])
@@ -834,6 +883,16 @@ def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, cap
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 1
     err = capsys.readouterr().err
     assert message in err and "--batch-size" in err and "Traceback" not in err
+
+
+def test_a_bug_in_a_single_process_reaches_the_caller_with_its_traceback(tmp_path, cache_dir, monkeypatch):
+    """Only with several ranks does main() turn an unexpected exception into the job's end."""
+    def bug(*args):
+        raise ZeroDivisionError("a bug in numgpt")
+
+    monkeypatch.setattr(numgpt.training, "build_model", bug)
+    with pytest.raises(ZeroDivisionError, match="a bug in numgpt"):
+        run(tmp_path, cache_dir, "--max-iters", "1")
 
 
 @pytest.mark.parametrize("content", [None, b"", b"  \n<|endoftext|>\n  "], ids=["missing", "empty", "separators"])
