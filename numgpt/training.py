@@ -530,7 +530,7 @@ class Trainer:
         self.out_dir_lock = None
         self.made_dirs = []           # the out-dir and the parents setup created for it, deepest first
         self.checkpoint_step = None   # the step of the state saved or resumed in the out-dir, if any
-        self.grad_norm = None         # the last step's global gradient norm before clipping (None without clipping)
+        self.grad_norm = None         # the last step's gradient norm before clipping (None: not clipped, or skipped)
 
     def close(self):
         """Let another run use the out-dir (the lock goes with the process too, however it ends),
