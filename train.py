@@ -169,12 +169,12 @@ def resolve_config(args):
         # elsewhere (before --eval-seed, --seed drew the evaluation batches; the model's own config
         # says whether it was tied and had biases, as an --init-from checkpoint decided), else what
         # is still the default
-        model = info["model_config"]
+        model = info["model_config"]   # (a value of the wrong kind there is the trainer's to name)
         older = {"eval_seed": saved.get("seed", TrainConfig.seed),
-                 "tie_weights": model.get("tie_weights", True), "bias": model.get("bias", True)}
+                 **{name: model[name] for name in ("tie_weights", "bias") if isinstance(model.get(name), bool)}}
         saved = {**older, **saved}
-        changed = sorted(k for k, v in given.items()
-                         if k not in RESUMABLE and saved.get(k, getattr(TrainConfig, k, None)) != v)
+        run_settings = vars(TrainConfig(**saved))   # with the defaults the run had, resolved (min_lr)
+        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and run_settings[k] != v)
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "

@@ -140,8 +140,8 @@ def remove_stale_temp_files(directory, idle_s=0):
 
 
 def crc32(array):
-    """The CRC-32 of a host array's bytes, in C order."""
-    return zlib.crc32(np.ascontiguousarray(array))
+    """The CRC-32 of a host array's bytes as a file stores them: in C order, little-endian."""
+    return zlib.crc32(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))
 
 
 def tensor_checksums(tensors):

@@ -701,7 +701,8 @@ class Trainer:
             rewrite_log(self.log_path, self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
         saved_max_iters = info["train_config"].get("max_iters")
-        if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters:
+        steps_left = self.step < self.cfg.max_iters
+        if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters and steps_left:
             # the cosine ends at max_iters: a new end moves the rates after this step, and after a
             # finished run's min_lr they rise again, which a loss curve shows without saying why
             saved = learning_rate(self.step, dataclasses.replace(self.cfg, max_iters=saved_max_iters))

@@ -58,6 +58,14 @@ def test_arrays_in_either_byte_order_are_written_as_safetensors_reads_them(tmp_p
         np.testing.assert_array_equal(loaded[name], array)
 
 
+def test_a_big_endian_model_saved_loads_with_its_checksums(tmp_path):
+    config = GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    params = {name: to_numpy(p).astype(">f4") for name, p in GPT(config).params.items()}
+    checkpoint.save_pretrained(tmp_path, config, params)
+    for name, p in GPT.from_pretrained(tmp_path).params.items():
+        np.testing.assert_array_equal(to_numpy(p), params[name], err_msg=name)
+
+
 def test_a_loaded_model_is_in_eval_mode_as_transformers_loads_it(tmp_path):
     """GPT-2's own config asks for dropout 0.1: a loaded model in training mode would give a
     different answer at every forward."""

@@ -662,6 +662,8 @@ def test_fp16_step_with_overflowing_gradients_is_skipped(tmp_path, cache_dir, mo
     arrays, info = load_train_state(tmp_path)
     assert info["loss_scaler"]["scale"] == 2.0 ** 59
     assert (info["step"], info["adam_step"]) == (1, 0)   # AdamW's count, behind the run's: what a resume needs
+    [row] = [r for r in log_rows(tmp_path) if "loss" in r]
+    assert "grad_norm" not in row                         # a skipped step's gradients overflowed: no norm
     untrained = GPT(GPTConfig(**info["model_config"]), seed=3)
     for name, p in untrained.params.items():
         np.testing.assert_array_equal(arrays["param"][name], p, err_msg=name)
@@ -1037,6 +1039,21 @@ def test_a_state_from_before_tie_weights_and_bias_resumes_with_what_its_model_wa
     assert (saved["tie_weights"], saved["bias"]) == (False, False)
     assert run(tmp_path / "untied", cache_dir, "--resume", "--max-iters", "3", "--tie-weights") == 2
     assert "used different --tie-weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, flags", [("activation", ["--activation", "gelu"]), ("min_lr", ["--min-lr", "1e-4"])])
+def test_a_flag_that_repeats_the_default_an_older_state_ran_with_is_no_change(tmp_path, cache_dir, setting, flags):
+    """A setting the saved train_config lacks ran with its default (min_lr's: lr / 10)."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    rewrite_state(tmp_path, lambda arrays, info: info["train_config"].pop(setting))
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2", *flags) == 0
+
+
+def test_a_resume_that_trains_no_more_steps_says_nothing_of_the_learning_rate(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "2", "--warmup-iters", "0") == 0
+    rewrite_state(tmp_path, lambda arrays, info: info["train_config"].update(max_iters=8))   # stopped early
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert "note: the learning rate" not in capsys.readouterr().out
 
 
 def test_init_from_a_missing_or_corrupt_checkpoint(tmp_path, cache_dir, capsys):
