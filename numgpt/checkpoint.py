@@ -139,9 +139,14 @@ def remove_stale_temp_files(directory, idle_s=0):
                 os.remove(entry.path)
 
 
+def stored(array):
+    """A host array as a file stores it: in C order, little-endian (a copy only where it is not)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+
 def crc32(array):
-    """The CRC-32 of a host array's bytes as a file stores them: in C order, little-endian."""
-    return zlib.crc32(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))
+    """The CRC-32 of a host array's bytes as a file stores them (see stored)."""
+    return zlib.crc32(stored(array))
 
 
 def tensor_checksums(tensors):
@@ -286,8 +291,7 @@ def write_safetensors(path, tensors, metadata):
     with atomic_writer(path) as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for array in tensors.values():
-            # the stored byte order, little-endian (a copy only on a big-endian machine)
-            f.write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
+            f.write(stored(array).data)
 
 
 def _read_safetensors(path, skip=()):
