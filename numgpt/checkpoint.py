@@ -104,6 +104,15 @@ def atomic_writer(path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory):
+    """Make a rename in `directory` durable, as POSIX asks: fsync the directory itself. Windows has
+    no such call and needs none (NTFS journals the rename); there os.open cannot open a directory
+    at all (PermissionError), which would fail every write after its file was already in place."""
+    if os.name == "nt":
+        return
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

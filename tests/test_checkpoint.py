@@ -456,3 +456,24 @@ def test_a_full_disk_is_named_with_the_file_it_could_not_write(tmp_path, monkeyp
     assert failed.value.strerror == f"cannot write {target}: No space left on device"
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_write_works_where_a_directory_cannot_be_opened_as_on_windows(tmp_path, monkeypatch):
+    """Windows' os.open refuses a directory (PermissionError, errno 13: its C runtime opens files
+    only) and Windows has no fsync of one. A write must not fail there after its file is in place,
+    as it did: no token cache or checkpoint could be written, so `python train.py` always failed."""
+    target = tmp_path / "f.bin"
+    real_open = os.open
+
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    with monkeypatch.context() as windows:   # undone before pytest reports: its pathlib reads os.name
+        windows.setattr(os, "open", windows_open)
+        windows.setattr(os, "name", "nt")
+        atomic_write(target, b"new")
+        atomic_write(target, b"newer")   # over an existing file too
+    assert target.read_bytes() == b"newer"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
