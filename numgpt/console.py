@@ -61,7 +61,7 @@ def standard_streams():
     for stream, name in ((sys.stdout, "standard output"), (sys.stderr, "standard error")):
         if isinstance(stream, NamedStream):   # main() run twice in one process, as the tests do
             stream = stream.stream
-        stream = stream or open(os.devnull, "w")
+        stream = stream or open(os.devnull, "w", encoding="utf-8")
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="replace", line_buffering=True)
         streams.append(NamedStream(stream, name))

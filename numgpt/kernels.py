@@ -64,7 +64,7 @@ CUDA_DIR = pathlib.Path(__file__).with_name("cuda")
 # the others use them)
 CUDA_FILES = ("warp.cu", "float16.cu", "gelu.cu", "layernorm.cu", "sum_rows.cu", "scatter_add.cu", "softmax.cu",
               "flash_attention.cu", "tensor_core_attention.cu", "multi_array.cu")
-SOURCE = "\n".join((CUDA_DIR / name).read_text() for name in CUDA_FILES)
+SOURCE = "\n".join((CUDA_DIR / name).read_text(encoding="utf-8") for name in CUDA_FILES)
 
 ALL = "all"
 _off = set()      # kernels turned off by `disabled`: names, or ALL

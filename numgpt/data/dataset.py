@@ -328,7 +328,7 @@ def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str)
     if not meta_path.exists():
         return "no metadata"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes())   # JSON is UTF-8: not the locale's encoding (cp1252 on Windows)
         n_tokens = int(meta["n_tokens"])
         expected = {"tokenizer": TOKENIZER_NAME, "source": source_key, "split": split,
                     "dtype": np.dtype(TOKEN_DTYPE).name, "version": CACHE_VERSION}

@@ -1,0 +1,38 @@
+"""What numgpt does on macOS and Windows, as far as Linux can show it: text files read and written
+in UTF-8 whatever the locale (Windows' is cp1252), commands printed for the user's own shell."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = sorted((ROOT / "numgpt").rglob("*.py")) + [ROOT / "train.py", ROOT / "sample.py"]
+TEXT_CALLS = ("open", "read_text", "write_text")
+
+
+def text_opened_in_the_locales_encoding(path):
+    """The lines of `path` that open a file as text without naming its encoding: open() in a text
+    mode, Path.read_text or Path.write_text without encoding=. (os.open makes a descriptor, not text.)"""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if name not in TEXT_CALLS or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "os":
+            continue
+        if name == "open":
+            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"),
+                                                                  None)
+            if isinstance(mode, ast.Constant) and "b" in mode.value:
+                continue
+        yield node.lineno
+
+
+def test_every_text_file_is_opened_with_its_encoding():
+    """Without encoding=, Python reads and writes text in the locale's encoding: cp1252 on an
+    English Windows, where UTF-8 text turns into mojibake or a UnicodeDecodeError (numgpt.kernels
+    read its CUDA source that way at import, so one non-ASCII character in a .cu comment would have
+    broken `import numgpt` there). `python -X warn_default_encoding` shows the same at run time."""
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in PRODUCT for line in text_opened_in_the_locales_encoding(path)]
+    assert found == []
