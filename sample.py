@@ -17,6 +17,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse  # noqa: E402
+import io  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -77,6 +78,10 @@ def read_prompt(args):
         if args.prompt_file == "-":
             if sys.stdin is None:   # started with stdin closed (<&-): Python then has no sys.stdin
                 raise DataError("--prompt-file - reads the standard input, which is closed")
+            if isinstance(sys.stdin, io.TextIOWrapper):
+                # UTF-8, as a --prompt-file is read: a pipe is decoded in the locale's encoding (on
+                # Windows its ANSI code page, cp1252), which turns "é" into "Ã©" or fails outright
+                sys.stdin.reconfigure(encoding="utf-8")
             text = sys.stdin.read(MAX_PROMPT_CHARS + 1)
         else:
             with open(args.prompt_file, encoding="utf-8") as f:

@@ -137,6 +137,20 @@ def test_prompt_from_a_file_and_from_stdin(ckpt, capsys, monkeypatch, tmp_path):
     assert run(capsys, *common, "--prompt-file", "-")[1] == from_file
 
 
+@pytest.mark.parametrize("text", ["Café 中", "Der Bär 🐻"])
+def test_a_piped_prompt_is_read_as_utf8_whatever_the_locales_encoding(ckpt, capsys, monkeypatch, tmp_path, text):
+    """Python decodes a pipe in the locale's encoding: on Windows the ANSI code page, cp1252, where
+    UTF-8's "é" reads as "Ã©" (a different prompt) and the bear's bytes as no text at all (it was
+    refused as "not UTF-8"). --prompt-file - reads UTF-8, as --prompt-file FILE does."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(text, encoding="utf-8")
+    common = ["--ckpt", ckpt, "--max-new-tokens", "3", "--seed", "0", "--no-stop-at-eot", "--show-tokens"]
+    code, from_file, _ = run(capsys, *common, "--prompt-file", str(prompt))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="cp1252"))
+    code, from_pipe, err = run(capsys, *common, "--prompt-file", "-")
+    assert (code, err.count("error")) == (0, 0) and from_pipe == from_file
+
+
 @pytest.mark.parametrize("name, reason", [("missing.txt", "No such file or directory"), (".", "Is a directory"),
                                           ("latin1.txt", "not UTF-8")])
 def test_an_unreadable_prompt_file_is_named_once_in_words(ckpt, capsys, tmp_path, name, reason):
