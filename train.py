@@ -48,7 +48,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 
@@ -208,7 +207,7 @@ def resume_hint(trainer):
     about to replace."""
     if trainer is None or trainer.checkpoint_step is None or trainer.checkpoint_step >= trainer.cfg.max_iters:
         return ""
-    command = f"python train.py --resume --out-dir {shlex.quote(trainer.cfg.out_dir)}"
+    command = f"python train.py --resume --out-dir {console.shell_quote(trainer.cfg.out_dir)}"
     if trainer.comm.size > 1:   # the mpiexec options it was started with (-hosts, say) are not known here
         return (f" Continue with: mpiexec -n {trainer.comm.size} {command} --ddp (and any other mpiexec "
                 f"options you gave)")
@@ -279,7 +278,7 @@ def main(argv=None):
                       file=sys.stderr)
                 return stop_status(trainer)
             print(f"\nDone: {console.counted(trainer.step, 'step')}, best val loss {trainer.best_val:.4f}; "
-                  f"model in {cfg.out_dir}/ (python sample.py --ckpt {shlex.quote(cfg.out_dir)})")
+                  f"model in {cfg.out_dir}/ (python sample.py --ckpt {console.shell_quote(cfg.out_dir)})")
             if cfg.num_samples:
                 from numgpt.model import GPT
                 best = GPT.from_pretrained(cfg.out_dir, backend=cfg.backend, dtype=cfg.dtype)

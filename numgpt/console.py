@@ -3,12 +3,24 @@ named in their errors."""
 
 import io
 import os
+import shlex
+import subprocess
 import sys
 
 
 def counted(n, noun):
     """"1 layer", "12 layers", "50,257 tokens": a count and its (regular) noun, agreeing."""
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def shell_quote(arg):
+    """`arg` as the user's shell reads it back as one word, for a command numgpt prints to be
+    copied: a POSIX shell's quoting ('my run'); on Windows, double quotes ("my run"), which cmd.exe
+    and PowerShell both read (cmd.exe keeps single quotes as part of the word, and shlex quotes
+    every path with a backslash in it)."""
+    if os.name == "nt":
+        return subprocess.list2cmdline([arg])
+    return shlex.quote(arg)
 
 
 class NamedStream:

@@ -91,7 +91,7 @@ def check_matplotlib():
         import matplotlib  # noqa: F401
     except ImportError:
         raise NumGPTError("--attention-png needs matplotlib, which is not installed: "
-                          "pip install matplotlib (or pip install 'numgpt[plot]')") from None
+                          "pip install matplotlib (or pip install \"numgpt[plot]\")") from None
 
 
 def check_image_path(path):

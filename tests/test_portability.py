@@ -2,7 +2,13 @@
 in UTF-8 whatever the locale (Windows' is cp1252), commands printed for the user's own shell."""
 
 import ast
+import os
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = sorted((ROOT / "numgpt").rglob("*.py")) + [ROOT / "train.py", ROOT / "sample.py"]
@@ -36,3 +42,20 @@ def test_every_text_file_is_opened_with_its_encoding():
     broken `import numgpt` there). `python -X warn_default_encoding` shows the same at run time."""
     found = [f"{path.relative_to(ROOT)}:{line}" for path in PRODUCT for line in text_opened_in_the_locales_encoding(path)]
     assert found == []
+
+
+@pytest.mark.parametrize("os_name, out_dir, word", [
+    ("posix", "runs/my run", "'runs/my run'"),
+    ("posix", "out", "out"),
+    ("nt", r"C:\Users\Jo Doe\runs\a", r'"C:\Users\Jo Doe\runs\a"'),
+    ("nt", r"runs\a", r"runs\a"),
+])
+def test_the_resume_command_is_quoted_for_the_shell_of_the_system(monkeypatch, os_name, out_dir, word):
+    """The command a stopped run prints, to be pasted back: cmd.exe takes 'C:\\...' with its single
+    quotes as part of the path (and shlex.quote quoted every path with a backslash)."""
+    trainer = SimpleNamespace(checkpoint_step=5, cfg=SimpleNamespace(max_iters=10, out_dir=out_dir),
+                              comm=SimpleNamespace(size=1))
+    with monkeypatch.context() as system:   # undone before pytest reports: its pathlib reads os.name
+        system.setattr(os, "name", os_name)
+        hint = train.resume_hint(trainer)
+    assert hint == f" Continue with: python train.py --resume --out-dir {word}"
