@@ -41,8 +41,9 @@ def machine():
 
 
 def peak_rss_mib():
-    """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory in MiB (getrusage's ru_maxrss is in KiB on Linux, in
+    bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 # OpenBLAS reads its own variable (else OpenMP's), MKL its own (else OpenMP's), an OpenMP pool such as

@@ -511,3 +511,12 @@ def test_a_count_out_of_range_is_one_line_not_a_traceback(monkeypatch, capsys, b
     with pytest.raises(SystemExit) as exit:
         bench.main()
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"bench.py: error: {message}"
+
+
+@pytest.mark.parametrize("platform, ru_maxrss", [("linux", 300 * 2**10), ("darwin", 300 * 2**20)])
+def test_peak_rss_is_in_mib_on_linux_and_on_macos(monkeypatch, platform, ru_maxrss):
+    """getrusage's ru_maxrss counts KiB on Linux and bytes on macOS: divided by 1024 there, a
+    300 MiB run was reported as 307,200 MiB."""
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(common.resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=ru_maxrss))
+    assert common.peak_rss_mib() == 300.0
