@@ -144,7 +144,9 @@ def remove_stale_temp_files(directory, idle_s=0):
     now = time.time()
     for entry in os.scandir(directory):
         if TEMP_FILE.fullmatch(entry.name) and entry.is_file() and now - entry.stat().st_mtime >= idle_s:
-            with contextlib.suppress(FileNotFoundError):   # another process's clean-up was first
+            # FileNotFoundError: another process's clean-up was first; PermissionError: on Windows,
+            # a file that a process still holds open (a run suspended past idle_s) cannot be removed
+            with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.remove(entry.path)
 
 

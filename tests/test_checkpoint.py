@@ -477,3 +477,19 @@ def test_atomic_write_works_where_a_directory_cannot_be_opened_as_on_windows(tmp
         atomic_write(target, b"newer")   # over an existing file too
     assert target.read_bytes() == b"newer"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_stale_temporary_file_that_cannot_be_removed_is_left(tmp_path, monkeypatch):
+    """On Windows a file another process holds open cannot be removed (PermissionError, WinError
+    32): its writer, suspended longer than idle_s, is alive. The run that found it goes on."""
+    stale = tmp_path / (checkpoint.TEMP_PREFIX + "abcd1234")
+    stale.write_bytes(b"half a token cache")
+    os.utime(stale, (0, 0))
+
+    def in_use(path):
+        raise PermissionError(errno.EACCES, "The process cannot access the file because it is being used "
+                                            "by another process", path)
+
+    monkeypatch.setattr(os, "remove", in_use)
+    checkpoint.remove_stale_temp_files(tmp_path, idle_s=3600)
+    assert stale.exists()
