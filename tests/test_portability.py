@@ -40,7 +40,8 @@ def test_every_text_file_is_opened_with_its_encoding():
     English Windows, where UTF-8 text turns into mojibake or a UnicodeDecodeError (numgpt.kernels
     read its CUDA source that way at import, so one non-ASCII character in a .cu comment would have
     broken `import numgpt` there). `python -X warn_default_encoding` shows the same at run time."""
-    found = [f"{path.relative_to(ROOT)}:{line}" for path in PRODUCT for line in text_opened_in_the_locales_encoding(path)]
+    found = [f"{path.relative_to(ROOT)}:{line}"
+             for path in PRODUCT for line in text_opened_in_the_locales_encoding(path)]
     assert found == []
 
 
