@@ -1,5 +1,6 @@
 """Data for numgpt: the GPT-2 tokenizer, an embedded story corpus, and the token pipeline.
 
+    import numpy as np
     from numgpt.data import load_split_tokens, get_batch
     tokens = load_split_tokens("embedded", "train", cache_dir="data_cache")
     x, y = get_batch(tokens, batch_size=16, block_size=128, rng=np.random.default_rng(0))
