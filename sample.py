@@ -1,7 +1,7 @@
 """Generate text with a numgpt model (a train.py out-dir) or any HuggingFace GPT-2 checkpoint.
 
     python sample.py --ckpt out --prompt "Once upon a time"
-    python sample.py --ckpt gpt2 --prompt-file story.txt --num-samples 3 --temperature 0.8 --top-k 50
+    python sample.py --ckpt path/to/gpt2 --prompt-file story.txt --num-samples 3 --temperature 0.8 --top-k 50
     python sample.py --prompt "The cat" --show-tokens --show-probs --max-new-tokens 10
     python sample.py --prompt "The cat sat on the mat" --attention-png attention.png --max-new-tokens 0
 
