@@ -172,6 +172,8 @@ def clip_grad_norm(grads, max_norm):
 def global_norm(grads):
     """sqrt(sum of the squares of every gradient), as a 0-d float64 value where the gradients are: on a
     GPU, computed without a wait for the device."""
+    if not grads:   # the norm of nothing is 0, but where (NumPy or CuPy)? More likely a wrong argument
+        raise ConfigError("grads is empty: pass the {name: gradient} dict that model.backward() returns")
     xp = array_module(next(iter(grads.values())))
     return xp.sqrt(foreach.sum_of_squares(list(grads.values())))
 

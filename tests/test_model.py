@@ -20,7 +20,7 @@ from numgpt.config import num_params
 from numgpt.layers.activations import ACTIVATIONS
 from numgpt.layers.embedding import embedding_backward
 from numgpt.layers.layernorm import layernorm_forward
-from numgpt.optim import clip_coefficient
+from numgpt.optim import clip_coefficient, global_norm
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -501,6 +501,13 @@ def test_clipping_rejects_a_max_norm_that_is_not_positive(clip):
     np.testing.assert_array_equal(grads["w"], [3.0, 4.0])
     assert float(clip(grads, float("inf"))) in (5.0, 1.0)   # never clips: the norm, or the coefficient 1
     assert float(clip(grads, np.float32(10.0))) in (5.0, 1.0)   # NumPy's numbers are numbers
+
+
+@pytest.mark.parametrize("clip", [clip_grad_norm, clip_coefficient, lambda grads, _: global_norm(grads)])
+def test_clipping_no_gradients_is_a_clear_error(clip):
+    """An empty dict (a wrong argument, most likely) is named, not a bare StopIteration."""
+    with pytest.raises(ConfigError, match="grads is empty"):
+        clip({}, 1.0)
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])
