@@ -1,7 +1,9 @@
-"""The library examples a learner copies first run as written: README's "The library" block and the
-usage examples in numgpt's and numgpt.data's docstrings."""
+"""The library examples a learner copies first run as written: README's "The library" block, the
+usage examples in numgpt's and numgpt.data's docstrings, and DEVELOPERS.md's gradient check of a
+layer of one's own."""
 
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -34,3 +36,16 @@ def docstring_example(module):
 def test_the_documented_library_examples_run_as_written(name, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # they write my-gpt/ and data_cache/ where they run
     exec(compile(code, f"<{name} example>", "exec"), {})
+
+
+def test_the_developers_gradient_check_example_passes_and_catches_its_wrong_backward(monkeypatch, capsys):
+    """DEVELOPERS.md's example runs from the repository root, as it says, and prints what its comments
+    say: no mismatch for layernorm's backward, a mismatch of b for the halved bias gradient."""
+    text = (ROOT / "DEVELOPERS.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?layer_mismatches.*?)```", text, re.DOTALL).group(1)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.path", list(sys.path))   # the example puts tests/ on it
+    exec(compile(code, "<DEVELOPERS.md example>", "exec"), {})
+    right, wrong = capsys.readouterr().out.splitlines()
+    assert right == "{}"
+    assert wrong.startswith("{'b': ")
