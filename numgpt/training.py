@@ -702,6 +702,9 @@ class Trainer:
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")
         saved_max_iters = info["train_config"].get("max_iters")
         steps_left = self.step < self.cfg.max_iters
+        if not steps_left:   # the run only evaluates and samples again: say how it would go on
+            self.log(f"note: the run has trained its {self.step} steps (--max-iters {self.cfg.max_iters}); "
+                     f"a larger --max-iters trains it further")
         if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters and steps_left:
             # the cosine ends at max_iters: a new end moves the rates after this step, and after a
             # finished run's min_lr they rise again, which a loss curve shows without saying why

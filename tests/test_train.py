@@ -136,7 +136,10 @@ def test_resume_refuses_a_max_iters_below_the_saved_step(tmp_path, cache_dir, ca
     assert run(tmp_path, cache_dir, "--max-iters", "2") == 0
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "1") == 2
     assert "--max-iters 1 is below the saved run's step 2" in capsys.readouterr().err
+    capsys.readouterr()
     assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0   # nothing left to train: done
+    assert ("note: the run has trained its 2 steps (--max-iters 2); a larger --max-iters trains it further"
+            in capsys.readouterr().out)
 
 
 def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
