@@ -320,10 +320,11 @@ def _read_safetensors(path, skip=()):
             if not 0 < header_size <= min(file_size - 8, MAX_HEADER_BYTES):
                 raise ValueError(f"its header size {header_size} does not fit in the file's {file_size} bytes "
                                  f"(or exceeds safetensors' limit, {MAX_HEADER_BYTES:,})")
-            header = json.loads(f.read(header_size))
+            header = json.loads(f.read(header_size), object_pairs_hook=_object_without_repeats)
             if not isinstance(header, dict):
                 raise ValueError("its header is not a JSON object")
             metadata = header.pop("__metadata__", None)
+            _check_layout(header, data_size=file_size - 8 - header_size)
             stored = {name: _read_tensor(f, name, entry, data_start=8 + header_size, file_size=file_size)
                       for name, entry in header.items() if not name.endswith(skip)}
             damaged = checksum_problem(stored, metadata, path)
@@ -335,6 +336,39 @@ def _read_safetensors(path, skip=()):
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt or not safetensors; "
                               f"re-save the checkpoint") from None
+
+
+def _object_without_repeats(pairs):
+    """A JSON object as a dict, or ValueError when it names a key twice: json.loads would keep the
+    last silently, where another reader may keep the first (a second __metadata__ without the
+    checksums, a tensor listed twice)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"its header names {repeated!r} twice")
+    return obj
+
+
+def _check_layout(header, data_size):
+    """ValueError unless the tensors' data_offsets in `header` ({name: entry}, no __metadata__) lay
+    them one after another from the start of the data to the file's end, as safetensors requires
+    (and checks, so transformers refuses such a file). Tensors that overlap would be read as many
+    times as they are listed: a header of 200 tensors over the same 4 MB took 800 MB to read."""
+    spans = []
+    for name, entry in header.items():
+        offsets = entry["data_offsets"]
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(JSON_KINDS["an integer"], offsets))):
+            raise ValueError(f"{name}'s data_offsets {json.dumps(offsets)} are not two integers")
+        spans.append((*offsets, name))
+    end_of_previous = 0
+    for begin, end, name in sorted(spans):
+        if begin != end_of_previous or end < begin:
+            raise ValueError(f"{name}'s data_offsets {[begin, end]} do not follow the previous tensor's, which "
+                             f"ends at {end_of_previous} (tensors overlap, or bytes between them belong to none)")
+        end_of_previous = end
+    if end_of_previous != data_size:
+        raise ValueError(f"its tensors' bytes end at {end_of_previous}, but the file holds {data_size} bytes of data")
 
 
 def _read_tensor(f, name, entry, data_start, file_size):

@@ -493,3 +493,64 @@ def test_a_stale_temporary_file_that_cannot_be_removed_is_left(tmp_path, monkeyp
     monkeypatch.setattr(os, "remove", in_use)
     checkpoint.remove_stale_temp_files(tmp_path, idle_s=3600)
     assert stale.exists()
+
+
+def rewrite_header(weights, edit, data_edit=lambda data: data):
+    """Rewrite the safetensors file `weights` with its header's JSON text edit(header dict) (a str)
+    and its data data_edit(bytes)."""
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = edit(json.loads(data[8:8 + size])).encode()
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + data_edit(data[8 + size:]))
+
+
+def overlapping(header):
+    """Every tensor of wte's size and dtype listed again, under new names, over wte's bytes."""
+    entry = header["transformer.wte.weight"]
+    return json.dumps({**header, **{f"copy{i}": entry for i in range(20)}})
+
+
+def first_two_swapped(header):
+    """The first two tensors' offsets swapped: each is read from the other's bytes (same size)."""
+    a, b = "transformer.h.0.attn.c_proj.weight", "transformer.h.1.attn.c_proj.weight"
+    header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    return json.dumps(header)
+
+
+@pytest.mark.parametrize("edit, data_edit, message", [
+    # 20 more names over wte's bytes: read 21 times, 21 times the memory the file justifies
+    (overlapping, lambda data: data, r"copy\d+'s data_offsets .* do not follow the previous"),
+    # a tensor's bytes shortened by one float: the next one starts in a gap no tensor owns
+    (lambda h: json.dumps({**h, "transformer.wpe.weight": {**h["transformer.wpe.weight"], "shape": [1],
+                                                               "data_offsets": [h["transformer.wpe.weight"]["data_offsets"][0],
+                                                                                h["transformer.wpe.weight"]["data_offsets"][0] + 4]}}),
+     lambda data: data, "do not follow the previous tensor's"),
+    # bytes after the last tensor's, which no tensor owns (a polyglot file: safetensors refuses it)
+    (json.dumps, lambda data: data + b"\0" * 8, "bytes end at .* but the file holds"),
+    (lambda h: json.dumps({**h, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}),
+     lambda data: data, r"x's data_offsets \[0.0, 4.0\] are not two integers"),
+    # a tensor named twice: json.loads would keep the second entry silently
+    (lambda h: json.dumps(h)[:-1] + ', "transformer.wte.weight": ' + json.dumps(h["transformer.wte.weight"]) + "}",
+     lambda data: data, "names 'transformer.wte.weight' twice"),
+])
+def test_tensors_whose_bytes_overlap_or_leave_gaps_are_refused(saved, edit, data_edit, message):
+    """safetensors requires the tensors to tile the data, one after another to the file's end, and
+    refuses other files (so transformers does); numgpt read each tensor wherever its offsets said."""
+    _, path = saved
+    rewrite_header(path / "model.safetensors", edit, data_edit)
+    with pytest.raises(CheckpointError, match=message):
+        GPT.from_pretrained(path)
+
+
+def test_offsets_out_of_order_in_the_header_still_load(saved):
+    """Only the layout counts, not the header's order: tensors listed in another order than their
+    bytes (as any writer may) load, and the control: swapping two same-sized tensors' offsets swaps
+    their values, which no layout check can see (the checksums do)."""
+    model, path = saved
+    rewrite_header(path / "model.safetensors", lambda h: json.dumps(dict(reversed(h.items()))))
+    loaded = GPT.from_pretrained(path)
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(loaded.params[name], p)
+    rewrite_header(path / "model.safetensors", first_two_swapped)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        GPT.from_pretrained(path)
