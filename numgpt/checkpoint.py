@@ -249,7 +249,9 @@ def _read_config(path):
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    # ValueError: besides JSONDecodeError (and UnicodeDecodeError), an integer of more digits than Python
+    # converts (4300); RecursionError: JSON nested deeper than Python's stack ("[[[[...")
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}. Is the checkpoint complete?") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
@@ -437,7 +439,7 @@ def _weights_files(path):
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # as _read_config's
         raise CheckpointError(f"cannot read {index_path}: {e}. Is the checkpoint complete?") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     names = list(weight_map.values()) if isinstance(weight_map, dict) else []

@@ -363,7 +363,9 @@ def read_log(path):
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        # ValueError: JSONDecodeError, or an integer of more digits than Python converts; RecursionError:
+        # JSON nested deeper than Python's stack
+        except (ValueError, RecursionError):
             if number == len(lines):
                 continue
             raise CheckpointError(f"line {number} of {path} is not JSON: repair or delete that line") from None

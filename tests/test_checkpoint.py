@@ -202,6 +202,8 @@ def test_a_sharded_checkpoint_loads(saved):
      "does not map the tensors to shard files in its directory"),
     (lambda index, path: json.dumps({"weight_map": {"wte.weight": ".."}}), "shard files in its directory"),
     (lambda index, path: json.dumps({"weight_map": {"wte.weight": ["a list"]}}), "shard files in its directory"),
+    (lambda index, path: "[" * 100_000, "cannot read .*index.json: maximum recursion depth"),
+    (lambda index, path: '{"metadata": {"total_size": ' + "9" * 5000 + "}}", "cannot read .*index.json: Exceeds"),
     (lambda index, path: (path / "model-00002-of-00002.safetensors").unlink() or json.dumps(index),
      "cannot read .*model-00002-of-00002.safetensors: .*No such file"),
 ])
@@ -242,6 +244,9 @@ def test_a_pytorch_bin_alone_gets_a_way_to_convert_it(saved):
     ('{"scale_attn_by_inverse_layer_idx": true}', "scale_attn_by_inverse_layer_idx = True is not supported"),
     # an encoder-decoder's GPT-2: refused from config.json, not after --init-from has tokenized the data
     ('{"add_cross_attention": true}', "add_cross_attention = True is not supported"),
+    # JSON that Python's parser refuses with other errors than JSONDecodeError
+    ("[" * 100_000, "cannot read .*config.json: maximum recursion depth"),
+    ('{"n_layer": ' + "9" * 5000 + "}", "cannot read .*config.json: Exceeds the limit"),
 ])
 def test_bad_config(saved, text, message):
     _, path = saved

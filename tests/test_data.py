@@ -544,6 +544,7 @@ def test_corrupt_tokens_of_the_right_size_are_rebuilt(tmp_path, corrupt, problem
     lambda meta: json.dumps({**meta, "source": "other"}),
     lambda meta: json.dumps({k: v for k, v in meta.items() if k != "n_tokens"}),
     lambda meta: json.dumps({**meta, "n_tokens": float("inf")}),   # "Infinity", which Python's JSON reads
+    lambda meta: "[" * 100_000,   # deeper than Python's stack: a RecursionError, not a JSONDecodeError
 ])
 def test_bad_metadata_means_rebuild(tmp_path, damage):
     documents = CountingDocuments(DOCS)

@@ -208,6 +208,11 @@ def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
     (tmp_path / "log.jsonl").write_text('{"step": 0}\n{"st\n{"step": 1}\n')
     with pytest.raises(CheckpointError, match="line 2"):    # damage elsewhere is not a kill: say where
         numgpt.training.read_log(tmp_path / "log.jsonl")
+    # lines that Python's JSON parser refuses with other errors than JSONDecodeError: too deep, too many digits
+    for line in ("[" * 100_000, '{"step": ' + "9" * 5000 + "}"):
+        (tmp_path / "log.jsonl").write_text('{"step": 0}\n' + line + '\n{"step": 1}\n')
+        with pytest.raises(CheckpointError, match="line 2"):
+            numgpt.training.read_log(tmp_path / "log.jsonl")
 
 
 def test_a_kill_right_after_a_checkpoint_loses_no_log_row(tmp_path, cache_dir, monkeypatch):

@@ -333,7 +333,8 @@ def _cache_problem(bin_path: Path, meta_path: Path, source_key: str, split: str)
         expected = {"tokenizer": TOKENIZER_NAME, "source": source_key, "split": split,
                     "dtype": np.dtype(TOKEN_DTYPE).name, "version": CACHE_VERSION}
         mismatched = sorted(k for k, v in expected.items() if meta.get(k) != v)
-    except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:   # OverflowError: int(inf)
+    # OverflowError: int(inf); RecursionError: JSON nested deeper than Python's stack
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         return f"unreadable metadata ({type(e).__name__}: {e})"
     if mismatched:
         return f"metadata does not match in {', '.join(mismatched)}"
