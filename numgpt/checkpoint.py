@@ -479,7 +479,13 @@ def load_pretrained(path):
         if repeated:   # which of the two is the model's?
             raise CheckpointError(f"{file} holds {repeated[0]}, which another shard of {weights_path} holds too")
         tensors.update(shard)
-    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
+    # one tensor under both names: transformers' GPT2LMHeadModel takes the prefixed one and ignores the
+    # other; a dict would keep whichever came last (in safetensors' sorted order, the unprefixed one)
+    both = sorted(name for name in tensors if name.startswith(PREFIX) and name.removeprefix(PREFIX) in tensors)
+    if both:
+        raise CheckpointError(f"{weights_path} holds both {both[0]} and {both[0].removeprefix(PREFIX)}: which is "
+                              f"the model's? Remove one and re-save the checkpoint")
+    tensors = {name.removeprefix(PREFIX): v for name, v in tensors.items()}
     if config.tie_weights:
         tensors.pop("lm_head.weight", None)   # transformers ties it to wte on load, and so do we
     if not config.bias:

@@ -559,3 +559,13 @@ def test_offsets_out_of_order_in_the_header_still_load(saved):
     rewrite_header(path / "model.safetensors", first_two_swapped)
     with pytest.raises(CheckpointError, match="is damaged"):
         GPT.from_pretrained(path)
+
+
+def test_a_tensor_under_both_key_styles_is_refused(saved):
+    """transformers loads "transformer.wte.weight" and ignores an unprefixed "wte.weight" beside it;
+    numgpt kept whichever came last, the unprefixed one in safetensors' sorted order, and so loaded
+    other weights than transformers, silently."""
+    _, path = saved
+    edit_weights(path, lambda tensors: {"wte.weight": np.zeros_like(tensors["transformer.wte.weight"])})
+    with pytest.raises(CheckpointError, match="holds both transformer.wte.weight and wte.weight"):
+        GPT.from_pretrained(path)
