@@ -315,6 +315,9 @@ def _read_safetensors(path, skip=()):
     We read the format ourselves, as safetensors.numpy cannot read bfloat16: an 8-byte little-endian
     header size, a JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}} (and
     "__metadata__"), then the tensors' bytes, their offsets counted from the header's end."""
+    if os.path.exists(path) and not os.path.isfile(path):   # opening a FIFO for reading waits for a writer, for ever
+        raise CheckpointError(f"cannot read {path}: it is not a regular file (a directory, a FIFO or a device); "
+                              f"re-save the checkpoint")
     try:
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size

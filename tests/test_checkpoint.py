@@ -569,3 +569,33 @@ def test_a_tensor_under_both_key_styles_is_refused(saved):
     edit_weights(path, lambda tensors: {"wte.weight": np.zeros_like(tensors["transformer.wte.weight"])})
     with pytest.raises(CheckpointError, match="holds both transformer.wte.weight and wte.weight"):
         GPT.from_pretrained(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_shard_that_is_a_fifo_is_refused_instead_of_waited_on(saved):
+    """A shard index may name any file of the directory, and a tar archive can hold a FIFO: opening
+    one for reading waits for a writer that never comes, so the load hung for ever."""
+    import threading
+
+    _, path = saved
+    shard(path)
+    fifo = path / "model-00002-of-00002.safetensors"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    outcome = []
+
+    def load():
+        try:
+            GPT.from_pretrained(path)
+        except CheckpointError as e:
+            outcome.append(str(e))
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(timeout=10)
+    hung = loader.is_alive()
+    if hung:   # let the hung open go on (to an empty file), so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY))
+        loader.join(timeout=10)
+    assert not hung, "from_pretrained waited on the FIFO"
+    assert outcome and "model-00002-of-00002.safetensors: it is not a regular file" in outcome[0]
