@@ -376,6 +376,14 @@ def read_log(path):
     return rows
 
 
+def _open_no_symlink(path, flags):
+    """os.open for open(..., opener=): a symbolic link at `path` is an error (ELOOP), not followed.
+    An out-dir copied from elsewhere could hold log.jsonl as a link to any file of this machine,
+    which the run's rows would be appended to, or created at, outside the out-dir. (Windows has no
+    O_NOFOLLOW; there, creating a link needs an administrator.)"""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 def rewrite_log(path, last_step):
     """Keep only the rows up to `last_step`: a resumed run rewrites what came after its checkpoint
     (and a half-written last row goes too)."""
@@ -597,6 +605,9 @@ class Trainer:
             # first the lock, then the cleanup: another run's temporary files are not stale
             self.out_dir_lock = lock_directory(cfg.out_dir)
             checkpoint.remove_stale_temp_files(cfg.out_dir)
+            if os.path.islink(self.log_path):   # named now, not at the first row (see _open_no_symlink)
+                raise CheckpointError(f"{self.log_path} is a symbolic link, which numgpt does not write "
+                                      f"through: replace it with the file itself, or delete it")
             if state is not None and os.path.exists(self.log_path):
                 read_log(self.log_path)   # a damaged log is named now, not after the data
             if bundled_bpe_files() is None:   # a broken install: tiktoken's cache has no files to copy
@@ -852,7 +863,8 @@ class Trainer:
     def write_row(self, row):
         """Append a row to log.jsonl (rank 0 only), closed at once, so `tail -f log.jsonl` follows the run."""
         if self.is_main:
-            with saying(f"cannot write {self.log_path}"), open(self.log_path, "a", encoding="utf-8") as log_file:
+            with saying(f"cannot write {self.log_path}"), open(self.log_path, "a", encoding="utf-8",
+                                                                opener=_open_no_symlink) as log_file:
                 log_file.write(json.dumps(row) + "\n")
 
     def check_finite(self, what, loss):

@@ -215,6 +215,21 @@ def test_resume_after_a_kill_in_the_middle_of_a_log_row(tmp_path, cache_dir):
             numgpt.training.read_log(tmp_path / "log.jsonl")
 
 
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="no O_NOFOLLOW on this platform")
+def test_a_resumed_run_writes_no_row_through_a_log_that_links_elsewhere(tmp_path, cache_dir):
+    """An out-dir from elsewhere (downloaded, unpacked) can hold log.jsonl as a symbolic link to a
+    file that does not exist yet, anywhere: the resume appended its rows there, creating it."""
+    out, outside = tmp_path / "out", tmp_path / "outside.txt"
+    assert run(out, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    (out / "log.jsonl").unlink()
+    (out / "log.jsonl").symlink_to(outside)
+    assert run(out, cache_dir, "--resume", "--max-iters", "3") == 2   # named before the data
+    assert not outside.exists()
+    with pytest.raises(OSError, match="symbolic links"):   # the write itself does not follow it either
+        numgpt.training.Trainer.write_row(type("T", (), {"is_main": True, "log_path": out / "log.jsonl"}), {})
+    assert not outside.exists()
+
+
 def test_a_kill_right_after_a_checkpoint_loses_no_log_row(tmp_path, cache_dir, monkeypatch):
     """A resume starts after its state's step and never evaluates that step again: the row of an
     evaluation must be in the log before its state is."""
