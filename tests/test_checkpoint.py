@@ -522,14 +522,19 @@ def first_two_swapped(header):
     return json.dumps(header)
 
 
+def shortened_to_one_float(header):
+    """wpe's entry made one float long: the tensor after it starts in a gap no tensor owns."""
+    wpe = header["transformer.wpe.weight"]
+    begin = wpe["data_offsets"][0]
+    header["transformer.wpe.weight"] = {**wpe, "shape": [1], "data_offsets": [begin, begin + 4]}
+    return json.dumps(header)
+
+
 @pytest.mark.parametrize("edit, data_edit, message", [
     # 20 more names over wte's bytes: read 21 times, 21 times the memory the file justifies
     (overlapping, lambda data: data, r"copy\d+'s data_offsets .* do not follow the previous"),
     # a tensor's bytes shortened by one float: the next one starts in a gap no tensor owns
-    (lambda h: json.dumps({**h, "transformer.wpe.weight": {**h["transformer.wpe.weight"], "shape": [1],
-                                                               "data_offsets": [h["transformer.wpe.weight"]["data_offsets"][0],
-                                                                                h["transformer.wpe.weight"]["data_offsets"][0] + 4]}}),
-     lambda data: data, "do not follow the previous tensor's"),
+    (shortened_to_one_float, lambda data: data, "do not follow the previous tensor's"),
     # bytes after the last tensor's, which no tensor owns (a polyglot file: safetensors refuses it)
     (json.dumps, lambda data: data + b"\0" * 8, "bytes end at .* but the file holds"),
     (lambda h: json.dumps({**h, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}),
