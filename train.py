@@ -178,6 +178,11 @@ def resolve_config(args):
             raise NumGPTError(f"--resume continues the saved run, which used different "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "
                               f"or start a new run in another --out-dir")
+        # the token cache is only this machine's store of the tokens: a run copied from another machine
+        # (or whose cache was deleted) names a directory that is not here, which would be created,
+        # anywhere the file says. This machine's default serves instead
+        if "cache_dir" not in given and not os.path.isdir(saved.get("cache_dir", "")):
+            saved = {k: v for k, v in saved.items() if k != "cache_dir"}
         if "data" in given or "dataset" in given:   # a data source given replaces the saved one
             saved = {k: v for k, v in saved.items() if k not in ("data", "dataset")}
         # the run lives where it was read from: a copied or moved out-dir is continued where it is now

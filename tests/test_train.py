@@ -122,6 +122,21 @@ def test_resume_continues_the_out_dir_it_read(tmp_path, cache_dir, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == before
 
 
+def test_a_resume_whose_saved_token_cache_is_not_here_uses_this_machines_default(tmp_path, cache_dir, monkeypatch):
+    """A run copied from another machine names a cache directory of that machine (its home, say):
+    the resume must not create it, anywhere the state says, but use this machine's default."""
+    os.symlink(cache_dir, tmp_path / "elsewhere")        # the saving machine's cache...
+    assert train.main([*TINY, "--dataset", "embedded", "--out-dir", str(tmp_path / "o"),
+                       "--cache-dir", str(tmp_path / "elsewhere"), "--max-iters", "1"]) == 0
+    os.remove(tmp_path / "elsewhere")                    # ...is not on this one
+    (tmp_path / "xdg").mkdir()
+    os.symlink(cache_dir, tmp_path / "xdg" / "numgpt")   # this machine's default, already holding the tokens
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert train.main(["--out-dir", str(tmp_path / "o"), "--resume", "--max-iters", "2"]) == 0
+    assert not os.path.lexists(tmp_path / "elsewhere")
+    assert load_train_state(tmp_path / "o")[1]["train_config"]["cache_dir"] == str(tmp_path / "xdg" / "numgpt")
+
+
 def test_a_resumed_run_may_change_its_data_source(tmp_path, cache_dir):
     text = tmp_path / "stories.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat." * 5 for i in range(40)))
