@@ -601,9 +601,18 @@ def test_a_run_without_gpt3_tokenizers_files_says_the_out_dir_lacks_the_tokenize
                                                                                   capsys):
     """A broken install (tiktoken's cache still tokenizes) trains, and says why transformers will
     find no tokenizer in the out-dir."""
+    # tiktoken's cache, which holds GPT-2's files: the fallback finds them with no network. And the
+    # tokenizer built anew, so that the run takes the fallback whether or not an earlier test in this
+    # process built it (run first, alone or in another order, it went to the network and failed offline)
+    gpt2 = get_tokenizer()
+    monkeypatch.setattr(numgpt.data.tokenizer.tiktoken, "get_encoding", lambda name: gpt2)
     for module in (numgpt.training, numgpt.data.tokenizer):
         monkeypatch.setattr(module, "bundled_bpe_files", lambda: None)
-    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    get_tokenizer.cache_clear()
+    try:
+        assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    finally:
+        get_tokenizer.cache_clear()   # later tests build it from the bundled files again
     assert "the out-dir gets no merges.txt or vocab.json" in capsys.readouterr().out
     assert not any((tmp_path / name).exists() for name in HF_TOKENIZER_FILES)
 
