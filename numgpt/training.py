@@ -608,6 +608,9 @@ class Trainer:
             if os.path.islink(self.log_path):   # named now, not at the first row (see _open_no_symlink)
                 raise CheckpointError(f"{self.log_path} is a symbolic link, which numgpt does not write "
                                       f"through: replace it with the file itself, or delete it")
+            if os.path.exists(self.log_path) and not os.path.isfile(self.log_path):   # a FIFO's open waits for ever
+                raise CheckpointError(f"{self.log_path} is not a regular file (a directory, a FIFO or a device): "
+                                      f"move it away, or delete it")
             if state is not None and os.path.exists(self.log_path):
                 read_log(self.log_path)   # a damaged log is named now, not after the data
             if bundled_bpe_files() is None:   # a broken install: tiktoken's cache has no files to copy

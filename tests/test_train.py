@@ -245,6 +245,23 @@ def test_a_resumed_run_writes_no_row_through_a_log_that_links_elsewhere(tmp_path
     assert not outside.exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_resumed_run_refuses_a_log_that_is_a_fifo(tmp_path, cache_dir, capsys, monkeypatch):
+    """An out-dir from elsewhere (a tar archive) can hold log.jsonl as a FIFO: the resume's read of
+    the log waited for a writer for ever, as a FIFO shard's did. read_log is replaced here so that
+    the test fails instead of hanging where the FIFO reaches it."""
+    out = tmp_path / "out"
+    assert run(out, cache_dir, "--max-iters", "2", "--eval-interval", "2") == 0
+    (out / "log.jsonl").unlink()
+    os.mkfifo(out / "log.jsonl")
+    read_log = numgpt.training.read_log
+    monkeypatch.setattr(numgpt.training, "read_log", lambda path: read_log(path) if os.path.isfile(path) else
+                        pytest.fail(f"read_log opened {path}, which is not a regular file"))
+    capsys.readouterr()
+    assert run(out, cache_dir, "--resume", "--max-iters", "3") == 2   # named before the data
+    assert "log.jsonl is not a regular file" in capsys.readouterr().err
+
+
 def test_a_kill_right_after_a_checkpoint_loses_no_log_row(tmp_path, cache_dir, monkeypatch):
     """A resume starts after its state's step and never evaluates that step again: the row of an
     evaluation must be in the log before its state is."""
