@@ -719,7 +719,7 @@ class Trainer:
         saved_max_iters = info["train_config"].get("max_iters")
         steps_left = self.step < self.cfg.max_iters
         if not steps_left:   # the run only evaluates and samples again: say how it would go on
-            self.log(f"note: the run has trained its {self.step} steps (--max-iters {self.cfg.max_iters}); "
+            self.log(f"note: the run has trained its {counted(self.step, 'step')} (--max-iters {self.cfg.max_iters}); "
                      f"a larger --max-iters trains it further")
         if isinstance(saved_max_iters, int) and saved_max_iters != self.cfg.max_iters and steps_left:
             # the cosine ends at max_iters: a new end moves the rates after this step, and after a

@@ -157,6 +157,13 @@ def test_resume_refuses_a_max_iters_below_the_saved_step(tmp_path, cache_dir, ca
             in capsys.readouterr().out)
 
 
+def test_resuming_a_finished_one_step_run_says_step_not_steps(tmp_path, cache_dir, capsys):
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    capsys.readouterr()
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "1") == 0
+    assert "note: the run has trained its 1 step (--max-iters 1);" in capsys.readouterr().out
+
+
 def test_resume_refuses_to_change_the_model(tmp_path, cache_dir, capsys):
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
     assert run(tmp_path, cache_dir, "--resume", "--n-embd", "32") == 2
