@@ -22,6 +22,10 @@ BACKENDS = ("numpy", "cupy", "auto")
 DTYPES = ("float32", "float64")
 # what numgpt[gpu] installs: CuPy for CUDA 12 with the CUDA libraries it loads (NVRTC, cuBLAS, ...)
 CUPY_INSTALL = 'pip install "cupy-cuda12x[ctk]"'
+# On the CPU, elementwise work of a dozen passes (AdamW's update, GELU's backward) runs in blocks of
+# this many elements: each pass then works on blocks (256 KiB in float32) that stay in the cache,
+# instead of streaming whole arrays through memory once per pass
+CPU_BLOCK = 1 << 16
 
 
 def cupy_problem():
@@ -96,6 +100,13 @@ def memory_size(xp):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # no sysconf (Windows), or a name it lacks
         return None
+
+
+def cpu_blocks(xp, size):
+    """Slices that cover `size` elements: blocks of CPU_BLOCK for NumPy, one slice of them all for
+    CuPy (its fused kernels do such work; where they are off, blocks would only multiply launches)."""
+    step = CPU_BLOCK if backend_name(xp) == "numpy" else max(size, 1)
+    return [slice(start, start + step) for start in range(0, size, step)]
 
 
 def array_module(x):

@@ -10,9 +10,9 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from gradcheck import dot_loss, draw, gradient_mismatches, layer_mismatches, relative_error
-from numgpt import kernels, precision
+from numgpt import backend, kernels, precision
 from numgpt.backend import array_module, to_device, to_numpy
-from numgpt.layers import activations, attention, classifier
+from numgpt.layers import attention, classifier
 from numgpt.layers.activations import ACTIVATIONS, gelu_forward
 from numgpt.layers.attention import attention_backward, attention_forward, causal_softmax
 from numgpt.layers.classifier import classifier_backward, classifier_forward
@@ -406,12 +406,12 @@ def test_gelu_backward_stays_finite_for_large_inputs(xp, dtype, huge):
 
 @pytest.mark.parametrize("block", [1, 7, 64])
 def test_gelu_backward_in_blocks_is_the_whole_computation(block, monkeypatch):
-    """On the CPU gelu_backward works in blocks of GELU_CPU_BLOCK elements: every block, the last
+    """On the CPU gelu_backward works in blocks of backend.CPU_BLOCK elements: every block, the last
     and partial one too, gets the same numbers, to the bit, as one pass over the whole array."""
     rng = np.random.default_rng(0)
     x, dy = (rng.standard_normal((3, 5, 13)).astype(np.float32) * 4 for _ in range(2))
     whole = ACTIVATIONS["gelu"][1](dy, x)
-    monkeypatch.setattr(activations, "GELU_CPU_BLOCK", block)
+    monkeypatch.setattr(backend, "CPU_BLOCK", block)
     x_before = x.copy()
     np.testing.assert_array_equal(ACTIVATIONS["gelu"][1](dy, x), whole)
     np.testing.assert_array_equal(x, x_before)   # the caller's x is kept

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 import cupy_standin
 import numgpt
 import numgpt.model
-import numgpt.optim
 from gradcheck import gradient_mismatches
 from numgpt import GPT, AdamW, ConfigError, GPTConfig, clip_grad_norm, foreach, kernels, no_decay_names
 from numgpt.backend import cupy_available, get_xp, to_device, to_numpy
@@ -427,7 +426,7 @@ def test_adamw_matches_the_textbook_update(xp, monkeypatch, cpu_block):
     """cpu_block 5: the CPU updates a parameter in cache-sized blocks (65,536 elements), which
     these (3,4) parameters would fit in one of; blocks of 5, 5 and 2 check that each is updated."""
     if cpu_block:
-        monkeypatch.setattr(numgpt.optim, "CPU_BLOCK", cpu_block)
+        monkeypatch.setattr(numgpt.backend, "CPU_BLOCK", cpu_block)
     rng = np.random.default_rng(0)
     start = rng.normal(size=(3, 4))
     grads_seq = [rng.normal(size=(3, 4)) for _ in range(5)]

@@ -10,7 +10,7 @@ relu        max(x, 0), the classic TinyStories tutorial's choice.
 import math
 
 from numgpt import kernels
-from numgpt.backend import array_module, backend_name, erf
+from numgpt.backend import array_module, cpu_blocks, erf
 from numgpt.precision import as_dtype
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)  # a Python float: NumPy scalars would promote float32 to float64
@@ -21,8 +21,6 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # and float64: the backward clips x to this range, changing no result, so that x^3 cannot overflow
 # (beyond |x| ~ 1e13 in float32 it would, and inf * (1 - t) = inf * 0 is NaN).
 GELU_SATURATION = 10.0
-# elements per block of gelu_backward on the CPU: its arrays' blocks (256 KiB each in float32) stay in L2
-GELU_CPU_BLOCK = 1 << 16
 
 
 def gelu_forward(x, out_dtype=None):
@@ -54,19 +52,16 @@ def gelu_backward(dy, x):
 
     Evaluated as dy * (1 + t) (0.5 + s (1 - t)), the same expression factored, in place in three
     arrays, on x clipped to +-GELU_SATURATION. sech^2 is written 1 - tanh^2: cosh overflows for
-    large |x| (llm.c saw NaNs from it). On the CPU in blocks of GELU_CPU_BLOCK elements: the
+    large |x| (llm.c saw NaNs from it). On the CPU in cache-sized blocks (backend.cpu_blocks): the
     dozen passes then work on blocks of x, dy and two temporaries that stay in the cache, instead of
     streaming (B,T,4C) arrays through memory a dozen times (2x faster at GPT-2 124M's (1024, 3072)).
     """
     xp = array_module(x)
     if kernels.enabled(xp):
         return kernels.gelu_backward(dy, x)
-    if backend_name(xp) != "numpy":   # the twin on a GPU: blocks would only multiply the launches
-        return _gelu_backward_block(dy, x, xp.empty(x.shape, dtype=x.dtype))
     dx = xp.empty(x.shape, dtype=x.dtype)
     flat_dx, flat_dy, flat_x = dx.reshape(-1), dy.reshape(-1), x.reshape(-1)   # views when contiguous
-    for start in range(0, x.size, GELU_CPU_BLOCK):
-        block = slice(start, start + GELU_CPU_BLOCK)
+    for block in cpu_blocks(xp, x.size):
         _gelu_backward_block(flat_dy[block], flat_x[block], flat_dx[block])
     return dx
 
