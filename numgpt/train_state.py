@@ -57,6 +57,11 @@ def load_train_state(out_dir):
                        if not np.isfinite(a).all()), None)
     if non_finite:
         raise damaged_state(out_dir, f"its {non_finite} holds NaN or infinite numbers")
+    # the second moment is a running mean of squares; a negative one would put NaN (its square root)
+    # into every update of that tensor
+    negative = next((name for name, v in arrays["adam_v"].items() if (v < 0).any()), None)
+    if negative:
+        raise damaged_state(out_dir, f"its adam_v tensor {negative} holds negative numbers")
     return arrays, info
 
 

@@ -1059,6 +1059,7 @@ def as_fp16_run(info, loss_scaler):
     lambda arrays, info: arrays["param"].update({"wte.weight": with_one(arrays["param"]["wte.weight"], np.nan)}),
     lambda arrays, info: arrays["adam_m"].update({"ln_f.bias": with_one(arrays["adam_m"]["ln_f.bias"], np.inf)}),
     lambda arrays, info: arrays["adam_v"].update({"wpe.weight": with_one(arrays["adam_v"]["wpe.weight"], -np.inf)}),
+    lambda arrays, info: arrays["adam_v"].update({"h.0.ln_1.bias": with_one(arrays["adam_v"]["h.0.ln_1.bias"], -1e-9)}),
     lambda arrays, info: as_fp16_run(info, {"scale": float("nan"), "good_steps": 0}),
     lambda arrays, info: as_fp16_run(info, {"scale": 0.0, "good_steps": 0}),
     lambda arrays, info: as_fp16_run(info, {"scale": 1024.0, "good_steps": -3}),
@@ -1067,8 +1068,8 @@ def as_fp16_run(info, loss_scaler):
         "step", "float-step", "negative-step", "negative-adam-step", "adam-step-ahead", "best-val-loss",
         "data-not-a-list", "float-setting", "moment-shape", "param-shape", "missing-moment",
         "rng-state-too-large", "rng-negative", "nan-best-val-loss", "negative-best-val-loss", "nan-param",
-        "inf-moment", "minus-inf-moment", "nan-loss-scale", "zero-loss-scale", "negative-good-steps",
-        "string-loss-scale"])
+        "inf-moment", "minus-inf-moment", "negative-second-moment", "nan-loss-scale", "zero-loss-scale",
+        "negative-good-steps", "string-loss-scale"])
 def test_resume_from_a_damaged_or_foreign_state(tmp_path, cache_dir, capsys, change):
     """A state from another numgpt version reads as safetensors but does not fit: say so, in one line."""
     assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
