@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,9 +40,30 @@ def machine():
 
 
 def peak_rss_mib():
-    """This process's peak resident memory in MiB (getrusage's ru_maxrss is in KiB on Linux, in
-    bytes on macOS)."""
+    """This process's peak resident memory in MiB: getrusage's ru_maxrss (in KiB on Linux, in bytes
+    on macOS), or on Windows, which has no getrusage, the process's peak working set."""
+    if sys.platform == "win32":
+        return windows_peak_working_set() / 2**20
+    import resource   # Unix only: imported here, so that the benchmarks start on Windows
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def windows_peak_working_set():
+    """The peak working set of this process in bytes, from psapi's GetProcessMemoryInfo."""
+    import ctypes
+    size_t, dword = ctypes.c_size_t, ctypes.c_uint32
+
+    class ProcessMemoryCounters(ctypes.Structure):   # PROCESS_MEMORY_COUNTERS, field by field
+        _fields_ = [("cb", dword), ("PageFaultCount", dword), ("PeakWorkingSetSize", size_t),
+                    ("WorkingSetSize", size_t), ("QuotaPeakPagedPoolUsage", size_t),
+                    ("QuotaPagedPoolUsage", size_t), ("QuotaPeakNonPagedPoolUsage", size_t),
+                    ("QuotaNonPagedPoolUsage", size_t), ("PagefileUsage", size_t), ("PeakPagefileUsage", size_t)]
+
+    counters = ProcessMemoryCounters(cb=ctypes.sizeof(ProcessMemoryCounters))
+    process = ctypes.windll.kernel32.GetCurrentProcess()
+    if not ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb):
+        raise OSError("GetProcessMemoryInfo failed")
+    return counters.PeakWorkingSetSize
 
 
 # OpenBLAS reads its own variable (else OpenMP's), MKL its own (else OpenMP's), an OpenMP pool such as

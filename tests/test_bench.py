@@ -517,6 +517,25 @@ def test_a_count_out_of_range_is_one_line_not_a_traceback(monkeypatch, capsys, b
 def test_peak_rss_is_in_mib_on_linux_and_on_macos(monkeypatch, platform, ru_maxrss):
     """getrusage's ru_maxrss counts KiB on Linux and bytes on macOS: divided by 1024 there, a
     300 MiB run was reported as 307,200 MiB."""
+    import resource
     monkeypatch.setattr(sys, "platform", platform)
-    monkeypatch.setattr(common.resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=ru_maxrss))
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=ru_maxrss))
+    assert common.peak_rss_mib() == 300.0
+
+
+def test_peak_rss_on_windows_is_the_peak_working_set(monkeypatch):
+    """Windows has no `resource` module (importing it at the top kept every benchmark from
+    starting there): the peak is psapi's PeakWorkingSetSize, read through ctypes."""
+    import ctypes
+
+    def get_process_memory_info(process, counters, size):
+        assert process == "this process" and size == ctypes.sizeof(counters._obj)
+        counters._obj.PeakWorkingSetSize = 300 * 2**20
+        return 1
+
+    windll = types.SimpleNamespace(kernel32=types.SimpleNamespace(GetCurrentProcess=lambda: "this process"),
+                                   psapi=types.SimpleNamespace(GetProcessMemoryInfo=get_process_memory_info))
+    monkeypatch.setattr(ctypes, "windll", windll, raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "resource", None)    # as on Windows: `import resource` fails
     assert common.peak_rss_mib() == 300.0
