@@ -7,6 +7,7 @@ This file is also where dtypes are named and where arrays cross between host and
 
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -97,9 +98,28 @@ def memory_size(xp):
     try:
         if backend_name(xp) == "cupy":
             return xp.cuda.Device().mem_info[1]
+        if sys.platform == "win32":
+            return windows_physical_memory()
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):   # no sysconf (Windows), or a name it lacks
+    except (AttributeError, ValueError, OSError):   # a sysconf name this Unix lacks, a call that failed
         return None
+
+
+def windows_physical_memory():
+    """Bytes of RAM in this Windows machine, from kernel32's GlobalMemoryStatusEx (Windows has no
+    sysconf); None when the call fails."""
+    import ctypes
+
+    class MemoryStatusEx(ctypes.Structure):   # MEMORYSTATUSEX, field by field
+        _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32)] + [
+            (name, ctypes.c_uint64) for name in ("ullTotalPhys", "ullAvailPhys", "ullTotalPageFile",
+                                                 "ullAvailPageFile", "ullTotalVirtual", "ullAvailVirtual",
+                                                 "ullAvailExtendedVirtual")]
+
+    status = MemoryStatusEx(dwLength=ctypes.sizeof(MemoryStatusEx))
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        return None
+    return status.ullTotalPhys
 
 
 def cpu_blocks(xp, size):

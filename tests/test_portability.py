@@ -3,6 +3,7 @@ in UTF-8 whatever the locale (Windows' is cp1252), commands printed for the user
 
 import ast
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,3 +61,26 @@ def test_the_resume_command_is_quoted_for_the_shell_of_the_system(monkeypatch, o
         system.setattr(os, "name", os_name)
         hint = train.resume_hint(trainer)
     assert hint == f" Continue with: python train.py --resume --out-dir {word}"
+
+
+def test_the_ram_of_a_windows_machine_is_read_through_kernel32(monkeypatch):
+    """Windows has no os.sysconf, so the check of a run's settings against the machine's RAM used
+    to be skipped there: GlobalMemoryStatusEx, through ctypes, tells it instead."""
+    import ctypes
+
+    import numpy as np
+
+    from numgpt.backend import memory_size
+
+    def global_memory_status_ex(status):
+        assert status._obj.dwLength == ctypes.sizeof(status._obj) == 64   # as the call requires
+        status._obj.ullTotalPhys = 16 * 2**30
+        return 1
+
+    windll = SimpleNamespace(kernel32=SimpleNamespace(GlobalMemoryStatusEx=global_memory_status_ex))
+    monkeypatch.setattr(ctypes, "windll", windll, raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.delattr(os, "sysconf")
+    assert memory_size(np) == 16 * 2**30
+    windll.kernel32.GlobalMemoryStatusEx = lambda status: 0   # the call failed: no size, no check
+    assert memory_size(np) is None
