@@ -80,7 +80,13 @@ class AdamW:
 
         With `grad_scale` (a number, or a 0-d array on the gradients' device, such as
         clip_coefficient's) the update uses grad_scale * g for each gradient g, as if the gradients
-        had been scaled in place first, without a pass of its own and without reading it back."""
+        had been scaled in place first, without a pass of its own and without reading it back.
+        A gradient of another shape than its parameter's is a ConfigError: the update works on flat
+        views, where a transposed gradient of the same size, or one that broadcasts, would go through."""
+        for name, p in self.params.items():
+            if grads[name].shape != p.shape:
+                raise ConfigError(f"grads[{name!r}] has shape {tuple(grads[name].shape)}, but the parameter "
+                                  f"has shape {tuple(p.shape)}")
         self.step_count += 1
         b1, b2 = self.betas
         step_size = self.lr / (1.0 - b1 ** self.step_count)
@@ -133,6 +139,11 @@ class AdamW:
         optimizer's buffers)."""
         if set(state["m"]) != set(self.m) or set(state["v"]) != set(self.v):
             raise ConfigError("optimizer state does not match the model's parameters")
+        for moments, saved in ((self.m, state["m"]), (self.v, state["v"])):
+            wrong = next((name for name, buffer in moments.items() if tuple(saved[name].shape) != buffer.shape), None)
+            if wrong is not None:   # the copy below would broadcast a (1,) moment over the whole parameter
+                raise ConfigError(f"optimizer state does not match the model's parameters: {wrong}'s moment has "
+                                  f"shape {tuple(saved[wrong].shape)}, the parameter {moments[wrong].shape}")
         self.step_count = int(state["step"])
         for moments, saved in ((self.m, state["m"]), (self.v, state["v"])):
             for name, buffer in moments.items():

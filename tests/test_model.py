@@ -491,6 +491,23 @@ def test_adamw_refuses_a_state_whose_moments_do_not_match_its_parameters():
     assert opt.step_count == 0 and not opt.m["w"].any()
 
 
+def test_adamw_refuses_gradients_and_moments_of_another_shape_than_their_parameters():
+    """The update works on flat views, so a gradient of the parameter's size but another shape (a
+    (3, 4) weight's gradient transposed) or one that broadcasts ((1,)) used to update the parameter
+    silently with the wrong numbers; a (1,) moment in a saved state was broadcast over the
+    parameter. Each is a ConfigError now, before anything changes."""
+    params = {"w": np.zeros((3, 4)), "b": np.zeros(4)}
+    opt = AdamW(params, lr=1e-3)
+    for bad in ({"w": np.ones((4, 3)), "b": np.ones(4)}, {"w": np.ones((3, 4)), "b": np.ones(1)}):
+        with pytest.raises(ConfigError, match="shape"):
+            opt.step(bad)
+    assert opt.step_count == 0 and not params["w"].any() and not params["b"].any()
+    state = {"step": 7, "m": {"w": np.ones((3, 4)), "b": np.ones(1)}, "v": {"w": np.ones((3, 4)), "b": np.ones(4)}}
+    with pytest.raises(ConfigError, match="shape"):
+        opt.load_state_dict(state)
+    assert opt.step_count == 0 and not opt.m["w"].any()
+
+
 @pytest.mark.parametrize("clip", [clip_grad_norm, clip_coefficient])
 def test_clipping_rejects_a_max_norm_that_is_not_positive(clip):
     grads = {"w": np.array([3.0, 4.0])}
