@@ -32,8 +32,11 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     any tied with the k-th, as transformers' TopKLogitsWarper does); top-p keeps the smallest set
     of most likely tokens whose mass reaches p; where tokens tie, its ranking puts the lower id
     first (transformers' puts the higher). Temperature 0 puts all mass on the argmax, the first
-    one when several tie, as transformers' greedy search does.
+    one when several tie, as transformers' greedy search does. Arguments outside check_sampling_args'
+    ranges are a ConfigError (a negative temperature would favour the least likely tokens, a top_p
+    of 0 give NaN probabilities).
     """
+    check_sampling_args(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64)
     B, V = logits.shape
     # NaN and +inf carry through the maximum, and a row all -inf has no token: any of them would

@@ -167,3 +167,17 @@ def test_a_draw_of_zero_never_picks_a_token_of_probability_zero():
     probability 0 (masked, or cut by top-k) before it is skipped even when the draw is 0.0."""
     np.testing.assert_array_equal(sample_next(np.array([[-np.inf, 1.0, 2.0]]), rng=ZeroDraws()), [1])
     np.testing.assert_array_equal(sample_next(np.array([[0.0, 5.0, 1.0]]), top_k=2, rng=ZeroDraws()), [1])
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=0),
+                                 dict(top_p=0.0), dict(top_p=1.5)])
+def test_the_sampling_functions_check_their_own_arguments(bad):
+    """next_token_probs and sample_next are public too, not only generate: they used to take these
+    silently. temperature -1 drew the least likely token most often, top_p 0 made every probability
+    NaN and sample_next then returned token 0, temperature NaN the same; top_k 0 failed inside
+    np.partition."""
+    logits = np.array([[1.0, 2.0, 3.0]])
+    with pytest.raises(ConfigError):
+        next_token_probs(logits, **bad)
+    with pytest.raises(ConfigError):
+        sample_next(logits, **bad, rng=np.random.default_rng(0))
