@@ -277,6 +277,12 @@ class GPT:
         layer, because only it predicts a new token. No dropout, nothing kept for backward.
         """
         cfg, p = self.config, self.params
+        # checked where they are (on the host in generation: no wait for the device), as forward's
+        idx = self._as_ids(idx, "idx", xp=module_of(idx), any_length=True)
+        rows = [kv_cache.k.shape[0] for kv_cache in kv_caches]
+        if rows != [idx.shape[0]] * cfg.n_layer:   # fewer would skip layers, a batch of 1 broadcast into every row
+            raise ValueError(f"decode needs n_layer = {cfg.n_layer} KV caches of idx's {idx.shape[0]} rows "
+                             f"(empty_kv_caches({idx.shape[0]})), got {len(rows)} of {sorted(set(rows))} rows")
         start = kv_caches[0].length
         if start + idx.shape[1] > cfg.block_size:   # wpe has no rows beyond block_size
             raise ValueError(f"decode sees at most block_size = {cfg.block_size} positions: the caches hold "
@@ -295,7 +301,7 @@ class GPT:
     def attention_maps(self, idx):
         """idx (B,T) ints -> [att (B,nh,T,T) for each layer]: how much each position attends to
         each earlier one, in every head (as in evaluation: no dropout)."""
-        idx = self._as_ids(idx, "idx")
+        idx = self._as_ids(idx, "idx", xp=module_of(idx))   # left where it is: decode moves it
         _, maps = self.decode(idx, self.empty_kv_caches(idx.shape[0]), return_attention=True)
         return maps
 

@@ -64,6 +64,25 @@ def test_decode_logits_are_the_forward_logits(backend):
         model.decode(tokens[:, :1], caches)
 
 
+def test_decode_checks_its_ids_and_caches_as_forward_checks_a_batch():
+    """decode is public: it used to take a batch of 1 into 2-row caches (the keys broadcast into
+    both rows, and logits for 2 rows came back), fewer caches than layers (the last layers skipped),
+    negative ids (wte[-1], silently) and, as an AttributeError, a list. Each is now refused before
+    any cache changes; a list is taken, as forward and generate take one."""
+    model = signal_model("numpy")
+    for idx, caches, error in ((np.zeros((1, 2), int), model.empty_kv_caches(2), "rows"),
+                               (np.zeros((2, 2), int), model.empty_kv_caches(2)[:1], "n_layer"),
+                               (np.full((2, 2), -1), model.empty_kv_caches(2), "outside"),
+                               (np.zeros((2, 2)), model.empty_kv_caches(2), "integer")):
+        with pytest.raises(ValueError, match=error):
+            model.decode(idx, caches)
+        assert all(cache.length == 0 for cache in caches)
+    np.testing.assert_array_equal(model.decode([[1, 2]], model.empty_kv_caches(1)),
+                                  model.decode(np.array([[1, 2]]), model.empty_kv_caches(1)))
+    with pytest.raises(ValueError, match="KV cache holds"):   # the layer's own check
+        KVCache(np, (2, 2, 4, 3), "float64").append(np.zeros((1, 2, 1, 3)), np.zeros((1, 2, 1, 3)))
+
+
 def test_attention_maps_are_causal_distributions(backend):
     model = signal_model(backend)
     maps = model.attention_maps(prompts(2, 6))

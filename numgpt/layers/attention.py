@@ -81,6 +81,10 @@ class KVCache:
     def append(self, k, v):
         """Store k, v (B,nh,T,hs) after the cached positions -> keys, values (B,nh,length,hs) of all of them."""
         start, end = self.length, self.length + k.shape[2]
+        want = (self.k.shape[0], self.k.shape[1], k.shape[2], self.k.shape[3])
+        if k.shape != want or v.shape != want:   # a batch of 1 would broadcast into every row
+            raise ValueError(f"the KV cache holds (B,nh,T,hs) = {self.k.shape[:2]} + (T,) + {self.k.shape[3:]} "
+                             f"arrays: got keys {k.shape}, values {v.shape}")
         if end > self.k.shape[2]:
             raise ValueError(f"the KV cache holds {self.k.shape[2]} positions: {start} + {k.shape[2]} do not fit")
         self.k[:, :, start:end] = k
