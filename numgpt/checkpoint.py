@@ -524,7 +524,12 @@ def _drop_zero_biases(config, tensors):
 
 
 def save_pretrained(path, config, params):
-    """Write config.json and model.safetensors for `config` and host arrays `params` into `path`."""
+    """Write config.json and model.safetensors for `config` and host arrays `params` into `path`.
+    Params that are not `config`'s (a name missing, a shape wrong) are a ConfigError, before anything
+    is written: load_pretrained would refuse the checkpoint, and the directory's previous one is kept."""
+    problem = params_mismatch(config, params)
+    if problem:
+        raise ConfigError(f"params do not match the config: {problem}")
     os.makedirs(path, exist_ok=True)
     tensors = {PREFIX + name: np.ascontiguousarray(value) for name, value in params.items()}
     if not config.bias:   # transformers' GPT-2 always has biases: zeros make it compute the same function

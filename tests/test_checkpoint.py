@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from numgpt import GPT, CheckpointError, GPTConfig, checkpoint
+from numgpt import GPT, CheckpointError, ConfigError, GPTConfig, checkpoint
 from numgpt.backend import to_numpy
 from numgpt.checkpoint import atomic_write
 from damage import flip_a_bit
@@ -266,6 +266,19 @@ def test_a_config_field_of_the_wrong_type_is_named(saved, field, value):
     (path / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(CheckpointError, match=f"config.json: {field} must be"):
         GPT.from_pretrained(path)
+
+
+def test_saving_params_that_are_not_the_configs_is_refused_and_keeps_the_old_checkpoint(saved):
+    """checkpoint.save_pretrained(path, config, params) used to write any params: one missing (or of
+    a wrong shape) gave a checkpoint that load_pretrained then refused, in place of the good one."""
+    model, path = saved
+    before = {name: (path / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    params = {name: to_numpy(p) for name, p in model.params.items()}
+    for bad in ({k: v for k, v in params.items() if k != "ln_f.bias"}, {**params, "ln_f.bias": np.zeros(3)}):
+        with pytest.raises(ConfigError, match="ln_f.bias"):
+            checkpoint.save_pretrained(path, CONFIG, bad)
+    assert {name: (path / name).read_bytes() for name in before} == before
+    GPT.from_pretrained(path)
 
 
 def test_weights_that_do_not_match_the_config(saved):
