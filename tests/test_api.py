@@ -144,6 +144,7 @@ def test_the_core_entry_points_keep_their_signatures():
     assert signature_mismatches(SIGNATURES) == {}
 
 
+PAIR = ("_forward", "_backward")
 # backwards whose forward has another name than <name>_forward
 FORWARD_OF = {"numgpt.layers.attention.softmax_backward": "numgpt.layers.attention.causal_softmax"}
 
@@ -156,7 +157,7 @@ def test_every_layer_pair_is_pinned():
     for path in sorted(layers.glob("*.py")):
         module = importlib.import_module(f"numgpt.layers.{path.stem}")
         for name, obj in vars(module).items():
-            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and name.endswith(("_forward", "_backward")):
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and name.endswith(PAIR):
                 found.add(f"{module.__name__}.{name}")
     for name in found:
         if name in FORWARD_OF:
@@ -165,7 +166,7 @@ def test_every_layer_pair_is_pinned():
         partner = re.sub(r"_forward$", "_backward", name) if name.endswith("_forward") else \
             re.sub(r"_backward$", "_forward", name)
         assert partner in found, f"{name} has no {partner.rsplit('.', 1)[1]}"
-    pinned = {name for name in SIGNATURES if name.startswith("numgpt.layers.") and name.endswith(("_forward", "_backward"))}
+    pinned = {name for name in SIGNATURES if name.startswith("numgpt.layers.") and name.endswith(PAIR)}
     assert found == pinned
 
 
