@@ -17,7 +17,7 @@ def linear_forward(x, w, b=None):
     # with both again, so they are rounded once and kept rounded
     # N = rows: every leading axis flattened (B*T)
     x2d, w = matmul_operand(x.reshape(-1, x.shape[-1])), matmul_operand(w)     # (N, C_in), (C_in, C_out)
-    y = matmul(x2d, w, bias=b)                         # (N, C_out) in x's dtype
+    y = matmul(x2d, w, bias=b)                         # (N, C_out), in the wider of x's and w's dtypes
     return y.reshape(*x.shape[:-1], w.shape[1]), (x2d, w, x.shape, b is not None)
 
 
