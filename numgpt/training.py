@@ -233,6 +233,14 @@ def check_block_size(cfg, config):
 CHECKPOINT_SHAPE = ("n_layer", "n_head", "n_embd", "activation", "tie_weights", "bias")
 
 
+def shape_flag(name, value):
+    """The flag that asks for `value` of setting `name`: "--n-layer 4", "--no-bias"."""
+    dashed = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{dashed}" if value else f"--no-{dashed}"
+    return f"--{dashed} {value}"
+
+
 def with_checkpoint_shape(cfg, given):
     """cfg with the shape of its --init-from model, so the log and the saved config describe the
     model trained; ConfigError when a flag in `given` (the flags typed) asks for another shape. A
@@ -244,8 +252,10 @@ def with_checkpoint_shape(cfg, given):
                           f"GPT-2's vocabulary")
     for name in CHECKPOINT_SHAPE:
         if name in given and given[name] != getattr(config, name):
-            raise ConfigError(f"--{name.replace('_', '-')} comes from the --init-from checkpoint "
-                              f"({getattr(config, name)}); drop it")
+            # each value as its flag: the --no-bias typed, not "--bias (True)", which names a flag not typed
+            typed, theirs = shape_flag(name, given[name]), shape_flag(name, getattr(config, name))
+            raise ConfigError(f"{typed} conflicts with the --init-from checkpoint, which has {theirs}: drop "
+                              f"{typed.split()[0]} (fine-tuning keeps the checkpoint's shape)")
     shape = {name: getattr(config, name) for name in CHECKPOINT_SHAPE}
     if "block_size" not in given:
         shape["block_size"] = min(cfg.block_size, config.block_size)

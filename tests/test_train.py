@@ -675,9 +675,18 @@ def test_fine_tuning_takes_the_model_shape_from_the_checkpoint(tmp_path, cache_d
             "--cache-dir", cache_dir, "--block-size", "16", "--batch-size", "4", "--eval-iters", "2",
             "--num-samples", "0", "--no-progress", "--max-iters", "1"]
     assert train.main([*tune, "--n-layer", "3"]) == 2
-    assert "--n-layer comes from the --init-from checkpoint (1); drop it" in capsys.readouterr().err
+    assert "--n-layer 3 conflicts with the --init-from checkpoint, which has --n-layer 1: drop --n-layer" \
+        in capsys.readouterr().err
+    # a boolean flag is named as typed, with the checkpoint's as its flag: not "--bias ... (True)"
     assert train.main([*tune, "--no-bias"]) == 2
-    assert "--bias comes from the --init-from checkpoint (True); drop it" in capsys.readouterr().err
+    assert "--no-bias conflicts with the --init-from checkpoint, which has --bias: drop --no-bias" \
+        in capsys.readouterr().err
+    assert train.main([*tune, "--no-tie-weights"]) == 2
+    assert "--no-tie-weights conflicts with the --init-from checkpoint, which has --tie-weights" \
+        in capsys.readouterr().err
+    assert train.main([*tune, "--activation", "gelu"]) == 2
+    assert "--activation gelu conflicts with the --init-from checkpoint, which has --activation relu" \
+        in capsys.readouterr().err
     assert train.main(tune) == 0
     assert "1 layer, 16 wide" in capsys.readouterr().out          # not the defaults' 4 layers, 128 wide
     saved = load_train_state(tmp_path / "tuned")[1]["train_config"]
