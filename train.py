@@ -132,6 +132,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def same_setting(name, saved, given):
+    """Whether a flag given to --resume repeats the saved run's setting: --init-from ./gpt2 names
+    the directory a run saved as gpt2 (relative, by a numgpt that did not yet make it absolute)."""
+    if saved == given:
+        return True
+    try:
+        return name == "init_from" and "scratch" not in (saved, given) and os.path.samefile(saved, given)
+    except OSError:   # either one is gone: the saved run cannot be checked against it
+        return False
+
+
 def resolve_config(args):
     """The TrainConfig for these flags: defaults < preset < flags, or the saved run < flags on --resume."""
     from numgpt.checkpoint import kind_mismatch
@@ -145,6 +156,8 @@ def resolve_config(args):
         given["data"] = [os.path.abspath(path) for path in given["data"]]
     if given.get("cache_dir"):   # saved too: a resume from another directory finds the same cache
         given["cache_dir"] = os.path.abspath(given["cache_dir"])
+    if given.get("init_from", "scratch") != "scratch":   # saved too, and named alike on a resume
+        given["init_from"] = os.path.abspath(given["init_from"])
     if getattr(args, "resume", False):
         if getattr(args, "overwrite", False):
             raise NumGPTError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
@@ -173,7 +186,8 @@ def resolve_config(args):
                  **{name: model[name] for name in ("tie_weights", "bias") if isinstance(model.get(name), bool)}}
         saved = {**older, **saved}
         run_settings = vars(TrainConfig(**saved))   # with the defaults the run had, resolved (min_lr)
-        changed = sorted(k for k, v in given.items() if k not in RESUMABLE and run_settings[k] != v)
+        changed = sorted(k for k, v in given.items()
+                         if k not in RESUMABLE and not same_setting(k, run_settings[k], v))
         if changed:
             raise NumGPTError(f"--resume continues the saved run, which used different "
                               f"{', '.join('--' + k.replace('_', '-') for k in changed)}: drop those flags, "

@@ -669,6 +669,22 @@ def test_fine_tune_from_a_checkpoint(tmp_path, cache_dir):
     assert GPT.from_pretrained(tmp_path / "tuned").config == GPT.from_pretrained(tmp_path / "base").config
 
 
+def test_a_fine_tuning_run_resumes_with_its_checkpoint_named_another_way(tmp_path, cache_dir, capsys, monkeypatch):
+    """--init-from is saved as an absolute path, as --data is, and a resume that names the same
+    directory another way (./base for base, or from elsewhere) repeats it; another directory does not."""
+    assert run(tmp_path / "base", cache_dir, "--max-iters", "1") == 0
+    assert run(tmp_path / "other", cache_dir, "--max-iters", "1") == 0
+    monkeypatch.chdir(tmp_path)
+    assert run("tuned", cache_dir, "--init-from", "base", "--max-iters", "1") == 0
+    assert load_train_state(tmp_path / "tuned")[1]["train_config"]["init_from"] == str(tmp_path / "base")
+    assert run("tuned", cache_dir, "--resume", "--init-from", "./base", "--max-iters", "2") == 0
+    monkeypatch.chdir(tmp_path / "other")
+    assert run("../tuned", cache_dir, "--resume", "--init-from", "../base", "--max-iters", "3") == 0
+    capsys.readouterr()
+    assert run("../tuned", cache_dir, "--resume", "--init-from", ".", "--max-iters", "4") == 2
+    assert "which used different --init-from" in capsys.readouterr().err
+
+
 def test_fine_tuning_takes_the_model_shape_from_the_checkpoint(tmp_path, cache_dir, capsys):
     assert run(tmp_path / "base", cache_dir, "--max-iters", "1", "--activation", "relu") == 0
     tune = ["--init-from", str(tmp_path / "base"), "--out-dir", str(tmp_path / "tuned"), "--dataset", "embedded",
