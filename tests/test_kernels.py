@@ -795,6 +795,35 @@ def test_softmax_parts_kernel_matches_its_twin(xp, dtype, V, overwrite):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exps_dtype", [None, "float16"])
+def test_softmax_parts_kernel_takes_logits_of_minus_infinity_as_the_twin_does(xp, dtype, exps_dtype):
+    """A logit of -inf (a token ruled out) weighs exp(-inf) = 0, as in the twin, which subtracts a
+    finite row max. The kernel's running max starts at the row's first logit, and each of a block's
+    threads keeps its own: where that was -inf, exp(-inf - -inf) made the whole row nan. Rows: -inf
+    in column 0 only; in every column but the target's (so most threads see nothing else); in the
+    first 600 of 1000. A row of nothing but -inf is nan in both (0/0)."""
+    if exps_dtype is not None and dtype != "float32":
+        pytest.skip("float16 exps come from float32 logits")
+    V = 1000
+    logits = to_numpy(random(xp, (3, V), "float64", 0, 3.0))
+    logits[0, 0] = logits[1, np.arange(V) != 700] = logits[2, :600] = -np.inf
+    logits, targets = xp.asarray(logits, dtype=dtype), xp.asarray([1, 700, V - 1])
+    with np.errstate(invalid="ignore"):
+        fused, twin = fused_and_twin(lambda a: cross_entropy_forward(a, targets, exps_dtype=exps_dtype), logits)
+    assert np.isfinite(to_numpy(fused[0])), "the loss is nan where the twin's is not"
+    assert_same(fused[0], twin[0], dtype)                  # the loss
+    exps, sumexp = (to_numpy(a).astype(np.float64) for a in fused[1][:2])
+    exps_twin, sumexp_twin = (to_numpy(a).astype(np.float64) for a in twin[1][:2])
+    assert_same(sumexp, sumexp_twin, dtype)
+    # float16 exps: each the float32 one rounded once, which may land one float16 unit (2^-10) apart
+    np.testing.assert_allclose(exps, exps_twin, rtol=TOLERANCE[dtype] if exps_dtype is None else 2 ** -10, atol=0)
+    nothing = xp.full((1, V), -np.inf, dtype=dtype)
+    with np.errstate(invalid="ignore"):
+        fused, twin = fused_and_twin(lambda a: cross_entropy_forward(a, xp.asarray([3]))[0], nothing)
+    assert np.isnan(to_numpy(fused)) and np.isnan(to_numpy(twin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_classifier_with_the_kernel_matches_its_twin(xp, dtype, monkeypatch):
     """The chunked classifier (three chunks) gives the same loss and gradients with the fused kernel
     as with its twin, which skips the max by the logits' bound: the two shift differently."""

@@ -30,10 +30,17 @@ extern "C" __global__ void softmax_backward(const REAL* dp, const REAL* p, REAL*
     for (int c = lane; c < T; c += 32) ds[offset + c] = p[offset + c] * (dp[offset + c] - dot);
 }
 
+// exp(x - top) for x <= top, and 0 where both are -inf: a logit of -inf (a token ruled out) weighs
+// nothing, as in the twin, which subtracts a finite row max; exp(-inf - -inf) would be nan. A part
+// whose max is still -inf has seen only such logits
+__device__ __forceinline__ REAL exp_below(REAL x, REAL top) {
+    return x == top && x < 0 && !isfinite(x) ? (REAL)0 : exp(x - top);
+}
+
 // (m, s) of a row part: its max m and sum of exp(x - m); merged with another part's (m2, s2)
 __device__ __forceinline__ void merge_max_sum(REAL& m, REAL& s, REAL m2, REAL s2) {
     REAL top = max(m, m2);
-    s = s * exp(m - top) + s2 * exp(m2 - top);
+    s = s * exp_below(m, top) + s2 * exp_below(m2, top);
     m = top;
 }
 
@@ -49,7 +56,7 @@ __device__ void softmax_parts_rows(const REAL* logits, OUT* exps, REAL* sumexp, 
     REAL m = row[0], s = 0;   // start from a real logit: merging two -inf maxima would make nan
     for (int c = threadIdx.x; c < V; c += blockDim.x) {
         REAL x = row[c];
-        if (x > m) { s = s * exp(m - x) + (REAL)1; m = x; } else s += exp(x - m);
+        if (x > m) { s = s * exp(m - x) + (REAL)1; m = x; } else s += exp_below(x, m);
     }
     for (int offset = 16; offset > 0; offset >>= 1)
         merge_max_sum(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
