@@ -529,6 +529,28 @@ def test_attention_kernels_keep_rows_whose_every_score_is_far_below_zero(xp, ope
     assert_same(dqkv, dqkv_twin, "float32")
 
 
+@pytest.mark.parametrize("operands", [None, "float32"])   # FMAs, tensor cores (three TF32 products)
+def test_the_attention_forward_has_no_floor_under_a_rows_scores(xp, operands):
+    """Every score -4e30 (q = 1e15, each key -q: a diverged float32 model's, still finite): the row
+    max must come from the scores themselves, with nothing below it. From a sentinel of -1e30 the
+    FMA kernel's sums stayed 0 (y nan), and the tensor cores' masked keys, set to -1e30, outweighed
+    the real ones (y averaged the future's values). Ties this far from 0 lose log(T) in the lse
+    (s + log T rounds to s), so the backward's exp(s - lse) cannot follow here: forward only."""
+    T, hs = 20, 16
+    if operands is not None:
+        tensor_cores_or_skip(xp, hs)
+    q = np.full((T, hs), 1e15)
+    qkv = xp.asarray(np.concatenate([q, -q, np.random.default_rng(0).standard_normal((T, hs))], axis=1)[None],
+                     dtype=np.float32)
+    with kernels.disabled("tensor_core_attention") if operands is None else contextlib.nullcontext():
+        y, cache = causal_attention_forward(qkv, 1)
+        assert isinstance(cache, FlashCache) and cache.operands == operands
+    with kernels.disabled():
+        y_twin, _ = causal_attention_forward(qkv, 1)
+    assert np.isfinite(to_numpy(y)).all()
+    assert_same(y, y_twin, "float32")
+
+
 @needs_compiler
 def test_the_kernels_give_the_same_results_whatever_order_their_blocks_run_in():
     """A GPU runs a grid's blocks in any order. Comparisons above, run last block first: a block
@@ -712,8 +734,8 @@ def test_the_rounding_comparison_sees_each_rounding(rounding, operands):
 
 TC_FORMATS = tuple(kernels.TC_OPERANDS)
 TC_MUTATIONS = [   # (the operand formats whose kernels it breaks, code, wrong code)
-    (TC_FORMATS, "if (key > row || key >= T) s[n][i] = -1e30f;",
-     "if (key > row + 1 || key >= T) s[n][i] = -1e30f;"),                                  # sees one key too many
+    (TC_FORMATS, "if (key > row || key >= T) s[n][i] = minus_infinity();",
+     "if (key > row + 1 || key >= T) s[n][i] = minus_infinity();"),                        # sees one key too many
     (TC_FORMATS, "acc[n][2 * r] *= rescale; acc[n][2 * r + 1] *= rescale;", ""),          # forgets the online rescale
     (TC_FORMATS, "b[0] = tile[n0 + g][k0 / F::PER_WORD + t];",
      "b[0] = tile[n0 + t][k0 / F::PER_WORD + g];"),                                       # B's lanes transposed

@@ -63,7 +63,7 @@ extern "C" __global__ void flash_attention_forward(const REAL* qkv, REAL* y, REA
     load_row(q, head, 0, i, T, C, hs, part, G, scale);
     #pragma unroll
     for (int k = 0; k < DIMS; ++k) acc[k] = 0;
-    REAL m = (REAL)-1e30, l = 0;   // the first key's exp(m - s) is then 0: no inf - inf
+    REAL m = 0, l = 0;   // the running max and sum; key 0, which every row sees first, sets m
     for (int start = 0; start <= last; start += tile) {
         int n = min(tile, last + 1 - start);
         load_kv_tiles(k_tile, v_tile, head, start, n, C, hs);
@@ -71,7 +71,8 @@ extern "C" __global__ void flash_attention_forward(const REAL* qkv, REAL* y, REA
             REAL s = dot_tile(q, k_tile + j * hs, part, G, hs);       // every thread: the shuffles need all
             if (start + j > i) continue;                               // the causal mask
             REAL p = 1, rescale = 1;                                   // rescale the old sums when s is a new max
-            if (s > m) { rescale = exp(m - s); m = s; } else p = exp(s - m);
+            if (start + j == 0) m = s;   // not from a sentinel such as -1e30: a score below it would make l 0, y nan
+            else if (s > m) { rescale = exp(m - s); m = s; } else p = exp(s - m);
             l = l * rescale + p;
             #pragma unroll
             for (int k = 0; k < DIMS; ++k) {

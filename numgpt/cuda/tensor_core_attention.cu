@@ -180,6 +180,10 @@ struct Tf32x3 : Tf32Layout<Tf32x3> {
     }
 };
 
+// -inf: the running max before the first key, and a masked score (exp(-inf - max) is 0). A finite
+// sentinel such as -1e30 would outweigh real scores below it, and the masked keys would count
+__device__ __forceinline__ float minus_infinity() { return -__uint_as_float(0x7f800000u); }
+
 // rows [start, start + F::TILE) of a (T, HS) operand whose row r starts at x + r stride, times
 // `factor`, into a tile of words; rows at or past T are zeros
 template <class F, int HS>
@@ -283,7 +287,8 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
     const float* head = qkv + (long long)blockIdx.z * T * 3 * C + blockIdx.y * HS;
     unsigned q[HS / F::K][4];
     load_a_fragments<F, HS>(q, head, 3 * C, q0, T, scale);
-    float acc[HS / 8][4] = {}, m[2] = {-1e30f, -1e30f}, l[2] = {0, 0};   // rows g and g + 8: max, this lane's sum
+    // rows g and g + 8: the running max, this lane's sum
+    float acc[HS / 8][4] = {}, m[2] = {minus_infinity(), minus_infinity()}, l[2] = {0, 0};
     for (int start = 0; start <= last; start += F::TILE) {
         __syncthreads();   // every warp is done with the previous tiles
         load_tile<F, HS>(k_tile, head + C, 3 * C, start, T, 1.0f);
@@ -299,7 +304,7 @@ __device__ void tc_attention_forward(const float* qkv, float* y, float* lse, int
             #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 int key = start + accumulator_column(n, i), row = q0 + accumulator_row(i);
-                if (key > row || key >= T) s[n][i] = -1e30f;   // the causal mask: exp(-1e30 - max) is 0
+                if (key > row || key >= T) s[n][i] = minus_infinity();   // the causal mask
                 tile_max[i / 2] = max(tile_max[i / 2], s[n][i]);
             }
         for (int r = 0; r < 2; ++r) {   // online softmax: rescale the old sums to the new max
