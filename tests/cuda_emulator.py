@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +128,8 @@ def build(source):
     """The kernels of CUDA `source` compiled into a shared library -> (library, signatures).
 
     Compiled once per source text (a few seconds), kept in the temp directory across runs."""
-    digest = hashlib.sha256((source + open(HEADER).read() + open(__file__).read()).encode()).hexdigest()[:16]
+    emulator = "".join(Path(path).read_text(encoding="utf-8") for path in (HEADER, __file__))
+    digest = hashlib.sha256((source + emulator).encode()).hexdigest()[:16]
     if digest not in _libraries:
         params = signatures(preprocessed(source))
         code = '#include "%s"\n%s\n%s%s' % (HEADER, source, "".join(launcher(n, p) for n, p in params.items()),
