@@ -210,19 +210,21 @@ class GPT:
         B, T = idx.shape
         rng = device_rng(self.xp, self.dropout_rng) if self.training and cfg.dropout > 0 else None
 
+        keep = requires_grad and targets is not None   # a backward will follow: keep what it reads
         x, emb_cache = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])      # (B,T,C)
         x, drop_cache = dropout_forward(x, cfg.dropout, rng)
         block_caches = []
         for i in range(cfg.n_layer):
             x, cache = block_forward(x, sub_params(p, f"h.{i}."), cfg.n_head, cfg.activation, cfg.dropout, rng)
-            block_caches.append(cache)
+            if keep:   # else each block's cache goes with the next block: evaluation holds one layer's, not all
+                block_caches.append(cache)
+            del cache
         x, ln_f_cache = layernorm_forward(x, p["ln_f.weight"], p.get("ln_f.bias"))    # (B,T,C)
         loss, logits, head_cache = classifier_forward(
             x.reshape(B * T, cfg.n_embd), self._head_weight(),
             None if targets is None else targets.reshape(-1), n_valid=n_valid,
             return_logits=return_logits, requires_grad=requires_grad, grad_scale=loss_scale)
 
-        keep = requires_grad and targets is not None
         self._cache = ((emb_cache, drop_cache, block_caches, ln_f_cache, head_cache, (B, T), loss_scale)
                        if keep else None)
         logits = None if logits is None else logits.reshape(B, T, cfg.vocab_size)
@@ -244,7 +246,9 @@ class GPT:
         dx, dw, db = layernorm_backward(dx.reshape(B, T, cfg.n_embd), ln_f_cache)
         grads = named_grads("ln_f", dw, db)
         for i in reversed(range(cfg.n_layer)):
-            dx, block_grads = block_backward(dx, block_caches[i])
+            # popped: each block's activations are freed once its backward has read them, not held
+            # while every later gradient is made
+            dx, block_grads = block_backward(dx, block_caches.pop())
             grads.update(with_prefix(block_grads, f"h.{i}."))
         dx = dropout_backward(dx, drop_cache)
         if cfg.tie_weights:
