@@ -137,14 +137,17 @@ def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None
     positions. The returned cache then serves attention_probs only, not a backward.
     """
     qkv, qkv_cache = linear_forward(x, params["c_attn.weight"], params.get("c_attn.bias"))  # (B,T,3C)
-    y, core_cache = causal_attention_forward(qkv, n_head, dropout, rng, kv_cache)          # (B,T,C)
+    # qkv is this function's own: the heads' attention may overwrite it
+    y, core_cache = causal_attention_forward(qkv, n_head, dropout, rng, kv_cache, overwrite=True)   # (B,T,C)
     out, proj_cache = linear_forward(y, params["c_proj.weight"], params.get("c_proj.bias"))
     out, out_drop_cache = dropout_forward(out, dropout, rng)
     return out, (qkv_cache, core_cache, proj_cache, out_drop_cache)
 
 
-def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
+def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None, overwrite=False):
     """The heads' attention.   qkv (B,T,3C) -> y (B,T,C) with heads merged, cache.
+
+    With `overwrite` the matrix path scales the queries in qkv's own memory (qkv is then spent).
 
     On a GPU without dropout or a KV cache, one kernel does it without forming the (B,nh,T,T)
     probabilities (numgpt.kernels.flash_attention_forward; its operand formats are explained
@@ -165,8 +168,10 @@ def causal_attention_forward(qkv, n_head, dropout=0.0, rng=None, kv_cache=None):
     q, k, v = (split_heads(part, n_head) for part in (qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]))
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)                                    # (B,nh,Tk,hs): every position so far
-    # scaling q rather than the scores touches T*hs numbers per head instead of T*Tk
-    q = q * scale                                                       # (B,nh,T,hs)
+    # scaling q rather than the scores touches T*hs numbers per head instead of T*Tk. With
+    # `overwrite`, in qkv's memory: the cache's k and v keep all of qkv alive, and a scaled copy of q
+    # beside it would be one more (B,T,C) array kept for the backward
+    q = xp.multiply(q, scale, out=q if overwrite else None)             # (B,nh,T,hs)
     scores = matmul(q, k.transpose(0, 1, 3, 2))                         # (B,nh,T,Tk)
     att = causal_softmax(scores)                                        # (B,nh,T,Tk), in scores' memory
     att_drop, att_drop_cache = dropout_forward(att, dropout, rng)
