@@ -122,10 +122,11 @@ def windows_physical_memory():
     return status.ullTotalPhys
 
 
-def cpu_blocks(xp, size):
-    """Slices that cover `size` elements: blocks of CPU_BLOCK for NumPy, one slice of them all for
-    CuPy (its fused kernels do such work; where they are off, blocks would only multiply launches)."""
-    step = CPU_BLOCK if backend_name(xp) == "numpy" else max(size, 1)
+def cpu_blocks(xp, size, unit=1):
+    """Slices that cover `size` items of `unit` elements each (rows of that length, say): blocks of
+    CPU_BLOCK elements (at least one item) for NumPy, one slice of them all for CuPy (its fused
+    kernels do such work; where they are off, blocks would only multiply launches)."""
+    step = max(1, CPU_BLOCK // unit) if backend_name(xp) == "numpy" else max(size, 1)
     return [slice(start, start + step) for start in range(0, size, step)]
 
 

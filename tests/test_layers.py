@@ -3,6 +3,7 @@ hypothesis, with an upstream gradient drawn independently of the inputs. Each ch
 negative control: a deliberately wrong backward that the same check must catch."""
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -278,7 +279,7 @@ def test_attention_gradients(xp, B, T, n_head, head_size, dropout, scale, bias, 
 def test_attention_check_catches_wrong_softmax_backward(xp, T, n_head, seed, monkeypatch):
     rng = np.random.default_rng(seed)
     arrays = attention_arrays(xp, rng, 2, T, n_head, 2, 1.0)
-    monkeypatch.setattr(attention, "softmax_backward", lambda dprobs, probs: probs * dprobs)
+    monkeypatch.setattr(attention, "softmax_backward", lambda dprobs, probs, overwrite=False: probs * dprobs)
     with kernels.disabled():   # the twin's softmax; on CuPy the flash kernels replace it (test_kernels mutates those)
         assert layer_mismatches(run_attention(n_head, 0.0, seed), attention_grads, arrays, rng)
 
@@ -348,6 +349,47 @@ def test_the_attention_keeps_its_queries_in_qkvs_own_memory():
     np.testing.assert_array_equal(y_overwriting, y)
     np.testing.assert_array_equal(cache_overwriting.q, cache.q)
     assert root(cache_overwriting.q) is qkv
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 1000])
+def test_softmax_backward_in_place_gives_the_same_numbers(block_rows, monkeypatch):
+    """With overwrite, softmax_backward writes ds into dprobs a block of rows at a time (CPU_BLOCK
+    elements): the same numbers as the plain form, bit for bit, whether the rows fill the last block
+    or not, and the block covering every row."""
+    monkeypatch.setattr(backend, "CPU_BLOCK", block_rows * 7)
+    rng = np.random.default_rng(0)
+    probs = causal_softmax(rng.standard_normal((2, 3, 5, 7), dtype=np.float32))
+    dprobs = rng.standard_normal((2, 3, 5, 7), dtype=np.float32)
+    given = dprobs.copy()
+    expected = attention.softmax_backward(dprobs, probs)
+    np.testing.assert_array_equal(dprobs, given)
+    ds = attention.softmax_backward(dprobs, probs, overwrite=True)
+    assert ds is dprobs
+    np.testing.assert_array_equal(ds, expected)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_attentions_backward_holds_one_attention_matrix_at_a_time(dropout, monkeypatch):
+    """The backward's (B,nh,T,T) arrays (dp = dy v^T, then ds) are the largest it makes, at the top of
+    a training step's memory at GPT-2 124M: ds is made in dp's memory (96 MiB less per batch of 2 x
+    1024), and the heads' gradients go straight into dqkv, not through merged copies and a
+    concatenation. tracemalloc sees NumPy's buffers."""
+    monkeypatch.setattr(backend, "CPU_BLOCK", 8 * 64)                 # a scratch of 8 rows
+    B, T, n_head, hs = 2, 64, 4, 8
+    C = n_head * hs
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((B, T, 3 * C), dtype=np.float32)
+    dy = rng.standard_normal((B, T, C), dtype=np.float32)
+    _, cache = attention.causal_attention_forward(qkv, n_head, dropout, np.random.default_rng(1) if dropout else None)
+    tracemalloc.start()
+    try:
+        attention.causal_attention_backward(dy, cache)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    matrix, heads = B * n_head * T * T * 4, B * T * C * 4
+    # one matrix (and under dropout the product before its mask), dv dq dk and dqkv, the scratch, small arrays
+    assert peak <= (1 + (dropout > 0)) * matrix + 6 * heads + 8 * T * 4 + (4 << 10)
 
 
 def test_attention_probs_are_the_probabilities_before_dropout(xp):

@@ -26,7 +26,7 @@ import math
 from typing import Any, NamedTuple
 
 from numgpt import kernels
-from numgpt.backend import array_module
+from numgpt.backend import array_module, cpu_blocks
 from numgpt.layers.dropout import dropout_backward, dropout_forward
 from numgpt.layers.linear import linear_backward, linear_forward, named_grads
 from numgpt.precision import matmul, tensor_core_operands
@@ -114,19 +114,35 @@ def causal_softmax(scores):
     return probs
 
 
-def softmax_backward(dprobs, probs):
+def softmax_backward(dprobs, probs, overwrite=False):
     """ds = p * (dp - sum(dp * p)) along the last axis: dp times the softmax's Jacobian
     J = diag(p) - p p^T (a vector-Jacobian product; J is symmetric, so it is also J dp).
     dprobs, probs (..., Tk) -> ds (..., Tk).
-    (One fused kernel on a GPU: numgpt.kernels.)"""
+    (One fused kernel on a GPU: numgpt.kernels.)
+
+    With `overwrite` ds is written into dprobs' memory, on the CPU a block of rows at a time
+    (backend.cpu_blocks) with a block-sized scratch for dp * p: no second (B,nh,T,T) array (96 MiB
+    per layer at GPT-2 124M, batch 2 x 1024, at the top of the backward's memory). The same
+    numbers either way."""
     xp = array_module(probs)
     if kernels.enabled(xp):
         return kernels.softmax_backward(dprobs, probs)
-    ds = dprobs * probs
-    dot = ds.sum(axis=-1, keepdims=True)                # (...,1)
-    xp.subtract(dprobs, dot, out=ds)
-    ds *= probs
-    return ds
+    if not (overwrite and dprobs.flags.c_contiguous and probs.flags.c_contiguous):
+        ds = dprobs * probs
+        dot = ds.sum(axis=-1, keepdims=True)                # (...,1)
+        xp.subtract(dprobs, dot, out=ds)
+        ds *= probs
+        return ds
+    Tk = probs.shape[-1]
+    dp, p = dprobs.reshape(-1, Tk), probs.reshape(-1, Tk)   # (rows,Tk) views
+    blocks = cpu_blocks(xp, len(p), unit=Tk)                # of whole rows
+    scratch = xp.empty((min(blocks[0].stop, len(p)), Tk), dtype=dp.dtype)
+    for rows in blocks:
+        prod = xp.multiply(dp[rows], p[rows], out=scratch[:len(p[rows])])
+        dot = prod.sum(axis=-1, keepdims=True)              # (rows,1)
+        dp[rows] -= dot
+        dp[rows] *= p[rows]
+    return dprobs
 
 
 def attention_forward(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None):
@@ -216,8 +232,13 @@ def causal_attention_backward(dy, cache):
     datt_drop = matmul(dy_heads, cache.v.transpose(0, 1, 3, 2))         # (B,nh,T,T)
     dv = matmul(cache.att_drop.transpose(0, 1, 3, 2), dy_heads)         # (B,nh,T,hs)
     datt = dropout_backward(datt_drop, cache.att_drop_cache)
-    dscores = softmax_backward(datt, cache.att)                         # masked entries: p = 0 -> 0
+    del datt_drop                                                       # datt is all that is needed now
+    dscores = softmax_backward(datt, cache.att, overwrite=True)         # in datt's memory; masked: p = 0 -> 0
     dq = matmul(dscores, cache.k)                                       # (B,nh,T,hs), of the scaled q
     dq *= cache.scale                                                   # of q itself
     dk = matmul(dscores.transpose(0, 1, 3, 2), cache.q)                 # (B,nh,T,hs): q is the scaled q
-    return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B,T,3C)
+    B, nh, T, hs = dq.shape
+    dqkv = xp.empty((B, T, 3, nh, hs), dtype=dq.dtype)                 # (B,T,3C) once reshaped
+    thirds = dqkv.transpose(2, 0, 3, 1, 4)                              # (3,B,nh,T,hs), a view
+    thirds[0], thirds[1], thirds[2] = dq, dk, dv                        # each merged straight into its place
+    return dqkv.reshape(B, T, 3 * nh * hs)
