@@ -628,16 +628,41 @@ def run_classifier(targets):
     return lambda a: classifier_forward(a["x"], a["w"], targets, return_logits=False)[::2]
 
 
-@given(case=targets_case(), C=sizes, chunk_rows=st.integers(1, 4), scale=scales, seed=seeds)
-def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, scale, seed, monkeypatch):
+@given(case=targets_case(), C=sizes, chunk_rows=st.integers(1, 4), dw_rows=st.integers(1, 4), scale=scales,
+       seed=seeds)
+def test_classifier_gradients_over_chunks(xp, case, C, chunk_rows, dw_rows, scale, seed, monkeypatch):
     N, V, targets = case
     assume(np.any(targets != IGNORE_INDEX))     # with no target kept the loss is nan, its gradient 0
-    # several chunks
+    # several chunks, whose shares of dw after the first are added a few rows at a time
     monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", dict.fromkeys(classifier.CHUNK_ELEMENTS, chunk_rows * V))
+    monkeypatch.setattr(classifier, "DW_ELEMENTS", dict.fromkeys(classifier.DW_ELEMENTS, dw_rows * C))
     rng = np.random.default_rng(seed)
     arrays = {"x": draw(xp, rng, (N, C), scale), "w": draw(xp, rng, (V, C), scale)}
     grads = lambda d, cache: dict(zip(("x", "w"), classifier_backward(d, cache)))
     assert not layer_mismatches(run_classifier(to_device(targets, xp)), grads, arrays, rng)
+
+
+def test_the_classifier_adds_later_chunks_into_dw_through_a_small_scratch(monkeypatch):
+    """Each chunk after the first adds its share of the (V,C) weight gradient through a scratch of
+    DW_ELEMENTS numbers, not a second (V,C) array (147 MiB at GPT-2 124M). tracemalloc sees NumPy's
+    buffers: what the gradients add to the peak is dw, dx, the scratch and a chunk's (n,C) temporaries."""
+    N, V, C, chunk, dw_rows = 96, 6000, 32, 32, 500
+    monkeypatch.setattr(classifier, "CHUNK_ELEMENTS", {"numpy": chunk * V})           # 3 chunks
+    monkeypatch.setattr(classifier, "DW_ELEMENTS", {"numpy": dw_rows * C})
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((N, C), dtype=np.float32), rng.standard_normal((V, C), dtype=np.float32)
+    targets = rng.integers(0, V, N)
+
+    def peak(requires_grad):
+        tracemalloc.start()
+        try:
+            classifier_forward(x, w, targets, return_logits=False, requires_grad=requires_grad)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    gradients = 4 * (V * C + N * C + dw_rows * C + 2 * chunk * C)   # dw, dx, the scratch, x_scaled and dx's rows
+    assert peak(True) - peak(False) <= gradients + (16 << 10)        # 16 KiB for the small arrays; a second dw is 750
 
 
 def test_classifier_matches_unfused_loss_and_logits(xp, monkeypatch):
