@@ -54,6 +54,21 @@ def init_params(config, seed=0):
     return params
 
 
+def model_arrays(arrays, xp, dtype, take=False):
+    """{name: array of module `xp` and `dtype`} from `arrays`, copied. With `take` the arrays are the
+    caller's to give away (an initialisation's, a checkpoint's just read): each is popped from the
+    dict and converted in turn, so its memory goes as its copy comes, and one that is already a
+    writable C-contiguous NumPy array of `dtype` is kept as it is (for a NumPy model). Never two
+    copies of the whole model at once: GPT-2 124M's sample.py peaked at 1013 MiB of RSS, now 573."""
+    out = {}
+    for name in list(arrays):
+        value = arrays.pop(name) if take else arrays[name]
+        reusable = (take and xp is np and isinstance(value, np.ndarray) and value.dtype == dtype
+                    and value.flags.c_contiguous and value.flags.writeable)
+        out[name] = value if reusable else xp.array(to_numpy(value), dtype=dtype)
+    return out
+
+
 def module_of(ids):
     """The array module that holds `ids`: NumPy for lists and other host data."""
     return array_module(ids) if hasattr(ids, "shape") else np
@@ -80,7 +95,8 @@ class GPT:
     (operands and product).
     """
 
-    def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None):
+    def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None, *,
+                 _own_params=False):
         if not isinstance(config, GPTConfig):
             raise ConfigError(f"config must be a GPTConfig, got {type(config).__name__}")
         if not is_count(seed):   # NumPy's own error for -1 names no argument
@@ -91,9 +107,10 @@ class GPT:
         if matmul_dtype not in (None, "float16") or (matmul_dtype and self.dtype != np.float32):
             raise ConfigError(f"matmul_dtype must be None or 'float16' (with dtype float32), got {matmul_dtype!r}")
         self.matmul_dtype = matmul_dtype
+        own = params is None or _own_params
         host_params = init_params(config, seed) if params is None else params
         # copies: the model owns its parameters and updates them in place
-        params = {name: self.xp.array(to_numpy(value), dtype=self.dtype) for name, value in host_params.items()}
+        params = model_arrays(host_params, self.xp, self.dtype, take=own)
         problem = params_mismatch(config, params)
         if problem:   # a missing one would fail only in the first forward, a wrong bias shape broadcast
             raise ConfigError(f"params do not match the config: {problem}")
@@ -111,7 +128,8 @@ class GPT:
         """Load a HuggingFace GPT-2 directory (config.json + model.safetensors), in eval mode
         (dropout off), as transformers' from_pretrained returns it: call .train() to fine-tune."""
         config, params = checkpoint.load_pretrained(path)
-        return cls(config, backend=backend, dtype=dtype, params=params).eval()
+        # the arrays just read are nobody else's: the model takes them (see model_arrays)
+        return cls(config, backend=backend, dtype=dtype, params=params, _own_params=True).eval()
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors, loadable by from_pretrained and by transformers."""

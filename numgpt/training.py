@@ -203,13 +203,14 @@ def load_data(cfg, source, log):
 
 # ---------------------------------------------------------------- model and optimizer
 
-def build_model(cfg, params=None, config=None):
+def build_model(cfg, params=None, config=None, take=False):
     """A model of `params` and `config` when given (a saved training state's, or the --init-from
     checkpoint's as load_init_from reads it), else a fresh one of cfg's shape; in cfg's precision
-    (Trainer.setup has switched TF32 on or off)."""
+    (Trainer.setup has switched TF32 on or off). With `take` the model takes the arrays of `params`
+    (they leave the dict: see numgpt.model.model_arrays) instead of copying them."""
     kwargs = dict(backend=cfg.backend, dtype=cfg.dtype, matmul_dtype="float16" if cfg.precision == "fp16" else None)
     if params is not None:
-        return GPT(config, params=params, **kwargs)
+        return GPT(config, params=params, _own_params=take, **kwargs)
     return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
 
 
@@ -636,9 +637,10 @@ class Trainer:
         self.source = comm.broadcast(self._choose_source(state) if self.is_main else None)
         with main_first(comm):
             self.train_tokens, self.val_tokens = load_data(cfg, self.source, self.log)
-        self.model = (build_model(cfg, pretrained, pretrained_config) if state is None
+        # the model takes the arrays just read: no second copy of the weights during setup
+        self.model = (build_model(cfg, pretrained, pretrained_config, take=True) if state is None
                       else self._model_from_state(state[0], config))
-        del pretrained   # the model holds its own copy: no second one through the rest of setup
+        del pretrained
         if backend_name(self.model.xp) == "numpy":
             keep_freed_memory()   # every step reuses the last step's memory: no page faults (see there)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -707,7 +709,7 @@ class Trainer:
             problem = params_mismatch(config, arrays[group])
             if problem:
                 raise damaged_state(self.cfg.out_dir, f"its {group} tensors do not match its model_config: {problem}")
-        return build_model(self.cfg, params=arrays["param"], config=config)
+        return build_model(self.cfg, params=arrays["param"], config=config, take=True)
 
     def _restore(self, arrays, info):
         # the scalars are converted here, so a value of the wrong kind fails now and not mid-run
@@ -723,6 +725,9 @@ class Trainer:
         # outside the try: the moments' shapes were checked with the parameters', so an error here is
         # numgpt's, not the file's, and must not be reported as a damaged state
         self.optimizer.load_state_dict({"step": adam_step, "m": arrays["adam_m"], "v": arrays["adam_v"]})
+        # the model and the optimizer hold the state's numbers now: the file's copies go before the
+        # best model is read and training starts (at GPT-2 124M, a second 1.4 GiB)
+        arrays.clear()
         if self.is_main:
             rewrite_log(self.log_path, self.step)
         self.log(f"resumed from {self.cfg.out_dir} at step {self.step} (best val loss {self.best_val:.4f})")

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -860,6 +861,33 @@ def test_bad_settings_are_found_before_the_data_and_the_out_dir(tmp_path, cache_
     assert not (tmp_path / "o").exists()
 
 
+def test_a_resumed_run_lets_go_of_the_state_files_arrays_once_it_has_them(tmp_path, cache_dir, monkeypatch):
+    """--resume reads the state's parameters and AdamW moments: the model takes the parameters, the
+    optimizer copies the moments, and the file's arrays go before the best model is read and
+    training starts. Holding them (and a copy of the parameters) made the resume's setup the run's
+    peak at GPT-2 124M: 3.8 GiB, against 3.3 for a training step at batch 1; now 2.9."""
+    assert run(tmp_path, cache_dir, "--max-iters", "1") == 0
+    read, left_at_the_best_model = [], []
+    load = numgpt.training.load_train_state
+
+    def reading(out_dir):
+        state = load(out_dir)
+        read.extend(weakref.ref(a) for group in state[0].values() for a in group.values())
+        return state
+
+    best_model_problem = numgpt.training.Trainer._best_model_problem
+
+    def checking(self):
+        alive = [ref() for ref in read if ref() is not None]
+        left_at_the_best_model.append([a for a in alive if not any(a is p for p in self.model.params.values())])
+        return best_model_problem(self)
+
+    monkeypatch.setattr(numgpt.training, "load_train_state", reading)
+    monkeypatch.setattr(numgpt.training.Trainer, "_best_model_problem", checking)
+    assert run(tmp_path, cache_dir, "--resume", "--max-iters", "2") == 0
+    assert len(read) > 0 and left_at_the_best_model == [[]]
+
+
 @pytest.mark.parametrize("dropout", ["0", "0.1"])
 def test_the_memory_floor_is_below_what_a_run_allocates(tmp_path, cache_dir, dropout):
     """check_memory refuses a run whose floor exceeds the machine: the floor must never be more
@@ -974,7 +1002,7 @@ def test_ranks_on_one_machine_share_its_cores(monkeypatch, environ, threads, aff
     (MemoryError(), "error: out of memory. Use"),   # Python's own, from reading the data, says nothing
 ])
 def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, capsys, error, message):
-    def huge(*args):
+    def huge(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(numgpt.training, "build_model", huge)
@@ -985,7 +1013,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, cache_dir, monkeypatch, cap
 
 def test_a_bug_in_a_single_process_reaches_the_caller_with_its_traceback(tmp_path, cache_dir, monkeypatch):
     """Only with several ranks does main() turn an unexpected exception into the job's end."""
-    def bug(*args):
+    def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug in numgpt")
 
     monkeypatch.setattr(numgpt.training, "build_model", bug)
