@@ -92,11 +92,12 @@ class GPT:
 
     With matmul_dtype="float16" (mixed precision, for GPU tensor cores) the parameters stay in
     `dtype`, float32, the activations are computed in it, and only the matmuls run in float16
-    (operands and product).
+    (operands and product). `params` ({name: array}) are copied; with take_params=True the model
+    takes them instead (they leave the dict; see model_arrays): no second copy of the weights.
     """
 
     def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, matmul_dtype=None, *,
-                 _own_params=False):
+                 take_params=False):
         if not isinstance(config, GPTConfig):
             raise ConfigError(f"config must be a GPTConfig, got {type(config).__name__}")
         if not is_count(seed):   # NumPy's own error for -1 names no argument
@@ -107,10 +108,10 @@ class GPT:
         if matmul_dtype not in (None, "float16") or (matmul_dtype and self.dtype != np.float32):
             raise ConfigError(f"matmul_dtype must be None or 'float16' (with dtype float32), got {matmul_dtype!r}")
         self.matmul_dtype = matmul_dtype
-        own = params is None or _own_params
         host_params = init_params(config, seed) if params is None else params
-        # copies: the model owns its parameters and updates them in place
-        params = model_arrays(host_params, self.xp, self.dtype, take=own)
+        # the model owns its parameters and updates them in place: copies of a caller's, unless it
+        # gives them away (take_params), as an initialisation and a checkpoint just read do
+        params = model_arrays(host_params, self.xp, self.dtype, take=params is None or take_params)
         problem = params_mismatch(config, params)
         if problem:   # a missing one would fail only in the first forward, a wrong bias shape broadcast
             raise ConfigError(f"params do not match the config: {problem}")
@@ -129,7 +130,7 @@ class GPT:
         (dropout off), as transformers' from_pretrained returns it: call .train() to fine-tune."""
         config, params = checkpoint.load_pretrained(path)
         # the arrays just read are nobody else's: the model takes them (see model_arrays)
-        return cls(config, backend=backend, dtype=dtype, params=params, _own_params=True).eval()
+        return cls(config, backend=backend, dtype=dtype, params=params, take_params=True).eval()
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors, loadable by from_pretrained and by transformers."""

@@ -210,7 +210,7 @@ def build_model(cfg, params=None, config=None, take=False):
     (they leave the dict: see numgpt.model.model_arrays) instead of copying them."""
     kwargs = dict(backend=cfg.backend, dtype=cfg.dtype, matmul_dtype="float16" if cfg.precision == "fp16" else None)
     if params is not None:
-        return GPT(config, params=params, _own_params=take, **kwargs)
+        return GPT(config, params=params, take_params=take, **kwargs)
     return GPT(cfg.model_config(), seed=cfg.seed, **kwargs)
 
 

@@ -32,7 +32,8 @@ SIGNATURES = {
     "numgpt.no_decay_names": "(params)",
     "numgpt.keep_freed_memory": "()",
     # the model
-    "numgpt.GPT": "(config, backend='numpy', dtype='float32', seed=0, params=None, matmul_dtype=None)",
+    "numgpt.GPT": "(config, backend='numpy', dtype='float32', seed=0, params=None, matmul_dtype=None, *, "
+                  "take_params=False)",
     "numgpt.GPT.from_pretrained": "(path, backend='numpy', dtype='float32')",
     "numgpt.GPT.save_pretrained": "(self, path)",
     "numgpt.GPT.train": "(self)",
@@ -67,10 +68,11 @@ SIGNATURES = {
     "numgpt.layers.activations.relu_backward": "(dy, x)",
     "numgpt.layers.attention.attention_forward": "(x, params, n_head, dropout=0.0, rng=None, *, kv_cache=None)",
     "numgpt.layers.attention.attention_backward": "(dout, cache)",
-    "numgpt.layers.attention.causal_attention_forward": "(qkv, n_head, dropout=0.0, rng=None, kv_cache=None)",
+    "numgpt.layers.attention.causal_attention_forward": "(qkv, n_head, dropout=0.0, rng=None, kv_cache=None, "
+                                                           "overwrite=False)",
     "numgpt.layers.attention.causal_attention_backward": "(dy, cache)",
     "numgpt.layers.attention.causal_softmax": "(scores)",
-    "numgpt.layers.attention.softmax_backward": "(dprobs, probs)",
+    "numgpt.layers.attention.softmax_backward": "(dprobs, probs, overwrite=False)",
     "numgpt.layers.attention.attention_probs": "(cache)",
     "numgpt.layers.attention.KVCache": "(xp, shape, dtype)",
     "numgpt.layers.attention.KVCache.append": "(self, k, v)",
