@@ -202,6 +202,13 @@ def resolve_config(args):
         # the run lives where it was read from: a copied or moved out-dir is continued where it is now
         cfg = TrainConfig(**{**saved, **given, "out_dir": out_dir})
         cfg.validate()
+        # a GPU run's tf32 continued on the CPU, which has no such mode: the flag that fixes it is the
+        # resumable --precision, not the "--backend cupy" that the CPU's own refusal suggests
+        if cfg.precision == "tf32" and "precision" not in given and cfg.backend != "cupy":
+            from numgpt.backend import cupy_available
+            if cfg.backend == "numpy" or not cupy_available():
+                raise NumGPTError("this run trained with --precision tf32, a mode of NVIDIA tensor cores that the "
+                                  "CPU does not have: give --precision fp32 too to continue it on the CPU")
         if cfg.max_iters < info["step"]:   # it would train nothing and say "Done" at the saved step
             raise NumGPTError(f"--max-iters {cfg.max_iters} is below the saved run's step {info['step']}: "
                               f"give a larger --max-iters to train on")

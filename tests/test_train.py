@@ -25,6 +25,7 @@ import numgpt.checkpoint
 import numgpt.distributed
 import numgpt.errors
 import numgpt.optim
+import numgpt.precision
 import numgpt.seeds
 import numgpt.training
 import train
@@ -822,6 +823,25 @@ def test_tf32_turns_on_cublas_tf32(tmp_path, cache_dir, monkeypatch):
     linalg = cupy_standin.MODULES["cupy._core._routines_linalg"]
     assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", "tf32", "--max-iters", "1") == 0
     assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_TF32 and os.environ["CUPY_TF32"] == "1"
+
+
+@cupy_standin.needs_compiler
+def test_a_tf32_run_resumed_on_the_cpu_is_told_to_give_precision_fp32(tmp_path, cache_dir, capsys):
+    """A GPU run's --precision tf32 is saved, not typed again: continued on the CPU, the message names
+    the resumable --precision fp32 that makes it run there, not the --backend cupy it cannot have."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUPY_TF32", "0")
+        patch.setattr(numgpt.precision, "_tf32", False)   # set_tf32 sets it: put back after the GPU run
+        cupy_standin.install(patch)
+        assert run(tmp_path, cache_dir, "--backend", "cupy", "--precision", "tf32", "--max-iters", "1") == 0
+    capsys.readouterr()
+    resume = ["--resume", "--out-dir", str(tmp_path), "--max-iters", "2", "--no-progress", "--backend"]
+    for backend in ("numpy", "auto"):   # here auto is the CPU: the stand-in is gone
+        assert train.main([*resume, backend]) == 2
+        err = capsys.readouterr().err
+        assert "this run trained with --precision tf32" in err and "--precision fp32" in err, err
+        assert "Traceback" not in err
+    assert train.main([*resume, "numpy", "--precision", "fp32"]) == 0
 
 
 @pytest.mark.parametrize("flags, message", [
