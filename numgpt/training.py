@@ -196,8 +196,7 @@ def load_data(cfg, source, log):
     splits = [dataset.load_split_tokens(source, split, cfg.cache_dir, cfg.data, log) for split in ("train", "val")]
     for split, tokens in zip(("train", "val"), splits):
         if len(tokens) <= cfg.block_size:
-            raise DataError(f"the {split} split has {counted(len(tokens), 'token')} but --block-size is "
-                            f"{cfg.block_size}: use a smaller --block-size or more data")
+            raise dataset.too_short(f"the {split} split", len(tokens), cfg.block_size)
     return splits
 
 

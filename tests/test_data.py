@@ -635,9 +635,14 @@ def test_smallest_data_gives_one_window():
     np.testing.assert_array_equal(y, np.tile(np.arange(1, 5), (3, 1)))
 
 
-def test_block_size_too_large_is_a_data_error():
-    with pytest.raises(DataError, match="the data has 10 tokens but block size is 10: use a smaller --block-size"):
-        get_batch(RAMP[:10], 2, 10, np.random.default_rng(0))
+@pytest.mark.parametrize("n_tokens, block_size, remedy", [
+    (10, 10, "a --block-size below 10, or more data"),
+    (1, 1, "more data"),   # a --block-size below 1 is no remedy
+])
+def test_block_size_too_large_is_a_data_error(n_tokens, block_size, remedy):
+    with pytest.raises(DataError) as error:
+        get_batch(RAMP[:n_tokens], 2, block_size, np.random.default_rng(0))
+    assert str(error.value).endswith(f"but --block-size is {block_size}: use {remedy}")
 
 
 @pytest.mark.parametrize("batch_size, block_size", [(0, 4), (2, 0)])

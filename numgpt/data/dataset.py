@@ -522,8 +522,14 @@ def _check_batch_shape(n_tokens: int, batch_size: int, block_size: int) -> None:
     if block_size < 1:
         raise ConfigError(f"block size must be at least 1, not {block_size}")
     if n_tokens <= block_size:
-        raise DataError(f"the data has {counted(n_tokens, 'token')} but block size is {block_size}: "
-                        f"use a smaller --block-size or more data")
+        raise too_short("the data", n_tokens, block_size)
+
+
+def too_short(what, n_tokens, block_size):
+    """The DataError for `what` (the data, a split) of n_tokens <= block_size: a batch row takes
+    block_size + 1 of them (its targets are the next tokens)."""
+    remedy = f"a --block-size below {n_tokens}, or more data" if n_tokens > 1 else "more data"
+    return DataError(f"{what} has {counted(n_tokens, 'token')} but --block-size is {block_size}: use {remedy}")
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
