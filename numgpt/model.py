@@ -265,9 +265,10 @@ class GPT:
         dx, dw, db = layernorm_backward(dx.reshape(B, T, cfg.n_embd), ln_f_cache)
         grads = named_grads("ln_f", dw, db)
         for i in reversed(range(cfg.n_layer)):
-            # popped: each block's activations are freed once its backward has read them, not held
-            # while every later gradient is made
-            dx, block_grads = block_backward(dx, block_caches.pop())
+            # every block's activations are held to the end, not popped once read: popping took 330 MiB
+            # off GPT-2 124M's peak, but the gradients then reused the freed memory piecemeal, and the
+            # next step's forward met ~1,000 fresh page faults and ran 1.8% slower (CPU, batch 4 x 256)
+            dx, block_grads = block_backward(dx, block_caches[i])
             grads.update(with_prefix(block_grads, f"h.{i}."))
         dx = dropout_backward(dx, drop_cache)
         if cfg.tie_weights:
